@@ -1,0 +1,82 @@
+//! `trellisd dev`: a whole mesh with zero configuration. Without
+//! `TRELLIS_DATABASE_URL` / `TRELLIS_REDIS_URL` it starts private PostgreSQL
+//! and Redis servers from the installed binaries, with data under
+//! `.trellis/` that survives restarts, migrates, serves every service on one
+//! port, and stops the private servers after the mesh has drained.
+
+use std::sync::Arc;
+
+use trellis_core::Config;
+use trellis_store::devserver::{PgOptions, PrivatePostgres, PrivateRedis};
+use trellis_store::{Store, migrate};
+
+/// The private servers `dev` started, stopped when dropped.
+#[derive(Debug, Default)]
+pub struct DevServers {
+    pub postgres: Option<PrivatePostgres>,
+    pub redis: Option<PrivateRedis>,
+}
+
+/// Fills in database and Redis URLs by starting private servers where none
+/// is configured, then migrates the database.
+pub async fn prepare(config: &mut Config) -> anyhow::Result<DevServers> {
+    let mut servers = DevServers::default();
+    let data = config.dev.data_dir.clone();
+    if config.database.url.is_none() {
+        tracing::info!(
+            "no database.url: starting a private PostgreSQL under {}",
+            data.display()
+        );
+        let pg = PrivatePostgres::start(PgOptions {
+            data_dir: data.join("pg"),
+            durable: true,
+        })
+        .await?;
+        pg.ensure_database("trellis").await?;
+        config.database.url = Some(pg.url("trellis"));
+        servers.postgres = Some(pg);
+    }
+    if config.redis.url.is_none() {
+        tracing::info!(
+            "no redis.url: starting a private Redis under {}",
+            data.display()
+        );
+        let redis = PrivateRedis::start(&data.join("redis"), None).await?;
+        config.redis.url = Some(redis.url());
+        servers.redis = Some(redis);
+    }
+    let url = config.database.url.as_deref().unwrap_or_default();
+    let applied = migrate::run(url).await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "migrations applied");
+    }
+    Ok(servers)
+}
+
+/// Runs the dev mesh until SIGTERM/SIGINT.
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
+    let servers = prepare(&mut config).await?;
+    let config = Arc::new(config);
+    let store = Store::from_config(&config)?;
+    let listener = crate::bind(&config).await?;
+    let mesh = crate::start(
+        config.clone(),
+        store,
+        listener,
+        trellis_mesh::shutdown_signal(),
+    )
+    .await?;
+    let addr = mesh.local_addr();
+    println!(
+        "\nTrellis dev mesh is up on {addr} (gRPC, gRPC-web, reflection, health; metrics at http://{addr}/metrics)\n\
+         PostgreSQL: {}\nRedis:      {}\n\n\
+         Try:\n  grpcurl -plaintext {addr} list\n  grpcurl -plaintext {addr} trellis.system.v1.SystemService/GetInfo\n  \
+         grpcurl -plaintext -d '{{\"service\":\"\"}}' {addr} grpc.health.v1.Health/Check\n\n\
+         Stop with Ctrl-C.\n",
+        trellis_core::config::redact_url(config.database.url.as_deref().unwrap_or_default()),
+        trellis_core::config::redact_url(config.redis.url.as_deref().unwrap_or_default()),
+    );
+    let result = mesh.wait().await;
+    drop(servers);
+    result
+}

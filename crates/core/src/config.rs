@@ -1,0 +1,662 @@
+//! Typed configuration, loaded once at start-up and validated before anything
+//! runs. Sources, later ones winning: built-in defaults → an optional
+//! `trellis.toml` → `TRELLIS_*` environment variables (`__` nests, e.g.
+//! `TRELLIS_SERVER__LISTEN`; `TRELLIS_DATABASE_URL` and `TRELLIS_REDIS_URL` are
+//! accepted as the short forms of `database.url` / `redis.url`) → command-line
+//! flags. This is the only module that reads the environment.
+//!
+//! A bad value stops start-up with one line naming the key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::Value;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Environment variables with this prefix are configuration.
+pub const ENV_PREFIX: &str = "TRELLIS_";
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or a value has the wrong type; figment's
+    /// message names the key and the source it came from.
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    /// A value parsed but is out of range or inconsistent.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        // figment may chain several errors; the first one is enough to act on
+        // and keeps the message to one line.
+        let first = err.into_iter().next().map(|e| e.to_string());
+        ConfigError::Load(
+            first
+                .unwrap_or_else(|| "unknown error".into())
+                .replace('\n', " "),
+        )
+    }
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration of one trellisd process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub services: ServicesConfig,
+    pub telemetry: TelemetryConfig,
+    pub dev: DevConfig,
+}
+
+/// The listening server and its request path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address for gRPC, gRPC-web and `/metrics` (one port).
+    pub listen: SocketAddr,
+    /// Largest message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    /// Deadline for a call whose client sent none; a client's shorter
+    /// `grpc-timeout` wins.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// Calls handled at once before new ones are shed with UNAVAILABLE.
+    pub concurrency_limit: usize,
+    /// How long in-flight calls may run after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Browser origins allowed to call over gRPC-web; `"*"` allows any.
+    pub cors_allowed_origins: Vec<String>,
+    /// How often dependency health (PostgreSQL, Redis) is probed.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 4 * 1024 * 1024,
+            default_timeout: Duration::from_secs(30),
+            concurrency_limit: 2048,
+            drain_timeout: Duration::from_secs(30),
+            cors_allowed_origins: vec!["*".to_string()],
+            health_check_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// PostgreSQL.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://…` URL. `trellisd dev` starts a private server when unset.
+    pub url: Option<String>,
+    pub pool_size: u32,
+    /// How long a call waits for a pooled connection before UNAVAILABLE.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            pool_size: 16,
+            acquire_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("pool_size", &self.pool_size)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .finish()
+    }
+}
+
+/// Redis.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://…` URL. `trellisd dev` starts a private server when unset.
+    pub url: Option<String>,
+    pub pool_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Prefix of every key Trellis writes, so several installs (or tests)
+    /// can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            pool_size: 16,
+            acquire_timeout: Duration::from_secs(2),
+            key_prefix: "trellis:".to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("pool_size", &self.pool_size)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// The Trellis services, by short name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceName {
+    System,
+    Auth,
+    User,
+    Chat,
+    Llm,
+    Search,
+}
+
+impl ServiceName {
+    pub const ALL: [ServiceName; 6] = [
+        ServiceName::System,
+        ServiceName::Auth,
+        ServiceName::User,
+        ServiceName::Chat,
+        ServiceName::Llm,
+        ServiceName::Search,
+    ];
+
+    /// Services this build can serve. The others have contracts still to
+    /// land; asking for them is a configuration error, not a silent no-op.
+    pub const BUILT: [ServiceName; 1] = [ServiceName::System];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceName::System => "system",
+            ServiceName::Auth => "auth",
+            ServiceName::User => "user",
+            ServiceName::Chat => "chat",
+            ServiceName::Llm => "llm",
+            ServiceName::Search => "search",
+        }
+    }
+
+    pub fn is_built(self) -> bool {
+        Self::BUILT.contains(&self)
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ServiceName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s.trim())
+            .ok_or_else(|| {
+                format!(
+                    "unknown service '{}' (known: {}, or all)",
+                    s.trim(),
+                    Self::ALL.map(|n| n.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// Which services this process serves, and where the others live.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServicesConfig {
+    /// Names to serve, or `all`. Accepts a list or a comma-separated string.
+    #[serde(deserialize_with = "string_or_list")]
+    pub enabled: Vec<String>,
+    pub system: Option<Endpoint>,
+    pub auth: Option<Endpoint>,
+    pub user: Option<Endpoint>,
+    pub chat: Option<Endpoint>,
+    pub llm: Option<Endpoint>,
+    pub search: Option<Endpoint>,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: vec!["all".to_string()],
+            system: None,
+            auth: None,
+            user: None,
+            chat: None,
+            llm: None,
+            search: None,
+        }
+    }
+}
+
+impl ServicesConfig {
+    /// The configured address of another service, if any.
+    pub fn endpoint(&self, name: ServiceName) -> Option<&Endpoint> {
+        match name {
+            ServiceName::System => self.system.as_ref(),
+            ServiceName::Auth => self.auth.as_ref(),
+            ServiceName::User => self.user.as_ref(),
+            ServiceName::Chat => self.chat.as_ref(),
+            ServiceName::Llm => self.llm.as_ref(),
+            ServiceName::Search => self.search.as_ref(),
+        }
+    }
+
+    /// The services to mount in this process (always including `system`).
+    pub fn resolve_enabled(&self) -> Result<Vec<ServiceName>, ConfigError> {
+        let mut out = vec![ServiceName::System];
+        for raw in &self.enabled {
+            if raw.trim() == "all" {
+                out.extend(ServiceName::BUILT);
+                continue;
+            }
+            let name: ServiceName = raw.parse().map_err(|m| invalid("services.enabled", m))?;
+            if !name.is_built() {
+                return Err(invalid(
+                    "services.enabled",
+                    format!("service '{name}' is not available in this build yet"),
+                ));
+            }
+            out.push(name);
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// Where a service is reached over the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// `http://host:port` (or `https://`).
+    pub address: String,
+}
+
+/// Logs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `tracing` env-filter directives, e.g. `info,trellis_mesh=debug`.
+    pub log_filter: String,
+    pub log_format: LogFormat,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_filter: "info".to_string(),
+            log_format: LogFormat::Pretty,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// `trellisd dev` only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevConfig {
+    /// Where private PostgreSQL/Redis keep their data between runs.
+    pub data_dir: PathBuf,
+}
+
+impl Default for DevConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(".trellis"),
+        }
+    }
+}
+
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::One(s) => s
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+        Either::Many(v) => v,
+    })
+}
+
+/// Hides the password of a connection URL so it can be logged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Where configuration comes from, besides defaults and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// A TOML file that must exist. Without one, `./trellis.toml` is read
+    /// when present, or the file named by `TRELLIS_CONFIG`.
+    pub file: Option<PathBuf>,
+    /// Command-line overrides as (dotted key, value).
+    pub overrides: Vec<(String, Value)>,
+}
+
+impl Config {
+    /// Loads and validates configuration from every source.
+    pub fn load(sources: Sources) -> Result<Config, ConfigError> {
+        let file = match sources.file {
+            Some(f) => {
+                if !f.exists() {
+                    return Err(invalid(
+                        "config",
+                        format!("file {} does not exist", f.display()),
+                    ));
+                }
+                Some(f)
+            }
+            None => std::env::var_os("TRELLIS_CONFIG")
+                .map(PathBuf::from)
+                .or_else(|| Some(PathBuf::from("trellis.toml")).filter(|p| p.exists())),
+        };
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = &file {
+            figment = figment.merge(Toml::file_exact(f));
+        }
+        figment = figment.merge(env_provider());
+        for (key, value) in sources.overrides {
+            figment = figment.merge(Serialized::global(&key, value));
+        }
+        let config: Config = figment.extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads only defaults plus `file` — no environment. For tests and tools.
+    pub fn from_file(file: &Path) -> Result<Config, ConfigError> {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file_exact(file))
+            .extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range and consistency checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if !(1024..=256 * 1024 * 1024).contains(&s.max_message_bytes) {
+            return Err(invalid(
+                "server.max_message_bytes",
+                "must be between 1024 and 268435456",
+            ));
+        }
+        if s.concurrency_limit == 0 {
+            return Err(invalid("server.concurrency_limit", "must be at least 1"));
+        }
+        if s.default_timeout.is_zero() {
+            return Err(invalid(
+                "server.default_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if s.health_check_interval < Duration::from_millis(50) {
+            return Err(invalid(
+                "server.health_check_interval",
+                "must be at least 50ms",
+            ));
+        }
+        for (i, origin) in s.cors_allowed_origins.iter().enumerate() {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && http_header_safe(origin));
+            if !ok {
+                return Err(invalid(
+                    &format!("server.cors_allowed_origins[{i}]"),
+                    format!("'{origin}' is not an origin like https://app.example.com or *"),
+                ));
+            }
+        }
+        if let Some(url) = &self.database.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        if !(1..=1000).contains(&self.database.pool_size) {
+            return Err(invalid("database.pool_size", "must be between 1 and 1000"));
+        }
+        if let Some(url) = &self.redis.url
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+        {
+            return Err(invalid(
+                "redis.url",
+                "must start with redis://, rediss:// or unix://",
+            ));
+        }
+        if !(1..=1000).contains(&self.redis.pool_size) {
+            return Err(invalid("redis.pool_size", "must be between 1 and 1000"));
+        }
+        if self
+            .redis
+            .key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid("redis.key_prefix", "must not contain whitespace"));
+        }
+        self.services.resolve_enabled()?;
+        for name in ServiceName::ALL {
+            if let Some(ep) = self.services.endpoint(name) {
+                let a = &ep.address;
+                let ok = (a.starts_with("http://") || a.starts_with("https://"))
+                    && a.len() > 8
+                    && http_header_safe(a);
+                if !ok {
+                    return Err(invalid(
+                        &format!("services.{name}.address"),
+                        format!("'{a}' is not a URL like http://host:port"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn http_header_safe(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        // TRELLIS_CONFIG names the file; TRELLIS_TEST_* belong to the test harness.
+        .filter(|k| {
+            let k = k.as_str().to_ascii_lowercase();
+            k != "config" && !k.starts_with("test_")
+        })
+        .map(|k| match k.as_str().to_ascii_lowercase().as_str() {
+            "database_url" => "database.url".into(),
+            "redis_url" => "redis.url".into(),
+            other => other.replace("__", ".").into(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in_jail() -> Result<Config, ConfigError> {
+        Config::load(Sources::default())
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Jail::expect_with(|_| {
+            let c = load_in_jail().expect("defaults load");
+            assert_eq!(c.server.max_message_bytes, 4 * 1024 * 1024);
+            assert_eq!(
+                c.services.resolve_enabled().expect("enabled"),
+                vec![ServiceName::System]
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "trellis.toml",
+                "[server]\nlisten = \"127.0.0.1:7000\"\ndefault_timeout = \"5s\"\n[redis]\nkey_prefix = \"file:\"\n",
+            )?;
+            jail.set_env("TRELLIS_SERVER__DEFAULT_TIMEOUT", "7s");
+            jail.set_env("TRELLIS_DATABASE_URL", "postgres://u:secret@h/db");
+            jail.set_env("TRELLIS_TEST_DATABASE_URL", "ignored");
+            let c = Config::load(Sources {
+                file: None,
+                overrides: vec![("redis.key_prefix".into(), Value::from("flag:"))],
+            })
+            .expect("load");
+            assert_eq!(c.server.listen.port(), 7000);
+            assert_eq!(c.server.default_timeout, Duration::from_secs(7));
+            assert_eq!(c.redis.key_prefix, "flag:");
+            assert_eq!(c.database.url.as_deref(), Some("postgres://u:secret@h/db"));
+            assert!(
+                !format!("{c:?}").contains("secret"),
+                "secrets never reach Debug output"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_type_names_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TRELLIS_SERVER__CONCURRENCY_LIMIT", "lots");
+            let err = load_in_jail().expect_err("must fail").to_string();
+            assert!(
+                err.to_lowercase().contains("server.concurrency_limit"),
+                "{err}"
+            );
+            assert!(!err.contains('\n'));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn out_of_range_names_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TRELLIS_SERVER__MAX_MESSAGE_BYTES", "12");
+            let err = load_in_jail().expect_err("must fail").to_string();
+            assert_eq!(
+                err,
+                "invalid configuration: server.max_message_bytes: must be between 1024 and 268435456"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        Jail::expect_with(|jail| {
+            jail.create_file("trellis.toml", "[server]\nlisten_addr = \"127.0.0.1:1\"\n")?;
+            let err = load_in_jail().expect_err("must fail").to_string();
+            assert!(err.contains("listen_addr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn services_list_and_endpoints() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TRELLIS_SERVICES__ENABLED", "system, all");
+            jail.set_env("TRELLIS_SERVICES__AUTH__ADDRESS", "http://auth:50051");
+            let c = load_in_jail().expect("load");
+            assert_eq!(
+                c.services
+                    .endpoint(ServiceName::Auth)
+                    .map(|e| e.address.as_str()),
+                Some("http://auth:50051")
+            );
+            jail.set_env("TRELLIS_SERVICES__ENABLED", "bogus");
+            let err = load_in_jail().expect_err("unknown service").to_string();
+            assert!(
+                err.contains("services.enabled") && err.contains("bogus"),
+                "{err}"
+            );
+            jail.set_env("TRELLIS_SERVICES__ENABLED", "all");
+            jail.set_env("TRELLIS_SERVICES__AUTH__ADDRESS", "auth:50051");
+            let err = load_in_jail().expect_err("bad address").to_string();
+            assert!(err.contains("services.auth.address"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    }
+}

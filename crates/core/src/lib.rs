@@ -1,0 +1,10 @@
+//! trellis-core: what every Trellis crate shares and nothing else — typed
+//! configuration, the gRPC error helpers of the error model, ids and
+//! telemetry set-up.
+
+pub mod config;
+pub mod error;
+pub mod id;
+pub mod telemetry;
+
+pub use config::{Config, ConfigError, ServiceName};

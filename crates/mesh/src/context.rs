@@ -1,0 +1,79 @@
+//! What a handler knows about its call, and what a mesh call forwards:
+//! request id, deadline and the caller's credentials. A service never trusts
+//! a user id from a request body; identity travels as credentials.
+
+use std::time::{Duration, Instant};
+
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+
+use crate::layers::request_id;
+
+/// The call's deadline, set by the deadline layer on every request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+}
+
+/// The parts of an incoming call that follow it across the mesh.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub request_id: Option<AsciiMetadataValue>,
+    pub deadline: Option<Instant>,
+    pub authorization: Option<AsciiMetadataValue>,
+}
+
+impl CallContext {
+    /// The context of an incoming call.
+    pub fn from_request<T>(req: &tonic::Request<T>) -> CallContext {
+        let md = req.metadata();
+        CallContext {
+            request_id: md.get(request_id::HEADER).cloned(),
+            deadline: req.extensions().get::<Deadline>().map(|d| d.0),
+            authorization: md.get("authorization").cloned(),
+        }
+    }
+
+    /// A context for work that no client started (start-up, background
+    /// jobs): a fresh request id, no deadline, no credentials.
+    pub fn background() -> CallContext {
+        CallContext {
+            request_id: AsciiMetadataValue::try_from(uuid::Uuid::now_v7().to_string()).ok(),
+            deadline: None,
+            authorization: None,
+        }
+    }
+
+    /// The same context with credentials replaced (e.g. a service acting
+    /// with its own API key).
+    pub fn with_authorization(mut self, value: AsciiMetadataValue) -> CallContext {
+        self.authorization = Some(value);
+        self
+    }
+
+    /// Writes this context into an outgoing request's metadata; fails with
+    /// DEADLINE_EXCEEDED when no time is left.
+    pub fn apply(&self, md: &mut MetadataMap) -> Result<Option<Duration>, tonic::Status> {
+        if let Some(id) = &self.request_id {
+            md.insert(request_id::HEADER, id.clone());
+        }
+        if let Some(auth) = &self.authorization {
+            md.insert("authorization", auth.clone());
+        }
+        match self.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(tonic::Status::deadline_exceeded(
+                        "deadline exceeded before the mesh call",
+                    ));
+                }
+                Ok(Some(left))
+            }
+            None => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Generated Trellis contracts: one module per protobuf package, plus the
+//! encoded `FILE_DESCRIPTOR_SET` that server reflection serves.
+//!
+//! The protos under `proto/` are the source of truth; nothing here is written
+//! by hand except this module tree.
+
+#![allow(clippy::all, missing_docs, rust_2018_idioms)]
+
+/// Every Trellis package's file descriptors (and their imports), encoded.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/trellis_descriptor.bin"));
+
+/// `trellis.system.v1`: server information, the mesh's no-op path.
+pub mod system {
+    pub mod v1 {
+        tonic::include_proto!("trellis.system.v1");
+
+        /// Fully qualified name of the service, as used in health and reflection.
+        pub const SERVICE_NAME: &str = "trellis.system.v1.SystemService";
+    }
+}

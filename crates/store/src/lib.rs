@@ -1,0 +1,194 @@
+//! trellis-store: the only place that knows how to reach PostgreSQL and
+//! Redis — pools, embedded migrations, dependency health probes — and how to
+//! start private servers for `trellisd dev` and the test harness.
+
+pub mod devserver;
+pub mod migrate;
+pub mod pg;
+pub mod redis;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use trellis_core::Config;
+
+pub use pg::{PgConn, PgPool};
+pub use redis::{RedisConn, RedisPool};
+
+/// Why a store call failed. Converts into the status the error model asks
+/// for: a down dependency is UNAVAILABLE, anything else is INTERNAL (logged,
+/// not sent).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} is unavailable")]
+    Unavailable(&'static str),
+    #[error("not configured: {0}")]
+    NotConfigured(&'static str),
+    #[error("database error: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("redis error: {0}")]
+    Redis(#[from] ::redis::RedisError),
+}
+
+impl From<StoreError> for tonic::Status {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(dep) => trellis_core::error::unavailable(dep),
+            other => trellis_core::error::internal(&other),
+        }
+    }
+}
+
+/// Last known reachability of each dependency, kept fresh by the mesh's
+/// health probe so that calls needing a down dependency fail fast instead of
+/// waiting out the pool's acquire timeout.
+#[derive(Debug)]
+pub struct DepState {
+    up: AtomicBool,
+    name: &'static str,
+}
+
+impl DepState {
+    fn new(name: &'static str) -> Self {
+        Self {
+            up: AtomicBool::new(true),
+            name,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Records a probe result; returns true when the state changed.
+    pub fn set(&self, up: bool) -> bool {
+        self.up.swap(up, Ordering::Relaxed) != up
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// Both pools plus their health, shared by every service in a process.
+#[derive(Clone)]
+pub struct Store {
+    pg: Option<PgPool>,
+    redis: Option<RedisPool>,
+    pub pg_state: Arc<DepState>,
+    pub redis_state: Arc<DepState>,
+    key_prefix: Arc<str>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("pg", &self.pg.as_ref().map(|p| p.state()))
+            .field("redis", &self.redis.as_ref().map(|p| p.state()))
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Builds lazy pools from config: nothing connects until first use, so a
+    /// server can start while a dependency is down and recover when it
+    /// returns. A dependency without a URL is simply absent.
+    pub fn from_config(config: &Config) -> Result<Store, StoreError> {
+        let pg = config.database.url.as_deref().map(|url| {
+            pg::pool(
+                url,
+                config.database.pool_size,
+                config.database.acquire_timeout,
+            )
+        });
+        let redis = match config.redis.url.as_deref() {
+            Some(url) => Some(redis::pool(
+                url,
+                config.redis.pool_size,
+                config.redis.acquire_timeout,
+            )?),
+            None => None,
+        };
+        Ok(Store {
+            pg,
+            redis,
+            pg_state: Arc::new(DepState::new("database")),
+            redis_state: Arc::new(DepState::new("redis")),
+            key_prefix: config.redis.key_prefix.as_str().into(),
+        })
+    }
+
+    pub fn has_pg(&self) -> bool {
+        self.pg.is_some()
+    }
+
+    pub fn has_redis(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        self.pg.as_ref()
+    }
+
+    pub fn redis_pool(&self) -> Option<&RedisPool> {
+        self.redis.as_ref()
+    }
+
+    /// A pooled PostgreSQL connection, or UNAVAILABLE at once when the last
+    /// probe found the database down.
+    pub async fn pg(&self) -> Result<PgConn<'_>, StoreError> {
+        let pool = self
+            .pg
+            .as_ref()
+            .ok_or(StoreError::NotConfigured("database.url"))?;
+        if !self.pg_state.is_up() {
+            return Err(StoreError::Unavailable("database"));
+        }
+        pool.get()
+            .await
+            .map_err(|_| StoreError::Unavailable("database"))
+    }
+
+    /// A pooled Redis connection, or UNAVAILABLE at once when the last probe
+    /// found Redis down.
+    pub async fn redis(&self) -> Result<RedisConn<'_>, StoreError> {
+        let pool = self
+            .redis
+            .as_ref()
+            .ok_or(StoreError::NotConfigured("redis.url"))?;
+        if !self.redis_state.is_up() {
+            return Err(StoreError::Unavailable("redis"));
+        }
+        pool.get()
+            .await
+            .map_err(|_| StoreError::Unavailable("redis"))
+    }
+
+    /// A Redis key under this install's prefix.
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}{}", self.key_prefix, suffix)
+    }
+
+    /// Probes every configured dependency once (bounded by `timeout`) and
+    /// records the result. Returns (database up, redis up); an absent
+    /// dependency counts as up.
+    pub async fn probe(&self, timeout: Duration) -> (bool, bool) {
+        let pg_up = match &self.pg {
+            Some(pool) => tokio::time::timeout(timeout, pg::ping(pool))
+                .await
+                .is_ok_and(|r| r.is_ok()),
+            None => true,
+        };
+        let redis_up = match &self.redis {
+            Some(pool) => tokio::time::timeout(timeout, redis::ping(pool))
+                .await
+                .is_ok_and(|r| r.is_ok()),
+            None => true,
+        };
+        self.pg_state.set(pg_up);
+        self.redis_state.set(redis_up);
+        (pg_up, redis_up)
+    }
+}
