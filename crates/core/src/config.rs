@@ -540,6 +540,7 @@ fn env_provider() -> Env {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type
 mod tests {
     use super::*;
     use figment::Jail;

@@ -113,3 +113,61 @@ mod tests {
         assert_eq!(parse_grpc_timeout("-1S"), None);
     }
 }
+
+#[cfg(test)]
+mod layer_tests {
+    use tonic::body::Body;
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+
+    fn slow(
+        delay: Duration,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone {
+        service_fn(move |req: Request<Body>| async move {
+            assert!(
+                req.extensions().get::<Deadline>().is_some(),
+                "handlers see the deadline"
+            );
+            tokio::time::sleep(delay).await;
+            Ok(Response::new(Body::default()))
+        })
+    }
+
+    #[tokio::test]
+    async fn default_timeout_answers_deadline_exceeded() {
+        let svc = DeadlineLayer::new(Duration::from_millis(50)).layer(slow(Duration::from_secs(5)));
+        let resp = svc
+            .oneshot(Request::new(Body::default()))
+            .await
+            .expect("response");
+        assert_eq!(resp.headers()["grpc-status"], "4");
+    }
+
+    #[tokio::test]
+    async fn client_timeout_wins_when_shorter() {
+        let svc = DeadlineLayer::new(Duration::from_secs(30)).layer(slow(Duration::from_secs(5)));
+        let mut req = Request::new(Body::default());
+        req.headers_mut()
+            .insert("grpc-timeout", "50m".parse().expect("ascii"));
+        let started = Instant::now();
+        let resp = svc.oneshot(req).await.expect("response");
+        assert_eq!(resp.headers()["grpc-status"], "4");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn fast_calls_pass() {
+        let svc = DeadlineLayer::new(Duration::from_secs(1)).layer(slow(Duration::from_millis(1)));
+        let resp = svc
+            .oneshot(Request::new(Body::default()))
+            .await
+            .expect("response");
+        assert!(resp.headers().get("grpc-status").is_none());
+    }
+}

@@ -69,3 +69,54 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic::body::Body;
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn sheds_calls_beyond_the_limit() {
+        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let inner = service_fn(move |_req: Request<Body>| {
+            let mut rx = release_rx.clone();
+            async move {
+                let _ = rx.wait_for(|go| *go).await;
+                Ok::<_, std::convert::Infallible>(Response::new(Body::default()))
+            }
+        });
+        let svc = ShedLayer::new(1).layer(inner);
+        let held = tokio::spawn(svc.clone().oneshot(Request::new(Body::default())));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let shed = svc
+            .clone()
+            .oneshot(Request::new(Body::default()))
+            .await
+            .expect("response");
+        assert_eq!(
+            shed.headers()["grpc-status"],
+            "14",
+            "UNAVAILABLE while the only slot is taken"
+        );
+
+        release_tx.send(true).expect("release");
+        let first = held.await.expect("join").expect("response");
+        assert!(
+            first.headers().get("grpc-status").is_none(),
+            "the admitted call ran"
+        );
+        let after = svc
+            .oneshot(Request::new(Body::default()))
+            .await
+            .expect("response");
+        assert!(
+            after.headers().get("grpc-status").is_none(),
+            "the slot was given back"
+        );
+    }
+}

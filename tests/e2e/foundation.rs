@@ -1,0 +1,737 @@
+//! The foundation: reflection through a real grpcurl, health following
+//! dependencies, gRPC-web and CORS, request ids, metrics, unknown methods,
+//! message limits, graceful drain on SIGTERM, split topologies, per-test
+//! databases and the private dev servers.
+
+use std::time::{Duration, Instant};
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use trellis_core::ServiceName;
+use trellis_mesh::CallContext;
+use trellis_proto::system::v1::system_service_client::SystemServiceClient;
+use trellis_proto::system::v1::{GetInfoRequest, GetInfoResponse};
+use trellis_store::devserver::PrivateRedis;
+use trellis_tests::{TestMesh, TestOptions, infra, split};
+
+use crate::util::{eventually, grpcurl, raw_unary};
+
+const SYSTEM: &str = "trellis.system.v1.SystemService";
+
+fn run_grpcurl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(grpcurl())
+        .args(args)
+        .output()
+        .expect("grpcurl runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_and_describes_through_reflection() {
+    let mesh = TestMesh::start().await;
+    let addr = mesh.addr.to_string();
+    let (ok, listed) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || run_grpcurl(&["-plaintext", &addr, "list"])
+    })
+    .await
+    .expect("join");
+    assert!(ok, "grpcurl list failed: {listed}");
+    for name in [
+        SYSTEM,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            listed.lines().any(|l| l.trim() == name),
+            "{name} missing from:\n{listed}"
+        );
+    }
+    let (ok, described) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || {
+            run_grpcurl(&[
+                "-plaintext",
+                &addr,
+                "describe",
+                "trellis.system.v1.GetInfoResponse",
+            ])
+        }
+    })
+    .await
+    .expect("join");
+    assert!(ok, "grpcurl describe failed: {described}");
+    assert!(
+        described.contains("repeated string enabled_services"),
+        "{described}"
+    );
+    assert!(
+        described.contains(".google.protobuf.Duration uptime"),
+        "{described}"
+    );
+
+    let (ok, called) = tokio::task::spawn_blocking(move || {
+        run_grpcurl(&[
+            "-plaintext",
+            &addr,
+            "trellis.system.v1.SystemService/GetInfo",
+        ])
+    })
+    .await
+    .expect("join");
+    assert!(ok, "grpcurl call failed: {called}");
+    assert!(called.contains("\"enabledServices\""), "{called}");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_info_describes_the_server() {
+    let mesh = TestMesh::start().await;
+    let info = mesh
+        .system()
+        .await
+        .get_info(GetInfoRequest {})
+        .await
+        .expect("GetInfo")
+        .into_inner();
+    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    assert!(!info.build.is_empty());
+    assert!(info.services.contains(&SYSTEM.to_string()));
+    assert!(info.enabled_services.contains(&"system".to_string()));
+    let uptime = info.uptime.expect("uptime");
+    assert!(uptime.seconds >= 0 && uptime.seconds < 60);
+    assert!(info.start_time.is_some());
+    mesh.shutdown().await;
+}
+
+async fn status_of(mesh: &TestMesh, service: &str) -> ServingStatus {
+    let resp = mesh
+        .health()
+        .await
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    ServingStatus::try_from(resp.status).expect("known status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_redis_down_and_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = PrivateRedis::start(dir.path(), None)
+        .await
+        .expect("redis starts");
+    let port = redis.port;
+    let mesh = TestMesh::start_with(
+        TestOptions {
+            redis_url: Some(redis.url()),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status_of(&mesh, "").await == ServingStatus::Serving
+        })
+        .await,
+        "starts SERVING"
+    );
+    assert_eq!(status_of(&mesh, SYSTEM).await, ServingStatus::Serving);
+    let unknown = mesh
+        .health()
+        .await
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect_err("unknown service");
+    assert_eq!(
+        unknown.code(),
+        tonic::Code::NotFound,
+        "as the health protocol says"
+    );
+
+    redis.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status_of(&mesh, "").await == ServingStatus::NotServing
+        })
+        .await,
+        "NOT_SERVING once Redis is down"
+    );
+    // SystemService needs no Redis: it keeps serving, and says so.
+    assert_eq!(status_of(&mesh, SYSTEM).await, ServingStatus::Serving);
+    mesh.system()
+        .await
+        .get_info(GetInfoRequest {})
+        .await
+        .expect("GetInfo works without Redis");
+    // A call that needs Redis fails fast with UNAVAILABLE instead of hanging.
+    let started = Instant::now();
+    let err = mesh.store.redis().await.expect_err("redis is down");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "failed fast: {:?}",
+        started.elapsed()
+    );
+
+    let _redis = PrivateRedis::start(dir.path(), Some(port))
+        .await
+        .expect("redis restarts");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            status_of(&mesh, "").await == ServingStatus::Serving
+        })
+        .await,
+        "SERVING again after Redis returns"
+    );
+    let mut conn = mesh.store.redis().await.expect("redis usable again");
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut *conn)
+        .await
+        .expect("ping");
+    assert_eq!(pong, "PONG");
+    drop(conn);
+    mesh.shutdown().await;
+}
+
+/// Frames a protobuf message the gRPC(-web) way: flag, length, bytes.
+fn grpc_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Splits a gRPC-web response body into (data messages, trailer text).
+fn parse_grpc_web(mut body: &[u8]) -> (Vec<Vec<u8>>, String) {
+    let mut messages = Vec::new();
+    let mut trailers = String::new();
+    while body.len() >= 5 {
+        let flag = body[0];
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        let payload = &body[5..5 + len];
+        if flag & 0x80 != 0 {
+            trailers.push_str(&String::from_utf8_lossy(payload));
+        } else {
+            messages.push(payload.to_vec());
+        }
+        body = &body[5 + len..];
+    }
+    (messages, trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_over_http1_with_cors() {
+    let mesh = TestMesh::start().await;
+    let http = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .expect("client");
+    let url = format!("{}/{SYSTEM}/GetInfo", mesh.url());
+
+    let preflight = http
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,x-grpc-web,authorization",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let h = preflight.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_lowercase();
+    assert!(
+        allowed.contains("x-grpc-web") && allowed.contains("authorization"),
+        "{allowed}"
+    );
+
+    let resp = http
+        .post(&url)
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("origin", "https://app.example.com")
+        .body(grpc_frame(&[]))
+        .send()
+        .await
+        .expect("grpc-web call");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    let h = resp.headers().clone();
+    assert!(
+        h["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("application/grpc-web")
+    );
+    let exposed = h["access-control-expose-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_lowercase();
+    for name in ["grpc-status", "grpc-message", "x-request-id"] {
+        assert!(exposed.contains(name), "{name} not exposed: {exposed}");
+    }
+    assert!(h.contains_key("x-request-id"));
+    let body = resp.bytes().await.expect("body");
+    let (messages, trailers) = parse_grpc_web(&body);
+    assert!(trailers.contains("grpc-status:0"), "trailers: {trailers:?}");
+    assert_eq!(messages.len(), 1);
+    let info: GetInfoResponse = prost::Message::decode(messages[0].as_slice()).expect("decodes");
+    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+
+    // A disallowed origin gets no CORS grant when origins are restricted.
+    let strict = TestMesh::start_with(TestOptions::default(), |c| {
+        c.server.cors_allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let url = format!("{}/{SYSTEM}/GetInfo", strict.url());
+    for (origin, granted) in [
+        ("https://app.example.com", true),
+        ("https://evil.example.net", false),
+    ] {
+        let r = http
+            .request(reqwest::Method::OPTIONS, &url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+            .await
+            .expect("preflight");
+        assert_eq!(
+            r.headers().get("access-control-allow-origin").is_some(),
+            granted,
+            "origin {origin}"
+        );
+    }
+    strict.shutdown().await;
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_is_echoed_or_generated() {
+    let mesh = TestMesh::start().await;
+    let mut client = mesh.system().await;
+
+    let mut req = tonic::Request::new(GetInfoRequest {});
+    req.metadata_mut()
+        .insert("x-request-id", "trace-me-42".parse().expect("ascii"));
+    let resp = client.get_info(req).await.expect("call");
+    assert_eq!(
+        resp.metadata().get("x-request-id").expect("echoed"),
+        "trace-me-42"
+    );
+
+    let resp = client.get_info(GetInfoRequest {}).await.expect("call");
+    let generated = resp
+        .metadata()
+        .get("x-request-id")
+        .expect("generated")
+        .to_str()
+        .expect("ascii");
+    let id = uuid::Uuid::parse_str(generated).expect("a UUID");
+    assert_eq!(id.get_version_num(), 7);
+
+    // An absurd id is replaced, not echoed into logs and forwarded calls.
+    let mut req = tonic::Request::new(GetInfoRequest {});
+    req.metadata_mut()
+        .insert("x-request-id", "x".repeat(500).parse().expect("ascii"));
+    let resp = client.get_info(req).await.expect("call");
+    let replaced = resp
+        .metadata()
+        .get("x-request-id")
+        .expect("present")
+        .to_str()
+        .expect("ascii");
+    assert!(uuid::Uuid::parse_str(replaced).is_ok(), "{replaced}");
+    mesh.shutdown().await;
+}
+
+fn metric_value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_calls_just_made() {
+    let mesh = TestMesh::start().await;
+    let http = reqwest::Client::new();
+    let scrape = || async {
+        let r = http
+            .get(format!("{}/metrics", mesh.url()))
+            .send()
+            .await
+            .expect("scrape");
+        assert_eq!(r.status(), 200);
+        r.text().await.expect("text")
+    };
+    let ok = r#"trellis_grpc_requests_total{code="OK",method="GetInfo",service="trellis.system.v1.SystemService"}"#;
+    let before = metric_value(&scrape().await, ok);
+    let channel = mesh.channel().await;
+    let mut client = SystemServiceClient::new(channel.clone());
+    for _ in 0..3 {
+        client.get_info(GetInfoRequest {}).await.expect("call");
+    }
+    let err = raw_unary::<GetInfoRequest, GetInfoResponse>(
+        channel,
+        "/trellis.system.v1.SystemService/Nope",
+        GetInfoRequest {},
+    )
+    .await
+    .expect_err("unknown method");
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+
+    let text = scrape().await;
+    assert_eq!(metric_value(&text, ok) - before, 3.0, "{text}");
+    assert!(
+        text.contains("trellis_grpc_request_duration_seconds_bucket"),
+        "latency histogram"
+    );
+    assert!(
+        text.contains(r#"trellis_pool_connections{pool="database",state="idle"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"trellis_pool_connections{pool="redis",state="idle"}"#),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, r#"trellis_grpc_in_flight{method="GetInfo""#),
+        0.0,
+        "nothing left in flight"
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_methods_and_services_are_unimplemented() {
+    let mesh = TestMesh::start().await;
+    for path in [
+        "/trellis.system.v1.SystemService/DoesNotExist",
+        "/trellis.nope.v1.Nope/Call",
+    ] {
+        let err = raw_unary::<GetInfoRequest, GetInfoResponse>(
+            mesh.channel().await,
+            path,
+            GetInfoRequest {},
+        )
+        .await
+        .expect_err("must fail");
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{path}");
+    }
+    mesh.shutdown().await;
+}
+
+/// A message with room for a large payload, sent where GetInfoRequest is
+/// expected (unknown fields would be ignored if it were small enough).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Padded {
+    #[prost(bytes = "vec", tag = "99")]
+    padding: Vec<u8>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_rejected_cleanly() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.server.max_message_bytes = 64 * 1024
+    })
+    .await;
+    let path = "/trellis.system.v1.SystemService/GetInfo";
+    let small = Padded {
+        padding: vec![1; 1024],
+    };
+    let info: GetInfoResponse = raw_unary(mesh.channel().await, path, small)
+        .await
+        .expect("small is fine");
+    assert!(!info.version.is_empty());
+
+    let big = Padded {
+        padding: vec![7; 200 * 1024],
+    };
+    let err = raw_unary::<Padded, GetInfoResponse>(mesh.channel().await, path, big)
+        .await
+        .expect_err("too big");
+    // tonic reports an over-limit message as OUT_OF_RANGE naming both sizes.
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+    // The server is unharmed.
+    mesh.system()
+        .await
+        .get_info(GetInfoRequest {})
+        .await
+        .expect("still serving");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_calls() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    // The real signal path: handlers installed now, the process signalled below.
+    let signal = trellis_mesh::shutdown_signal();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let infra = infra().await;
+    let mut config = trellis_tests::mesh::test_config(
+        infra.fresh_database().await,
+        infra.redis_url.clone(),
+        infra.fresh_prefix(),
+    );
+    config.server.drain_timeout = Duration::from_secs(20);
+    let mesh = TestMesh::start_on(listener, config, signal).await;
+    let addr = mesh.addr;
+
+    // An in-flight call: a reflection stream that stays open until we close it.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut client = ServerReflectionClient::new(mesh.channel().await);
+    let list = || ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    tx.send(list()).await.expect("send");
+    let mut responses = client
+        .server_reflection_info(ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    assert!(responses.message().await.expect("first answer").is_some());
+
+    nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+
+    // The listener closes: new connections are refused.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            tokio::net::TcpStream::connect(addr).await.is_err()
+        })
+        .await,
+        "stops accepting new connections"
+    );
+    // The in-flight call is still served while draining…
+    tx.send(list()).await.expect("send during drain");
+    let answer = tokio::time::timeout(Duration::from_secs(5), responses.message())
+        .await
+        .expect("answered during drain")
+        .expect("no error");
+    assert!(answer.is_some(), "in-flight stream still answers");
+    // …and once it finishes, the server stops well before the drain deadline.
+    drop(tx);
+    assert!(responses.message().await.expect("clean end").is_none());
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), mesh.wait())
+        .await
+        .expect("server stopped after its last call")
+        .expect("clean exit");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_cuts_calls_that_never_end() {
+    use tonic_health::pb::health_client::HealthClient;
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.server.drain_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut watch = HealthClient::new(mesh.channel().await)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("ok").expect("status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let started = Instant::now();
+    let stop = tokio::spawn(mesh.shutdown());
+    // Watchers learn the server is going away before it goes.
+    let next = watch.message().await.expect("ok").expect("status");
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    tokio::time::timeout(Duration::from_secs(5), stop)
+        .await
+        .expect("stops at the drain deadline")
+        .expect("join");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_topology_forwards_request_id_and_deadline() {
+    // Server 0 serves nothing of its own but reaches SystemService at server 1.
+    let meshes = split(&[&[], &[ServiceName::System]]).await;
+    let (front, back) = (&meshes[0], &meshes[1]);
+    let ctx = CallContext {
+        request_id: Some("split-call-7".parse().expect("ascii")),
+        deadline: Some(Instant::now() + Duration::from_secs(5)),
+        authorization: Some("Bearer opaque-credential".parse().expect("ascii")),
+    };
+    let mut client = front
+        .clients
+        .client(ServiceName::System, &ctx, SystemServiceClient::new)
+        .expect("system is reachable");
+    let resp = client
+        .get_info(GetInfoRequest {})
+        .await
+        .expect("through the mesh");
+    // The back server echoes the id it received: the id was forwarded.
+    assert_eq!(
+        resp.metadata().get("x-request-id").expect("id"),
+        "split-call-7"
+    );
+
+    let scrape = |m: &TestMesh| {
+        let url = format!("{}/metrics", m.url());
+        async move {
+            reqwest::get(url)
+                .await
+                .expect("scrape")
+                .text()
+                .await
+                .expect("text")
+        }
+    };
+    let ok = r#"trellis_grpc_requests_total{code="OK",method="GetInfo""#;
+    assert_eq!(
+        metric_value(&scrape(back).await, ok),
+        1.0,
+        "served by the back server"
+    );
+    assert_eq!(
+        metric_value(&scrape(front).await, ok),
+        0.0,
+        "not by the front one"
+    );
+
+    // No time left: the mesh call is refused before it is made.
+    let expired = CallContext {
+        deadline: Some(Instant::now()),
+        ..ctx.clone()
+    };
+    let mut client = front
+        .clients
+        .client(ServiceName::System, &expired, SystemServiceClient::new)
+        .expect("client");
+    let err = client
+        .get_info(GetInfoRequest {})
+        .await
+        .expect_err("deadline passed");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+
+    // A service that is neither local nor configured is UNAVAILABLE, by name.
+    let err = front
+        .clients
+        .client(ServiceName::Search, &ctx, SystemServiceClient::new)
+        .expect_err("search is nowhere");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message().contains("services.search.address"),
+        "{}",
+        err.message()
+    );
+    for m in meshes {
+        m.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_test_gets_its_own_migrated_database() {
+    use diesel_async::RunQueryDsl;
+    let a = TestMesh::start().await;
+    let b = TestMesh::start().await;
+    assert_ne!(a.config.database.url, b.config.database.url);
+    assert_ne!(a.config.redis.key_prefix, b.config.redis.key_prefix);
+
+    #[derive(diesel::QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let mut conn = a.store.pg().await.expect("pg");
+    let ext: Vec<Name> = diesel::sql_query("SELECT extname AS name FROM pg_extension ORDER BY 1")
+        .load(&mut conn)
+        .await
+        .expect("query");
+    let names: Vec<&str> = ext.iter().map(|e| e.name.as_str()).collect();
+    assert!(
+        names.contains(&"pg_trgm") && names.contains(&"citext"),
+        "{names:?}"
+    );
+    diesel::sql_query("CREATE TABLE only_in_a (x int)")
+        .execute(&mut conn)
+        .await
+        .expect("create");
+    drop(conn);
+    let mut conn = b.store.pg().await.expect("pg");
+    let seen: Vec<Name> =
+        diesel::sql_query("SELECT tablename AS name FROM pg_tables WHERE tablename = 'only_in_a'")
+            .load(&mut conn)
+            .await
+            .expect("query");
+    assert!(seen.is_empty(), "databases are isolated");
+    drop(conn);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_starts_private_servers_that_keep_data() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = trellis_core::Config::default();
+    config.dev.data_dir = dir.path().join(".trellis");
+
+    let servers = trellisd::dev::prepare(&mut config)
+        .await
+        .expect("dev servers start");
+    let url = config.database.url.clone().expect("database url filled in");
+    assert!(config.redis.url.is_some());
+    let mut conn = AsyncPgConnection::establish(&url).await.expect("connect");
+    conn.batch_execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('survives')")
+        .await
+        .expect("write");
+    drop(conn);
+    drop(servers);
+
+    let mut again = trellis_core::Config::default();
+    again.dev.data_dir = dir.path().join(".trellis");
+    let servers = trellisd::dev::prepare(&mut again)
+        .await
+        .expect("dev servers restart");
+    let mut conn = AsyncPgConnection::establish(again.database.url.as_deref().expect("url"))
+        .await
+        .expect("connect");
+    #[derive(diesel::QueryableByName)]
+    struct V {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        v: String,
+    }
+    let rows: Vec<V> = diesel::sql_query("SELECT v FROM kept")
+        .load(&mut conn)
+        .await
+        .expect("read");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].v, "survives");
+    drop(conn);
+    drop(servers);
+}

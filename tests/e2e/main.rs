@@ -1,0 +1,5 @@
+//! The Trellis end-to-end suite: one binary, one shared harness
+//! (`trellis_tests`), real PostgreSQL and Redis.
+
+mod foundation;
+mod util;
