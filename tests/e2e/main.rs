@@ -1,5 +1,6 @@
 //! The Trellis end-to-end suite: one binary, one shared harness
 //! (`trellis_tests`), real PostgreSQL and Redis.
 
+mod auth;
 mod foundation;
 mod util;

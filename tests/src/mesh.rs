@@ -52,6 +52,12 @@ pub fn test_config(database_url: String, redis_url: String, key_prefix: String) 
     c.redis.pool_size = 4;
     c.redis.acquire_timeout = Duration::from_secs(1);
     c.redis.key_prefix = key_prefix;
+    // Cheap hashing: the suite tests behaviour, the benchmarks measure cost.
+    c.auth.argon2 = trellis_core::config::Argon2Config {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
     c
 }
 

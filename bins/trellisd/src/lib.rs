@@ -7,8 +7,9 @@ pub mod dev;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use trellis_auth::{Revocations, TokenVerifier};
 use trellis_core::{Config, ServiceName};
-use trellis_mesh::{MeshBuilder, MeshClients, RunningMesh};
+use trellis_mesh::{MeshBuilder, MeshClients, Needs, RunningMesh};
 use trellis_store::Store;
 
 /// Everything a service constructor may need from the process it runs in.
@@ -17,6 +18,10 @@ pub struct Deps {
     pub config: Arc<Config>,
     pub store: Store,
     pub clients: MeshClients,
+    /// Verifies every call's credentials (keys from AuthService, over the mesh).
+    pub verifier: Arc<TokenVerifier>,
+    /// This process's view of revoked tokens and sessions.
+    pub revocations: Arc<Revocations>,
 }
 
 /// Builds and starts a server for `config` on `listener`: the enabled
@@ -29,21 +34,55 @@ pub async fn start(
 ) -> anyhow::Result<RunningMesh> {
     let enabled = config.services.resolve_enabled()?;
     let clients = MeshClients::new(&config.services, listener.local_addr()?, &enabled)?;
+    let revocations = Revocations::new(store.clone(), config.auth.access_token_ttl);
+    let listener_task = store.has_redis().then(|| revocations.spawn_listener());
+    let verifier = Arc::new(TokenVerifier::new(
+        &config.auth.issuer,
+        &config.auth.audience,
+        clients.clone(),
+        revocations.clone(),
+    ));
     let deps = Deps {
         config: config.clone(),
         store: store.clone(),
         clients,
+        verifier: verifier.clone(),
+        revocations,
     };
-    let builder = MeshBuilder::new(config.clone(), store, enabled.clone());
-    let builder = mount(builder, &enabled, &deps);
-    builder.start(listener, shutdown).await
+    let builder = MeshBuilder::new(config.clone(), store, enabled.clone()).authenticator(verifier);
+    let builder = mount(builder, &enabled, &deps)?;
+    let mesh = builder.start(listener, shutdown).await?;
+    Ok(mesh.on_stop(listener_task))
 }
 
 /// Mounts each enabled service on the builder. SystemService, health and
-/// reflection are mounted by the mesh itself; auth, user, chat, llm and
-/// search join here as they land (config validation refuses them until then).
-fn mount(builder: MeshBuilder, _enabled: &[ServiceName], _deps: &Deps) -> MeshBuilder {
-    builder
+/// reflection are mounted by the mesh itself; user, chat, llm and search
+/// join here as they land (config validation refuses them until then).
+fn mount(
+    mut builder: MeshBuilder,
+    enabled: &[ServiceName],
+    deps: &Deps,
+) -> anyhow::Result<MeshBuilder> {
+    let cfg = &deps.config;
+    for name in enabled {
+        builder = match name {
+            ServiceName::System => builder,
+            ServiceName::Auth => builder.add_service(
+                trellis_auth::service(
+                    &cfg.auth,
+                    cfg.server.max_message_bytes,
+                    deps.store.clone(),
+                    deps.verifier.clone(),
+                    deps.revocations.clone(),
+                )?,
+                Needs::STORE,
+            ),
+            ServiceName::User | ServiceName::Chat | ServiceName::Llm | ServiceName::Search => {
+                anyhow::bail!("service {name} is not available in this build yet")
+            }
+        };
+    }
+    Ok(builder)
 }
 
 /// Binds the configured listen address, naming it in the error.

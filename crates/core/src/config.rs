@@ -61,6 +61,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub services: ServicesConfig,
     pub telemetry: TelemetryConfig,
+    pub auth: AuthConfig,
     pub dev: DevConfig,
 }
 
@@ -194,7 +195,7 @@ impl ServiceName {
 
     /// Services this build can serve. The others have contracts still to
     /// land; asking for them is a configuration error, not a silent no-op.
-    pub const BUILT: [ServiceName; 1] = [ServiceName::System];
+    pub const BUILT: [ServiceName; 2] = [ServiceName::System, ServiceName::Auth];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -331,6 +332,74 @@ impl Default for TelemetryConfig {
 pub enum LogFormat {
     Pretty,
     Json,
+}
+
+/// Identity: token lifetimes, password hashing, lockout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `iss` of issued access tokens, checked on verification.
+    pub issuer: String,
+    /// `aud` of issued access tokens, checked on verification.
+    pub audience: String,
+    #[serde(with = "humantime_serde")]
+    pub access_token_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub refresh_token_ttl: Duration,
+    /// How long a spent refresh token still yields the same successor pair
+    /// (concurrent refreshes from one client) instead of revoking the session.
+    #[serde(with = "humantime_serde")]
+    pub refresh_grace: Duration,
+    pub argon2: Argon2Config,
+    /// Password hashes computed at once (0: one per CPU core). Further
+    /// logins wait, so a login flood cannot starve other calls.
+    pub hash_concurrency: usize,
+    /// Failed logins within `lockout_window` that lock an account.
+    pub lockout_threshold: u32,
+    #[serde(with = "humantime_serde")]
+    pub lockout_window: Duration,
+    /// First lockout's length; each further lockout doubles it (up to a day).
+    #[serde(with = "humantime_serde")]
+    pub lockout_base: Duration,
+    /// Mark session cookies `Secure` (turn off only for plain-HTTP development).
+    pub cookie_secure: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "trellis".into(),
+            audience: "trellis".into(),
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            refresh_grace: Duration::from_secs(10),
+            argon2: Argon2Config::default(),
+            hash_concurrency: 0,
+            lockout_threshold: 5,
+            lockout_window: Duration::from_secs(15 * 60),
+            lockout_base: Duration::from_secs(60),
+            cookie_secure: true,
+        }
+    }
+}
+
+/// argon2id parameters; the defaults are OWASP's (m=19 MiB, t=2, p=1).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Argon2Config {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for Argon2Config {
+    fn default() -> Self {
+        Self {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+            parallelism: 1,
+        }
+    }
 }
 
 /// `trellisd dev` only.
@@ -502,6 +571,34 @@ impl Config {
         {
             return Err(invalid("redis.key_prefix", "must not contain whitespace"));
         }
+        let a = &self.auth;
+        if a.access_token_ttl < Duration::from_secs(10) {
+            return Err(invalid("auth.access_token_ttl", "must be at least 10s"));
+        }
+        if a.refresh_token_ttl <= a.access_token_ttl {
+            return Err(invalid(
+                "auth.refresh_token_ttl",
+                "must be longer than auth.access_token_ttl",
+            ));
+        }
+        if a.argon2.iterations == 0
+            || a.argon2.parallelism == 0
+            || a.argon2.memory_kib < 8 * a.argon2.parallelism
+        {
+            return Err(invalid(
+                "auth.argon2",
+                "iterations and parallelism must be at least 1 and memory_kib at least 8 × parallelism",
+            ));
+        }
+        if a.lockout_threshold == 0 {
+            return Err(invalid("auth.lockout_threshold", "must be at least 1"));
+        }
+        if a.issuer.is_empty() || a.audience.is_empty() {
+            return Err(invalid(
+                "auth.issuer",
+                "issuer and audience must not be empty",
+            ));
+        }
         self.services.resolve_enabled()?;
         for name in ServiceName::ALL {
             if let Some(ep) = self.services.endpoint(name) {
@@ -556,7 +653,7 @@ mod tests {
             assert_eq!(c.server.max_message_bytes, 4 * 1024 * 1024);
             assert_eq!(
                 c.services.resolve_enabled().expect("enabled"),
-                vec![ServiceName::System]
+                vec![ServiceName::System, ServiceName::Auth]
             );
             Ok(())
         });

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod error;
 pub mod id;
+pub mod rbac;
 pub mod telemetry;
 
 pub use config::{Config, ConfigError, ServiceName};

@@ -2,11 +2,69 @@
 //! request id, deadline and the caller's credentials. A service never trusts
 //! a user id from a request body; identity travels as credentials.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 
+use crate::layers::authn::Authn;
 use crate::layers::request_id;
+
+/// How a principal authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// A signed access token from Login/Refresh.
+    AccessToken {
+        /// The token's id (`jti`), for revocation.
+        token_id: String,
+    },
+    /// An API key; its scopes are the principal's permissions.
+    ApiKey { key_id: uuid::Uuid },
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: uuid::Uuid,
+    /// The session (refresh-token family); none for API keys.
+    pub session_id: Option<uuid::Uuid>,
+    pub roles: Vec<String>,
+    /// Effective permissions: the roles' for users, the scopes for API keys.
+    pub permissions: Vec<String>,
+    pub credential: CredentialKind,
+    /// When the credential stops being valid (seconds since the epoch).
+    pub expires_at: Option<i64>,
+}
+
+impl Principal {
+    /// Whether the principal holds `permission` (wildcards honoured).
+    pub fn can(&self, permission: &str) -> bool {
+        trellis_core::rbac::any_permits(&self.permissions, permission)
+    }
+
+    /// PERMISSION_DENIED unless the principal holds `permission`.
+    pub fn require(&self, permission: &str) -> Result<(), tonic::Status> {
+        if self.can(permission) {
+            Ok(())
+        } else {
+            Err(tonic::Status::permission_denied(format!(
+                "missing permission {permission}"
+            )))
+        }
+    }
+}
+
+/// The caller of a request that needs one: the verified principal, the
+/// reason its credential was rejected, or UNAUTHENTICATED when it sent none.
+pub fn authenticated<T>(req: &tonic::Request<T>) -> Result<Arc<Principal>, tonic::Status> {
+    match req.extensions().get::<Authn>() {
+        Some(Authn::Verified(p)) => Ok(p.clone()),
+        Some(Authn::Rejected(status)) => Err(status.clone()),
+        None => Err(tonic::Status::unauthenticated(
+            "missing credentials (authorization: Bearer <token>)",
+        )),
+    }
+}
 
 /// The call's deadline, set by the deadline layer on every request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

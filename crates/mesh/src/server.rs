@@ -27,6 +27,7 @@ use trellis_core::{Config, ServiceName};
 use trellis_store::Store;
 
 use crate::health::{HealthMap, watch_dependencies};
+use crate::layers::authn::{Authenticator, AuthnLayer};
 use crate::layers::deadline::DeadlineLayer;
 use crate::layers::metrics::{Metrics, MetricsLayer};
 use crate::layers::scrape::ScrapeLayer;
@@ -59,6 +60,7 @@ pub struct MeshBuilder {
     enabled: Vec<ServiceName>,
     routes: RoutesBuilder,
     services: Vec<(String, Needs)>,
+    authenticator: Option<Arc<dyn Authenticator>>,
 }
 
 impl std::fmt::Debug for MeshBuilder {
@@ -79,7 +81,14 @@ impl MeshBuilder {
             enabled,
             routes: RoutesBuilder::default(),
             services: Vec::new(),
+            authenticator: None,
         }
+    }
+
+    /// Verifies the credentials of every call (see `layers::authn`).
+    pub fn authenticator(mut self, authenticator: Arc<dyn Authenticator>) -> MeshBuilder {
+        self.authenticator = Some(authenticator);
+        self
     }
 
     /// Mounts a generated tonic server. Its health follows `needs`.
@@ -112,6 +121,7 @@ impl MeshBuilder {
             enabled,
             mut routes,
             mut services,
+            authenticator,
         } = self;
         let server_cfg = &config.server;
         let max = server_cfg.max_message_bytes;
@@ -189,6 +199,7 @@ impl MeshBuilder {
             .layer(MetricsLayer::new(metrics.clone()))
             .layer(ShedLayer::new(server_cfg.concurrency_limit))
             .layer(DeadlineLayer::new(server_cfg.default_timeout))
+            .option_layer(authenticator.map(AuthnLayer::new))
             .into_inner();
 
         let health_task = tokio::spawn(watch_dependencies(
@@ -249,6 +260,7 @@ impl MeshBuilder {
             task,
             metrics,
             health,
+            background: Vec::new(),
         })
     }
 }
@@ -288,9 +300,17 @@ pub struct RunningMesh {
     task: JoinHandle<anyhow::Result<()>>,
     metrics: Arc<Metrics>,
     health: HealthMap,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl RunningMesh {
+    /// Ties a background task (e.g. a subscription) to this server: it is
+    /// stopped when the server stops.
+    pub fn on_stop(mut self, task: Option<JoinHandle<()>>) -> RunningMesh {
+        self.background.extend(task);
+        self
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
@@ -312,7 +332,11 @@ impl RunningMesh {
 
     /// Waits until the server has stopped (after a shutdown signal).
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await?
+        let result = self.task.await;
+        for t in &self.background {
+            t.abort();
+        }
+        result?
     }
 
     /// Drains and stops.

@@ -10,6 +10,16 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/trellis_descriptor.bin"));
 
+/// `trellis.auth.v1`: accounts' credentials, sessions, tokens, keys.
+pub mod auth {
+    pub mod v1 {
+        tonic::include_proto!("trellis.auth.v1");
+
+        /// Fully qualified name of the service, as used in health and reflection.
+        pub const SERVICE_NAME: &str = "trellis.auth.v1.AuthService";
+    }
+}
+
 /// `trellis.system.v1`: server information, the mesh's no-op path.
 pub mod system {
     pub mod v1 {

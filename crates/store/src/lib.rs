@@ -2,10 +2,12 @@
 //! Redis — pools, embedded migrations, dependency health probes — and how to
 //! start private servers for `trellisd dev` and the test harness.
 
+pub mod accounts;
 pub mod devserver;
 pub mod migrate;
 pub mod pg;
 pub mod redis;
+pub mod schema;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +81,7 @@ pub struct Store {
     pub pg_state: Arc<DepState>,
     pub redis_state: Arc<DepState>,
     key_prefix: Arc<str>,
+    redis_url: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -117,6 +120,7 @@ impl Store {
             pg_state: Arc::new(DepState::new("database")),
             redis_state: Arc::new(DepState::new("redis")),
             key_prefix: config.redis.key_prefix.as_str().into(),
+            redis_url: config.redis.url.as_deref().map(Into::into),
         })
     }
 
@@ -134,6 +138,15 @@ impl Store {
 
     pub fn redis_pool(&self) -> Option<&RedisPool> {
         self.redis.as_ref()
+    }
+
+    /// A client for what pools cannot do (pub/sub subscriptions).
+    pub fn redis_client(&self) -> Result<::redis::Client, StoreError> {
+        let url = self
+            .redis_url
+            .as_deref()
+            .ok_or(StoreError::NotConfigured("redis.url"))?;
+        Ok(::redis::Client::open(url)?)
     }
 
     /// A pooled PostgreSQL connection, or UNAVAILABLE at once when the last

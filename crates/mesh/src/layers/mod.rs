@@ -3,6 +3,7 @@
 //! Authentication and rate limiting join here as their services land. One
 //! middleware per file.
 
+pub mod authn;
 pub mod deadline;
 pub mod metrics;
 pub mod request_id;

@@ -1,0 +1,303 @@
+//! The report: one `<scenario>.json` per scenario, `summary.md` (a table
+//! and how the machine was shared) and `summary.svg` (throughput relative
+//! to each scenario's reference, and p50/p99 latency), all written to the
+//! output directory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context as _;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use serde::Serialize;
+
+/// One scenario's results, as written to `<scenario>.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub scenario: String,
+    pub about: String,
+    pub server: String,
+    pub protocol: String,
+    /// `concurrency` (closed loop) or `rate` (open loop).
+    pub mode: String,
+    /// Client tasks (in rate mode, the tasks sharing the schedule).
+    pub concurrency: usize,
+    /// Requests/s asked for, in rate mode.
+    pub rate: Option<f64>,
+    /// HTTP/2 connections shared by the tasks (native gRPC); gRPC-web uses
+    /// one HTTP/1.1 connection per task.
+    pub connections: usize,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    /// Calls sent in the measured window.
+    pub requests: u64,
+    /// Successful calls per second of the measured window.
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    pub mean_us: f64,
+    /// Failed calls by gRPC code name.
+    pub errors: BTreeMap<String, u64>,
+    /// The scenario this one is compared against; none for a reference.
+    pub reference: Option<String>,
+    /// req/s ÷ the reference's req/s.
+    pub rps_ratio: Option<f64>,
+    /// p99 ÷ the reference's p99.
+    pub p99_ratio: Option<f64>,
+    pub target: String,
+    /// The target's least req/s ratio and greatest p99 ratio.
+    pub target_rps_ratio: Option<f64>,
+    pub target_p99_ratio: Option<f64>,
+    pub met: bool,
+    /// CPU used by the server process during the measured window, in % of
+    /// one CPU.
+    pub server_cpu_percent: Option<f64>,
+    /// CPU used by the bench itself during the measured window, in % of one
+    /// CPU.
+    pub client_cpu_percent: Option<f64>,
+    /// Encoded size of the server's GetInfo response.
+    pub response_bytes: usize,
+}
+
+impl ScenarioResult {
+    pub fn error_total(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// What the whole run shares: when, where, how.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub date: String,
+    pub quick: bool,
+    pub profile: &'static str,
+    pub load: String,
+    pub cores: String,
+    pub machine: String,
+    pub payload: String,
+}
+
+/// Writes every output file into `dir`.
+pub fn write_all(dir: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for r in results {
+        let json = serde_json::to_string_pretty(r)? + "\n";
+        write_atomically(&dir.join(format!("{}.json", r.scenario)), json.as_bytes())?;
+    }
+    write_atomically(&dir.join("summary.md"), markdown(info, results).as_bytes())?;
+    let svg = dir.join("summary.svg");
+    let tmp = dir.join("summary.svg.tmp");
+    chart(&tmp, info, results).with_context(|| format!("drawing {}", svg.display()))?;
+    std::fs::rename(&tmp, &svg)?;
+    Ok(())
+}
+
+/// Writes through a `.tmp` file, so a reader never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn us(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn ratio_text(r: &ScenarioResult) -> String {
+    match (&r.reference, r.rps_ratio, r.p99_ratio) {
+        (Some(reference), Some(rps), Some(p99)) => {
+            format!("{rps:.2}× req/s, {p99:.2}× p99 (vs {reference})")
+        }
+        _ => "— (reference)".to_string(),
+    }
+}
+
+/// `summary.md`.
+pub fn markdown(info: &RunInfo, results: &[ScenarioResult]) -> String {
+    let mut md = String::new();
+    md.push_str(if info.quick {
+        "# Trellis benchmark (quick smoke run — not a measurement)\n\n"
+    } else {
+        "# Trellis benchmark\n\n"
+    });
+    md.push_str(&format!(
+        "{} · {} build · {}\n\n",
+        info.date, info.profile, info.load
+    ));
+    md.push_str("| scenario | req/s | p50 (µs) | p99 (µs) | ratio vs reference | target | met |\n");
+    md.push_str("|---|---:|---:|---:|---|---|---|\n");
+    for r in results {
+        let met = match r.reference {
+            None => "—",
+            Some(_) if r.met => "met",
+            Some(_) => "**not met**",
+        };
+        md.push_str(&format!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.rps,
+            us(r.p50_us),
+            us(r.p99_us),
+            ratio_text(r),
+            r.target,
+            met
+        ));
+    }
+    md.push('\n');
+    md.push_str(&format!("**Cores:** {}\n\n", info.cores));
+    md.push_str(&format!("**Machine:** {}\n\n", info.machine));
+    md.push_str(&format!("**Payload:** {}\n\n", info.payload));
+    md.push_str(
+        "| scenario | what | p90 (µs) | max (µs) | calls | errors | server CPU | bench CPU |\n",
+    );
+    md.push_str("|---|---|---:|---:|---:|---|---:|---:|\n");
+    for r in results {
+        let errors = if r.errors.is_empty() {
+            "0".to_string()
+        } else {
+            r.errors
+                .iter()
+                .map(|(code, n)| format!("{code} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let pct = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.0}%"));
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.about,
+            us(r.p90_us),
+            us(r.max_us),
+            r.requests,
+            errors,
+            pct(r.server_cpu_percent),
+            pct(r.client_cpu_percent)
+        ));
+    }
+    md.push_str(
+        "\nreq/s counts successful calls in the measured window; latencies are of \
+         successful calls; CPU is the process's time on CPU over the window, in % of \
+         one CPU.\n",
+    );
+    md
+}
+
+/// `summary.svg`: throughput ratio to the reference (a reference scenario
+/// is 1.0; the target is a black tick) and p50/p99 latency side by side.
+fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Result<()> {
+    let n = results.len().max(1);
+    let names: Vec<String> = results.iter().map(|r| r.scenario.clone()).collect();
+    // x: scenario i spans [100·i, 100·i + 100]; its name labels the centre.
+    let label = |x: &i32| -> String {
+        if x.rem_euclid(100) == 50 {
+            names.get((x / 100) as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let centers: Vec<i32> = (0..n as i32).map(|i| i * 100 + 50).collect();
+    let span = 0..n as i32 * 100;
+
+    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title = format!(
+        "Trellis benchmark{} — {} · {} build",
+        if info.quick { " (quick smoke run)" } else { "" },
+        info.date,
+        info.profile
+    );
+    let root = root.titled(&title, ("sans-serif", 20))?;
+    let (left, right) = root.split_horizontally(500);
+
+    // Throughput relative to each scenario's reference.
+    let ratios: Vec<f64> = results.iter().map(|r| r.rps_ratio.unwrap_or(1.0)).collect();
+    let targets: Vec<Option<f64>> = results.iter().map(|r| r.target_rps_ratio).collect();
+    let top = ratios
+        .iter()
+        .copied()
+        .chain(targets.iter().flatten().copied())
+        .fold(1.0f64, f64::max)
+        * 1.2;
+    let mut c = ChartBuilder::on(&left)
+        .caption("req/s relative to reference", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(span.clone().with_key_points(centers.clone()), 0f64..top)?;
+    c.configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&label)
+        .y_desc("× reference req/s")
+        .draw()?;
+    c.draw_series(results.iter().zip(&ratios).enumerate().map(|(i, (r, &v))| {
+        let color = match r.reference {
+            None => RGBColor(150, 150, 150),
+            Some(_) if r.met => RGBColor(60, 150, 80),
+            Some(_) => RGBColor(200, 70, 60),
+        };
+        let x = i as i32 * 100;
+        Rectangle::new([(x + 20, 0.0), (x + 80, v)], color.filled())
+    }))?;
+    c.draw_series(targets.iter().enumerate().filter_map(|(i, t)| {
+        t.map(|t| {
+            let x = i as i32 * 100;
+            PathElement::new(vec![(x + 10, t), (x + 90, t)], BLACK.stroke_width(2))
+        })
+    }))?;
+    c.draw_series(results.iter().zip(&ratios).enumerate().map(|(i, (r, &v))| {
+        let text = match &r.reference {
+            None => "reference".to_string(),
+            Some(reference) => format!("{v:.2}× {reference}"),
+        };
+        Text::new(
+            text,
+            (i as i32 * 100 + 50, v + top * 0.02),
+            TextStyle::from(("sans-serif", 13).into_font())
+                .pos(Pos::new(HPos::Center, VPos::Bottom)),
+        )
+    }))?;
+
+    // Latency.
+    let top = results.iter().map(|r| r.p99_us).fold(1.0f64, f64::max) * 1.2;
+    let mut c = ChartBuilder::on(&right)
+        .caption("latency (µs)", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(span.with_key_points(centers), 0f64..top)?;
+    c.configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&label)
+        .y_desc("µs")
+        .draw()?;
+    let p50 = RGBColor(70, 120, 200);
+    let p99 = RGBColor(240, 150, 40);
+    c.draw_series(results.iter().enumerate().map(|(i, r)| {
+        let x = i as i32 * 100;
+        Rectangle::new([(x + 12, 0.0), (x + 48, r.p50_us)], p50.filled())
+    }))?
+    .label("p50")
+    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], p50.filled()));
+    c.draw_series(results.iter().enumerate().map(|(i, r)| {
+        let x = i as i32 * 100;
+        Rectangle::new([(x + 52, 0.0), (x + 88, r.p99_us)], p99.filled())
+    }))?
+    .label("p99")
+    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], p99.filled()));
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .draw()?;
+
+    root.present()?;
+    Ok(())
+}

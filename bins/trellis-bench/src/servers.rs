@@ -1,0 +1,278 @@
+//! The servers under test as child processes: the bare tonic baseline (this
+//! binary re-executed as `baseline-server`) and `trellisd serve`. Finding and
+//! (under `cargo run`) building trellisd, CPU pinning, readiness, CPU-time
+//! accounting, and killing the children however the bench ends.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+use nix::unistd::Pid;
+use tokio::time::Instant;
+use trellis_proto::system::v1::GetInfoRequest;
+use trellis_proto::system::v1::GetInfoResponse;
+use trellis_proto::system::v1::system_service_client::SystemServiceClient;
+
+use crate::calls;
+
+/// Which server a scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ServerKind {
+    /// This binary's `baseline-server`: tonic with no layers.
+    Baseline,
+    /// `trellisd serve`: the full mesh.
+    Trellisd,
+}
+
+impl ServerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerKind::Baseline => "baseline-server",
+            ServerKind::Trellisd => "trellisd",
+        }
+    }
+}
+
+/// CPUs the calling thread may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+/// CPUs process (or thread) `pid` may run on.
+pub fn cpus_of(pid: u32) -> Vec<usize> {
+    let Ok(set) = sched_getaffinity(Pid::from_raw(pid as i32)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+/// Restricts the calling thread (and threads and processes it creates
+/// from now on) to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning to CPU {cpu}"))
+}
+
+/// Time on CPU of every thread of process `pid` ("self" for this one),
+/// from the scheduler's per-thread accounting.
+pub fn cpu_time(pid: &str) -> Option<Duration> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(ns))
+}
+
+/// The trellisd binary: `explicit`, or the one next to this executable.
+/// Under `cargo run` it is built (or found up to date) first with the same
+/// profile, so the bench never measures a stale server.
+pub fn find_trellisd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        if !path.is_file() {
+            bail!("--trellisd {}: no such file", path.display());
+        }
+        return Ok(path);
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .context("the bench executable has no directory")?;
+    let path = dir.join("trellisd");
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_string(),
+        Some(other) => other.to_string(),
+        None => "dev".to_string(),
+    };
+    if let (Some(cargo), Some(manifest_dir)) = (
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) {
+        eprintln!("trellis-bench: cargo build -p trellisd --profile {profile}");
+        let status = Command::new(cargo)
+            .args(["build", "-p", "trellisd", "--profile", &profile])
+            .current_dir(manifest_dir)
+            .status()
+            .context("running cargo build -p trellisd")?;
+        if !status.success() {
+            bail!("cargo build -p trellisd --profile {profile} failed ({status})");
+        }
+    }
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it (cargo build -p trellisd --profile {profile}) or pass --trellisd PATH",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running server process; killed when dropped (the bench returning,
+/// failing or panicking).
+pub struct ServerProcess {
+    pub kind: ServerKind,
+    pub addr: SocketAddr,
+    pub command: String,
+    child: Child,
+    // Held open: the baseline server exits when it closes, so it does not
+    // outlive a bench that was killed outright.
+    _stdin: Option<ChildStdin>,
+}
+
+impl ServerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time(&self.pid().to_string())
+    }
+
+    /// Polls GetInfo until it answers; fails if the process exits first or
+    /// `within` passes.
+    pub async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<GetInfoResponse> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited before it was ready ({status}); its stderr is above",
+                    self.command
+                );
+            }
+            let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+                let channel = calls::grpc_channel(self.addr).await?;
+                let resp = SystemServiceClient::new(channel)
+                    .get_info(GetInfoRequest {})
+                    .await?;
+                anyhow::Ok(resp.into_inner())
+            })
+            .await;
+            match attempt {
+                Ok(Ok(info)) => return Ok(info),
+                _ if Instant::now() >= deadline => {
+                    bail!("{} did not answer GetInfo within {within:?}", self.command)
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An unused loopback port. Another process could take it before the
+/// server binds it; the server then fails to start and the bench says so.
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Spawns `cmd` from a helper thread pinned to `cpu`: a child inherits the
+/// affinity of the thread that starts it, so every thread of the server is
+/// on `cpu` from its first instruction.
+fn spawn_on(cmd: &mut Command, cpu: Option<usize>) -> anyhow::Result<Child> {
+    let Some(cpu) = cpu else {
+        return Ok(cmd.spawn()?);
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            pin_current_thread(cpu)?;
+            anyhow::Ok(cmd.spawn()?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("spawning thread panicked"))?
+    })
+}
+
+/// Starts the bare tonic server. `services` and `enabled` are what its
+/// GetInfo reports, so its response is the same size as trellisd's.
+pub fn start_baseline(
+    cpu: Option<usize>,
+    services: &[String],
+    enabled: &[String],
+) -> anyhow::Result<ServerProcess> {
+    let addr = free_addr()?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("baseline-server")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--services")
+        .arg(services.join(","))
+        .arg("--enabled")
+        .arg(enabled.join(","))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = spawn_on(&mut cmd, cpu).context("starting the baseline server")?;
+    let stdin = child.stdin.take();
+    Ok(ServerProcess {
+        kind: ServerKind::Baseline,
+        addr,
+        command: format!("{} baseline-server --listen {addr}", exe.display()),
+        child,
+        _stdin: stdin,
+    })
+}
+
+/// Starts `trellisd serve` with nothing but defaults: no `TRELLIS_*`
+/// variables (so no PostgreSQL or Redis), warnings-only logging, and a
+/// working directory without a `trellis.toml`.
+pub fn start_trellisd(
+    trellisd: &Path,
+    cpu: Option<usize>,
+    cwd: &Path,
+) -> anyhow::Result<ServerProcess> {
+    let addr = free_addr()?;
+    let mut cmd = Command::new(trellisd);
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TRELLIS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("TRELLIS_TELEMETRY__LOG_FILTER", "warn");
+    let child =
+        spawn_on(&mut cmd, cpu).with_context(|| format!("starting {}", trellisd.display()))?;
+    Ok(ServerProcess {
+        kind: ServerKind::Trellisd,
+        addr,
+        command: format!("{} serve --listen {addr}", trellisd.display()),
+        child,
+        _stdin: None,
+    })
+}
+
+/// The running servers, by kind. Dropping it kills them all.
+#[derive(Default)]
+pub struct Servers {
+    pub running: BTreeMap<ServerKind, ServerProcess>,
+}
+
+impl Servers {
+    pub fn get(&self, kind: ServerKind) -> anyhow::Result<&ServerProcess> {
+        self.running
+            .get(&kind)
+            .with_context(|| format!("{} is not running", kind.as_str()))
+    }
+}

@@ -1,0 +1,19 @@
+//! trellis-auth: the AuthService (accounts' credentials, sessions, tokens,
+//! signing keys) and the [`TokenVerifier`] every service mounts through the
+//! mesh's authentication layer.
+
+mod error;
+pub mod keys;
+mod password;
+pub mod revocation;
+mod service;
+mod sessions;
+pub mod tokens;
+mod validate;
+pub mod verifier;
+
+pub use error::AuthError;
+pub use password::PasswordHasher;
+pub use revocation::Revocations;
+pub use service::{AuthSvc, service};
+pub use verifier::TokenVerifier;

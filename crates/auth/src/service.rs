@@ -1,0 +1,760 @@
+//! `trellis.auth.v1.AuthService`. Handlers turn wire requests into checked
+//! values, do the work through the store and the key ring, and answer with
+//! the error model's statuses. RPCs whose issue items are still open answer
+//! UNIMPLEMENTED.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use jsonwebtoken::Header;
+use prost::Message;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+use trellis_core::config::AuthConfig;
+use trellis_core::error::FieldViolations;
+use trellis_mesh::layers::authn::cookie;
+use trellis_mesh::{CredentialKind, Principal, authenticated};
+use trellis_proto::auth::v1 as pb;
+use trellis_proto::auth::v1::auth_service_server::{AuthService, AuthServiceServer};
+use trellis_store::Store;
+use trellis_store::accounts::{self, Account, NewAccount};
+use trellis_store::schema::users;
+use uuid::Uuid;
+
+use crate::error::AuthError;
+use crate::keys::KeyRing;
+use crate::password::PasswordHasher;
+use crate::revocation::{Revocation, Revocations};
+use crate::sessions;
+use crate::tokens::{self, Claims};
+use crate::validate;
+use crate::verifier::TokenVerifier;
+
+/// Cookie carrying the refresh token for browsers; scoped to AuthService.
+pub const REFRESH_COOKIE: &str = "trellis_refresh";
+
+/// The role every self-registered account gets.
+pub const DEFAULT_ROLE: &str = "member";
+
+#[derive(Clone)]
+pub struct AuthSvc {
+    cfg: Arc<AuthConfig>,
+    store: Store,
+    hasher: PasswordHasher,
+    keys: KeyRing,
+    verifier: Arc<TokenVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl std::fmt::Debug for AuthSvc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSvc").finish_non_exhaustive()
+    }
+}
+
+/// The generated server around an [`AuthSvc`], with message limits applied.
+pub fn service(
+    cfg: &AuthConfig,
+    max_message_bytes: usize,
+    store: Store,
+    verifier: Arc<TokenVerifier>,
+    revocations: Arc<Revocations>,
+) -> Result<AuthServiceServer<AuthSvc>, AuthError> {
+    let svc = AuthSvc::new(cfg, store, verifier, revocations)?;
+    Ok(AuthServiceServer::new(svc)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes))
+}
+
+fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(1))
+}
+
+fn not_built(rpc: &str) -> Status {
+    Status::unimplemented(format!("AuthService.{rpc} is not built yet"))
+}
+
+/// Where a call came from, recorded on its session.
+fn client_of<T>(req: &Request<T>) -> (String, String) {
+    let ua = req
+        .metadata()
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .chars()
+        .take(300)
+        .collect();
+    let ip = req
+        .remote_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    (ua, ip)
+}
+
+fn principal_pb(p: &Principal) -> pb::Principal {
+    let (credential_type, api_key_id) = match &p.credential {
+        CredentialKind::AccessToken { .. } => ("access_token", String::new()),
+        CredentialKind::ApiKey { key_id } => ("api_key", key_id.to_string()),
+    };
+    pb::Principal {
+        user_id: p.user_id.to_string(),
+        session_id: p.session_id.map(|s| s.to_string()).unwrap_or_default(),
+        roles: p.roles.clone(),
+        permissions: p.permissions.clone(),
+        credential_type: credential_type.to_string(),
+        api_key_id,
+    }
+}
+
+impl AuthSvc {
+    pub fn new(
+        cfg: &AuthConfig,
+        store: Store,
+        verifier: Arc<TokenVerifier>,
+        revocations: Arc<Revocations>,
+    ) -> Result<AuthSvc, AuthError> {
+        Ok(AuthSvc {
+            hasher: PasswordHasher::new(cfg.argon2, cfg.hash_concurrency)?,
+            keys: KeyRing::new(store.clone(), cfg.access_token_ttl),
+            cfg: Arc::new(cfg.clone()),
+            store,
+            verifier,
+            revocations,
+        })
+    }
+
+    async fn account_pb(
+        &self,
+        conn: &mut AsyncPgConnection,
+        a: &Account,
+    ) -> Result<pb::Account, AuthError> {
+        let (roles, _) = accounts::roles_and_permissions(conn, a.id).await?;
+        Ok(pb::Account {
+            id: a.id.to_string(),
+            email: a.email.clone(),
+            username: a.username.clone(),
+            display_name: a.display_name.clone(),
+            email_verified: a.email_verified_at.is_some(),
+            roles,
+            totp_enabled: a.totp_enabled_at.is_some(),
+            create_time: Some(ts(a.created_at)),
+        })
+    }
+
+    /// Signs an access token for `account` in `session_id`.
+    async fn access_token(
+        &self,
+        conn: &mut AsyncPgConnection,
+        account: &Account,
+        session_id: Uuid,
+    ) -> Result<(String, DateTime<Utc>), AuthError> {
+        let (roles, perms) = accounts::roles_and_permissions(conn, account.id).await?;
+        let key = self.keys.current().await?;
+        let now = Utc::now();
+        let exp = now + chrono_dur(self.cfg.access_token_ttl);
+        let claims = Claims {
+            sub: account.id.to_string(),
+            sid: session_id.to_string(),
+            roles,
+            perms,
+            ver: account.token_version,
+            jti: URL_SAFE_NO_PAD.encode(Uuid::now_v7().as_bytes()),
+            iss: self.cfg.issuer.clone(),
+            aud: self.cfg.audience.clone(),
+            iat: now.timestamp(),
+            nbf: now.timestamp(),
+            exp: exp.timestamp(),
+        };
+        let mut header = Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some(key.kid);
+        let token = jsonwebtoken::encode(&header, &claims, &key.encoding)
+            .map_err(|e| AuthError::Internal(format!("signing: {e}")))?;
+        Ok((token, exp))
+    }
+
+    /// Opens a session for `account` and returns its first token pair.
+    async fn open_session(
+        &self,
+        conn: &mut AsyncPgConnection,
+        account: &Account,
+        ua: &str,
+        ip: &str,
+    ) -> Result<pb::TokenPair, AuthError> {
+        let refresh = tokens::secret("rt_")?;
+        let refresh_exp = Utc::now() + chrono_dur(self.cfg.refresh_token_ttl);
+        let session_id = sessions::create(
+            conn,
+            account.id,
+            ua,
+            ip,
+            &tokens::digest(&refresh),
+            refresh_exp,
+        )
+        .await?;
+        let (access, access_exp) = self.access_token(conn, account, session_id).await?;
+        Ok(pb::TokenPair {
+            access_token: access,
+            access_token_expire_time: Some(ts(access_exp)),
+            refresh_token: refresh,
+            refresh_token_expire_time: Some(ts(refresh_exp)),
+            token_type: "Bearer".into(),
+            session_id: session_id.to_string(),
+        })
+    }
+
+    /// Sets the browser cookies for a token pair on a response.
+    fn set_cookies<T>(&self, resp: &mut Response<T>, pair: &pb::TokenPair) {
+        let secure = if self.cfg.cookie_secure {
+            "; Secure"
+        } else {
+            ""
+        };
+        let access_age = self.cfg.access_token_ttl.as_secs();
+        let refresh_age = self.cfg.refresh_token_ttl.as_secs();
+        let cookies = [
+            format!(
+                "{}={}; Path=/; Max-Age={access_age}; HttpOnly; SameSite=Strict{secure}",
+                trellis_mesh::layers::authn::ACCESS_COOKIE,
+                pair.access_token
+            ),
+            format!(
+                "{REFRESH_COOKIE}={}; Path=/trellis.auth.v1.AuthService/; Max-Age={refresh_age}; HttpOnly; SameSite=Strict{secure}",
+                pair.refresh_token
+            ),
+        ];
+        for c in cookies {
+            if let Ok(v) = MetadataValue::try_from(c) {
+                resp.metadata_mut().append("set-cookie", v);
+            }
+        }
+    }
+
+    fn clear_cookies<T>(&self, resp: &mut Response<T>) {
+        for c in [
+            format!(
+                "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict",
+                trellis_mesh::layers::authn::ACCESS_COOKIE
+            ),
+            format!(
+                "{REFRESH_COOKIE}=; Path=/trellis.auth.v1.AuthService/; Max-Age=0; HttpOnly; SameSite=Strict"
+            ),
+        ] {
+            if let Ok(v) = MetadataValue::try_from(c) {
+                resp.metadata_mut().append("set-cookie", v);
+            }
+        }
+    }
+
+    /// Counts a failed login, locking the account once the threshold is
+    /// reached within the window; each lockout doubles the next one.
+    async fn record_failure(
+        &self,
+        conn: &mut AsyncPgConnection,
+        a: &Account,
+    ) -> Result<(), AuthError> {
+        let now = Utc::now();
+        let in_window = a
+            .first_failed_at
+            .is_some_and(|t| now - t < chrono_dur(self.cfg.lockout_window));
+        let failed = if in_window { a.failed_logins + 1 } else { 1 };
+        let first = if in_window {
+            a.first_failed_at
+        } else {
+            Some(now)
+        };
+        if failed as u32 >= self.cfg.lockout_threshold {
+            let factor = 1i64 << a.lockouts.clamp(0, 10);
+            let lock =
+                (chrono_dur(self.cfg.lockout_base) * factor as i32).min(chrono::Duration::days(1));
+            diesel::update(users::table.filter(users::id.eq(a.id)))
+                .set((
+                    users::failed_logins.eq(0),
+                    users::first_failed_at.eq(None::<DateTime<Utc>>),
+                    users::locked_until.eq(Some(now + lock)),
+                    users::lockouts.eq(a.lockouts + 1),
+                ))
+                .execute(conn)
+                .await?;
+            tracing::warn!(user_id = %a.id, lock_seconds = lock.num_seconds(), "account locked after failed logins");
+        } else {
+            diesel::update(users::table.filter(users::id.eq(a.id)))
+                .set((
+                    users::failed_logins.eq(failed),
+                    users::first_failed_at.eq(first),
+                ))
+                .execute(conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn grace_key(&self, hash: &[u8]) -> String {
+        self.store
+            .key(&format!("auth:grace:{}", URL_SAFE_NO_PAD.encode(hash)))
+    }
+
+    async fn do_refresh(&self, presented: &str) -> Result<pb::TokenPair, AuthError> {
+        let hash = tokens::digest(presented);
+        let grace_key = self.grace_key(&hash);
+        let grace = chrono_dur(self.cfg.refresh_grace);
+        let mut conn = self.store.pg().await?;
+        let this = self.clone();
+        let outcome = conn
+            .transaction::<_, AuthError, _>(async move |conn| {
+                let Some(row) = sessions::lock_token(conn, &hash).await? else {
+                    return Err(AuthError::Unauthenticated("invalid refresh token"));
+                };
+                let now = Utc::now();
+                if row.session_revoked_at.is_some() {
+                    return Err(AuthError::Unauthenticated("session has ended"));
+                }
+                if row.token_expires_at <= now || row.session_expires_at <= now {
+                    return Err(AuthError::Unauthenticated("refresh token expired"));
+                }
+                if let Some(used) = row.used_at {
+                    if now - used <= grace {
+                        // A concurrent refresh by the same client: hand back
+                        // the successor the first one received.
+                        let mut r = this.store.redis().await?;
+                        let cached: Option<Vec<u8>> = redis::cmd("GET")
+                            .arg(&grace_key)
+                            .query_async(&mut *r)
+                            .await?;
+                        if let Some(pair) =
+                            cached.and_then(|b| pb::TokenPair::decode(b.as_slice()).ok())
+                        {
+                            return Ok(Ok(pair));
+                        }
+                    }
+                    // Reuse of a spent token: assume theft, end the family.
+                    sessions::revoke(conn, row.session_id, row.user_id, "refresh token reuse")
+                        .await?;
+                    return Ok(Err(row.session_id));
+                }
+                let account = accounts::find(conn, row.user_id)
+                    .await?
+                    .filter(|a| a.status == accounts::ACTIVE)
+                    .ok_or(AuthError::Unauthenticated("account is not active"))?;
+                sessions::spend(conn, &hash, row.session_id).await?;
+                let refresh = tokens::secret("rt_")?;
+                let refresh_exp =
+                    (now + chrono_dur(this.cfg.refresh_token_ttl)).min(row.session_expires_at);
+                sessions::insert_token(
+                    conn,
+                    row.session_id,
+                    &tokens::digest(&refresh),
+                    refresh_exp,
+                )
+                .await?;
+                let (access, access_exp) =
+                    this.access_token(conn, &account, row.session_id).await?;
+                let pair = pb::TokenPair {
+                    access_token: access,
+                    access_token_expire_time: Some(ts(access_exp)),
+                    refresh_token: refresh,
+                    refresh_token_expire_time: Some(ts(refresh_exp)),
+                    token_type: "Bearer".into(),
+                    session_id: row.session_id.to_string(),
+                };
+                // Cached before commit: a concurrent refresh waiting on the
+                // row lock finds it as soon as it can read the spent row.
+                let mut r = this.store.redis().await?;
+                redis::cmd("SET")
+                    .arg(&grace_key)
+                    .arg(pair.encode_to_vec())
+                    .arg("PX")
+                    .arg(this.cfg.refresh_grace.as_millis().max(1) as u64)
+                    .query_async::<()>(&mut *r)
+                    .await?;
+                Ok(Ok(pair))
+            })
+            .await?;
+        match outcome {
+            Ok(pair) => Ok(pair),
+            Err(session) => {
+                tracing::warn!(session_id = %session, "refresh token reused; session revoked");
+                self.revocations
+                    .publish(Revocation::Session(session))
+                    .await?;
+                Err(AuthError::Unauthenticated(
+                    "refresh token reuse detected; the session has been ended",
+                ))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AuthService for AuthSvc {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let (ua, ip) = client_of(&req);
+        let r = req.into_inner();
+        let mut v = FieldViolations::new();
+        let email = r.email.trim().to_string();
+        let username = r.username.trim().to_string();
+        validate::email(&mut v, "email", &email);
+        validate::username(&mut v, "username", &username);
+        validate::password(&mut v, "password", &r.password, &email, &username);
+        validate::text(
+            &mut v,
+            "display_name",
+            &r.display_name,
+            validate::MAX_DISPLAY_NAME,
+        );
+        v.check()?;
+        let hash = self.hasher.hash(r.password).await?;
+        let display = if r.display_name.trim().is_empty() {
+            username.clone()
+        } else {
+            r.display_name.trim().to_string()
+        };
+        let mut conn = self.store.pg().await.map_err(AuthError::from)?;
+        let account = accounts::create(
+            &mut conn,
+            NewAccount {
+                id: trellis_core::id::new_id(),
+                email: &email,
+                username: &username,
+                password_hash: &hash,
+                display_name: &display,
+            },
+            &[DEFAULT_ROLE],
+        )
+        .await
+        .map_err(AuthError::from)?;
+        tracing::info!(user_id = %account.id, "account registered");
+        let tokens = self.open_session(&mut conn, &account, &ua, &ip).await?;
+        let account_pb = self.account_pb(&mut conn, &account).await?;
+        let mut resp = Response::new(pb::RegisterResponse {
+            account: Some(account_pb),
+            tokens: Some(tokens.clone()),
+        });
+        self.set_cookies(&mut resp, &tokens);
+        Ok(resp)
+    }
+
+    async fn login(
+        &self,
+        req: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let (ua, ip) = client_of(&req);
+        let r = req.into_inner();
+        let mut v = FieldViolations::new();
+        let login = r.login.trim();
+        if login.is_empty() {
+            v.add("login", "is required");
+        } else if login.len() > validate::MAX_EMAIL {
+            v.add("login", "must be at most 255 characters");
+        }
+        if r.password.is_empty() {
+            v.add("password", "is required");
+        } else if r.password.chars().count() > 128 {
+            v.add("password", "must be at most 128 characters");
+        }
+        v.check()?;
+        let mut conn = self.store.pg().await.map_err(AuthError::from)?;
+        let account = accounts::find_by_login(&mut conn, login)
+            .await
+            .map_err(AuthError::from)?;
+        let ok = self
+            .hasher
+            .verify(
+                r.password,
+                account.as_ref().map(|a| a.password_hash.clone()),
+            )
+            .await?;
+        let Some(account) = account else {
+            tracing::info!("login failed: unknown account");
+            return Err(AuthError::BadCredentials.into());
+        };
+        let now = Utc::now();
+        if let Some(until) = account.locked_until.filter(|u| *u > now) {
+            let left = (until - now).to_std().unwrap_or(Duration::from_secs(1));
+            return Err(AuthError::Locked(left).into());
+        }
+        if !ok {
+            self.record_failure(&mut conn, &account).await?;
+            tracing::info!(user_id = %account.id, "login failed: wrong password");
+            return Err(AuthError::BadCredentials.into());
+        }
+        if account.status != accounts::ACTIVE {
+            return Err(AuthError::Denied("account is not active").into());
+        }
+        if account.totp_enabled_at.is_some() {
+            // TOTP verification lands with the 2FA item; never let an
+            // enrolled account in on the password alone.
+            return Err(not_built("Login with TOTP"));
+        }
+        if account.failed_logins > 0 || account.lockouts > 0 || account.locked_until.is_some() {
+            diesel::update(users::table.filter(users::id.eq(account.id)))
+                .set((
+                    users::failed_logins.eq(0),
+                    users::first_failed_at.eq(None::<DateTime<Utc>>),
+                    users::locked_until.eq(None::<DateTime<Utc>>),
+                    users::lockouts.eq(0),
+                ))
+                .execute(&mut conn)
+                .await
+                .map_err(AuthError::from)?;
+        }
+        let tokens = self.open_session(&mut conn, &account, &ua, &ip).await?;
+        tracing::info!(user_id = %account.id, session_id = %tokens.session_id, "login succeeded");
+        let account_pb = self.account_pb(&mut conn, &account).await?;
+        let mut resp = Response::new(pb::LoginResponse {
+            account: Some(account_pb),
+            tokens: Some(tokens.clone()),
+        });
+        self.set_cookies(&mut resp, &tokens);
+        Ok(resp)
+    }
+
+    async fn refresh(
+        &self,
+        req: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
+        let from_cookie = cookie(req.metadata().as_ref(), REFRESH_COOKIE);
+        let presented = match req.into_inner().refresh_token {
+            t if !t.is_empty() => t,
+            _ => from_cookie.ok_or_else(|| {
+                let mut v = FieldViolations::new();
+                v.add("refresh_token", "is required (or the session cookie)");
+                v.into_status()
+            })?,
+        };
+        if presented.len() > 200 {
+            return Err(AuthError::Unauthenticated("invalid refresh token").into());
+        }
+        let tokens = self.do_refresh(&presented).await?;
+        let mut resp = Response::new(pb::RefreshResponse {
+            tokens: Some(tokens.clone()),
+        });
+        self.set_cookies(&mut resp, &tokens);
+        Ok(resp)
+    }
+
+    async fn logout(
+        &self,
+        req: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        let p = authenticated(&req)?;
+        let mut conn = self.store.pg().await.map_err(AuthError::from)?;
+        if let Some(sid) = p.session_id {
+            sessions::revoke(&mut conn, sid, p.user_id, "logout")
+                .await
+                .map_err(AuthError::from)?;
+            self.revocations.publish(Revocation::Session(sid)).await?;
+        }
+        if let CredentialKind::AccessToken { token_id } = &p.credential {
+            self.revocations
+                .publish(Revocation::Token(token_id.clone()))
+                .await?;
+        }
+        let mut resp = Response::new(pb::LogoutResponse {});
+        self.clear_cookies(&mut resp);
+        Ok(resp)
+    }
+
+    async fn logout_all(
+        &self,
+        req: Request<pb::LogoutAllRequest>,
+    ) -> Result<Response<pb::LogoutAllResponse>, Status> {
+        let p = authenticated(&req)?;
+        let mut conn = self.store.pg().await.map_err(AuthError::from)?;
+        let version = accounts::bump_token_version(&mut conn, p.user_id)
+            .await
+            .map_err(AuthError::from)?;
+        let ended = sessions::revoke_all(&mut conn, p.user_id, "logout all")
+            .await
+            .map_err(AuthError::from)?;
+        self.revocations
+            .publish(Revocation::UserBefore(p.user_id, version))
+            .await?;
+        tracing::info!(user_id = %p.user_id, sessions = ended, "logged out everywhere");
+        let mut resp = Response::new(pb::LogoutAllResponse {});
+        self.clear_cookies(&mut resp);
+        Ok(resp)
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        Err(not_built("ListSessions"))
+    }
+
+    async fn revoke_session(
+        &self,
+        _: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        Err(not_built("RevokeSession"))
+    }
+
+    async fn change_password(
+        &self,
+        _: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
+        Err(not_built("ChangePassword"))
+    }
+
+    async fn request_password_reset(
+        &self,
+        _: Request<pb::RequestPasswordResetRequest>,
+    ) -> Result<Response<pb::RequestPasswordResetResponse>, Status> {
+        Err(not_built("RequestPasswordReset"))
+    }
+
+    async fn reset_password(
+        &self,
+        _: Request<pb::ResetPasswordRequest>,
+    ) -> Result<Response<pb::ResetPasswordResponse>, Status> {
+        Err(not_built("ResetPassword"))
+    }
+
+    async fn request_email_verification(
+        &self,
+        _: Request<pb::RequestEmailVerificationRequest>,
+    ) -> Result<Response<pb::RequestEmailVerificationResponse>, Status> {
+        Err(not_built("RequestEmailVerification"))
+    }
+
+    async fn verify_email(
+        &self,
+        _: Request<pb::VerifyEmailRequest>,
+    ) -> Result<Response<pb::VerifyEmailResponse>, Status> {
+        Err(not_built("VerifyEmail"))
+    }
+
+    async fn enroll_totp(
+        &self,
+        _: Request<pb::EnrollTotpRequest>,
+    ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
+        Err(not_built("EnrollTotp"))
+    }
+
+    async fn confirm_totp(
+        &self,
+        _: Request<pb::ConfirmTotpRequest>,
+    ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
+        Err(not_built("ConfirmTotp"))
+    }
+
+    async fn disable_totp(
+        &self,
+        _: Request<pb::DisableTotpRequest>,
+    ) -> Result<Response<pb::DisableTotpResponse>, Status> {
+        Err(not_built("DisableTotp"))
+    }
+
+    async fn create_api_key(
+        &self,
+        _: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        Err(not_built("CreateApiKey"))
+    }
+
+    async fn list_api_keys(
+        &self,
+        _: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        Err(not_built("ListApiKeys"))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        _: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        Err(not_built("RevokeApiKey"))
+    }
+
+    async fn get_jwks(
+        &self,
+        _: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        let keys = self.keys.public_keys().await?;
+        Ok(Response::new(pb::GetJwksResponse {
+            keys: keys
+                .into_iter()
+                .map(|(kid, public)| pb::Jwk {
+                    kty: "OKP".into(),
+                    crv: "Ed25519".into(),
+                    x: URL_SAFE_NO_PAD.encode(public),
+                    kid,
+                    alg: "EdDSA".into(),
+                    r#use: "sig".into(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        req: Request<pb::RotateSigningKeyRequest>,
+    ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
+        let p = authenticated(&req)?;
+        p.require("auth:keys:rotate")?;
+        let kid = self.keys.rotate().await?;
+        tracing::info!(%kid, by = %p.user_id, "signing key rotated");
+        Ok(Response::new(pb::RotateSigningKeyResponse { kid }))
+    }
+
+    async fn introspect(
+        &self,
+        req: Request<pb::IntrospectRequest>,
+    ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        let token = req.into_inner().token;
+        if token.is_empty() {
+            let mut v = FieldViolations::new();
+            v.add("token", "is required");
+            return Err(v.into_status());
+        }
+        Ok(Response::new(match self.verifier.verify(&token).await {
+            Ok(found) => pb::IntrospectResponse {
+                active: true,
+                principal: Some(principal_pb(&found.0)),
+                expire_time: Some(prost_types::Timestamp {
+                    seconds: found.1.exp,
+                    nanos: 0,
+                }),
+            },
+            Err(_) => pb::IntrospectResponse {
+                active: false,
+                principal: None,
+                expire_time: None,
+            },
+        }))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let p = authenticated(&req)?;
+        let mut conn = self.store.pg().await.map_err(AuthError::from)?;
+        let account = match accounts::find(&mut conn, p.user_id)
+            .await
+            .map_err(AuthError::from)?
+        {
+            Some(a) => Some(self.account_pb(&mut conn, &a).await?),
+            None => None,
+        };
+        Ok(Response::new(pb::WhoAmIResponse {
+            principal: Some(principal_pb(&p)),
+            account,
+        }))
+    }
+}

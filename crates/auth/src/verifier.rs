@@ -1,0 +1,200 @@
+//! The token verifier every service mounts (through the mesh's
+//! authentication layer): EdDSA only — `none`, HS*, RS* and every other
+//! algorithm are refused before any key is touched — with issuer, audience,
+//! expiry and not-before checked. Public keys come from AuthService.GetJwks
+//! through the mesh client and are re-fetched when a token names an unknown
+//! `kid` (at most four times a second). Verified tokens are cached; every use
+//! still consults the in-memory revocation set.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use moka::sync::Cache;
+use tokio::sync::{Mutex, RwLock};
+use tonic::Status;
+use trellis_core::ServiceName;
+use trellis_mesh::{Authenticator, CallContext, CredentialKind, MeshClients, Principal};
+use trellis_proto::auth::v1::GetJwksRequest;
+use trellis_proto::auth::v1::auth_service_client::AuthServiceClient;
+use uuid::Uuid;
+
+use crate::revocation::Revocations;
+use crate::tokens::Claims;
+
+/// Longest credential looked at; anything longer is refused unread.
+const MAX_TOKEN: usize = 8 * 1024;
+/// Unknown-kid fetches are spaced at least this far apart; callers wait
+/// their turn, so a flood of made-up kids costs the flooders time, not
+/// AuthService load, and a genuine new key is still learnt at once.
+const FETCH_SPACING: Duration = Duration::from_millis(250);
+
+pub struct TokenVerifier {
+    validation: Validation,
+    clients: MeshClients,
+    keys: RwLock<HashMap<String, Arc<DecodingKey>>>,
+    last_fetch: Mutex<Option<Instant>>,
+    revocations: Arc<Revocations>,
+    verified: Cache<String, Arc<(Principal, Claims)>>,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier").finish_non_exhaustive()
+    }
+}
+
+fn unauthenticated(m: &str) -> Status {
+    Status::unauthenticated(m.to_string())
+}
+
+impl TokenVerifier {
+    pub fn new(
+        issuer: &str,
+        audience: &str,
+        clients: MeshClients,
+        revocations: Arc<Revocations>,
+    ) -> TokenVerifier {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.algorithms = vec![Algorithm::EdDSA];
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.validate_nbf = true;
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        TokenVerifier {
+            validation,
+            clients,
+            keys: RwLock::new(HashMap::new()),
+            last_fetch: Mutex::new(None),
+            revocations,
+            verified: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    async fn key(&self, kid: &str) -> Result<Arc<DecodingKey>, Status> {
+        if let Some(k) = self.keys.read().await.get(kid) {
+            return Ok(k.clone());
+        }
+        {
+            let mut last = self.last_fetch.lock().await;
+            // Another call may have fetched while we waited for the lock.
+            if let Some(k) = self.keys.read().await.get(kid) {
+                return Ok(k.clone());
+            }
+            if let Some(since) = last.map(|t| t.elapsed())
+                && since < FETCH_SPACING
+            {
+                tokio::time::sleep(FETCH_SPACING - since).await;
+            }
+            *last = Some(Instant::now());
+            self.fetch().await?;
+        }
+        self.keys
+            .read()
+            .await
+            .get(kid)
+            .cloned()
+            .ok_or_else(|| unauthenticated("token signed by an unknown key"))
+    }
+
+    async fn fetch(&self) -> Result<(), Status> {
+        let mut client = self.clients.client(
+            ServiceName::Auth,
+            &CallContext::background(),
+            AuthServiceClient::new,
+        )?;
+        let jwks = client.get_jwks(GetJwksRequest {}).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot fetch signing keys");
+            Status::unavailable("cannot fetch signing keys")
+        })?;
+        let mut keys = HashMap::new();
+        for jwk in jwks.into_inner().keys {
+            if jwk.kty == "OKP" && jwk.crv == "Ed25519" {
+                match DecodingKey::from_ed_components(&jwk.x) {
+                    Ok(k) => {
+                        keys.insert(jwk.kid, Arc::new(k));
+                    }
+                    Err(e) => tracing::warn!(kid = %jwk.kid, error = %e, "unusable published key"),
+                }
+            }
+        }
+        *self.keys.write().await = keys;
+        Ok(())
+    }
+
+    /// Verifies an access token, returning its principal and claims.
+    pub async fn verify(&self, token: &str) -> Result<Arc<(Principal, Claims)>, Status> {
+        if token.len() > MAX_TOKEN {
+            return Err(unauthenticated("token too long"));
+        }
+        let now = chrono::Utc::now().timestamp();
+        if let Some(hit) = self.verified.get(token) {
+            self.still_valid(&hit.1, now)?;
+            return Ok(hit);
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| unauthenticated("malformed token"))?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(unauthenticated("unsupported token algorithm"));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| unauthenticated("token has no key id"))?;
+        let key = self.key(&kid).await?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(|e| {
+            unauthenticated(match e.kind() {
+                ErrorKind::ExpiredSignature => "token expired",
+                ErrorKind::ImmatureSignature => "token not yet valid",
+                ErrorKind::InvalidSignature => "invalid token signature",
+                ErrorKind::InvalidAudience => "token is for another audience",
+                ErrorKind::InvalidIssuer => "token from another issuer",
+                _ => "invalid token",
+            })
+        })?;
+        let claims = data.claims;
+        let user_id =
+            Uuid::parse_str(&claims.sub).map_err(|_| unauthenticated("invalid token subject"))?;
+        let session_id =
+            Uuid::parse_str(&claims.sid).map_err(|_| unauthenticated("invalid token session"))?;
+        self.still_valid(&claims, now)?;
+        let principal = Principal {
+            user_id,
+            session_id: Some(session_id),
+            roles: claims.roles.clone(),
+            permissions: claims.perms.clone(),
+            credential: CredentialKind::AccessToken {
+                token_id: claims.jti.clone(),
+            },
+            expires_at: Some(claims.exp),
+        };
+        let entry = Arc::new((principal, claims));
+        self.verified.insert(token.to_string(), entry.clone());
+        Ok(entry)
+    }
+
+    fn still_valid(&self, c: &Claims, now: i64) -> Result<(), Status> {
+        if c.exp <= now {
+            return Err(unauthenticated("token expired"));
+        }
+        let (Ok(user), Ok(session)) = (Uuid::parse_str(&c.sub), Uuid::parse_str(&c.sid)) else {
+            return Err(unauthenticated("invalid token"));
+        };
+        if self.revocations.is_revoked(&c.jti, session, user, c.ver) {
+            return Err(unauthenticated("token revoked"));
+        }
+        Ok(())
+    }
+}
+
+impl Authenticator for TokenVerifier {
+    fn authenticate<'a>(&'a self, credential: &'a str) -> BoxFuture<'a, Result<Principal, Status>> {
+        Box::pin(async move { self.verify(credential).await.map(|v| v.0.clone()) })
+    }
+}

@@ -1,0 +1,107 @@
+//! Diesel table definitions, kept by hand in step with `migrations/`.
+//! Each service writes only its own tables (docs/architecture.md, data).
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// The account core, shared by auth and user through `accounts`.
+    users (id) {
+        id -> Uuid,
+        email -> Citext,
+        username -> Citext,
+        password_hash -> Text,
+        display_name -> Text,
+        status -> Text,
+        email_verified_at -> Nullable<Timestamptz>,
+        token_version -> Int4,
+        failed_logins -> Int4,
+        first_failed_at -> Nullable<Timestamptz>,
+        locked_until -> Nullable<Timestamptz>,
+        lockouts -> Int4,
+        totp_secret -> Nullable<Text>,
+        totp_enabled_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+        deleted_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    roles (name) {
+        name -> Text,
+        description -> Text,
+        permissions -> Array<Text>,
+        builtin -> Bool,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    user_roles (user_id, role) {
+        user_id -> Uuid,
+        role -> Text,
+        granted_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Auth: one row per refresh-token family.
+    auth_sessions (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        created_at -> Timestamptz,
+        last_used_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        user_agent -> Text,
+        ip_address -> Text,
+        revoked_at -> Nullable<Timestamptz>,
+        revoke_reason -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Auth: SHA-256 of every refresh token issued, used or not.
+    refresh_tokens (token_hash) {
+        token_hash -> Bytea,
+        session_id -> Uuid,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        used_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Auth: Ed25519 signing keys.
+    signing_keys (kid) {
+        kid -> Text,
+        private_key -> Bytea,
+        public_key -> Bytea,
+        created_at -> Timestamptz,
+        retired_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(user_roles -> users (user_id));
+diesel::joinable!(user_roles -> roles (role));
+diesel::joinable!(auth_sessions -> users (user_id));
+diesel::joinable!(refresh_tokens -> auth_sessions (session_id));
+
+diesel::allow_tables_to_appear_in_same_query!(
+    users,
+    roles,
+    user_roles,
+    auth_sessions,
+    refresh_tokens,
+    signing_keys
+);

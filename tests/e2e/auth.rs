@@ -1,0 +1,900 @@
+//! AuthService end to end: registration and its validation, login and
+//! lockout, refresh rotation with reuse detection and the grace window,
+//! logout and logout-all, token attacks, keys and rotation, introspection,
+//! revocation across servers and the browser cookie path.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+use trellis_core::ServiceName;
+use trellis_proto::auth::v1 as pb;
+use trellis_proto::auth::v1::auth_service_client::AuthServiceClient;
+use trellis_store::schema::{signing_keys, user_roles};
+use trellis_tests::{TestMesh, TestOptions, split};
+
+use crate::util::eventually;
+
+pub const PASSWORD: &str = "Str0ng!pass";
+
+pub async fn auth(mesh: &TestMesh) -> AuthServiceClient<Channel> {
+    AuthServiceClient::new(mesh.channel().await)
+}
+
+pub fn bearer<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    req
+}
+
+pub async fn register(client: &mut AuthServiceClient<Channel>, name: &str) -> pb::RegisterResponse {
+    client
+        .register(pb::RegisterRequest {
+            email: format!("{name}@example.com"),
+            username: name.to_string(),
+            password: PASSWORD.to_string(),
+            display_name: format!("{name} Example"),
+        })
+        .await
+        .expect("register")
+        .into_inner()
+}
+
+pub fn access(r: &pb::RegisterResponse) -> String {
+    r.tokens.as_ref().expect("tokens").access_token.clone()
+}
+
+async fn who(
+    client: &mut AuthServiceClient<Channel>,
+    token: &str,
+) -> Result<pb::WhoAmIResponse, Status> {
+    client
+        .who_am_i(bearer(pb::WhoAmIRequest {}, token))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn violations(status: &Status) -> Vec<String> {
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_validates_and_refuses_duplicates() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "ada").await;
+    let account = reg.account.as_ref().expect("account");
+    assert_eq!(account.email, "ada@example.com");
+    assert_eq!(account.roles, vec!["member".to_string()]);
+    assert!(!account.email_verified);
+    assert_eq!(
+        uuid::Uuid::parse_str(&account.id)
+            .expect("uuid")
+            .get_version_num(),
+        7
+    );
+    let tokens = reg.tokens.as_ref().expect("tokens");
+    assert_eq!(tokens.token_type, "Bearer");
+    assert!(tokens.refresh_token.starts_with("rt_"));
+
+    let bad = client
+        .register(pb::RegisterRequest {
+            email: "not-an-email".into(),
+            username: "x".into(),
+            password: "short".into(),
+            display_name: "ok".into(),
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let fields = violations(&bad);
+    for f in ["email", "username", "password"] {
+        assert!(
+            fields.contains(&f.to_string()),
+            "{f} missing from {fields:?}"
+        );
+    }
+
+    let weak = client
+        .register(pb::RegisterRequest {
+            email: "bob@example.com".into(),
+            username: "bob".into(),
+            password: "alllowercase1".into(),
+            display_name: String::new(),
+        })
+        .await
+        .expect_err("weak password");
+    assert_eq!(violations(&weak), vec!["password".to_string()]);
+    assert!(weak.message().contains("upper-case"), "{}", weak.message());
+
+    for (email, username) in [
+        ("ADA@example.com", "someoneelse"),
+        ("other@example.com", "ADA"),
+    ] {
+        let dup = client
+            .register(pb::RegisterRequest {
+                email: email.into(),
+                username: username.into(),
+                password: PASSWORD.into(),
+                display_name: String::new(),
+            })
+            .await
+            .expect_err("duplicate");
+        assert_eq!(dup.code(), Code::AlreadyExists, "{email}/{username}");
+    }
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_by_email_or_username_and_who_am_i() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "grace").await;
+    let user_id = reg.account.as_ref().expect("account").id.clone();
+
+    for login in ["grace@example.com", "GRACE", "Grace@Example.com"] {
+        let resp = client
+            .login(pb::LoginRequest {
+                login: login.into(),
+                password: PASSWORD.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("login as {login}: {e}"))
+            .into_inner();
+        let token = resp.tokens.expect("tokens").access_token;
+        let me = who(&mut client, &token).await.expect("whoami");
+        let p = me.principal.expect("principal");
+        assert_eq!(p.user_id, user_id);
+        assert_eq!(p.credential_type, "access_token");
+        assert!(
+            p.permissions.iter().any(|x| x == "chat:*"),
+            "{:?}",
+            p.permissions
+        );
+        assert_eq!(me.account.expect("account").username, "grace");
+    }
+
+    let missing = client
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .expect_err("no token");
+    assert_eq!(missing.code(), Code::Unauthenticated);
+
+    let wrong = client
+        .login(pb::LoginRequest {
+            login: "grace".into(),
+            password: "Wr0ng!pass".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("wrong password");
+    let unknown = client
+        .login(pb::LoginRequest {
+            login: "nobody".into(),
+            password: "Wr0ng!pass".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown account");
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert_eq!(
+        (unknown.code(), unknown.message()),
+        (wrong.code(), wrong.message()),
+        "no account enumeration"
+    );
+
+    let empty = client
+        .login(pb::LoginRequest::default())
+        .await
+        .expect_err("empty");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    assert_eq!(
+        violations(&empty),
+        vec!["login".to_string(), "password".to_string()]
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockout_after_failed_logins_and_its_expiry() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.lockout_threshold = 3;
+        c.auth.lockout_base = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    register(&mut client, "locked").await;
+    let attempt = |password: &'static str| {
+        let mut c = client.clone();
+        async move {
+            c.login(pb::LoginRequest {
+                login: "locked".into(),
+                password: password.into(),
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            attempt("Wr0ng!pass").await.expect_err("wrong").code(),
+            Code::Unauthenticated
+        );
+    }
+    // Locked: even the right password is refused, with a retry hint.
+    let locked = attempt(PASSWORD).await.expect_err("locked");
+    assert_eq!(locked.code(), Code::ResourceExhausted);
+    let retry = locked
+        .get_error_details()
+        .retry_info()
+        .cloned()
+        .expect("retry info");
+    assert!(retry.retry_delay.expect("delay") <= Duration::from_secs(1));
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    attempt(PASSWORD).await.expect("lock expired");
+    mesh.shutdown().await;
+}
+
+async fn refresh(
+    client: &mut AuthServiceClient<Channel>,
+    token: &str,
+) -> Result<pb::TokenPair, Status> {
+    client
+        .refresh(pb::RefreshRequest {
+            refresh_token: token.into(),
+        })
+        .await
+        .map(|r| r.into_inner().tokens.expect("tokens"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_rotates_and_reuse_revokes_the_family() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.refresh_grace = Duration::from_millis(200);
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "rotor").await;
+    let first = reg.tokens.expect("tokens");
+    let second = refresh(&mut client, &first.refresh_token)
+        .await
+        .expect("rotate");
+    assert_ne!(second.refresh_token, first.refresh_token);
+    assert_eq!(second.session_id, first.session_id, "same family");
+    who(&mut client, &second.access_token)
+        .await
+        .expect("new access token works");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reuse = refresh(&mut client, &first.refresh_token)
+        .await
+        .expect_err("reuse");
+    assert_eq!(reuse.code(), Code::Unauthenticated);
+    assert!(reuse.message().contains("reuse"), "{}", reuse.message());
+    // The whole family is gone: the successor and its access token too.
+    let after = refresh(&mut client, &second.refresh_token)
+        .await
+        .expect_err("family revoked");
+    assert_eq!(after.code(), Code::Unauthenticated);
+    let access = who(&mut client, &second.access_token)
+        .await
+        .expect_err("access revoked");
+    assert_eq!(access.code(), Code::Unauthenticated);
+    assert_eq!(
+        refresh(&mut client, "rt_made_up")
+            .await
+            .expect_err("unknown")
+            .code(),
+        Code::Unauthenticated
+    );
+    let empty = refresh(&mut client, "").await.expect_err("empty");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_refreshes_in_the_grace_window_share_one_successor() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "twin").await;
+    let token = reg.tokens.expect("tokens").refresh_token;
+    let (a, b) = tokio::join!(
+        {
+            let mut c = client.clone();
+            let t = token.clone();
+            async move { refresh(&mut c, &t).await }
+        },
+        {
+            let mut c = client.clone();
+            let t = token.clone();
+            async move { refresh(&mut c, &t).await }
+        }
+    );
+    let (a, b) = (a.expect("first"), b.expect("second"));
+    assert_eq!(a.refresh_token, b.refresh_token);
+    assert_eq!(a.access_token, b.access_token);
+    // And the successor is live.
+    refresh(&mut client, &a.refresh_token)
+        .await
+        .expect("successor rotates");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_and_logout_all() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "leaver").await;
+    let one = reg.tokens.expect("tokens");
+    let base = client.clone();
+    let login = || {
+        let mut c = base.clone();
+        async move {
+            c.login(pb::LoginRequest {
+                login: "leaver".into(),
+                password: PASSWORD.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("login")
+            .into_inner()
+            .tokens
+            .expect("tokens")
+        }
+    };
+    let two = login().await;
+    let three = login().await;
+
+    client
+        .logout(bearer(pb::LogoutRequest {}, &one.access_token))
+        .await
+        .expect("logout");
+    assert_eq!(
+        who(&mut client, &one.access_token)
+            .await
+            .expect_err("revoked")
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        refresh(&mut client, &one.refresh_token)
+            .await
+            .expect_err("ended")
+            .code(),
+        Code::Unauthenticated
+    );
+    who(&mut client, &two.access_token)
+        .await
+        .expect("other sessions live on");
+
+    client
+        .logout_all(bearer(pb::LogoutAllRequest {}, &two.access_token))
+        .await
+        .expect("logout all");
+    for t in [&two, &three] {
+        assert_eq!(
+            who(&mut client, &t.access_token)
+                .await
+                .expect_err("all revoked")
+                .code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            refresh(&mut client, &t.refresh_token)
+                .await
+                .expect_err("all ended")
+                .code(),
+            Code::Unauthenticated
+        );
+    }
+    let fresh = login().await;
+    who(&mut client, &fresh.access_token)
+        .await
+        .expect("a new login works");
+    assert_eq!(
+        client
+            .logout(pb::LogoutRequest {})
+            .await
+            .expect_err("anonymous")
+            .code(),
+        Code::Unauthenticated
+    );
+    mesh.shutdown().await;
+}
+
+/// Signs `claims` with the server's current private key (read from its
+/// database, as an attacker who cannot would not).
+async fn server_key(mesh: &TestMesh) -> (String, jsonwebtoken::EncodingKey, Vec<u8>) {
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let (kid, private, public): (String, Vec<u8>, Vec<u8>) = signing_keys::table
+        .filter(signing_keys::retired_at.is_null())
+        .select((
+            signing_keys::kid,
+            signing_keys::private_key,
+            signing_keys::public_key,
+        ))
+        .first(&mut conn)
+        .await
+        .expect("a signing key");
+    (
+        kid,
+        jsonwebtoken::EncodingKey::from_ed_der(&private),
+        public,
+    )
+}
+
+fn claims_of(token: &str) -> serde_json::Value {
+    let payload = token.split('.').nth(1).expect("payload");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("b64")).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_stale_tokens_are_unauthenticated() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "target").await;
+    let good = access(&reg);
+    who(&mut client, &good).await.expect("genuine token works");
+    let (kid, key, public) = server_key(&mesh).await;
+    let base = claims_of(&good);
+    let now = chrono::Utc::now().timestamp();
+    let sign = |claims: &serde_json::Value, kid: &str, key: &EncodingKey| {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(kid.to_string());
+        encode(&h, claims, key).expect("sign")
+    };
+    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = base.clone();
+        f(&mut c);
+        c
+    };
+    // Sanity: our re-signing of the genuine claims is accepted.
+    who(&mut client, &sign(&base, &kid, &key))
+        .await
+        .expect("re-signed genuine claims");
+
+    let mut attacks: Vec<(&str, String)> = vec![
+        (
+            "expired",
+            sign(
+                &with(&|c| {
+                    c["exp"] = (now - 120).into();
+                    c["iat"] = (now - 1000).into();
+                }),
+                &kid,
+                &key,
+            ),
+        ),
+        (
+            "not yet valid",
+            sign(&with(&|c| c["nbf"] = (now + 600).into()), &kid, &key),
+        ),
+        (
+            "wrong audience",
+            sign(&with(&|c| c["aud"] = "someone-else".into()), &kid, &key),
+        ),
+        (
+            "wrong issuer",
+            sign(&with(&|c| c["iss"] = "evil".into()), &kid, &key),
+        ),
+        ("escalated roles, unknown kid", {
+            let other = jsonwebtoken::EncodingKey::from_ed_der(&fresh_ed25519_der());
+            sign(
+                &with(&|c| c["perms"] = serde_json::json!(["*"])),
+                "no-such-kid",
+                &other,
+            )
+        }),
+        ("own key under the server's kid", {
+            let other = jsonwebtoken::EncodingKey::from_ed_der(&fresh_ed25519_der());
+            sign(&base, &kid, &other)
+        }),
+        ("HS256 with the public key as secret", {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = Some(kid.clone());
+            encode(&h, &base, &EncodingKey::from_secret(&public)).expect("sign")
+        }),
+        ("garbage", "not.a.jwt".to_string()),
+        ("longer than any token", "a".repeat(10_000)),
+    ];
+    // alg: none — header and claims with an empty signature.
+    let none_header =
+        URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","typ":"JWT","kid":"{kid}"}}"#));
+    let none_body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&base).expect("json"));
+    attacks.push(("alg none", format!("{none_header}.{none_body}.")));
+    // Tampered: the genuine token with escalated claims but the old signature.
+    let parts: Vec<&str> = good.split('.').collect();
+    let escalated = URL_SAFE_NO_PAD.encode(
+        serde_json::to_vec(&with(&|c| c["perms"] = serde_json::json!(["*"]))).expect("json"),
+    );
+    attacks.push((
+        "tampered payload",
+        format!("{}.{}.{}", parts[0], escalated, parts[2]),
+    ));
+
+    for (name, token) in &attacks {
+        let err = who(&mut client, token).await.expect_err(name);
+        assert_eq!(err.code(), Code::Unauthenticated, "{name}: {err:?}");
+    }
+
+    // Revoked by logout, and after LogoutAll: also UNAUTHENTICATED.
+    client
+        .logout(bearer(pb::LogoutRequest {}, &good))
+        .await
+        .expect("logout");
+    assert_eq!(
+        who(&mut client, &good)
+            .await
+            .expect_err("revoked jti")
+            .code(),
+        Code::Unauthenticated
+    );
+    let again = client
+        .login(pb::LoginRequest {
+            login: "target".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("login")
+        .into_inner()
+        .tokens
+        .expect("tokens")
+        .access_token;
+    client
+        .logout_all(bearer(pb::LogoutAllRequest {}, &again))
+        .await
+        .expect("logout all");
+    assert_eq!(
+        who(&mut client, &again)
+            .await
+            .expect_err("after logout-all")
+            .code(),
+        Code::Unauthenticated
+    );
+    mesh.shutdown().await;
+}
+
+fn fresh_ed25519_der() -> Vec<u8> {
+    // PKCS#8 v1 wrapping of a fixed, non-server Ed25519 seed.
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend_from_slice(&[42u8; 32]);
+    der
+}
+
+async fn make_admin(mesh: &TestMesh, user_id: &str) {
+    let mut conn = mesh.store.pg().await.expect("pg");
+    diesel::insert_into(user_roles::table)
+        .values((
+            user_roles::user_id.eq(uuid::Uuid::parse_str(user_id).expect("uuid")),
+            user_roles::role.eq("admin"),
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("grant admin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_rotate_and_old_tokens_keep_verifying() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "keeper").await;
+    let member_token = access(&reg);
+    let jwks = client
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .expect("jwks")
+        .into_inner();
+    assert_eq!(jwks.keys.len(), 1);
+    let k = &jwks.keys[0];
+    assert_eq!(
+        (
+            k.kty.as_str(),
+            k.crv.as_str(),
+            k.alg.as_str(),
+            k.r#use.as_str()
+        ),
+        ("OKP", "Ed25519", "EdDSA", "sig")
+    );
+    assert_eq!(URL_SAFE_NO_PAD.decode(&k.x).expect("b64").len(), 32);
+
+    let denied = client
+        .rotate_signing_key(bearer(pb::RotateSigningKeyRequest {}, &member_token))
+        .await
+        .expect_err("members cannot rotate");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    make_admin(&mesh, &reg.account.as_ref().expect("account").id).await;
+    // Roles reach tokens at the next refresh.
+    let admin_token = refresh(
+        &mut client,
+        &reg.tokens.as_ref().expect("tokens").refresh_token,
+    )
+    .await
+    .expect("refresh")
+    .access_token;
+    let kid = client
+        .rotate_signing_key(bearer(pb::RotateSigningKeyRequest {}, &admin_token))
+        .await
+        .expect("admin rotates")
+        .into_inner()
+        .kid;
+    assert_ne!(kid, k.kid);
+    // The new key is published at once (other replicas pick it up within seconds).
+    let jwks = client
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .expect("jwks")
+        .into_inner();
+    let kids: Vec<&str> = jwks.keys.iter().map(|k| k.kid.as_str()).collect();
+    assert_eq!(kids.len(), 2);
+    assert!(kids.contains(&kid.as_str()) && kids.contains(&k.kid.as_str()));
+    who(&mut client, &member_token)
+        .await
+        .expect("tokens signed by the retired key still verify");
+    let fresh = client
+        .login(pb::LoginRequest {
+            login: "keeper".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("login")
+        .into_inner()
+        .tokens
+        .expect("tokens")
+        .access_token;
+    let header = jsonwebtoken::decode_header(&fresh).expect("header");
+    assert_eq!(
+        header.kid.as_deref(),
+        Some(kid.as_str()),
+        "new tokens use the new key"
+    );
+    who(&mut client, &fresh)
+        .await
+        .expect("verifier learns the new key");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspect_reports_active_and_inactive() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "inspect").await;
+    let r = client
+        .introspect(pb::IntrospectRequest {
+            token: access(&reg),
+        })
+        .await
+        .expect("introspect")
+        .into_inner();
+    assert!(r.active);
+    assert_eq!(
+        r.principal.expect("principal").user_id,
+        reg.account.expect("account").id
+    );
+    assert!(r.expire_time.expect("exp").seconds > chrono::Utc::now().timestamp());
+    let r = client
+        .introspect(pb::IntrospectRequest {
+            token: "junk".into(),
+        })
+        .await
+        .expect("introspect")
+        .into_inner();
+    assert!(!r.active && r.principal.is_none());
+    let empty = client
+        .introspect(pb::IntrospectRequest::default())
+        .await
+        .expect_err("empty");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_reaches_another_server_within_a_second() {
+    // Server 0 runs auth; server 1 runs only system and verifies tokens with
+    // keys fetched from server 0 and its own revocation set.
+    let meshes = split(&[&[ServiceName::Auth], &[]]).await;
+    let (auth_server, other) = (&meshes[0], &meshes[1]);
+    let mut client = auth(auth_server).await;
+    let reg = register(&mut client, "roamer").await;
+    let token = access(&reg);
+
+    // A replica's verifier, as the other server builds it.
+    let revocations =
+        trellis_auth::Revocations::new(other.store.clone(), other.config.auth.access_token_ttl);
+    let _feed = revocations.spawn_listener();
+    let verifier = trellis_auth::TokenVerifier::new(
+        &other.config.auth.issuer,
+        &other.config.auth.audience,
+        other.clients.clone(),
+        revocations,
+    );
+    verifier
+        .verify(&token)
+        .await
+        .expect("verified with keys from the auth server");
+    // Let the replica's subscription settle before revoking.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    client
+        .logout(bearer(pb::LogoutRequest {}, &token))
+        .await
+        .expect("logout");
+    let started = Instant::now();
+    let seen = eventually(Duration::from_secs(1), || async {
+        verifier.verify(&token).await.is_err()
+    })
+    .await;
+    assert!(seen, "revocation not seen within a second");
+    let err = verifier.verify(&token).await.expect_err("revoked");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    println!(
+        "revocation seen by the other server after {:?}",
+        started.elapsed()
+    );
+    for m in meshes {
+        m.shutdown().await;
+    }
+}
+
+/// gRPC-web frame of a prost message.
+fn web_frame<M: prost::Message>(m: &M) -> Vec<u8> {
+    let body = m.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn web_message<M: prost::Message + Default>(body: &[u8]) -> (Option<M>, String) {
+    let (mut msg, mut trailers, mut rest) = (None, String::new(), body);
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let payload = &rest[5..5 + len];
+        if rest[0] & 0x80 != 0 {
+            trailers.push_str(&String::from_utf8_lossy(payload));
+        } else {
+            msg = M::decode(payload).ok();
+        }
+        rest = &rest[5 + len..];
+    }
+    (msg, trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_cookie_path_over_grpc_web() {
+    let mesh = TestMesh::start().await;
+    register(&mut auth(&mesh).await, "browser").await;
+    let http = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .expect("client");
+    let call = |method: &str, body: Vec<u8>, cookie: Option<String>| {
+        let mut req = http
+            .post(format!(
+                "{}/trellis.auth.v1.AuthService/{method}",
+                mesh.url()
+            ))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .body(body);
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        req.send()
+    };
+    let resp = call(
+        "Login",
+        web_frame(&pb::LoginRequest {
+            login: "browser".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        }),
+        None,
+    )
+    .await
+    .expect("login");
+    let cookies: Vec<String> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_string())
+        .collect();
+    assert_eq!(cookies.len(), 2, "{cookies:?}");
+    for c in &cookies {
+        assert!(
+            c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Secure"),
+            "{c}"
+        );
+    }
+    let jar: Vec<String> = cookies
+        .iter()
+        .map(|c| c.split(';').next().expect("pair").to_string())
+        .collect();
+    let jar = jar.join("; ");
+    let (login, trailers) = web_message::<pb::LoginResponse>(&resp.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let user_id = login.expect("login response").account.expect("account").id;
+
+    // The access token travels in the cookie alone.
+    let resp = call(
+        "WhoAmI",
+        web_frame(&pb::WhoAmIRequest {}),
+        Some(jar.clone()),
+    )
+    .await
+    .expect("whoami");
+    let (me, trailers) = web_message::<pb::WhoAmIResponse>(&resp.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    assert_eq!(
+        me.expect("me").principal.expect("principal").user_id,
+        user_id
+    );
+
+    // Refresh with an empty request uses the refresh cookie.
+    let resp = call(
+        "Refresh",
+        web_frame(&pb::RefreshRequest::default()),
+        Some(jar),
+    )
+    .await
+    .expect("refresh");
+    assert_eq!(
+        resp.headers().get_all("set-cookie").iter().count(),
+        2,
+        "rotated cookies"
+    );
+    let (refreshed, trailers) =
+        web_message::<pb::RefreshResponse>(&resp.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    assert!(refreshed.expect("refreshed").tokens.is_some());
+
+    // Without cookies WhoAmI is refused.
+    let resp = call("WhoAmI", web_frame(&pb::WhoAmIRequest {}), None)
+        .await
+        .expect("whoami");
+    let status = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().expect("ascii").to_string())
+        .unwrap_or_default();
+    let body = resp.bytes().await.expect("body");
+    let (_, trailers) = web_message::<pb::WhoAmIResponse>(&body);
+    assert!(
+        status == "16" || trailers.contains("grpc-status:16"),
+        "{status} {trailers}"
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbuilt_rpcs_say_unimplemented() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let token = access(&register(&mut client, "patient").await);
+    let err = client
+        .enroll_totp(bearer(pb::EnrollTotpRequest {}, &token))
+        .await
+        .expect_err("not built");
+    assert_eq!(err.code(), Code::Unimplemented);
+    mesh.shutdown().await;
+}
