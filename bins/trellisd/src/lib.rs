@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use trellis_auth::{Revocations, TokenVerifier};
+use trellis_core::page::PageTokens;
 use trellis_core::{Config, ServiceName};
 use trellis_mesh::{MeshBuilder, MeshClients, Needs, RunningMesh};
 use trellis_store::Store;
@@ -22,6 +23,8 @@ pub struct Deps {
     pub verifier: Arc<TokenVerifier>,
     /// This process's view of revoked tokens and sessions.
     pub revocations: Arc<Revocations>,
+    /// Seals page tokens for every list RPC.
+    pub pages: PageTokens,
 }
 
 /// Builds and starts a server for `config` on `listener`: the enabled
@@ -48,6 +51,10 @@ pub async fn start(
         clients,
         verifier: verifier.clone(),
         revocations,
+        pages: match &config.secrets.page_token_key {
+            Some(k) => PageTokens::new(k.as_bytes()),
+            None => PageTokens::random(),
+        },
     };
     let builder = MeshBuilder::new(config.clone(), store, enabled.clone()).authenticator(verifier);
     let builder = mount(builder, &enabled, &deps)?;
@@ -74,6 +81,7 @@ fn mount(
                     deps.store.clone(),
                     deps.verifier.clone(),
                     deps.revocations.clone(),
+                    deps.pages.clone(),
                 )?,
                 Needs::STORE,
             ),

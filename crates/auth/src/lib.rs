@@ -2,6 +2,7 @@
 //! signing keys) and the [`TokenVerifier`] every service mounts through the
 //! mesh's authentication layer.
 
+mod api_keys;
 mod error;
 pub mod keys;
 mod password;
@@ -9,6 +10,7 @@ pub mod revocation;
 mod service;
 mod sessions;
 pub mod tokens;
+mod totp;
 mod validate;
 pub mod verifier;
 

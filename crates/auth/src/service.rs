@@ -17,6 +17,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use trellis_core::config::AuthConfig;
 use trellis_core::error::FieldViolations;
+use trellis_core::page::PageTokens;
 use trellis_mesh::layers::authn::cookie;
 use trellis_mesh::{CredentialKind, Principal, authenticated};
 use trellis_proto::auth::v1 as pb;
@@ -43,12 +44,13 @@ pub const DEFAULT_ROLE: &str = "member";
 
 #[derive(Clone)]
 pub struct AuthSvc {
-    cfg: Arc<AuthConfig>,
-    store: Store,
-    hasher: PasswordHasher,
-    keys: KeyRing,
-    verifier: Arc<TokenVerifier>,
-    revocations: Arc<Revocations>,
+    pub(crate) cfg: Arc<AuthConfig>,
+    pub(crate) store: Store,
+    pub(crate) hasher: PasswordHasher,
+    pub(crate) keys: KeyRing,
+    pub(crate) verifier: Arc<TokenVerifier>,
+    pub(crate) revocations: Arc<Revocations>,
+    pub(crate) pages: PageTokens,
 }
 
 impl std::fmt::Debug for AuthSvc {
@@ -64,25 +66,26 @@ pub fn service(
     store: Store,
     verifier: Arc<TokenVerifier>,
     revocations: Arc<Revocations>,
+    pages: PageTokens,
 ) -> Result<AuthServiceServer<AuthSvc>, AuthError> {
-    let svc = AuthSvc::new(cfg, store, verifier, revocations)?;
+    let svc = AuthSvc::new(cfg, store, verifier, revocations, pages)?;
     Ok(AuthServiceServer::new(svc)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
 }
 
-fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+pub(crate) fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: t.timestamp_subsec_nanos() as i32,
     }
 }
 
-fn chrono_dur(d: Duration) -> chrono::Duration {
+pub(crate) fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(1))
 }
 
-fn not_built(rpc: &str) -> Status {
+pub(crate) fn not_built(rpc: &str) -> Status {
     Status::unimplemented(format!("AuthService.{rpc} is not built yet"))
 }
 
@@ -124,8 +127,10 @@ impl AuthSvc {
         store: Store,
         verifier: Arc<TokenVerifier>,
         revocations: Arc<Revocations>,
+        pages: PageTokens,
     ) -> Result<AuthSvc, AuthError> {
         Ok(AuthSvc {
+            pages,
             hasher: PasswordHasher::new(cfg.argon2, cfg.hash_concurrency)?,
             keys: KeyRing::new(store.clone(), cfg.access_token_ttl),
             cfg: Arc::new(cfg.clone()),
@@ -135,7 +140,7 @@ impl AuthSvc {
         })
     }
 
-    async fn account_pb(
+    pub(crate) async fn account_pb(
         &self,
         conn: &mut AsyncPgConnection,
         a: &Account,
@@ -474,7 +479,7 @@ impl AuthService for AuthSvc {
         let ok = self
             .hasher
             .verify(
-                r.password,
+                r.password.clone(),
                 account.as_ref().map(|a| a.password_hash.clone()),
             )
             .await?;
@@ -496,9 +501,8 @@ impl AuthService for AuthSvc {
             return Err(AuthError::Denied("account is not active").into());
         }
         if account.totp_enabled_at.is_some() {
-            // TOTP verification lands with the 2FA item; never let an
-            // enrolled account in on the password alone.
-            return Err(not_built("Login with TOTP"));
+            self.check_second_factor(&mut conn, &account, &r.totp_code, &r.recovery_code)
+                .await?;
         }
         if account.failed_logins > 0 || account.lockouts > 0 || account.locked_until.is_some() {
             diesel::update(users::table.filter(users::id.eq(account.id)))
@@ -641,44 +645,44 @@ impl AuthService for AuthSvc {
 
     async fn enroll_totp(
         &self,
-        _: Request<pb::EnrollTotpRequest>,
+        req: Request<pb::EnrollTotpRequest>,
     ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
-        Err(not_built("EnrollTotp"))
+        self.rpc_enroll_totp(req).await
     }
 
     async fn confirm_totp(
         &self,
-        _: Request<pb::ConfirmTotpRequest>,
+        req: Request<pb::ConfirmTotpRequest>,
     ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
-        Err(not_built("ConfirmTotp"))
+        self.rpc_confirm_totp(req).await
     }
 
     async fn disable_totp(
         &self,
-        _: Request<pb::DisableTotpRequest>,
+        req: Request<pb::DisableTotpRequest>,
     ) -> Result<Response<pb::DisableTotpResponse>, Status> {
-        Err(not_built("DisableTotp"))
+        self.rpc_disable_totp(req).await
     }
 
     async fn create_api_key(
         &self,
-        _: Request<pb::CreateApiKeyRequest>,
+        req: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        Err(not_built("CreateApiKey"))
+        self.rpc_create_api_key(req).await
     }
 
     async fn list_api_keys(
         &self,
-        _: Request<pb::ListApiKeysRequest>,
+        req: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        Err(not_built("ListApiKeys"))
+        self.rpc_list_api_keys(req).await
     }
 
     async fn revoke_api_key(
         &self,
-        _: Request<pb::RevokeApiKeyRequest>,
+        req: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
-        Err(not_built("RevokeApiKey"))
+        self.rpc_revoke_api_key(req).await
     }
 
     async fn get_jwks(

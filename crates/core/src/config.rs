@@ -62,6 +62,7 @@ pub struct Config {
     pub services: ServicesConfig,
     pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
+    pub secrets: SecretsConfig,
     pub dev: DevConfig,
 }
 
@@ -402,6 +403,26 @@ impl Default for Argon2Config {
     }
 }
 
+/// Secrets shared by every replica. Never logged.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// Seals page tokens. Replicas serving the same lists must share it;
+    /// unset, each process makes its own (fine for one process).
+    pub page_token_key: Option<String>,
+}
+
+impl fmt::Debug for SecretsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretsConfig")
+            .field(
+                "page_token_key",
+                &self.page_token_key.as_ref().map(|_| "***"),
+            )
+            .finish()
+    }
+}
+
 /// `trellisd dev` only.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -570,6 +591,17 @@ impl Config {
             .any(|c| c.is_whitespace() || c.is_control())
         {
             return Err(invalid("redis.key_prefix", "must not contain whitespace"));
+        }
+        if self
+            .secrets
+            .page_token_key
+            .as_ref()
+            .is_some_and(|k| k.len() < 16)
+        {
+            return Err(invalid(
+                "secrets.page_token_key",
+                "must be at least 16 characters",
+            ));
         }
         let a = &self.auth;
         if a.access_token_ttl < Duration::from_secs(10) {

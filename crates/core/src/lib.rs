@@ -5,6 +5,7 @@
 pub mod config;
 pub mod error;
 pub mod id;
+pub mod page;
 pub mod rbac;
 pub mod telemetry;
 
