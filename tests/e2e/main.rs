@@ -2,5 +2,6 @@
 //! (`trellis_tests`), real PostgreSQL and Redis.
 
 mod auth;
+mod auth_account;
 mod foundation;
 mod util;

@@ -22,6 +22,8 @@ pub enum AuthError {
     Taken(&'static str),
     #[error("too many failed logins")]
     Locked(Duration),
+    #[error("too many requests")]
+    RateLimited(Duration),
     #[error("not found")]
     NotFound,
     #[error(transparent)]
@@ -54,6 +56,13 @@ impl From<AuthError> for Status {
             AuthError::Locked(retry) => resource_exhausted(
                 format!(
                     "too many failed logins; try again in {}s",
+                    retry.as_secs().max(1)
+                ),
+                retry,
+            ),
+            AuthError::RateLimited(retry) => resource_exhausted(
+                format!(
+                    "too many requests from this address; try again in {}s",
                     retry.as_secs().max(1)
                 ),
                 retry,

@@ -2,12 +2,17 @@
 //! signing keys) and the [`TokenVerifier`] every service mounts through the
 //! mesh's authentication layer.
 
+mod abuse;
 mod api_keys;
+mod audit;
+mod credentials;
 mod error;
 pub mod keys;
+mod mail;
 mod password;
 pub mod revocation;
 mod service;
+mod session_rpcs;
 mod sessions;
 pub mod tokens;
 mod totp;

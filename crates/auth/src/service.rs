@@ -24,9 +24,11 @@ use trellis_proto::auth::v1 as pb;
 use trellis_proto::auth::v1::auth_service_server::{AuthService, AuthServiceServer};
 use trellis_store::Store;
 use trellis_store::accounts::{self, Account, NewAccount};
+use trellis_store::audit::AuditEvent;
 use trellis_store::schema::users;
 use uuid::Uuid;
 
+use crate::audit::{Origin, record};
 use crate::error::AuthError;
 use crate::keys::KeyRing;
 use crate::password::PasswordHasher;
@@ -87,23 +89,6 @@ pub(crate) fn chrono_dur(d: Duration) -> chrono::Duration {
 
 pub(crate) fn not_built(rpc: &str) -> Status {
     Status::unimplemented(format!("AuthService.{rpc} is not built yet"))
-}
-
-/// Where a call came from, recorded on its session.
-fn client_of<T>(req: &Request<T>) -> (String, String) {
-    let ua = req
-        .metadata()
-        .get("user-agent")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .chars()
-        .take(300)
-        .collect();
-    let ip = req
-        .remote_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
-    (ua, ip)
 }
 
 fn principal_pb(p: &Principal) -> pb::Principal {
@@ -264,11 +249,11 @@ impl AuthSvc {
 
     /// Counts a failed login, locking the account once the threshold is
     /// reached within the window; each lockout doubles the next one.
-    async fn record_failure(
+    pub(crate) async fn record_failure(
         &self,
         conn: &mut AsyncPgConnection,
         a: &Account,
-    ) -> Result<(), AuthError> {
+    ) -> Result<bool, AuthError> {
         let now = Utc::now();
         let in_window = a
             .first_failed_at
@@ -293,6 +278,7 @@ impl AuthSvc {
                 .execute(conn)
                 .await?;
             tracing::warn!(user_id = %a.id, lock_seconds = lock.num_seconds(), "account locked after failed logins");
+            return Ok(true);
         } else {
             diesel::update(users::table.filter(users::id.eq(a.id)))
                 .set((
@@ -302,7 +288,7 @@ impl AuthSvc {
                 .execute(conn)
                 .await?;
         }
-        Ok(())
+        Ok(false)
     }
 
     fn grace_key(&self, hash: &[u8]) -> String {
@@ -407,7 +393,9 @@ impl AuthService for AuthSvc {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let (ua, ip) = client_of(&req);
+        let origin = Origin::of(&req);
+        self.limit_ip(&origin, "register", self.cfg.register_per_ip_per_minute)
+            .await?;
         let r = req.into_inner();
         let mut v = FieldViolations::new();
         let email = r.email.trim().to_string();
@@ -443,7 +431,21 @@ impl AuthService for AuthSvc {
         .await
         .map_err(AuthError::from)?;
         tracing::info!(user_id = %account.id, "account registered");
-        let tokens = self.open_session(&mut conn, &account, &ua, &ip).await?;
+        record(
+            &mut conn,
+            &origin,
+            AuditEvent {
+                actor_id: Some(account.id),
+                action: "auth.account.registered",
+                target_type: "user",
+                target_id: account.id.to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+        let tokens = self
+            .open_session(&mut conn, &account, &origin.user_agent, &origin.ip)
+            .await?;
         let account_pb = self.account_pb(&mut conn, &account).await?;
         let mut resp = Response::new(pb::RegisterResponse {
             account: Some(account_pb),
@@ -457,7 +459,9 @@ impl AuthService for AuthSvc {
         &self,
         req: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        let (ua, ip) = client_of(&req);
+        let origin = Origin::of(&req);
+        self.limit_ip(&origin, "login", self.cfg.login_per_ip_per_minute)
+            .await?;
         let r = req.into_inner();
         let mut v = FieldViolations::new();
         let login = r.login.trim();
@@ -483,8 +487,17 @@ impl AuthService for AuthSvc {
                 account.as_ref().map(|a| a.password_hash.clone()),
             )
             .await?;
+        let failed = |actor: Option<Uuid>, reason: &'static str| AuditEvent {
+            actor_id: actor,
+            action: "auth.login.failed",
+            target_type: "user",
+            target_id: actor.map(|a| a.to_string()).unwrap_or_default(),
+            details: serde_json::json!({ "reason": reason, "login": login.chars().take(255).collect::<String>() }),
+            ..Default::default()
+        };
         let Some(account) = account else {
             tracing::info!("login failed: unknown account");
+            record(&mut conn, &origin, failed(None, "unknown account")).await;
             return Err(AuthError::BadCredentials.into());
         };
         let now = Utc::now();
@@ -493,11 +506,28 @@ impl AuthService for AuthSvc {
             return Err(AuthError::Locked(left).into());
         }
         if !ok {
-            self.record_failure(&mut conn, &account).await?;
+            let locked = self.record_failure(&mut conn, &account).await?;
             tracing::info!(user_id = %account.id, "login failed: wrong password");
+            record(
+                &mut conn,
+                &origin,
+                failed(Some(account.id), "wrong password"),
+            )
+            .await;
+            if locked {
+                let mut e = failed(Some(account.id), "too many failed logins");
+                e.action = "auth.account.locked";
+                record(&mut conn, &origin, e).await;
+            }
             return Err(AuthError::BadCredentials.into());
         }
         if account.status != accounts::ACTIVE {
+            record(
+                &mut conn,
+                &origin,
+                failed(Some(account.id), "account not active"),
+            )
+            .await;
             return Err(AuthError::Denied("account is not active").into());
         }
         if account.totp_enabled_at.is_some() {
@@ -516,8 +546,22 @@ impl AuthService for AuthSvc {
                 .await
                 .map_err(AuthError::from)?;
         }
-        let tokens = self.open_session(&mut conn, &account, &ua, &ip).await?;
+        let tokens = self
+            .open_session(&mut conn, &account, &origin.user_agent, &origin.ip)
+            .await?;
         tracing::info!(user_id = %account.id, session_id = %tokens.session_id, "login succeeded");
+        record(
+            &mut conn,
+            &origin,
+            AuditEvent {
+                actor_id: Some(account.id),
+                action: "auth.login.succeeded",
+                target_type: "session",
+                target_id: tokens.session_id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
         let account_pb = self.account_pb(&mut conn, &account).await?;
         let mut resp = Response::new(pb::LoginResponse {
             account: Some(account_pb),
@@ -578,17 +622,26 @@ impl AuthService for AuthSvc {
         req: Request<pb::LogoutAllRequest>,
     ) -> Result<Response<pb::LogoutAllResponse>, Status> {
         let p = authenticated(&req)?;
+        let origin = Origin::of(&req);
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         let version = accounts::bump_token_version(&mut conn, p.user_id)
             .await
             .map_err(AuthError::from)?;
-        let ended = sessions::revoke_all(&mut conn, p.user_id, "logout all")
-            .await
-            .map_err(AuthError::from)?;
-        self.revocations
-            .publish(Revocation::UserBefore(p.user_id, version))
+        self.end_all_sessions(&mut conn, p.user_id, version, "logout all")
             .await?;
-        tracing::info!(user_id = %p.user_id, sessions = ended, "logged out everywhere");
+        tracing::info!(user_id = %p.user_id, "logged out everywhere");
+        record(
+            &mut conn,
+            &origin,
+            AuditEvent {
+                actor_id: Some(p.user_id),
+                action: "auth.sessions.ended_all",
+                target_type: "user",
+                target_id: p.user_id.to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
         let mut resp = Response::new(pb::LogoutAllResponse {});
         self.clear_cookies(&mut resp);
         Ok(resp)
@@ -596,51 +649,51 @@ impl AuthService for AuthSvc {
 
     async fn list_sessions(
         &self,
-        _: Request<pb::ListSessionsRequest>,
+        req: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        Err(not_built("ListSessions"))
+        self.rpc_list_sessions(req).await
     }
 
     async fn revoke_session(
         &self,
-        _: Request<pb::RevokeSessionRequest>,
+        req: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
-        Err(not_built("RevokeSession"))
+        self.rpc_revoke_session(req).await
     }
 
     async fn change_password(
         &self,
-        _: Request<pb::ChangePasswordRequest>,
+        req: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
-        Err(not_built("ChangePassword"))
+        self.rpc_change_password(req).await
     }
 
     async fn request_password_reset(
         &self,
-        _: Request<pb::RequestPasswordResetRequest>,
+        req: Request<pb::RequestPasswordResetRequest>,
     ) -> Result<Response<pb::RequestPasswordResetResponse>, Status> {
-        Err(not_built("RequestPasswordReset"))
+        self.rpc_request_password_reset(req).await
     }
 
     async fn reset_password(
         &self,
-        _: Request<pb::ResetPasswordRequest>,
+        req: Request<pb::ResetPasswordRequest>,
     ) -> Result<Response<pb::ResetPasswordResponse>, Status> {
-        Err(not_built("ResetPassword"))
+        self.rpc_reset_password(req).await
     }
 
     async fn request_email_verification(
         &self,
-        _: Request<pb::RequestEmailVerificationRequest>,
+        req: Request<pb::RequestEmailVerificationRequest>,
     ) -> Result<Response<pb::RequestEmailVerificationResponse>, Status> {
-        Err(not_built("RequestEmailVerification"))
+        self.rpc_request_email_verification(req).await
     }
 
     async fn verify_email(
         &self,
-        _: Request<pb::VerifyEmailRequest>,
+        req: Request<pb::VerifyEmailRequest>,
     ) -> Result<Response<pb::VerifyEmailResponse>, Status> {
-        Err(not_built("VerifyEmail"))
+        self.rpc_verify_email(req).await
     }
 
     async fn enroll_totp(

@@ -364,6 +364,17 @@ pub struct AuthConfig {
     pub lockout_base: Duration,
     /// Mark session cookies `Secure` (turn off only for plain-HTTP development).
     pub cookie_secure: bool,
+    /// Calls per client IP per minute to Login, Register and
+    /// RequestPasswordReset (each counted separately).
+    pub login_per_ip_per_minute: u32,
+    pub register_per_ip_per_minute: u32,
+    pub password_reset_per_ip_per_minute: u32,
+    /// Lifetime of mailed password-reset tokens.
+    #[serde(with = "humantime_serde")]
+    pub password_reset_ttl: Duration,
+    /// Lifetime of mailed e-mail verification tokens.
+    #[serde(with = "humantime_serde")]
+    pub email_verification_ttl: Duration,
 }
 
 impl Default for AuthConfig {
@@ -380,6 +391,11 @@ impl Default for AuthConfig {
             lockout_window: Duration::from_secs(15 * 60),
             lockout_base: Duration::from_secs(60),
             cookie_secure: true,
+            login_per_ip_per_minute: 30,
+            register_per_ip_per_minute: 10,
+            password_reset_per_ip_per_minute: 5,
+            password_reset_ttl: Duration::from_secs(3600),
+            email_verification_ttl: Duration::from_secs(48 * 3600),
         }
     }
 }

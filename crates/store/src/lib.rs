@@ -3,9 +3,11 @@
 //! start private servers for `trellisd dev` and the test harness.
 
 pub mod accounts;
+pub mod audit;
 pub mod devserver;
 pub mod migrate;
 pub mod pg;
+pub mod ratelimit;
 pub mod redis;
 pub mod schema;
 

@@ -92,10 +92,59 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Auth: hashed single-use tokens for password reset and e-mail verification.
+    auth_one_time_tokens (token_hash) {
+        token_hash -> Bytea,
+        user_id -> Uuid,
+        purpose -> Text,
+        email -> Citext,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        used_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Mail waiting for (or kept after) delivery.
+    mail_outbox (id) {
+        id -> Uuid,
+        to_address -> Text,
+        subject -> Text,
+        body -> Text,
+        purpose -> Text,
+        created_at -> Timestamptz,
+        sent_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// The audit trail, written by every service.
+    audit_events (id) {
+        id -> Uuid,
+        occurred_at -> Timestamptz,
+        actor_id -> Nullable<Uuid>,
+        action -> Text,
+        target_type -> Text,
+        target_id -> Text,
+        changed_fields -> Array<Text>,
+        details -> Jsonb,
+        request_id -> Text,
+        ip_address -> Text,
+    }
+}
+
 diesel::joinable!(user_roles -> users (user_id));
 diesel::joinable!(user_roles -> roles (role));
 diesel::joinable!(auth_sessions -> users (user_id));
 diesel::joinable!(refresh_tokens -> auth_sessions (session_id));
+diesel::joinable!(auth_one_time_tokens -> users (user_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     users,
@@ -103,5 +152,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     user_roles,
     auth_sessions,
     refresh_tokens,
-    signing_keys
+    signing_keys,
+    auth_one_time_tokens,
+    mail_outbox,
+    audit_events,
 );

@@ -1,0 +1,355 @@
+//! AuthService account upkeep end to end: listing and ending sessions,
+//! changing and resetting passwords, verifying e-mail, per-IP rate limits
+//! and the audit trail those acts leave.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use tonic::Code;
+use tonic_types::StatusExt;
+use trellis_proto::auth::v1 as pb;
+use trellis_store::schema::{audit_events, mail_outbox};
+use trellis_tests::{TestMesh, TestOptions};
+
+use crate::auth::{PASSWORD, access, auth, bearer, register};
+
+async fn login(client: &mut pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>, who: &str, password: &str) -> Result<pb::TokenPair, tonic::Status> {
+    client
+        .login(pb::LoginRequest {
+            login: who.into(),
+            password: password.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().tokens.expect("tokens"))
+}
+
+/// The newest mailed token of `purpose` sent to `to`, read from the outbox.
+async fn mailed_token(mesh: &TestMesh, to: &str, purpose: &str) -> Option<String> {
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let body: Option<String> = mail_outbox::table
+        .filter(mail_outbox::to_address.eq(to))
+        .filter(mail_outbox::purpose.eq(purpose))
+        .order(mail_outbox::created_at.desc())
+        .select(mail_outbox::body)
+        .first(&mut conn)
+        .await
+        .optional()
+        .expect("outbox");
+    body.and_then(|b| {
+        b.split_whitespace()
+            .find(|w| w.starts_with("prt_") || w.starts_with("evt_"))
+            .map(str::to_string)
+    })
+}
+
+fn fields(s: &tonic::Status) -> Vec<String> {
+    s.get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_listed_paged_and_revoked() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "multi").await;
+    let first = reg.tokens.clone().expect("tokens");
+    let second = login(&mut client, "multi", PASSWORD).await.expect("login");
+    let third = login(&mut client, "multi", PASSWORD).await.expect("login");
+
+    let page = |token: String, size: i32| {
+        let mut c = client.clone();
+        let auth_token = third.access_token.clone();
+        async move {
+            c.list_sessions(bearer(pb::ListSessionsRequest { page_size: size, page_token: token }, &auth_token))
+                .await
+        }
+    };
+    let p1 = page(String::new(), 2).await.expect("page 1").into_inner();
+    assert_eq!(p1.sessions.len(), 2);
+    assert!(!p1.next_page_token.is_empty());
+    let p2 = page(p1.next_page_token.clone(), 2).await.expect("page 2").into_inner();
+    assert_eq!(p2.sessions.len(), 1);
+    assert!(p2.next_page_token.is_empty(), "last page");
+    let ids: HashSet<String> = p1.sessions.iter().chain(&p2.sessions).map(|s| s.id.clone()).collect();
+    assert_eq!(ids.len(), 3, "no duplicates, no gaps");
+    let current: Vec<&pb::Session> = p1.sessions.iter().chain(&p2.sessions).filter(|s| s.current).collect();
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0].id, third.session_id, "newest first, and marked current");
+
+    let mut tampered = p1.next_page_token.clone();
+    tampered.insert(3, 'x');
+    let err = page(tampered, 2).await.expect_err("tampered");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(fields(&err), vec!["page_token".to_string()]);
+    assert_eq!(page(String::new(), -1).await.expect_err("negative").code(), Code::InvalidArgument);
+
+    // Ending one session ends its tokens, not the others.
+    client
+        .revoke_session(bearer(pb::RevokeSessionRequest { session_id: second.session_id.clone() }, &third.access_token))
+        .await
+        .expect("revoke");
+    let base = client.clone();
+    let who = |t: String| {
+        let mut c = base.clone();
+        async move { c.who_am_i(bearer(pb::WhoAmIRequest {}, &t)).await }
+    };
+    assert_eq!(who(second.access_token.clone()).await.expect_err("ended").code(), Code::Unauthenticated);
+    who(first.access_token.clone()).await.expect("others live on");
+
+    // Another user's session is invisible; nonsense ids are refused.
+    let other = register(&mut client, "stranger").await;
+    for (id, code) in [
+        (first.session_id.clone(), Code::NotFound),
+        (uuid::Uuid::now_v7().to_string(), Code::NotFound),
+        ("not-a-uuid".to_string(), Code::InvalidArgument),
+    ] {
+        let err = client
+            .revoke_session(bearer(pb::RevokeSessionRequest { session_id: id }, &access(&other)))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), code);
+    }
+    who(first.access_token.clone()).await.expect("untouched by the stranger");
+    let theirs = client
+        .list_sessions(bearer(pb::ListSessionsRequest::default(), &access(&other)))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(theirs.sessions.len(), 1, "only their own");
+    assert_eq!(
+        client.list_sessions(pb::ListSessionsRequest::default()).await.expect_err("anonymous").code(),
+        Code::Unauthenticated
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_password_keeps_this_session_and_ends_the_others() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "changer").await;
+    let here = reg.tokens.clone().expect("tokens");
+    let elsewhere = login(&mut client, "changer", PASSWORD).await.expect("login");
+    let change = |current: &str, new: &str| {
+        let mut c = client.clone();
+        let req = bearer(
+            pb::ChangePasswordRequest {
+                current_password: current.into(),
+                new_password: new.into(),
+            },
+            &here.access_token,
+        );
+        async move { c.change_password(req).await }
+    };
+    let wrong = change("Wr0ng!pass", "N3w!password").await.expect_err("wrong current");
+    assert_eq!((wrong.code(), fields(&wrong)), (Code::InvalidArgument, vec!["current_password".to_string()]));
+    let weak = change(PASSWORD, "weak").await.expect_err("weak");
+    assert_eq!(fields(&weak), vec!["new_password".to_string()]);
+    let same = change(PASSWORD, PASSWORD).await.expect_err("same");
+    assert_eq!(fields(&same), vec!["new_password".to_string()]);
+
+    change(PASSWORD, "N3w!password").await.expect("changed");
+    client
+        .who_am_i(bearer(pb::WhoAmIRequest {}, &here.access_token))
+        .await
+        .expect("this session lives on");
+    let ended = client
+        .who_am_i(bearer(pb::WhoAmIRequest {}, &elsewhere.access_token))
+        .await
+        .expect_err("other session ended");
+    assert_eq!(ended.code(), Code::Unauthenticated);
+    assert_eq!(login(&mut client, "changer", PASSWORD).await.expect_err("old password").code(), Code::Unauthenticated);
+    login(&mut client, "changer", "N3w!password").await.expect("new password");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_reset_by_mailed_single_use_token() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "forgetful").await;
+    let old = reg.tokens.clone().expect("tokens");
+    let email = "forgetful@example.com";
+
+    // Unknown addresses get the same answer, and no mail.
+    client
+        .request_password_reset(pb::RequestPasswordResetRequest { email: "nobody@example.com".into() })
+        .await
+        .expect("same answer for unknown addresses");
+    assert!(mailed_token(&mesh, "nobody@example.com", "password_reset").await.is_none());
+    let bad = client
+        .request_password_reset(pb::RequestPasswordResetRequest { email: "nope".into() })
+        .await
+        .expect_err("malformed");
+    assert_eq!(fields(&bad), vec!["email".to_string()]);
+
+    client
+        .request_password_reset(pb::RequestPasswordResetRequest { email: email.into() })
+        .await
+        .expect("requested");
+    let token = mailed_token(&mesh, email, "password_reset").await.expect("mailed");
+    assert!(token.starts_with("prt_"));
+
+    let reset = |token: &str, pw: &str| {
+        let mut c = client.clone();
+        let req = pb::ResetPasswordRequest {
+            token: token.into(),
+            new_password: pw.into(),
+        };
+        async move { c.reset_password(req).await }
+    };
+    let weak = reset(&token, "weak").await.expect_err("weak");
+    assert_eq!(fields(&weak), vec!["new_password".to_string()]);
+    reset(&token, "Res3t!pass").await.expect("a weak attempt does not spend the token");
+    let reuse = reset(&token, "An0ther!pass").await.expect_err("single use");
+    assert_eq!((reuse.code(), fields(&reuse)), (Code::InvalidArgument, vec!["token".to_string()]));
+    assert_eq!(reset("prt_forged", "An0ther!pass").await.expect_err("forged").code(), Code::InvalidArgument);
+
+    login(&mut client, "forgetful", "Res3t!pass").await.expect("new password");
+    assert_eq!(login(&mut client, "forgetful", PASSWORD).await.expect_err("old").code(), Code::Unauthenticated);
+    let revoked = client
+        .who_am_i(bearer(pb::WhoAmIRequest {}, &old.access_token))
+        .await
+        .expect_err("sessions ended by the reset");
+    assert_eq!(revoked.code(), Code::Unauthenticated);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_tokens_expire() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| c.auth.password_reset_ttl = Duration::from_secs(1)).await;
+    let mut client = auth(&mesh).await;
+    register(&mut client, "slowpoke").await;
+    client
+        .request_password_reset(pb::RequestPasswordResetRequest { email: "slowpoke@example.com".into() })
+        .await
+        .expect("requested");
+    let token = mailed_token(&mesh, "slowpoke@example.com", "password_reset").await.expect("mailed");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let err = client
+        .reset_password(pb::ResetPasswordRequest {
+            token,
+            new_password: "Res3t!pass".into(),
+        })
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_verification_by_mailed_token() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "verifier").await;
+    let token = access(&reg);
+    assert_eq!(
+        client
+            .request_email_verification(pb::RequestEmailVerificationRequest {})
+            .await
+            .expect_err("anonymous")
+            .code(),
+        Code::Unauthenticated
+    );
+    client
+        .request_email_verification(bearer(pb::RequestEmailVerificationRequest {}, &token))
+        .await
+        .expect("requested");
+    let code = mailed_token(&mesh, "verifier@example.com", "email_verification").await.expect("mailed");
+    client
+        .verify_email(pb::VerifyEmailRequest { token: code.clone() })
+        .await
+        .expect("verified");
+    let me = client
+        .who_am_i(bearer(pb::WhoAmIRequest {}, &token))
+        .await
+        .expect("whoami")
+        .into_inner();
+    assert!(me.account.expect("account").email_verified);
+    assert_eq!(
+        client.verify_email(pb::VerifyEmailRequest { token: code }).await.expect_err("used").code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        client
+            .request_email_verification(bearer(pb::RequestEmailVerificationRequest {}, &token))
+            .await
+            .expect_err("already verified")
+            .code(),
+        Code::FailedPrecondition
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_rate_limits_on_login_and_register() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.login_per_ip_per_minute = 3;
+        c.auth.register_per_ip_per_minute = 2;
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    register(&mut client, "first").await;
+    register(&mut client, "second").await;
+    let err = client
+        .register(pb::RegisterRequest {
+            email: "third@example.com".into(),
+            username: "third".into(),
+            password: PASSWORD.into(),
+            display_name: String::new(),
+        })
+        .await
+        .expect_err("limited");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.get_error_details().retry_info().is_some());
+    for _ in 0..3 {
+        login(&mut client, "first", PASSWORD).await.expect("within the limit");
+    }
+    let err = login(&mut client, "first", PASSWORD).await.expect_err("limited");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let delay = err.get_error_details().retry_info().and_then(|r| r.retry_delay).expect("retry delay");
+    assert!(delay <= Duration::from_secs(60));
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_events_land_in_the_audit_trail() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "audited").await;
+    let user = reg.account.expect("account").id;
+    login(&mut client, "audited", PASSWORD).await.expect("login");
+    login(&mut client, "audited", "Wr0ng!pass").await.expect_err("wrong");
+    login(&mut client, "ghost", "Wr0ng!pass").await.expect_err("unknown");
+    let mut req = tonic::Request::new(pb::ChangePasswordRequest {
+        current_password: PASSWORD.into(),
+        new_password: "N3w!password".into(),
+    });
+    req.metadata_mut().insert("x-request-id", "audit-me-1".parse().expect("ascii"));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {}", reg.tokens.expect("tokens").access_token).parse().expect("ascii"));
+    client.change_password(req).await.expect("changed");
+
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let rows: Vec<(String, String, String)> = audit_events::table
+        .order(audit_events::occurred_at.asc())
+        .select((audit_events::action, audit_events::target_id, audit_events::request_id))
+        .load(&mut conn)
+        .await
+        .expect("audit");
+    let actions: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    for expected in ["auth.account.registered", "auth.login.succeeded", "auth.login.failed", "auth.password.changed"] {
+        assert!(actions.contains(&expected), "{expected} missing from {actions:?}");
+    }
+    assert_eq!(actions.iter().filter(|a| **a == "auth.login.failed").count(), 2, "wrong password and unknown account");
+    let changed = rows.iter().find(|r| r.0 == "auth.password.changed").expect("row");
+    assert_eq!(changed.1, user);
+    assert_eq!(changed.2, "audit-me-1", "request id recorded");
+    drop(conn);
+    mesh.shutdown().await;
+}
