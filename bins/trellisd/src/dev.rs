@@ -53,11 +53,34 @@ pub async fn prepare(config: &mut Config) -> anyhow::Result<DevServers> {
     Ok(servers)
 }
 
+/// Creates the first administrator if there is none, and says how to log
+/// in as it (the password is also kept in `<data_dir>/admin.txt`, 0600).
+async fn seed(config: &Config, store: &Store) -> anyhow::Result<String> {
+    let file = config.dev.data_dir.join("admin.txt");
+    match trellis_auth::seed::ensure_admin(&config.auth, store).await? {
+        Some((user, password)) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::create_dir_all(&config.dev.data_dir)?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&file)?;
+            writeln!(f, "username: {user}\npassword: {password}")?;
+            Ok(format!("Admin:      {user} / {password} (created now; also in {})", file.display()))
+        }
+        None => Ok(format!("Admin:      see {} (created on the first start)", file.display())),
+    }
+}
+
 /// Runs the dev mesh until SIGTERM/SIGINT.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let servers = prepare(&mut config).await?;
     let config = Arc::new(config);
     let store = Store::from_config(&config)?;
+    let admin = seed(&config, &store).await?;
     let listener = crate::bind(&config).await?;
     let mesh = crate::start(
         config.clone(),
@@ -69,9 +92,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let addr = mesh.local_addr();
     println!(
         "\nTrellis dev mesh is up on {addr} (gRPC, gRPC-web, reflection, health; metrics at http://{addr}/metrics)\n\
-         PostgreSQL: {}\nRedis:      {}\n\n\
+         PostgreSQL: {}\nRedis:      {}\n{admin}\n\n\
          Try:\n  grpcurl -plaintext {addr} list\n  grpcurl -plaintext {addr} trellis.system.v1.SystemService/GetInfo\n  \
-         grpcurl -plaintext -d '{{\"service\":\"\"}}' {addr} grpc.health.v1.Health/Check\n\n\
+         grpcurl -plaintext -d '{{\"service\":\"\"}}' {addr} grpc.health.v1.Health/Check\n  \
+         grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"username\":\"ada\",\"password\":\"Str0ng!pass\"}}' {addr} trellis.auth.v1.AuthService/Register\n  \
+         TOKEN=$(grpcurl -plaintext -d '{{\"login\":\"ada\",\"password\":\"Str0ng!pass\"}}' {addr} trellis.auth.v1.AuthService/Login | jq -r .tokens.accessToken)\n  \
+         grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" {addr} trellis.auth.v1.AuthService/WhoAmI\n\n\
          Stop with Ctrl-C.\n",
         trellis_core::config::redact_url(config.database.url.as_deref().unwrap_or_default()),
         trellis_core::config::redact_url(config.redis.url.as_deref().unwrap_or_default()),

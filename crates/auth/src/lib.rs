@@ -11,6 +11,7 @@ pub mod keys;
 mod mail;
 mod password;
 pub mod revocation;
+pub mod seed;
 mod service;
 mod session_rpcs;
 mod sessions;
