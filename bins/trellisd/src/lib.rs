@@ -63,8 +63,8 @@ pub async fn start(
 }
 
 /// Mounts each enabled service on the builder. SystemService, health and
-/// reflection are mounted by the mesh itself; user, chat, llm and search
-/// join here as they land (config validation refuses them until then).
+/// reflection are mounted by the mesh itself; chat, llm and search join
+/// here as they land (config validation refuses them until then).
 fn mount(
     mut builder: MeshBuilder,
     enabled: &[ServiceName],
@@ -85,7 +85,17 @@ fn mount(
                 )?,
                 Needs::STORE,
             ),
-            ServiceName::User | ServiceName::Chat | ServiceName::Llm | ServiceName::Search => {
+            ServiceName::User => builder.add_service(
+                trellis_user::service(
+                    &cfg.auth,
+                    cfg.server.max_message_bytes,
+                    deps.store.clone(),
+                    deps.revocations.clone(),
+                    deps.pages.clone(),
+                )?,
+                Needs::STORE,
+            ),
+            ServiceName::Chat | ServiceName::Llm | ServiceName::Search => {
                 anyhow::bail!("service {name} is not available in this build yet")
             }
         };

@@ -4,7 +4,7 @@
 
 mod abuse;
 mod api_keys;
-mod audit;
+pub mod audit;
 mod credentials;
 mod error;
 pub mod keys;
@@ -17,11 +17,12 @@ mod session_rpcs;
 mod sessions;
 pub mod tokens;
 mod totp;
-mod validate;
+pub mod validate;
 pub mod verifier;
 
 pub use error::AuthError;
 pub use password::PasswordHasher;
 pub use revocation::Revocations;
 pub use service::{AuthSvc, service};
+pub use sessions::end_user_access;
 pub use verifier::TokenVerifier;

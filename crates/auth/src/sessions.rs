@@ -139,3 +139,20 @@ pub async fn revoke_all(
     .execute(conn)
     .await
 }
+
+/// Ends every session and token of `user` now, on every replica: bumps the
+/// token version (access tokens carry it), revokes every session (refresh
+/// tokens die with them) and publishes the revocation. The user service
+/// calls this for suspension, deletion and purge.
+pub async fn end_user_access(
+    conn: &mut AsyncPgConnection,
+    revocations: &crate::Revocations,
+    user_id: Uuid,
+    reason: &str,
+) -> Result<(), crate::AuthError> {
+    let version = trellis_store::accounts::bump_token_version(conn, user_id).await?;
+    revoke_all(conn, user_id, reason).await?;
+    revocations
+        .publish(crate::revocation::Revocation::UserBefore(user_id, version))
+        .await
+}

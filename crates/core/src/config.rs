@@ -196,7 +196,7 @@ impl ServiceName {
 
     /// Services this build can serve. The others have contracts still to
     /// land; asking for them is a configuration error, not a silent no-op.
-    pub const BUILT: [ServiceName; 2] = [ServiceName::System, ServiceName::Auth];
+    pub const BUILT: [ServiceName; 3] = [ServiceName::System, ServiceName::Auth, ServiceName::User];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -701,7 +701,7 @@ mod tests {
             assert_eq!(c.server.max_message_bytes, 4 * 1024 * 1024);
             assert_eq!(
                 c.services.resolve_enabled().expect("enabled"),
-                vec![ServiceName::System, ServiceName::Auth]
+                vec![ServiceName::System, ServiceName::Auth, ServiceName::User]
             );
             Ok(())
         });

@@ -20,6 +20,16 @@ pub mod auth {
     }
 }
 
+/// `trellis.user.v1`: profiles, preferences, administration, roles, audit.
+pub mod user {
+    pub mod v1 {
+        tonic::include_proto!("trellis.user.v1");
+
+        /// Fully qualified name of the service, as used in health and reflection.
+        pub const SERVICE_NAME: &str = "trellis.user.v1.UserService";
+    }
+}
+
 /// `trellis.system.v1`: server information, the mesh's no-op path.
 pub mod system {
     pub mod v1 {

@@ -20,9 +20,36 @@ diesel::table! {
         lockouts -> Int4,
         totp_secret -> Nullable<Text>,
         totp_enabled_at -> Nullable<Timestamptz>,
+        totp_pending_secret -> Nullable<Text>,
+        totp_last_step -> Nullable<Int8>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         deleted_at -> Nullable<Timestamptz>,
+        first_name -> Text,
+        last_name -> Text,
+        phone -> Text,
+        date_of_birth -> Nullable<Date>,
+        bio -> Text,
+        avatar_url -> Text,
+        locale -> Text,
+        time_zone -> Text,
+        suspend_reason -> Nullable<Text>,
+        search_text -> Text,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// User service: one row per account that set preferences.
+    user_preferences (user_id) {
+        user_id -> Uuid,
+        communication_style -> Text,
+        industry_focus -> Array<Text>,
+        experience_levels -> Array<Text>,
+        default_search_filters -> Jsonb,
+        custom -> Jsonb,
+        updated_at -> Timestamptz,
     }
 }
 
@@ -140,11 +167,43 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Auth: SHA-256 of each TOTP recovery code; a used code keeps its row.
+    totp_recovery_codes (user_id, code_hash) {
+        user_id -> Uuid,
+        code_hash -> Bytea,
+        used_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Auth: API keys, the secret stored only as a SHA-256 hash.
+    api_keys (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        name -> Text,
+        scopes -> Array<Text>,
+        prefix -> Text,
+        secret_hash -> Bytea,
+        created_at -> Timestamptz,
+        expires_at -> Nullable<Timestamptz>,
+        last_used_at -> Nullable<Timestamptz>,
+        revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
 diesel::joinable!(user_roles -> users (user_id));
 diesel::joinable!(user_roles -> roles (role));
 diesel::joinable!(auth_sessions -> users (user_id));
+diesel::joinable!(user_preferences -> users (user_id));
 diesel::joinable!(refresh_tokens -> auth_sessions (session_id));
 diesel::joinable!(auth_one_time_tokens -> users (user_id));
+diesel::joinable!(totp_recovery_codes -> users (user_id));
+diesel::joinable!(api_keys -> users (user_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     users,
@@ -156,4 +215,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     auth_one_time_tokens,
     mail_outbox,
     audit_events,
+    totp_recovery_codes,
+    api_keys,
+    user_preferences,
 );
