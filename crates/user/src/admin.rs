@@ -33,7 +33,10 @@ fn event(p: &Principal, action: &'static str, target: Uuid) -> AuditEvent {
 }
 
 impl UserSvc {
-    pub(crate) async fn rpc_create_user(&self, req: Request<pb::CreateUserRequest>) -> Result<Response<pb::CreateUserResponse>, Status> {
+    pub(crate) async fn rpc_create_user(
+        &self,
+        req: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let p = authenticated(&req)?;
         p.require("user:users:write")?;
         let origin = Origin::of(&req);
@@ -44,10 +47,18 @@ impl UserSvc {
         trellis_auth::validate::email(&mut v, "email", &email);
         trellis_auth::validate::username(&mut v, "username", &username);
         trellis_auth::validate::password(&mut v, "password", &r.password, &email, &username);
-        for (field, value) in [("display_name", &r.display_name), ("first_name", &r.first_name), ("last_name", &r.last_name)] {
+        for (field, value) in [
+            ("display_name", &r.display_name),
+            ("first_name", &r.first_name),
+            ("last_name", &r.last_name),
+        ] {
             trellis_auth::validate::text(&mut v, field, value, 100);
         }
-        let wanted: Vec<String> = if r.roles.is_empty() { vec!["member".into()] } else { r.roles.clone() };
+        let wanted: Vec<String> = if r.roles.is_empty() {
+            vec!["member".into()]
+        } else {
+            r.roles.clone()
+        };
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
         let known: Vec<String> = roles::table
             .filter(roles::name.eq_any(&wanted))
@@ -61,8 +72,16 @@ impl UserSvc {
             }
         }
         v.check()?;
-        let hash = self.hasher.hash(r.password).await.map_err(UserError::from)?;
-        let display = if r.display_name.trim().is_empty() { username.clone() } else { r.display_name.trim().to_string() };
+        let hash = self
+            .hasher
+            .hash(r.password)
+            .await
+            .map_err(UserError::from)?;
+        let display = if r.display_name.trim().is_empty() {
+            username.clone()
+        } else {
+            r.display_name.trim().to_string()
+        };
         let role_refs: Vec<&str> = wanted.iter().map(String::as_str).collect();
         let id = trellis_core::id::new_id();
         accounts::create(
@@ -79,7 +98,10 @@ impl UserSvc {
         .await
         .map_err(UserError::from)?;
         diesel::update(users::table.filter(users::id.eq(id)))
-            .set((users::first_name.eq(r.first_name.trim()), users::last_name.eq(r.last_name.trim())))
+            .set((
+                users::first_name.eq(r.first_name.trim()),
+                users::last_name.eq(r.last_name.trim()),
+            ))
             .execute(&mut conn)
             .await
             .map_err(UserError::from)?;
@@ -88,7 +110,10 @@ impl UserSvc {
         Ok(Response::new(pb::CreateUserResponse { user: Some(user) }))
     }
 
-    pub(crate) async fn rpc_get_user(&self, req: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
+    pub(crate) async fn rpc_get_user(
+        &self,
+        req: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
         let p = authenticated(&req)?;
         let id = parse_id("id", &req.get_ref().id)?;
         // Anyone may read themselves; reading others needs the permission.
@@ -104,7 +129,10 @@ impl UserSvc {
         Ok(Response::new(pb::GetUserResponse { user: Some(user) }))
     }
 
-    pub(crate) async fn rpc_update_user(&self, req: Request<pb::UpdateUserRequest>) -> Result<Response<pb::UpdateUserResponse>, Status> {
+    pub(crate) async fn rpc_update_user(
+        &self,
+        req: Request<pb::UpdateUserRequest>,
+    ) -> Result<Response<pb::UpdateUserResponse>, Status> {
         let p = authenticated(&req)?;
         let origin = Origin::of(&req);
         let r = req.into_inner();
@@ -113,14 +141,19 @@ impl UserSvc {
         may_touch(&p, "user:users:write")?;
         let mut allowed: Vec<&str> = SELF_FIELDS.to_vec();
         allowed.extend(["email", "username"]);
-        let (changes, changed) = patch(&user, r.update_mask.as_ref(), &allowed).map_err(UserError::from)?;
+        let (changes, changed) =
+            patch(&user, r.update_mask.as_ref(), &allowed).map_err(UserError::from)?;
         let email_changed = changes.email.is_some();
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
-        let n = diesel::update(users::table.filter(users::id.eq(id)).filter(users::deleted_at.is_null()))
-            .set((&changes, users::updated_at.eq(Utc::now())))
-            .execute(&mut conn)
-            .await
-            .map_err(taken)?;
+        let n = diesel::update(
+            users::table
+                .filter(users::id.eq(id))
+                .filter(users::deleted_at.is_null()),
+        )
+        .set((&changes, users::updated_at.eq(Utc::now())))
+        .execute(&mut conn)
+        .await
+        .map_err(taken)?;
         if n == 0 {
             return Err(UserError::NotFound.into());
         }
@@ -141,15 +174,32 @@ impl UserSvc {
 
     /// Sets the status (and suspension reason) of a live account other than
     /// the caller's; returns false when there is no such account.
-    async fn set_status(&self, conn: &mut diesel_async::AsyncPgConnection, id: Uuid, status: &str, reason: Option<&str>) -> Result<bool, UserError> {
-        let n = diesel::update(users::table.filter(users::id.eq(id)).filter(users::deleted_at.is_null()))
-            .set((users::status.eq(status), users::suspend_reason.eq(reason), users::updated_at.eq(Utc::now())))
-            .execute(conn)
-            .await?;
+    async fn set_status(
+        &self,
+        conn: &mut diesel_async::AsyncPgConnection,
+        id: Uuid,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<bool, UserError> {
+        let n = diesel::update(
+            users::table
+                .filter(users::id.eq(id))
+                .filter(users::deleted_at.is_null()),
+        )
+        .set((
+            users::status.eq(status),
+            users::suspend_reason.eq(reason),
+            users::updated_at.eq(Utc::now()),
+        ))
+        .execute(conn)
+        .await?;
         Ok(n > 0)
     }
 
-    pub(crate) async fn rpc_suspend_user(&self, req: Request<pb::SuspendUserRequest>) -> Result<Response<pb::SuspendUserResponse>, Status> {
+    pub(crate) async fn rpc_suspend_user(
+        &self,
+        req: Request<pb::SuspendUserRequest>,
+    ) -> Result<Response<pb::SuspendUserResponse>, Status> {
         let p = authenticated(&req)?;
         let origin = Origin::of(&req);
         let r = req.into_inner();
@@ -162,7 +212,10 @@ impl UserSvc {
         trellis_auth::validate::text(&mut v, "reason", &r.reason, 500);
         v.check()?;
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
-        if !self.set_status(&mut conn, id, accounts::SUSPENDED, Some(r.reason.trim())).await? {
+        if !self
+            .set_status(&mut conn, id, accounts::SUSPENDED, Some(r.reason.trim()))
+            .await?
+        {
             return Err(UserError::NotFound.into());
         }
         trellis_auth::end_user_access(&mut conn, &self.revocations, id, "suspended")
@@ -175,34 +228,54 @@ impl UserSvc {
         Ok(Response::new(pb::SuspendUserResponse { user: Some(user) }))
     }
 
-    pub(crate) async fn rpc_reactivate_user(&self, req: Request<pb::ReactivateUserRequest>) -> Result<Response<pb::ReactivateUserResponse>, Status> {
+    pub(crate) async fn rpc_reactivate_user(
+        &self,
+        req: Request<pb::ReactivateUserRequest>,
+    ) -> Result<Response<pb::ReactivateUserResponse>, Status> {
         let p = authenticated(&req)?;
         let origin = Origin::of(&req);
         let id = parse_id("id", &req.get_ref().id)?;
         may_touch(&p, "user:users:suspend")?;
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
-        if !self.set_status(&mut conn, id, accounts::ACTIVE, None).await? {
+        if !self
+            .set_status(&mut conn, id, accounts::ACTIVE, None)
+            .await?
+        {
             return Err(UserError::NotFound.into());
         }
         record(&mut conn, &origin, event(&p, "user.reactivated", id)).await;
         let user = Self::user(&mut conn, id, false).await?;
-        Ok(Response::new(pb::ReactivateUserResponse { user: Some(user) }))
+        Ok(Response::new(pb::ReactivateUserResponse {
+            user: Some(user),
+        }))
     }
 
-    pub(crate) async fn rpc_delete_user(&self, req: Request<pb::DeleteUserRequest>) -> Result<Response<pb::DeleteUserResponse>, Status> {
+    pub(crate) async fn rpc_delete_user(
+        &self,
+        req: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let p = authenticated(&req)?;
         let origin = Origin::of(&req);
         let id = parse_id("id", &req.get_ref().id)?;
         may_touch(&p, "user:users:delete")?;
         if id == p.user_id {
-            return Err(UserError::Precondition("delete your own account with DeleteMe".into()).into());
+            return Err(
+                UserError::Precondition("delete your own account with DeleteMe".into()).into(),
+            );
         }
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
-        let n = diesel::update(users::table.filter(users::id.eq(id)).filter(users::deleted_at.is_null()))
-            .set((users::deleted_at.eq(Utc::now()), users::updated_at.eq(Utc::now())))
-            .execute(&mut conn)
-            .await
-            .map_err(UserError::from)?;
+        let n = diesel::update(
+            users::table
+                .filter(users::id.eq(id))
+                .filter(users::deleted_at.is_null()),
+        )
+        .set((
+            users::deleted_at.eq(Utc::now()),
+            users::updated_at.eq(Utc::now()),
+        ))
+        .execute(&mut conn)
+        .await
+        .map_err(UserError::from)?;
         if n == 0 {
             return Err(UserError::NotFound.into());
         }
@@ -214,17 +287,27 @@ impl UserSvc {
         Ok(Response::new(pb::DeleteUserResponse { user: Some(user) }))
     }
 
-    pub(crate) async fn rpc_restore_user(&self, req: Request<pb::RestoreUserRequest>) -> Result<Response<pb::RestoreUserResponse>, Status> {
+    pub(crate) async fn rpc_restore_user(
+        &self,
+        req: Request<pb::RestoreUserRequest>,
+    ) -> Result<Response<pb::RestoreUserResponse>, Status> {
         let p = authenticated(&req)?;
         let origin = Origin::of(&req);
         let id = parse_id("id", &req.get_ref().id)?;
         may_touch(&p, "user:users:delete")?;
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
-        let n = diesel::update(users::table.filter(users::id.eq(id)).filter(users::deleted_at.is_not_null()))
-            .set((users::deleted_at.eq(None::<chrono::DateTime<Utc>>), users::updated_at.eq(Utc::now())))
-            .execute(&mut conn)
-            .await
-            .map_err(UserError::from)?;
+        let n = diesel::update(
+            users::table
+                .filter(users::id.eq(id))
+                .filter(users::deleted_at.is_not_null()),
+        )
+        .set((
+            users::deleted_at.eq(None::<chrono::DateTime<Utc>>),
+            users::updated_at.eq(Utc::now()),
+        ))
+        .execute(&mut conn)
+        .await
+        .map_err(UserError::from)?;
         if n == 0 {
             return Err(UserError::NotFound.into());
         }
@@ -233,7 +316,10 @@ impl UserSvc {
         Ok(Response::new(pb::RestoreUserResponse { user: Some(user) }))
     }
 
-    pub(crate) async fn rpc_purge_user(&self, req: Request<pb::PurgeUserRequest>) -> Result<Response<pb::PurgeUserResponse>, Status> {
+    pub(crate) async fn rpc_purge_user(
+        &self,
+        req: Request<pb::PurgeUserRequest>,
+    ) -> Result<Response<pb::PurgeUserResponse>, Status> {
         let p = authenticated(&req)?;
         let origin = Origin::of(&req);
         let id = parse_id("id", &req.get_ref().id)?;

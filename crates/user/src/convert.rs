@@ -68,7 +68,10 @@ pub fn user_pb(r: &UserRow, roles: Vec<String>) -> pb::User {
         first_name: r.first_name.clone(),
         last_name: r.last_name.clone(),
         phone: r.phone.clone(),
-        date_of_birth: r.date_of_birth.map(|d| d.format("%Y-%m-%d").to_string()).unwrap_or_default(),
+        date_of_birth: r
+            .date_of_birth
+            .map(|d| d.format("%Y-%m-%d").to_string())
+            .unwrap_or_default(),
         bio: r.bio.clone(),
         avatar_url: r.avatar_url.clone(),
         locale: r.locale.clone(),
@@ -100,7 +103,10 @@ pub fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
 
 fn json_to_struct_map(o: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
-        fields: o.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect::<BTreeMap<_, _>>(),
+        fields: o
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect::<BTreeMap<_, _>>(),
     }
 }
 
@@ -118,7 +124,9 @@ pub fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
     match &v.kind {
         None | Some(Kind::NullValue(_)) => J::Null,
         Some(Kind::BoolValue(b)) => J::Bool(*b),
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n).map(J::Number).unwrap_or(J::Null),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map(J::Number)
+            .unwrap_or(J::Null),
         Some(Kind::StringValue(s)) => J::String(s.clone()),
         Some(Kind::ListValue(l)) => J::Array(l.values.iter().map(value_to_json).collect()),
         Some(Kind::StructValue(s)) => struct_to_json(s),
@@ -126,7 +134,12 @@ pub fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
 }
 
 pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
-    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect())
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
 }
 
 #[cfg(test)]

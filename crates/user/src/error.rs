@@ -33,7 +33,9 @@ impl From<FieldViolations> for UserError {
 impl From<trellis_store::accounts::AccountError> for UserError {
     fn from(e: trellis_store::accounts::AccountError) -> Self {
         match e {
-            trellis_store::accounts::AccountError::Taken(f) => UserError::Taken(format!("{f} is already taken")),
+            trellis_store::accounts::AccountError::Taken(f) => {
+                UserError::Taken(format!("{f} is already taken"))
+            }
             trellis_store::accounts::AccountError::Db(e) => UserError::Db(e),
         }
     }

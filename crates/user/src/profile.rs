@@ -26,7 +26,14 @@ const PREF_FIELDS: &[&str] = &[
 ];
 const MAX_STRUCT_BYTES: usize = 16 * 1024;
 
-type PrefRow = (String, Vec<String>, Vec<String>, serde_json::Value, serde_json::Value, chrono::DateTime<Utc>);
+type PrefRow = (
+    String,
+    Vec<String>,
+    Vec<String>,
+    serde_json::Value,
+    serde_json::Value,
+    chrono::DateTime<Utc>,
+);
 
 fn style_db(s: pb::CommunicationStyle) -> &'static str {
     match s {
@@ -61,7 +68,8 @@ fn list(v: &mut FieldViolations, field: &str, items: &[String], max: usize) -> V
         v.add(field, format!("at most {max} entries"));
     }
     for (i, item) in items.iter().enumerate() {
-        if item.trim().is_empty() || item.chars().count() > 50 || item.chars().any(char::is_control) {
+        if item.trim().is_empty() || item.chars().count() > 50 || item.chars().any(char::is_control)
+        {
             v.add(format!("{field}[{i}]"), "must be 1 to 50 characters");
         }
     }
@@ -69,7 +77,10 @@ fn list(v: &mut FieldViolations, field: &str, items: &[String], max: usize) -> V
 }
 
 impl UserSvc {
-    pub(crate) async fn rpc_get_me(&self, req: Request<pb::GetMeRequest>) -> Result<Response<pb::GetMeResponse>, Status> {
+    pub(crate) async fn rpc_get_me(
+        &self,
+        req: Request<pb::GetMeRequest>,
+    ) -> Result<Response<pb::GetMeResponse>, Status> {
         let p = authenticated(&req)?;
         p.require("user:self:read")?;
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
@@ -77,19 +88,27 @@ impl UserSvc {
         Ok(Response::new(pb::GetMeResponse { user: Some(user) }))
     }
 
-    pub(crate) async fn rpc_update_me(&self, req: Request<pb::UpdateMeRequest>) -> Result<Response<pb::UpdateMeResponse>, Status> {
+    pub(crate) async fn rpc_update_me(
+        &self,
+        req: Request<pb::UpdateMeRequest>,
+    ) -> Result<Response<pb::UpdateMeResponse>, Status> {
         let p = authenticated(&req)?;
         p.require("user:self:write")?;
         let origin = Origin::of(&req);
         let r = req.into_inner();
         let user = r.user.unwrap_or_default();
-        let (changes, changed) = patch(&user, r.update_mask.as_ref(), SELF_FIELDS).map_err(UserError::from)?;
+        let (changes, changed) =
+            patch(&user, r.update_mask.as_ref(), SELF_FIELDS).map_err(UserError::from)?;
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
-        let n = diesel::update(users::table.filter(users::id.eq(p.user_id)).filter(users::deleted_at.is_null()))
-            .set((&changes, users::updated_at.eq(Utc::now())))
-            .execute(&mut conn)
-            .await
-            .map_err(UserError::from)?;
+        let n = diesel::update(
+            users::table
+                .filter(users::id.eq(p.user_id))
+                .filter(users::deleted_at.is_null()),
+        )
+        .set((&changes, users::updated_at.eq(Utc::now())))
+        .execute(&mut conn)
+        .await
+        .map_err(UserError::from)?;
         if n == 0 {
             return Err(UserError::NotFound.into());
         }
@@ -110,15 +129,24 @@ impl UserSvc {
         Ok(Response::new(pb::UpdateMeResponse { user: Some(user) }))
     }
 
-    pub(crate) async fn rpc_get_preferences(&self, req: Request<pb::GetPreferencesRequest>) -> Result<Response<pb::GetPreferencesResponse>, Status> {
+    pub(crate) async fn rpc_get_preferences(
+        &self,
+        req: Request<pb::GetPreferencesRequest>,
+    ) -> Result<Response<pb::GetPreferencesResponse>, Status> {
         let p = authenticated(&req)?;
         p.require("user:self:read")?;
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
         let prefs = self.load_preferences(&mut conn, p.user_id).await?;
-        Ok(Response::new(pb::GetPreferencesResponse { preferences: Some(prefs) }))
+        Ok(Response::new(pb::GetPreferencesResponse {
+            preferences: Some(prefs),
+        }))
     }
 
-    async fn load_preferences(&self, conn: &mut diesel_async::AsyncPgConnection, user: uuid::Uuid) -> Result<pb::Preferences, UserError> {
+    async fn load_preferences(
+        &self,
+        conn: &mut diesel_async::AsyncPgConnection,
+        user: uuid::Uuid,
+    ) -> Result<pb::Preferences, UserError> {
         let row: Option<PrefRow> = user_preferences::table
             .filter(user_preferences::user_id.eq(user))
             .select((
@@ -163,17 +191,34 @@ impl UserSvc {
         for path in &paths {
             let field = format!("preferences.{path}");
             match path.as_str() {
-                "communication_style" => match pb::CommunicationStyle::try_from(prefs.communication_style) {
-                    Ok(s) => patch.communication_style = Some(style_db(s).to_string()),
-                    Err(_) => v.add(field, "is not a known communication style"),
-                },
-                "industry_focus" => patch.industry_focus = Some(list(&mut v, &field, &prefs.industry_focus, 20)),
-                "experience_levels" => patch.experience_levels = Some(list(&mut v, &field, &prefs.experience_levels, 10)),
+                "communication_style" => {
+                    match pb::CommunicationStyle::try_from(prefs.communication_style) {
+                        Ok(s) => patch.communication_style = Some(style_db(s).to_string()),
+                        Err(_) => v.add(field, "is not a known communication style"),
+                    }
+                }
+                "industry_focus" => {
+                    patch.industry_focus = Some(list(&mut v, &field, &prefs.industry_focus, 20))
+                }
+                "experience_levels" => {
+                    patch.experience_levels =
+                        Some(list(&mut v, &field, &prefs.experience_levels, 10))
+                }
                 "default_search_filters" | "custom" => {
-                    let s = if path == "custom" { &prefs.custom } else { &prefs.default_search_filters };
-                    let json = s.as_ref().map(struct_to_json).unwrap_or_else(|| serde_json::json!({}));
+                    let s = if path == "custom" {
+                        &prefs.custom
+                    } else {
+                        &prefs.default_search_filters
+                    };
+                    let json = s
+                        .as_ref()
+                        .map(struct_to_json)
+                        .unwrap_or_else(|| serde_json::json!({}));
                     if json.to_string().len() > MAX_STRUCT_BYTES {
-                        v.add(field, format!("must encode to at most {MAX_STRUCT_BYTES} bytes"));
+                        v.add(
+                            field,
+                            format!("must encode to at most {MAX_STRUCT_BYTES} bytes"),
+                        );
                     }
                     if path == "custom" {
                         patch.custom = Some(json);
@@ -212,10 +257,15 @@ impl UserSvc {
         )
         .await;
         let prefs = self.load_preferences(&mut conn, p.user_id).await?;
-        Ok(Response::new(pb::UpdatePreferencesResponse { preferences: Some(prefs) }))
+        Ok(Response::new(pb::UpdatePreferencesResponse {
+            preferences: Some(prefs),
+        }))
     }
 
-    pub(crate) async fn rpc_delete_me(&self, req: Request<pb::DeleteMeRequest>) -> Result<Response<pb::DeleteMeResponse>, Status> {
+    pub(crate) async fn rpc_delete_me(
+        &self,
+        req: Request<pb::DeleteMeRequest>,
+    ) -> Result<Response<pb::DeleteMeResponse>, Status> {
         let p = authenticated(&req)?;
         p.require("user:self:write")?;
         let origin = Origin::of(&req);
@@ -232,13 +282,22 @@ impl UserSvc {
         let Some(hash) = hash else {
             return Err(UserError::NotFound.into());
         };
-        if password.is_empty() || !self.hasher.verify(password, Some(hash)).await.map_err(UserError::from)? {
+        if password.is_empty()
+            || !self
+                .hasher
+                .verify(password, Some(hash))
+                .await
+                .map_err(UserError::from)?
+        {
             let mut v = FieldViolations::new();
             v.add("password", "must be your current password");
             return Err(v.into_status());
         }
         diesel::update(users::table.filter(users::id.eq(p.user_id)))
-            .set((users::deleted_at.eq(Utc::now()), users::updated_at.eq(Utc::now())))
+            .set((
+                users::deleted_at.eq(Utc::now()),
+                users::updated_at.eq(Utc::now()),
+            ))
             .execute(&mut conn)
             .await
             .map_err(UserError::from)?;

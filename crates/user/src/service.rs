@@ -54,10 +54,6 @@ pub fn service(
         .max_encoding_message_size(max_message_bytes))
 }
 
-pub(crate) fn not_built(rpc: &str) -> Status {
-    Status::unimplemented(format!("UserService.{rpc} is not built yet"))
-}
-
 /// A UUID from a request field, or INVALID_ARGUMENT naming it.
 pub(crate) fn parse_id(field: &str, raw: &str) -> Result<Uuid, UserError> {
     Uuid::parse_str(raw.trim()).map_err(|_| {
@@ -70,7 +66,11 @@ pub(crate) fn parse_id(field: &str, raw: &str) -> Result<Uuid, UserError> {
 /// Whether `p` may act on another user's account with `permission`.
 /// Refusals are NOT_FOUND, so that callers cannot probe which ids exist.
 pub(crate) fn may_touch(p: &Principal, permission: &str) -> Result<(), UserError> {
-    if p.can(permission) { Ok(()) } else { Err(UserError::NotFound) }
+    if p.can(permission) {
+        Ok(())
+    } else {
+        Err(UserError::NotFound)
+    }
 }
 
 /// A unique violation on the account core, as the field it concerns.
@@ -79,7 +79,9 @@ pub(crate) fn taken(e: diesel::result::Error) -> UserError {
     if let Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info) = &e {
         match info.constraint_name() {
             Some("users_email_key") => return UserError::Taken("email is already taken".into()),
-            Some("users_username_key") => return UserError::Taken("username is already taken".into()),
+            Some("users_username_key") => {
+                return UserError::Taken("username is already taken".into());
+            }
             _ => {}
         }
     }
@@ -88,15 +90,25 @@ pub(crate) fn taken(e: diesel::result::Error) -> UserError {
 
 impl UserSvc {
     /// The profile row of `id`; soft-deleted rows only when `deleted_too`.
-    pub(crate) async fn row(conn: &mut AsyncPgConnection, id: Uuid, deleted_too: bool) -> Result<Option<UserRow>, UserError> {
+    pub(crate) async fn row(
+        conn: &mut AsyncPgConnection,
+        id: Uuid,
+        deleted_too: bool,
+    ) -> Result<Option<UserRow>, UserError> {
         let mut q = users::table.filter(users::id.eq(id)).into_boxed();
         if !deleted_too {
             q = q.filter(users::deleted_at.is_null());
         }
-        Ok(q.select(UserRow::as_select()).first(conn).await.optional()?)
+        Ok(q.select(UserRow::as_select())
+            .first(conn)
+            .await
+            .optional()?)
     }
 
-    pub(crate) async fn roles_of(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Vec<String>, UserError> {
+    pub(crate) async fn roles_of(
+        conn: &mut AsyncPgConnection,
+        id: Uuid,
+    ) -> Result<Vec<String>, UserError> {
         Ok(user_roles::table
             .filter(user_roles::user_id.eq(id))
             .order(user_roles::role.asc())
@@ -106,8 +118,14 @@ impl UserSvc {
     }
 
     /// The wire form of user `id`, as the caller may see it.
-    pub(crate) async fn user(conn: &mut AsyncPgConnection, id: Uuid, deleted_too: bool) -> Result<pb::User, UserError> {
-        let row = Self::row(conn, id, deleted_too).await?.ok_or(UserError::NotFound)?;
+    pub(crate) async fn user(
+        conn: &mut AsyncPgConnection,
+        id: Uuid,
+        deleted_too: bool,
+    ) -> Result<pb::User, UserError> {
+        let row = Self::row(conn, id, deleted_too)
+            .await?
+            .ok_or(UserError::NotFound)?;
         let roles = Self::roles_of(conn, id).await?;
         Ok(crate::convert::user_pb(&row, roles))
     }

@@ -48,7 +48,9 @@ fn text(v: &mut FieldViolations, field: &str, value: &str, max: usize) {
 
 fn is_e164(s: &str) -> bool {
     let digits = s.strip_prefix('+').unwrap_or("");
-    (2..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0')
+    (2..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
 }
 
 fn is_locale(s: &str) -> bool {
@@ -160,7 +162,11 @@ pub fn patch(
         }
         changed.push(path.to_string());
     }
-    if v.is_empty() { Ok((p, changed)) } else { Err(v) }
+    if v.is_empty() {
+        Ok((p, changed))
+    } else {
+        Err(v)
+    }
 }
 
 fn field_is_empty(u: &pb::User, f: &str) -> bool {
@@ -211,7 +217,11 @@ mod tests {
         };
         let (p, changed) = patch(&u, Some(&ok), SELF_FIELDS).expect("valid");
         assert_eq!(p.display_name.as_deref(), Some("Ada"));
-        assert_eq!(p.bio.as_deref(), Some(""), "a masked empty field is cleared");
+        assert_eq!(
+            p.bio.as_deref(),
+            Some(""),
+            "a masked empty field is cleared"
+        );
         assert_eq!(changed, vec!["display_name", "bio"]);
     }
 }
