@@ -15,7 +15,11 @@ use trellis_tests::{TestMesh, TestOptions};
 
 use crate::auth::{PASSWORD, access, auth, bearer, register};
 
-async fn login(client: &mut pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>, who: &str, password: &str) -> Result<pb::TokenPair, tonic::Status> {
+async fn login(
+    client: &mut pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+    who: &str,
+    password: &str,
+) -> Result<pb::TokenPair, tonic::Status> {
     client
         .login(pb::LoginRequest {
             login: who.into(),
@@ -65,32 +69,62 @@ async fn sessions_are_listed_paged_and_revoked() {
         let mut c = client.clone();
         let auth_token = third.access_token.clone();
         async move {
-            c.list_sessions(bearer(pb::ListSessionsRequest { page_size: size, page_token: token }, &auth_token))
-                .await
+            c.list_sessions(bearer(
+                pb::ListSessionsRequest {
+                    page_size: size,
+                    page_token: token,
+                },
+                &auth_token,
+            ))
+            .await
         }
     };
     let p1 = page(String::new(), 2).await.expect("page 1").into_inner();
     assert_eq!(p1.sessions.len(), 2);
     assert!(!p1.next_page_token.is_empty());
-    let p2 = page(p1.next_page_token.clone(), 2).await.expect("page 2").into_inner();
+    let p2 = page(p1.next_page_token.clone(), 2)
+        .await
+        .expect("page 2")
+        .into_inner();
     assert_eq!(p2.sessions.len(), 1);
     assert!(p2.next_page_token.is_empty(), "last page");
-    let ids: HashSet<String> = p1.sessions.iter().chain(&p2.sessions).map(|s| s.id.clone()).collect();
+    let ids: HashSet<String> = p1
+        .sessions
+        .iter()
+        .chain(&p2.sessions)
+        .map(|s| s.id.clone())
+        .collect();
     assert_eq!(ids.len(), 3, "no duplicates, no gaps");
-    let current: Vec<&pb::Session> = p1.sessions.iter().chain(&p2.sessions).filter(|s| s.current).collect();
+    let current: Vec<&pb::Session> = p1
+        .sessions
+        .iter()
+        .chain(&p2.sessions)
+        .filter(|s| s.current)
+        .collect();
     assert_eq!(current.len(), 1);
-    assert_eq!(current[0].id, third.session_id, "newest first, and marked current");
+    assert_eq!(
+        current[0].id, third.session_id,
+        "newest first, and marked current"
+    );
 
     let mut tampered = p1.next_page_token.clone();
     tampered.insert(3, 'x');
     let err = page(tampered, 2).await.expect_err("tampered");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(fields(&err), vec!["page_token".to_string()]);
-    assert_eq!(page(String::new(), -1).await.expect_err("negative").code(), Code::InvalidArgument);
+    assert_eq!(
+        page(String::new(), -1).await.expect_err("negative").code(),
+        Code::InvalidArgument
+    );
 
     // Ending one session ends its tokens, not the others.
     client
-        .revoke_session(bearer(pb::RevokeSessionRequest { session_id: second.session_id.clone() }, &third.access_token))
+        .revoke_session(bearer(
+            pb::RevokeSessionRequest {
+                session_id: second.session_id.clone(),
+            },
+            &third.access_token,
+        ))
         .await
         .expect("revoke");
     let base = client.clone();
@@ -98,8 +132,16 @@ async fn sessions_are_listed_paged_and_revoked() {
         let mut c = base.clone();
         async move { c.who_am_i(bearer(pb::WhoAmIRequest {}, &t)).await }
     };
-    assert_eq!(who(second.access_token.clone()).await.expect_err("ended").code(), Code::Unauthenticated);
-    who(first.access_token.clone()).await.expect("others live on");
+    assert_eq!(
+        who(second.access_token.clone())
+            .await
+            .expect_err("ended")
+            .code(),
+        Code::Unauthenticated
+    );
+    who(first.access_token.clone())
+        .await
+        .expect("others live on");
 
     // Another user's session is invisible; nonsense ids are refused.
     let other = register(&mut client, "stranger").await;
@@ -109,12 +151,17 @@ async fn sessions_are_listed_paged_and_revoked() {
         ("not-a-uuid".to_string(), Code::InvalidArgument),
     ] {
         let err = client
-            .revoke_session(bearer(pb::RevokeSessionRequest { session_id: id }, &access(&other)))
+            .revoke_session(bearer(
+                pb::RevokeSessionRequest { session_id: id },
+                &access(&other),
+            ))
             .await
             .expect_err("refused");
         assert_eq!(err.code(), code);
     }
-    who(first.access_token.clone()).await.expect("untouched by the stranger");
+    who(first.access_token.clone())
+        .await
+        .expect("untouched by the stranger");
     let theirs = client
         .list_sessions(bearer(pb::ListSessionsRequest::default(), &access(&other)))
         .await
@@ -122,7 +169,11 @@ async fn sessions_are_listed_paged_and_revoked() {
         .into_inner();
     assert_eq!(theirs.sessions.len(), 1, "only their own");
     assert_eq!(
-        client.list_sessions(pb::ListSessionsRequest::default()).await.expect_err("anonymous").code(),
+        client
+            .list_sessions(pb::ListSessionsRequest::default())
+            .await
+            .expect_err("anonymous")
+            .code(),
         Code::Unauthenticated
     );
     mesh.shutdown().await;
@@ -134,7 +185,9 @@ async fn change_password_keeps_this_session_and_ends_the_others() {
     let mut client = auth(&mesh).await;
     let reg = register(&mut client, "changer").await;
     let here = reg.tokens.clone().expect("tokens");
-    let elsewhere = login(&mut client, "changer", PASSWORD).await.expect("login");
+    let elsewhere = login(&mut client, "changer", PASSWORD)
+        .await
+        .expect("login");
     let change = |current: &str, new: &str| {
         let mut c = client.clone();
         let req = bearer(
@@ -146,8 +199,13 @@ async fn change_password_keeps_this_session_and_ends_the_others() {
         );
         async move { c.change_password(req).await }
     };
-    let wrong = change("Wr0ng!pass", "N3w!password").await.expect_err("wrong current");
-    assert_eq!((wrong.code(), fields(&wrong)), (Code::InvalidArgument, vec!["current_password".to_string()]));
+    let wrong = change("Wr0ng!pass", "N3w!password")
+        .await
+        .expect_err("wrong current");
+    assert_eq!(
+        (wrong.code(), fields(&wrong)),
+        (Code::InvalidArgument, vec!["current_password".to_string()])
+    );
     let weak = change(PASSWORD, "weak").await.expect_err("weak");
     assert_eq!(fields(&weak), vec!["new_password".to_string()]);
     let same = change(PASSWORD, PASSWORD).await.expect_err("same");
@@ -163,8 +221,16 @@ async fn change_password_keeps_this_session_and_ends_the_others() {
         .await
         .expect_err("other session ended");
     assert_eq!(ended.code(), Code::Unauthenticated);
-    assert_eq!(login(&mut client, "changer", PASSWORD).await.expect_err("old password").code(), Code::Unauthenticated);
-    login(&mut client, "changer", "N3w!password").await.expect("new password");
+    assert_eq!(
+        login(&mut client, "changer", PASSWORD)
+            .await
+            .expect_err("old password")
+            .code(),
+        Code::Unauthenticated
+    );
+    login(&mut client, "changer", "N3w!password")
+        .await
+        .expect("new password");
     mesh.shutdown().await;
 }
 
@@ -178,21 +244,33 @@ async fn password_reset_by_mailed_single_use_token() {
 
     // Unknown addresses get the same answer, and no mail.
     client
-        .request_password_reset(pb::RequestPasswordResetRequest { email: "nobody@example.com".into() })
+        .request_password_reset(pb::RequestPasswordResetRequest {
+            email: "nobody@example.com".into(),
+        })
         .await
         .expect("same answer for unknown addresses");
-    assert!(mailed_token(&mesh, "nobody@example.com", "password_reset").await.is_none());
+    assert!(
+        mailed_token(&mesh, "nobody@example.com", "password_reset")
+            .await
+            .is_none()
+    );
     let bad = client
-        .request_password_reset(pb::RequestPasswordResetRequest { email: "nope".into() })
+        .request_password_reset(pb::RequestPasswordResetRequest {
+            email: "nope".into(),
+        })
         .await
         .expect_err("malformed");
     assert_eq!(fields(&bad), vec!["email".to_string()]);
 
     client
-        .request_password_reset(pb::RequestPasswordResetRequest { email: email.into() })
+        .request_password_reset(pb::RequestPasswordResetRequest {
+            email: email.into(),
+        })
         .await
         .expect("requested");
-    let token = mailed_token(&mesh, email, "password_reset").await.expect("mailed");
+    let token = mailed_token(&mesh, email, "password_reset")
+        .await
+        .expect("mailed");
     assert!(token.starts_with("prt_"));
 
     let reset = |token: &str, pw: &str| {
@@ -205,13 +283,32 @@ async fn password_reset_by_mailed_single_use_token() {
     };
     let weak = reset(&token, "weak").await.expect_err("weak");
     assert_eq!(fields(&weak), vec!["new_password".to_string()]);
-    reset(&token, "Res3t!pass").await.expect("a weak attempt does not spend the token");
+    reset(&token, "Res3t!pass")
+        .await
+        .expect("a weak attempt does not spend the token");
     let reuse = reset(&token, "An0ther!pass").await.expect_err("single use");
-    assert_eq!((reuse.code(), fields(&reuse)), (Code::InvalidArgument, vec!["token".to_string()]));
-    assert_eq!(reset("prt_forged", "An0ther!pass").await.expect_err("forged").code(), Code::InvalidArgument);
+    assert_eq!(
+        (reuse.code(), fields(&reuse)),
+        (Code::InvalidArgument, vec!["token".to_string()])
+    );
+    assert_eq!(
+        reset("prt_forged", "An0ther!pass")
+            .await
+            .expect_err("forged")
+            .code(),
+        Code::InvalidArgument
+    );
 
-    login(&mut client, "forgetful", "Res3t!pass").await.expect("new password");
-    assert_eq!(login(&mut client, "forgetful", PASSWORD).await.expect_err("old").code(), Code::Unauthenticated);
+    login(&mut client, "forgetful", "Res3t!pass")
+        .await
+        .expect("new password");
+    assert_eq!(
+        login(&mut client, "forgetful", PASSWORD)
+            .await
+            .expect_err("old")
+            .code(),
+        Code::Unauthenticated
+    );
     let revoked = client
         .who_am_i(bearer(pb::WhoAmIRequest {}, &old.access_token))
         .await
@@ -222,14 +319,21 @@ async fn password_reset_by_mailed_single_use_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_tokens_expire() {
-    let mesh = TestMesh::start_with(TestOptions::default(), |c| c.auth.password_reset_ttl = Duration::from_secs(1)).await;
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.password_reset_ttl = Duration::from_secs(1)
+    })
+    .await;
     let mut client = auth(&mesh).await;
     register(&mut client, "slowpoke").await;
     client
-        .request_password_reset(pb::RequestPasswordResetRequest { email: "slowpoke@example.com".into() })
+        .request_password_reset(pb::RequestPasswordResetRequest {
+            email: "slowpoke@example.com".into(),
+        })
         .await
         .expect("requested");
-    let token = mailed_token(&mesh, "slowpoke@example.com", "password_reset").await.expect("mailed");
+    let token = mailed_token(&mesh, "slowpoke@example.com", "password_reset")
+        .await
+        .expect("mailed");
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let err = client
         .reset_password(pb::ResetPasswordRequest {
@@ -260,9 +364,13 @@ async fn email_verification_by_mailed_token() {
         .request_email_verification(bearer(pb::RequestEmailVerificationRequest {}, &token))
         .await
         .expect("requested");
-    let code = mailed_token(&mesh, "verifier@example.com", "email_verification").await.expect("mailed");
+    let code = mailed_token(&mesh, "verifier@example.com", "email_verification")
+        .await
+        .expect("mailed");
     client
-        .verify_email(pb::VerifyEmailRequest { token: code.clone() })
+        .verify_email(pb::VerifyEmailRequest {
+            token: code.clone(),
+        })
         .await
         .expect("verified");
     let me = client
@@ -272,7 +380,11 @@ async fn email_verification_by_mailed_token() {
         .into_inner();
     assert!(me.account.expect("account").email_verified);
     assert_eq!(
-        client.verify_email(pb::VerifyEmailRequest { token: code }).await.expect_err("used").code(),
+        client
+            .verify_email(pb::VerifyEmailRequest { token: code })
+            .await
+            .expect_err("used")
+            .code(),
         Code::InvalidArgument
     );
     assert_eq!(
@@ -308,11 +420,19 @@ async fn per_ip_rate_limits_on_login_and_register() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.get_error_details().retry_info().is_some());
     for _ in 0..3 {
-        login(&mut client, "first", PASSWORD).await.expect("within the limit");
+        login(&mut client, "first", PASSWORD)
+            .await
+            .expect("within the limit");
     }
-    let err = login(&mut client, "first", PASSWORD).await.expect_err("limited");
+    let err = login(&mut client, "first", PASSWORD)
+        .await
+        .expect_err("limited");
     assert_eq!(err.code(), Code::ResourceExhausted);
-    let delay = err.get_error_details().retry_info().and_then(|r| r.retry_delay).expect("retry delay");
+    let delay = err
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry delay");
     assert!(delay <= Duration::from_secs(60));
     mesh.shutdown().await;
 }
@@ -323,31 +443,64 @@ async fn security_events_land_in_the_audit_trail() {
     let mut client = auth(&mesh).await;
     let reg = register(&mut client, "audited").await;
     let user = reg.account.expect("account").id;
-    login(&mut client, "audited", PASSWORD).await.expect("login");
-    login(&mut client, "audited", "Wr0ng!pass").await.expect_err("wrong");
-    login(&mut client, "ghost", "Wr0ng!pass").await.expect_err("unknown");
+    login(&mut client, "audited", PASSWORD)
+        .await
+        .expect("login");
+    login(&mut client, "audited", "Wr0ng!pass")
+        .await
+        .expect_err("wrong");
+    login(&mut client, "ghost", "Wr0ng!pass")
+        .await
+        .expect_err("unknown");
     let mut req = tonic::Request::new(pb::ChangePasswordRequest {
         current_password: PASSWORD.into(),
         new_password: "N3w!password".into(),
     });
-    req.metadata_mut().insert("x-request-id", "audit-me-1".parse().expect("ascii"));
     req.metadata_mut()
-        .insert("authorization", format!("Bearer {}", reg.tokens.expect("tokens").access_token).parse().expect("ascii"));
+        .insert("x-request-id", "audit-me-1".parse().expect("ascii"));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", reg.tokens.expect("tokens").access_token)
+            .parse()
+            .expect("ascii"),
+    );
     client.change_password(req).await.expect("changed");
 
     let mut conn = mesh.store.pg().await.expect("pg");
     let rows: Vec<(String, String, String)> = audit_events::table
         .order(audit_events::occurred_at.asc())
-        .select((audit_events::action, audit_events::target_id, audit_events::request_id))
+        .select((
+            audit_events::action,
+            audit_events::target_id,
+            audit_events::request_id,
+        ))
         .load(&mut conn)
         .await
         .expect("audit");
     let actions: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-    for expected in ["auth.account.registered", "auth.login.succeeded", "auth.login.failed", "auth.password.changed"] {
-        assert!(actions.contains(&expected), "{expected} missing from {actions:?}");
+    for expected in [
+        "auth.account.registered",
+        "auth.login.succeeded",
+        "auth.login.failed",
+        "auth.password.changed",
+    ] {
+        assert!(
+            actions.contains(&expected),
+            "{expected} missing from {actions:?}"
+        );
     }
-    assert_eq!(actions.iter().filter(|a| **a == "auth.login.failed").count(), 2, "wrong password and unknown account");
-    let changed = rows.iter().find(|r| r.0 == "auth.password.changed").expect("row");
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| **a == "auth.login.failed")
+            .count(),
+        2,
+        "wrong password and unknown account"
+    );
+    let changed = rows
+        .iter()
+        .find(|r| r.0 == "auth.password.changed")
+        .expect("row");
     assert_eq!(changed.1, user);
     assert_eq!(changed.2, "audit-me-1", "request id recorded");
     drop(conn);

@@ -3,5 +3,10 @@
 
 mod auth;
 mod auth_account;
+mod auth_api_keys;
+mod auth_totp;
 mod foundation;
+mod user_admin;
+mod user_list;
+mod user_roles;
 mod util;

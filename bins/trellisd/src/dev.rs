@@ -69,9 +69,15 @@ async fn seed(config: &Config, store: &Store) -> anyhow::Result<String> {
                 .mode(0o600)
                 .open(&file)?;
             writeln!(f, "username: {user}\npassword: {password}")?;
-            Ok(format!("Admin:      {user} / {password} (created now; also in {})", file.display()))
+            Ok(format!(
+                "Admin:      {user} / {password} (created now; also in {})",
+                file.display()
+            ))
         }
-        None => Ok(format!("Admin:      see {} (created on the first start)", file.display())),
+        None => Ok(format!(
+            "Admin:      see {} (created on the first start)",
+            file.display()
+        )),
     }
 }
 

@@ -26,6 +26,9 @@ use crate::validate;
 const RESET: &str = "password_reset";
 const VERIFY: &str = "email_verification";
 
+/// A one-time token as redeeming it needs: user, e-mail, used, expiry.
+type TokenRow = (Uuid, String, Option<DateTime<Utc>>, DateTime<Utc>);
+
 fn bad_token() -> Status {
     let mut v = FieldViolations::new();
     v.add("token", "is invalid, used or expired");
@@ -232,20 +235,19 @@ impl AuthSvc {
         token: &str,
         purpose: &str,
     ) -> Result<Option<(Uuid, String)>, diesel::result::Error> {
-        let found: Option<(Uuid, String, Option<DateTime<Utc>>, DateTime<Utc>)> =
-            auth_one_time_tokens::table
-                .filter(auth_one_time_tokens::token_hash.eq(tokens::digest(token)))
-                .filter(auth_one_time_tokens::purpose.eq(purpose))
-                .select((
-                    auth_one_time_tokens::user_id,
-                    auth_one_time_tokens::email,
-                    auth_one_time_tokens::used_at,
-                    auth_one_time_tokens::expires_at,
-                ))
-                .for_update()
-                .first(conn)
-                .await
-                .optional()?;
+        let found: Option<TokenRow> = auth_one_time_tokens::table
+            .filter(auth_one_time_tokens::token_hash.eq(tokens::digest(token)))
+            .filter(auth_one_time_tokens::purpose.eq(purpose))
+            .select((
+                auth_one_time_tokens::user_id,
+                auth_one_time_tokens::email,
+                auth_one_time_tokens::used_at,
+                auth_one_time_tokens::expires_at,
+            ))
+            .for_update()
+            .first(conn)
+            .await
+            .optional()?;
         Ok(match found {
             Some((user, email, None, expires)) if expires > Utc::now() => {
                 diesel::update(

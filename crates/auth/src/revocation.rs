@@ -23,6 +23,9 @@ pub enum Revocation {
     Session(Uuid),
     /// Every token of a user with a token version below this one.
     UserBefore(Uuid, i32),
+    /// One API key, by id. Verifiers cache keys briefly; this reaches them
+    /// before their cache entry would expire.
+    ApiKey(Uuid),
 }
 
 impl Revocation {
@@ -31,6 +34,7 @@ impl Revocation {
             Revocation::Token(jti) => format!("jti:{jti}"),
             Revocation::Session(sid) => format!("sid:{sid}"),
             Revocation::UserBefore(uid, ver) => format!("ver:{uid}:{ver}"),
+            Revocation::ApiKey(id) => format!("key:{id}"),
         }
     }
 
@@ -39,6 +43,7 @@ impl Revocation {
         match kind {
             "jti" => Some(Revocation::Token(rest.to_string())),
             "sid" => Uuid::parse_str(rest).ok().map(Revocation::Session),
+            "key" => Uuid::parse_str(rest).ok().map(Revocation::ApiKey),
             "ver" => {
                 let (uid, ver) = rest.split_once(':')?;
                 Some(Revocation::UserBefore(
@@ -58,6 +63,7 @@ pub struct Revocations {
     tokens: Cache<String, ()>,
     sessions: Cache<Uuid, ()>,
     versions: Cache<Uuid, i32>,
+    api_keys: Cache<Uuid, ()>,
 }
 
 impl std::fmt::Debug for Revocations {
@@ -78,6 +84,7 @@ impl Revocations {
             tokens: Cache::builder().time_to_live(keep).build(),
             sessions: Cache::builder().time_to_live(keep).build(),
             versions: Cache::builder().time_to_live(keep).build(),
+            api_keys: Cache::builder().time_to_live(keep).build(),
         })
     }
 
@@ -92,6 +99,20 @@ impl Revocations {
             || self.versions.get(&user).is_some_and(|min| version < min)
     }
 
+    /// Whether the API key `id` was revoked recently enough that a cached
+    /// verification of it may still be around.
+    pub fn is_api_key_revoked(&self, id: Uuid) -> bool {
+        self.api_keys.contains_key(&id)
+    }
+
+    /// The lowest token version still valid for `user`, when a
+    /// [`Revocation::UserBefore`] for them is live. Verifiers holding a
+    /// credential that carries no version (an API key) compare it before and
+    /// after to learn that the account's access was cut meanwhile.
+    pub fn user_version_floor(&self, user: Uuid) -> Option<i32> {
+        self.versions.get(&user)
+    }
+
     fn apply(&self, r: &Revocation) {
         match r {
             Revocation::Token(jti) => self.tokens.insert(jti.clone(), ()),
@@ -100,6 +121,7 @@ impl Revocations {
                 let keep = self.versions.get(uid).map_or(*ver, |v| v.max(*ver));
                 self.versions.insert(*uid, keep);
             }
+            Revocation::ApiKey(id) => self.api_keys.insert(*id, ()),
         }
     }
 
@@ -179,10 +201,12 @@ mod tests {
             Revocation::Token("abc".into()),
             Revocation::Session(uid),
             Revocation::UserBefore(uid, 3),
+            Revocation::ApiKey(uid),
         ] {
             assert_eq!(Revocation::decode(&r.encode()), Some(r));
         }
         assert_eq!(Revocation::decode("nope"), None);
         assert_eq!(Revocation::decode("ver:x:1"), None);
+        assert_eq!(Revocation::decode("key:x"), None);
     }
 }

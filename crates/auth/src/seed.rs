@@ -18,7 +18,10 @@ pub const ADMIN_EMAIL: &str = "admin@trellis.local";
 
 /// Creates the administrator when no account holds the `admin` role;
 /// returns its (username, password) when it did.
-pub async fn ensure_admin(cfg: &AuthConfig, store: &Store) -> Result<Option<(String, String)>, AuthError> {
+pub async fn ensure_admin(
+    cfg: &AuthConfig,
+    store: &Store,
+) -> Result<Option<(String, String)>, AuthError> {
     let mut conn = store.pg().await?;
     let admins: i64 = user_roles::table
         .filter(user_roles::role.eq("admin"))
@@ -30,7 +33,9 @@ pub async fn ensure_admin(cfg: &AuthConfig, store: &Store) -> Result<Option<(Str
     }
     // Meets the password policy: upper, lower, digit, special, 16+ chars.
     let password = format!("Aa1!{}", &tokens::secret("")?[..16]);
-    let hash = PasswordHasher::new(cfg.argon2, 1)?.hash(password.clone()).await?;
+    let hash = PasswordHasher::new(cfg.argon2, 1)?
+        .hash(password.clone())
+        .await?;
     accounts::create(
         &mut conn,
         NewAccount {

@@ -1,7 +1,6 @@
 //! `trellis.auth.v1.AuthService`. Handlers turn wire requests into checked
 //! values, do the work through the store and the key ring, and answer with
-//! the error model's statuses. RPCs whose issue items are still open answer
-//! UNIMPLEMENTED.
+//! the error model's statuses.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,10 +84,6 @@ pub(crate) fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
 
 pub(crate) fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(1))
-}
-
-pub(crate) fn not_built(rpc: &str) -> Status {
-    Status::unimplemented(format!("AuthService.{rpc} is not built yet"))
 }
 
 fn principal_pb(p: &Principal) -> pb::Principal {
@@ -778,6 +773,19 @@ impl AuthService for AuthSvc {
             let mut v = FieldViolations::new();
             v.add("token", "is required");
             return Err(v.into_status());
+        }
+        // API keys are looked up here, not through the verifier: the
+        // verifier asks this very RPC about them.
+        if token.starts_with(crate::api_keys::SECRET_PREFIX) {
+            let found = self.api_key_principal(&token).await?;
+            return Ok(Response::new(match found {
+                Some((p, expires_at)) => pb::IntrospectResponse {
+                    active: true,
+                    principal: Some(principal_pb(&p)),
+                    expire_time: expires_at.map(ts),
+                },
+                None => pb::IntrospectResponse::default(),
+            }));
         }
         Ok(Response::new(match self.verifier.verify(&token).await {
             Ok(found) => pb::IntrospectResponse {

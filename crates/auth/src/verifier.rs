@@ -5,11 +5,19 @@
 //! through the mesh client and are re-fetched when a token names an unknown
 //! `kid` (at most four times a second). Verified tokens are cached; every use
 //! still consults the in-memory revocation set.
+//!
+//! API keys (`trk_…`) are opaque: they are verified by AuthService.Introspect
+//! through the mesh client, so any service in any process can accept them
+//! without reading auth's tables. Active keys are cached for
+//! [`API_KEY_CACHE`]; every use still checks the key's expiry and the
+//! revocation set, so a revoked key stops working here at once and on other
+//! replicas as soon as the revocation reaches them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -18,12 +26,13 @@ use tokio::sync::{Mutex, RwLock};
 use tonic::Status;
 use trellis_core::ServiceName;
 use trellis_mesh::{Authenticator, CallContext, CredentialKind, MeshClients, Principal};
-use trellis_proto::auth::v1::GetJwksRequest;
 use trellis_proto::auth::v1::auth_service_client::AuthServiceClient;
+use trellis_proto::auth::v1::{GetJwksRequest, IntrospectRequest};
 use uuid::Uuid;
 
+use crate::api_keys::SECRET_PREFIX;
 use crate::revocation::Revocations;
-use crate::tokens::Claims;
+use crate::tokens::{self, Claims};
 
 /// Longest credential looked at; anything longer is refused unread.
 const MAX_TOKEN: usize = 8 * 1024;
@@ -31,6 +40,24 @@ const MAX_TOKEN: usize = 8 * 1024;
 /// their turn, so a flood of made-up kids costs the flooders time, not
 /// AuthService load, and a genuine new key is still learnt at once.
 const FETCH_SPACING: Duration = Duration::from_millis(250);
+/// How long an active API key is taken on trust. Revocations are kept in
+/// the revocation set for longer than this (at least a minute), so a cached
+/// key is never outlived by the news of its revocation.
+pub const API_KEY_CACHE: Duration = Duration::from_secs(30);
+/// Longest wait for AuthService.Introspect before the call is refused as
+/// UNAVAILABLE rather than left hanging.
+const INTROSPECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An API key as Introspect described it.
+struct KnownKey {
+    principal: Principal,
+    key_id: Uuid,
+    expires_at: Option<DateTime<Utc>>,
+    /// The owner's version floor when the key was verified: a LogoutAll,
+    /// password change or suspension since then raises it, and the key is
+    /// asked about again rather than trusted from the cache.
+    owner_floor: Option<i32>,
+}
 
 pub struct TokenVerifier {
     validation: Validation,
@@ -39,6 +66,9 @@ pub struct TokenVerifier {
     last_fetch: Mutex<Option<Instant>>,
     revocations: Arc<Revocations>,
     verified: Cache<String, Arc<(Principal, Claims)>>,
+    /// Active API keys by the SHA-256 of their secret (secrets themselves
+    /// are not kept in memory longer than a call).
+    api_keys: Cache<Vec<u8>, Arc<KnownKey>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -74,6 +104,10 @@ impl TokenVerifier {
             verified: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
+                .build(),
+            api_keys: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(API_KEY_CACHE)
                 .build(),
         }
     }
@@ -179,6 +213,87 @@ impl TokenVerifier {
         Ok(entry)
     }
 
+    /// Verifies an API key through AuthService.Introspect, returning its
+    /// principal (the key's scopes as permissions, no session or roles).
+    pub async fn verify_api_key(&self, secret: &str) -> Result<Principal, Status> {
+        if secret.len() > MAX_TOKEN {
+            return Err(unauthenticated("token too long"));
+        }
+        let hash = tokens::digest(secret);
+        if let Some(hit) = self.api_keys.get(&hash) {
+            self.key_still_valid(&hit)?;
+            if self.revocations.user_version_floor(hit.principal.user_id) == hit.owner_floor {
+                return Ok(hit.principal.clone());
+            }
+            self.api_keys.invalidate(&hash);
+        }
+        let ctx = CallContext {
+            deadline: Some(Instant::now() + INTROSPECT_TIMEOUT),
+            ..CallContext::background()
+        };
+        let mut client = self
+            .clients
+            .client(ServiceName::Auth, &ctx, AuthServiceClient::new)?;
+        let answer = client
+            .introspect(IntrospectRequest {
+                token: secret.to_string(),
+            })
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot introspect an API key");
+                Status::unavailable("cannot verify API keys right now")
+            })?
+            .into_inner();
+        let invalid = || unauthenticated("invalid API key");
+        if !answer.active {
+            return Err(invalid());
+        }
+        let p = answer.principal.ok_or_else(invalid)?;
+        if p.credential_type != "api_key" {
+            return Err(invalid());
+        }
+        let user_id = Uuid::parse_str(&p.user_id).map_err(|_| invalid())?;
+        let key_id = Uuid::parse_str(&p.api_key_id).map_err(|_| invalid())?;
+        // A cut that lands while the call is in flight can still be missed
+        // until the entry expires; later ones change the floor.
+        let owner_floor = self.revocations.user_version_floor(user_id);
+        let expires_at = match answer.expire_time {
+            Some(t) => Some(
+                DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32)
+                    .ok_or_else(invalid)?,
+            ),
+            None => None,
+        };
+        let known = Arc::new(KnownKey {
+            principal: Principal {
+                user_id,
+                session_id: None,
+                roles: Vec::new(),
+                permissions: p.permissions,
+                credential: CredentialKind::ApiKey { key_id },
+                expires_at: expires_at.map(|t| t.timestamp()),
+            },
+            key_id,
+            expires_at,
+            owner_floor,
+        });
+        // Checked after the answer: a revocation that arrived while the
+        // call was in flight must still win.
+        self.key_still_valid(&known)?;
+        self.api_keys.insert(hash, known.clone());
+        Ok(known.principal.clone())
+    }
+
+    fn key_still_valid(&self, k: &KnownKey) -> Result<(), Status> {
+        if k.expires_at.is_some_and(|t| t <= Utc::now()) {
+            return Err(unauthenticated("API key expired"));
+        }
+        if self.revocations.is_api_key_revoked(k.key_id) {
+            return Err(unauthenticated("API key revoked"));
+        }
+        Ok(())
+    }
+
     fn still_valid(&self, c: &Claims, now: i64) -> Result<(), Status> {
         if c.exp <= now {
             return Err(unauthenticated("token expired"));
@@ -195,6 +310,12 @@ impl TokenVerifier {
 
 impl Authenticator for TokenVerifier {
     fn authenticate<'a>(&'a self, credential: &'a str) -> BoxFuture<'a, Result<Principal, Status>> {
-        Box::pin(async move { self.verify(credential).await.map(|v| v.0.clone()) })
+        Box::pin(async move {
+            if credential.starts_with(SECRET_PREFIX) {
+                self.verify_api_key(credential).await
+            } else {
+                self.verify(credential).await.map(|v| v.0.clone())
+            }
+        })
     }
 }
