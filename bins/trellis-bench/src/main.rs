@@ -34,7 +34,7 @@ use crate::calls::{Caller, Protocol, WebConn};
 use crate::load::{Mode, Outcome, Plan};
 use crate::report::{RunInfo, ScenarioResult};
 use crate::scenario::Scenario;
-use crate::servers::{ServerKind, Servers};
+use crate::servers::{SchedStat, ServerKind, Servers};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -64,7 +64,12 @@ struct RunArgs {
     quick: bool,
     /// Scenarios to run, comma-separated (default: all); the references
     /// they are compared against run too.
-    #[arg(long, value_delimiter = ',', value_name = "NAME")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NAME",
+        value_parser = clap::builder::PossibleValuesParser::new(scenario::SCENARIOS.iter().map(|s| s.name)),
+    )]
     scenario: Vec<String>,
     /// Measured seconds per scenario [default: 10; --quick: 1.5].
     #[arg(long, value_name = "SECS")]
@@ -161,6 +166,7 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
         .with_context(|| format!("creating {}", args.out.display()))?;
 
     let cpus = servers::allowed_cpus();
+    let machine = machine_text(&cpus);
     let pins = match cpus.as_slice() {
         [server, client, ..] if !args.no_pin => Some(Pins {
             server: *server,
@@ -227,7 +233,7 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
         },
         load: load_text(&plan, args.connections),
         cores,
-        machine: machine_text(&cpus),
+        machine,
         payload,
     };
     report::write_all(&args.out, &info, &results)?;
@@ -313,27 +319,30 @@ async fn run(
         // Starts once every task is ready to go.
         let start = Instant::now() + Duration::from_millis(20);
         let (from, end) = plan.window(start);
-        let cpu = async {
+        // The scheduler's account of both processes over the measured window.
+        let usage = async {
             sleep_until(from).await;
-            let before = (Instant::now(), server.cpu_time(), servers::cpu_time("self"));
+            let before = (
+                Instant::now(),
+                server.sched_stat(),
+                servers::sched_stat("self"),
+            );
             sleep_until(end).await;
-            let after = (Instant::now(), server.cpu_time(), servers::cpu_time("self"));
-            let wall = (after.0 - before.0).as_secs_f64();
-            let pct = |a: Option<Duration>, b: Option<Duration>| {
-                Some((b? - a?).as_secs_f64() / wall * 100.0)
-            };
-            (pct(before.1, after.1), pct(before.2, after.2))
+            let after = (
+                Instant::now(),
+                server.sched_stat(),
+                servers::sched_stat("self"),
+            );
+            Usage::between(after.0 - before.0, (before.1, after.1), (before.2, after.2))
         };
-        let (outcome, (server_cpu, client_cpu)) =
-            tokio::join!(load::run(plan, start, callers, s.rpc), cpu);
+        let (outcome, usage) = tokio::join!(load::run(plan, start, callers, s.rpc), usage);
         let r = result(
             s,
             &plan,
             args.connections,
             &outcome,
             &results,
-            server_cpu,
-            client_cpu,
+            usage,
             sizes.get(&s.server).copied().unwrap_or(0),
         );
         eprintln!(
@@ -381,15 +390,47 @@ async fn connect(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// CPU use over a measured window, in % of one CPU.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    server_cpu: Option<f64>,
+    server_wait: Option<f64>,
+    client_cpu: Option<f64>,
+    client_wait: Option<f64>,
+    /// Server CPU time over the window, in µs.
+    server_cpu_us: Option<f64>,
+}
+
+impl Usage {
+    fn between(
+        wall: Duration,
+        server: (Option<SchedStat>, Option<SchedStat>),
+        client: (Option<SchedStat>, Option<SchedStat>),
+    ) -> Usage {
+        let wall = wall.as_secs_f64();
+        let pct = |a: Option<Duration>, b: Option<Duration>| {
+            Some(b?.saturating_sub(a?).as_secs_f64() / wall * 100.0)
+        };
+        Usage {
+            server_cpu: pct(server.0.map(|s| s.on_cpu), server.1.map(|s| s.on_cpu)),
+            server_wait: pct(server.0.map(|s| s.waiting), server.1.map(|s| s.waiting)),
+            client_cpu: pct(client.0.map(|s| s.on_cpu), client.1.map(|s| s.on_cpu)),
+            client_wait: pct(client.0.map(|s| s.waiting), client.1.map(|s| s.waiting)),
+            server_cpu_us: server
+                .0
+                .zip(server.1)
+                .map(|(a, b)| b.on_cpu.saturating_sub(a.on_cpu).as_secs_f64() * 1e6),
+        }
+    }
+}
+
 fn result(
     s: &Scenario,
     plan: &Plan,
     connections: usize,
     o: &Outcome,
     earlier: &[ScenarioResult],
-    server_cpu: Option<f64>,
-    client_cpu: Option<f64>,
+    usage: Usage,
     response_bytes: usize,
 ) -> ScenarioResult {
     let us = |q: f64| o.latency.value_at_quantile(q) as f64 / 1000.0;
@@ -443,8 +484,14 @@ fn result(
         target_rps_ratio: s.target.map(|t| t.min_rps_ratio),
         target_p99_ratio: s.target.and_then(|t| t.max_p99_ratio),
         met,
-        server_cpu_percent: server_cpu,
-        client_cpu_percent: client_cpu,
+        server_cpu_percent: usage.server_cpu,
+        server_wait_percent: usage.server_wait,
+        server_cpu_us_per_call: usage
+            .server_cpu_us
+            .filter(|_| o.ok > 0)
+            .map(|us| us / (o.ok + o.error_total()) as f64),
+        client_cpu_percent: usage.client_cpu,
+        client_wait_percent: usage.client_wait,
         response_bytes,
     }
 }
@@ -521,8 +568,12 @@ fn machine_text(cpus: &[usize]) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".to_string());
     format!(
-        "nproc {} ({}), {model}, Linux {kernel} {}",
+        "nproc {} ({}), {model}, Linux {kernel} {}; load average before the run {load}",
         cpus.len(),
         cpu_list(cpus),
         std::env::consts::ARCH

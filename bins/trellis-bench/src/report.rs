@@ -11,6 +11,10 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
 
+/// Waiting for a CPU longer than this (% of the window) marks a scenario's
+/// numbers as disturbed by other processes.
+const NOISY_WAIT_PERCENT: f64 = 5.0;
+
 /// One scenario's results, as written to `<scenario>.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {
@@ -54,9 +58,17 @@ pub struct ScenarioResult {
     /// CPU used by the server process during the measured window, in % of
     /// one CPU.
     pub server_cpu_percent: Option<f64>,
+    /// Time the server's threads were runnable but waiting for a CPU (taken
+    /// by another process), in % of the window: noise.
+    pub server_wait_percent: Option<f64>,
+    /// Server CPU time per call in the window, in µs: the cost of a call,
+    /// whichever side limited the rate.
+    pub server_cpu_us_per_call: Option<f64>,
     /// CPU used by the bench itself during the measured window, in % of one
-    /// CPU.
+    /// CPU; near 100% the bench, not the server, limited req/s.
     pub client_cpu_percent: Option<f64>,
+    /// Time the bench's threads waited for a CPU, in % of the window.
+    pub client_wait_percent: Option<f64>,
     /// Encoded size of the server's GetInfo response.
     pub response_bytes: usize,
 }
@@ -116,7 +128,7 @@ fn ratio_text(r: &ScenarioResult) -> String {
         (Some(reference), Some(rps), Some(p99)) => {
             format!("{rps:.2}× req/s, {p99:.2}× p99 (vs {reference})")
         }
-        _ => "— (reference)".to_string(),
+        _ => "—".to_string(),
     }
 }
 
@@ -155,10 +167,28 @@ pub fn markdown(info: &RunInfo, results: &[ScenarioResult]) -> String {
     md.push_str(&format!("**Cores:** {}\n\n", info.cores));
     md.push_str(&format!("**Machine:** {}\n\n", info.machine));
     md.push_str(&format!("**Payload:** {}\n\n", info.payload));
+    let noisy: Vec<String> = results
+        .iter()
+        .filter_map(|r| {
+            let worst = r
+                .server_wait_percent
+                .unwrap_or(0.0)
+                .max(r.client_wait_percent.unwrap_or(0.0));
+            (worst > NOISY_WAIT_PERCENT).then(|| format!("{} ({worst:.0}%)", r.scenario))
+        })
+        .collect();
+    if !noisy.is_empty() {
+        md.push_str(&format!(
+            "**Noise:** other processes kept the server or the bench off its CPU for more \
+             than {NOISY_WAIT_PERCENT}% of the window in {}; compare those numbers with \
+             care, or run again on a quieter machine.\n\n",
+            noisy.join(", ")
+        ));
+    }
     md.push_str(
-        "| scenario | what | p90 (µs) | max (µs) | calls | errors | server CPU | bench CPU |\n",
+        "| scenario | what | p90 (µs) | max (µs) | calls | errors | server CPU/call | server CPU (waited) | bench CPU (waited) |\n",
     );
-    md.push_str("|---|---|---:|---:|---:|---|---:|---:|\n");
+    md.push_str("|---|---|---:|---:|---:|---|---:|---:|---:|\n");
     for r in results {
         let errors = if r.errors.is_empty() {
             "0".to_string()
@@ -169,23 +199,30 @@ pub fn markdown(info: &RunInfo, results: &[ScenarioResult]) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let pct = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.0}%"));
+        let pct = |cpu: Option<f64>, wait: Option<f64>| match (cpu, wait) {
+            (Some(c), Some(w)) => format!("{c:.0}% ({w:.0}%)"),
+            _ => "?".to_string(),
+        };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.about,
             us(r.p90_us),
             us(r.max_us),
             r.requests,
             errors,
-            pct(r.server_cpu_percent),
-            pct(r.client_cpu_percent)
+            r.server_cpu_us_per_call
+                .map_or("?".to_string(), |v| format!("{v:.1} µs")),
+            pct(r.server_cpu_percent, r.server_wait_percent),
+            pct(r.client_cpu_percent, r.client_wait_percent)
         ));
     }
     md.push_str(
         "\nreq/s counts successful calls in the measured window; latencies are of \
-         successful calls; CPU is the process's time on CPU over the window, in % of \
-         one CPU.\n",
+         successful calls. CPU is time on CPU over the window in % of one CPU; \
+         \"waited\" is time runnable but kept off the CPU by other processes (noise). \
+         A bench CPU near 100% means the client, not the server, set the pace: that \
+         req/s is a lower bound, and server CPU per call compares the servers' cost.\n",
     );
     md
 }
@@ -227,7 +264,10 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
         .fold(1.0f64, f64::max)
         * 1.2;
     let mut c = ChartBuilder::on(&left)
-        .caption("req/s relative to reference", ("sans-serif", 16))
+        .caption(
+            "req/s relative to reference (black tick: target)",
+            ("sans-serif", 16),
+        )
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(48)
@@ -235,6 +275,7 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
     c.configure_mesh()
         .disable_x_mesh()
         .x_label_formatter(&label)
+        .light_line_style(TRANSPARENT)
         .y_desc("× reference req/s")
         .draw()?;
     c.draw_series(results.iter().zip(&ratios).enumerate().map(|(i, (r, &v))| {
@@ -276,6 +317,8 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
     c.configure_mesh()
         .disable_x_mesh()
         .x_label_formatter(&label)
+        .light_line_style(TRANSPARENT)
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .y_desc("µs")
         .draw()?;
     let p50 = RGBColor(70, 120, 200);

@@ -65,15 +65,26 @@ pub fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
     sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning to CPU {cpu}"))
 }
 
-/// Time on CPU of every thread of process `pid` ("self" for this one),
-/// from the scheduler's per-thread accounting.
-pub fn cpu_time(pid: &str) -> Option<Duration> {
-    let mut ns = 0u64;
+/// The scheduler's account of a process, summed over its threads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SchedStat {
+    /// Time running on a CPU.
+    pub on_cpu: Duration,
+    /// Time runnable but waiting for a CPU (someone else had it).
+    pub waiting: Duration,
+}
+
+/// [`SchedStat`] of process `pid` ("self" for this one), from
+/// `/proc/PID/task/*/schedstat`.
+pub fn sched_stat(pid: &str) -> Option<SchedStat> {
+    let mut total = SchedStat::default();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
+        total.on_cpu += Duration::from_nanos(fields.next()??);
+        total.waiting += Duration::from_nanos(fields.next()??);
     }
-    Some(Duration::from_nanos(ns))
+    Some(total)
 }
 
 /// The trellisd binary: `explicit`, or the one next to this executable.
@@ -136,8 +147,8 @@ impl ServerProcess {
         self.child.id()
     }
 
-    pub fn cpu_time(&self) -> Option<Duration> {
-        cpu_time(&self.pid().to_string())
+    pub fn sched_stat(&self) -> Option<SchedStat> {
+        sched_stat(&self.pid().to_string())
     }
 
     /// Polls GetInfo until it answers; fails if the process exits first or

@@ -715,7 +715,7 @@ mod tests {
                 "[server]\nlisten = \"127.0.0.1:7000\"\ndefault_timeout = \"5s\"\n[redis]\nkey_prefix = \"file:\"\n",
             )?;
             jail.set_env("TRELLIS_SERVER__DEFAULT_TIMEOUT", "7s");
-            jail.set_env("TRELLIS_DATABASE_URL", "postgres://u:secret@h/db");
+            jail.set_env("TRELLIS_DATABASE_URL", "postgres://u:hunter2@h/db");
             jail.set_env("TRELLIS_TEST_DATABASE_URL", "ignored");
             let c = Config::load(Sources {
                 file: None,
@@ -725,9 +725,9 @@ mod tests {
             assert_eq!(c.server.listen.port(), 7000);
             assert_eq!(c.server.default_timeout, Duration::from_secs(7));
             assert_eq!(c.redis.key_prefix, "flag:");
-            assert_eq!(c.database.url.as_deref(), Some("postgres://u:secret@h/db"));
+            assert_eq!(c.database.url.as_deref(), Some("postgres://u:hunter2@h/db"));
             assert!(
-                !format!("{c:?}").contains("secret"),
+                !format!("{c:?}").contains("hunter2"),
                 "secrets never reach Debug output"
             );
             Ok(())

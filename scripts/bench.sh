@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds trellisd and trellis-bench in release mode and runs the full
+# side-by-side benchmark: a bare tonic baseline, trellisd's no-op path over
+# native gRPC and over gRPC-web. Arguments go to trellis-bench (see
+# `scripts/bench.sh --help`: --duration, --concurrency, --rate, --scenario,
+# --out, …). Results go to bench-results/ (summary.md, summary.svg,
+# <scenario>.json) unless --out says otherwise. Needs no PostgreSQL or Redis.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out=bench-results
+prev=
+for arg in "$@"; do
+  case "$arg" in
+    --out=*) out="${arg#--out=}" ;;
+  esac
+  if [ "$prev" = --out ]; then out="$arg"; fi
+  prev="$arg"
+done
+
+started=$SECONDS
+cargo build --release --locked -p trellisd -p trellis-bench
+built=$SECONDS
+echo "bench.sh: release build: $((built - started)) s" >&2
+status=0
+# Run the binary itself, not `cargo run`: under cargo the bench rebuilds
+# trellisd first, which is redundant here.
+target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+"$target_dir/release/trellis-bench" "$@" || status=$?
+echo "bench.sh: benchmark: $((SECONDS - built)) s (exit status $status)" >&2
+echo "bench.sh: summary: $out/summary.md, chart: $out/summary.svg" >&2
+exit "$status"
