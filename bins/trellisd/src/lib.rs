@@ -56,10 +56,18 @@ pub async fn start(
             None => PageTokens::random(),
         },
     };
+    let store_for_mail = store.clone();
     let builder = MeshBuilder::new(config.clone(), store, enabled.clone()).authenticator(verifier);
     let builder = mount(builder, &enabled, &deps)?;
+    // Mail queued by AuthService is delivered from here.
+    let outbox = if enabled.contains(&ServiceName::Auth) && store_for_mail.has_pg() {
+        let mailer = trellis_auth::mail::mailer(&config.mail)?;
+        Some(trellis_auth::mail::spawn_outbox(store_for_mail, mailer, config.mail.poll_interval))
+    } else {
+        None
+    };
     let mesh = builder.start(listener, shutdown).await?;
-    Ok(mesh.on_stop(listener_task))
+    Ok(mesh.on_stop(listener_task).on_stop(outbox))
 }
 
 /// Mounts each enabled service on the builder. SystemService, health and

@@ -8,7 +8,7 @@ pub mod audit;
 mod credentials;
 mod error;
 pub mod keys;
-mod mail;
+pub mod mail;
 mod password;
 pub mod revocation;
 pub mod seed;

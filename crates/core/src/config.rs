@@ -63,6 +63,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
     pub secrets: SecretsConfig,
+    pub mail: MailConfig,
     pub dev: DevConfig,
 }
 
@@ -439,6 +440,41 @@ impl fmt::Debug for SecretsConfig {
     }
 }
 
+/// Outgoing mail (password resets, e-mail verification).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailConfig {
+    /// `smtp://user:pass@host:587?tls=required` (STARTTLS), `smtps://…:465`
+    /// (implicit TLS) or `smtp://host:25` (plain). Unset: mail is only
+    /// logged and kept in the outbox (development).
+    pub smtp_url: Option<String>,
+    /// The From header, e.g. `Trellis <no-reply@example.com>`.
+    pub from: String,
+    /// How often the outbox is drained.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_url: None,
+            from: "Trellis <no-reply@trellis.local>".into(),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl fmt::Debug for MailConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MailConfig")
+            .field("smtp_url", &self.smtp_url.as_deref().map(redact_url))
+            .field("from", &self.from)
+            .field("poll_interval", &self.poll_interval)
+            .finish()
+    }
+}
+
 /// `trellisd dev` only.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -618,6 +654,14 @@ impl Config {
                 "secrets.page_token_key",
                 "must be at least 16 characters",
             ));
+        }
+        if let Some(url) = &self.mail.smtp_url
+            && !(url.starts_with("smtp://") || url.starts_with("smtps://"))
+        {
+            return Err(invalid("mail.smtp_url", "must start with smtp:// or smtps://"));
+        }
+        if !self.mail.from.contains('@') {
+            return Err(invalid("mail.from", "must be an address like Trellis <no-reply@example.com>"));
         }
         let a = &self.auth;
         if a.access_token_ttl < Duration::from_secs(10) {

@@ -146,6 +146,9 @@ diesel::table! {
         purpose -> Text,
         created_at -> Timestamptz,
         sent_at -> Nullable<Timestamptz>,
+        attempts -> Int4,
+        next_attempt_at -> Timestamptz,
+        last_error -> Nullable<Text>,
     }
 }
 
