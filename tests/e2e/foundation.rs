@@ -299,6 +299,16 @@ async fn grpc_web_over_http1_with_cors() {
     let info: GetInfoResponse = prost::Message::decode(messages[0].as_slice()).expect("decodes");
     assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
 
+    // Non-browser clients send no Origin and get no CORS headers.
+    let plain = mesh
+        .system()
+        .await
+        .get_info(GetInfoRequest {})
+        .await
+        .expect("native call");
+    assert!(plain.metadata().get("access-control-allow-origin").is_none());
+    assert!(plain.metadata().get("vary").is_none());
+
     // A disallowed origin gets no CORS grant when origins are restricted.
     let strict = TestMesh::start_with(TestOptions::default(), |c| {
         c.server.cors_allowed_origins = vec!["https://app.example.com".into()];

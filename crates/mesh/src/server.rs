@@ -28,6 +28,7 @@ use trellis_store::Store;
 
 use crate::health::{HealthMap, watch_dependencies};
 use crate::layers::authn::{Authenticator, AuthnLayer};
+use crate::layers::cors::BrowserCorsLayer;
 use crate::layers::deadline::DeadlineLayer;
 use crate::layers::metrics::{Metrics, MetricsLayer};
 use crate::layers::scrape::ScrapeLayer;
@@ -191,7 +192,7 @@ impl MeshBuilder {
         let routes = routes.routes().prepare();
 
         let layers = ServiceBuilder::new()
-            .layer(cors(&server_cfg.cors_allowed_origins))
+            .layer(BrowserCorsLayer::new(cors(&server_cfg.cors_allowed_origins)))
             .layer(ScrapeLayer::new(metrics.clone()))
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(request_id::layer())

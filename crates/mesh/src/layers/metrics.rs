@@ -5,9 +5,9 @@
 //! the status they really ended with. Methods of services this server does
 //! not mount are folded into `unknown` so a scanner cannot blow up cardinality.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -15,7 +15,8 @@ use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tonic::Code;
 use tower::{Layer, Service};
@@ -32,6 +33,24 @@ pub struct Metrics {
     pools: IntGaugeVec,
     store: Store,
     known_services: HashSet<String>,
+    /// Per-method handles, resolved once instead of on every call.
+    methods: RwLock<HashMap<String, Arc<MethodHandles>>>,
+}
+
+/// One method's metric handles.
+struct MethodHandles {
+    service: String,
+    method: String,
+    in_flight: IntGauge,
+    latency: Histogram,
+    /// Request counters by status code, created on first use.
+    codes: [OnceLock<IntCounter>; 17],
+}
+
+impl std::fmt::Debug for MethodHandles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.service, self.method)
+    }
 }
 
 impl Metrics {
@@ -87,6 +106,7 @@ impl Metrics {
             pools,
             store,
             known_services: known_services.into_iter().collect(),
+            methods: RwLock::new(HashMap::new()),
         })
     }
 
@@ -115,16 +135,40 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    fn labels(&self, path: &str) -> (String, String) {
+    /// The handles for a call's path; paths of services not mounted here
+    /// share one `unknown` entry so scanners cannot inflate cardinality.
+    fn handles(&self, path: &str) -> Arc<MethodHandles> {
+        if let Some(h) = self.methods.read().ok().and_then(|m| m.get(path).cloned()) {
+            return h;
+        }
         let mut parts = path.trim_start_matches('/').splitn(2, '/');
-        match (parts.next(), parts.next()) {
+        let (service, method, key) = match (parts.next(), parts.next()) {
             (Some(svc), Some(method))
                 if self.known_services.contains(svc) && !method.contains('/') =>
             {
-                (svc.to_string(), method.to_string())
+                (svc.to_string(), method.to_string(), path.to_string())
             }
-            _ => ("unknown".into(), "unknown".into()),
-        }
+            _ => (
+                "unknown".to_string(),
+                "unknown".to_string(),
+                "unknown".to_string(),
+            ),
+        };
+        let mut map = match self.methods.write() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(key)
+            .or_insert_with(|| {
+                Arc::new(MethodHandles {
+                    in_flight: self.in_flight.with_label_values(&[&service, &method]),
+                    latency: self.latency.with_label_values(&[&service, &method]),
+                    codes: std::array::from_fn(|_| OnceLock::new()),
+                    service,
+                    method,
+                })
+            })
+            .clone()
     }
 }
 
@@ -163,22 +207,17 @@ fn status_in(headers: &HeaderMap) -> Option<Code> {
 /// CANCELLED when it is dropped before finishing (client went away).
 struct Recorder {
     metrics: Arc<Metrics>,
-    service: String,
-    method: String,
+    handles: Arc<MethodHandles>,
     started: Instant,
     done: bool,
 }
 
 impl Recorder {
-    fn new(metrics: Arc<Metrics>, service: String, method: String) -> Recorder {
-        metrics
-            .in_flight
-            .with_label_values(&[&service, &method])
-            .inc();
+    fn new(metrics: Arc<Metrics>, handles: Arc<MethodHandles>) -> Recorder {
+        handles.in_flight.inc();
         Recorder {
             metrics,
-            service,
-            method,
+            handles,
             started: Instant::now(),
             done: false,
         }
@@ -189,16 +228,19 @@ impl Recorder {
             return;
         }
         self.done = true;
-        let labels = [self.service.as_str(), self.method.as_str()];
-        self.metrics
-            .requests
-            .with_label_values(&[labels[0], labels[1], code_name(code)])
+        let h = &self.handles;
+        let slot = (code as usize).min(h.codes.len() - 1);
+        h.codes[slot]
+            .get_or_init(|| {
+                self.metrics.requests.with_label_values(&[
+                    h.service.as_str(),
+                    h.method.as_str(),
+                    code_name(code),
+                ])
+            })
             .inc();
-        self.metrics
-            .latency
-            .with_label_values(&labels)
-            .observe(self.started.elapsed().as_secs_f64());
-        self.metrics.in_flight.with_label_values(&labels).dec();
+        h.latency.observe(self.started.elapsed().as_secs_f64());
+        h.in_flight.dec();
     }
 }
 
@@ -256,8 +298,8 @@ where
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let recorder = is_grpc.then(|| {
-            let (service, method) = self.metrics.labels(req.uri().path());
-            Recorder::new(self.metrics.clone(), service, method)
+            let handles = self.metrics.handles(req.uri().path());
+            Recorder::new(self.metrics.clone(), handles)
         });
         let fut = self.inner.call(req);
         Box::pin(async move {

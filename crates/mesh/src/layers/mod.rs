@@ -4,6 +4,7 @@
 //! middleware per file.
 
 pub mod authn;
+pub mod cors;
 pub mod deadline;
 pub mod metrics;
 pub mod request_id;
