@@ -580,6 +580,36 @@ fn fresh_ed25519_der() -> Vec<u8> {
     der
 }
 
+/// Signs in as `who`.
+pub async fn login(
+    client: &mut AuthServiceClient<Channel>,
+    who: &str,
+    password: &str,
+) -> Result<pb::TokenPair, Status> {
+    client
+        .login(pb::LoginRequest {
+            login: who.into(),
+            password: password.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().tokens.expect("tokens"))
+}
+
+/// Registers `name` as an administrator: returns its id and an access
+/// token that carries the role (a fresh login, as roles reach tokens when
+/// they are issued).
+pub async fn admin_account(mesh: &TestMesh, name: &str) -> (String, String) {
+    let mut a = auth(mesh).await;
+    let id = register(&mut a, name).await.account.expect("account").id;
+    make_admin(mesh, &id).await;
+    let token = login(&mut a, name, PASSWORD)
+        .await
+        .expect("login")
+        .access_token;
+    (id, token)
+}
+
 pub async fn make_admin(mesh: &TestMesh, user_id: &str) {
     let mut conn = mesh.store.pg().await.expect("pg");
     diesel::insert_into(user_roles::table)
@@ -719,15 +749,7 @@ async fn revocation_reaches_another_server_within_a_second() {
     let token = access(&reg);
 
     // A replica's verifier, as the other server builds it.
-    let revocations =
-        trellis_auth::Revocations::new(other.store.clone(), other.config.auth.access_token_ttl);
-    let _feed = revocations.spawn_listener();
-    let verifier = trellis_auth::TokenVerifier::new(
-        &other.config.auth.issuer,
-        &other.config.auth.audience,
-        other.clients.clone(),
-        revocations,
-    );
+    let (verifier, _feed) = crate::util::replica_verifier(other);
     verifier
         .verify(&token)
         .await
@@ -758,26 +780,16 @@ async fn revocation_reaches_another_server_within_a_second() {
 
 /// gRPC-web frame of a prost message.
 fn web_frame<M: prost::Message>(m: &M) -> Vec<u8> {
-    let body = m.encode_to_vec();
-    let mut out = vec![0u8];
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
-    out
+    crate::util::grpc_frame(&m.encode_to_vec())
 }
 
+/// The (last) message and the trailer text of a gRPC-web body.
 fn web_message<M: prost::Message + Default>(body: &[u8]) -> (Option<M>, String) {
-    let (mut msg, mut trailers, mut rest) = (None, String::new(), body);
-    while rest.len() >= 5 {
-        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        let payload = &rest[5..5 + len];
-        if rest[0] & 0x80 != 0 {
-            trailers.push_str(&String::from_utf8_lossy(payload));
-        } else {
-            msg = M::decode(payload).ok();
-        }
-        rest = &rest[5 + len..];
-    }
-    (msg, trailers)
+    let (messages, trailers) = crate::util::parse_grpc_web(body);
+    (
+        messages.last().and_then(|m| M::decode(m.as_slice()).ok()),
+        trailers,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

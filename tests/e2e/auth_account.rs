@@ -13,22 +13,7 @@ use trellis_proto::auth::v1 as pb;
 use trellis_store::schema::{audit_events, mail_outbox};
 use trellis_tests::{TestMesh, TestOptions};
 
-use crate::auth::{PASSWORD, access, auth, bearer, register};
-
-async fn login(
-    client: &mut pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
-    who: &str,
-    password: &str,
-) -> Result<pb::TokenPair, tonic::Status> {
-    client
-        .login(pb::LoginRequest {
-            login: who.into(),
-            password: password.into(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().tokens.expect("tokens"))
-}
+use crate::auth::{PASSWORD, access, auth, bearer, login, register, violations as fields};
 
 /// The newest mailed token of `purpose` sent to `to`, read from the outbox.
 async fn mailed_token(mesh: &TestMesh, to: &str, purpose: &str) -> Option<String> {
@@ -47,13 +32,6 @@ async fn mailed_token(mesh: &TestMesh, to: &str, purpose: &str) -> Option<String
             .find(|w| w.starts_with("prt_") || w.starts_with("evt_"))
             .map(str::to_string)
     })
-}
-
-fn fields(s: &tonic::Status) -> Vec<String> {
-    s.get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

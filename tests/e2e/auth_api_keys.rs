@@ -491,15 +491,7 @@ async fn api_keys_verify_on_another_server_and_revocation_reaches_it() {
         .expect("create")
         .secret;
 
-    let revocations =
-        trellis_auth::Revocations::new(other.store.clone(), other.config.auth.access_token_ttl);
-    let _feed = revocations.spawn_listener();
-    let verifier = trellis_auth::TokenVerifier::new(
-        &other.config.auth.issuer,
-        &other.config.auth.audience,
-        other.clients.clone(),
-        revocations,
-    );
+    let (verifier, _feed) = crate::util::replica_verifier(other);
     let p = verifier
         .verify_api_key(&secret)
         .await

@@ -16,16 +16,21 @@ use trellis_tests::{TestMesh, TestOptions};
 use crate::auth::{auth, register};
 use crate::util::eventually;
 
-/// A minimal SMTP server: accepts every message and keeps (recipients, data).
+/// One accepted message: the RCPT lines and the DATA.
+type Received = (Vec<String>, String);
+
+/// A minimal SMTP server: accepts every message and keeps it.
 #[derive(Clone, Default)]
 struct FakeSmtp {
-    received: Arc<Mutex<Vec<(Vec<String>, String)>>>,
+    received: Arc<Mutex<Vec<Received>>>,
 }
 
 impl FakeSmtp {
     async fn serve(self, listener: TcpListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let me = self.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
@@ -47,7 +52,11 @@ impl FakeSmtp {
                         }
                         continue;
                     }
-                    let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+                    let verb = line
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_ascii_uppercase();
                     let reply: &[u8] = match verb.as_str() {
                         "EHLO" | "HELO" => b"250-fake.smtp\r\n250 8BITMIME\r\n",
                         "MAIL" => b"250 2.1.0 ok\r\n",
@@ -72,11 +81,18 @@ impl FakeSmtp {
     }
 }
 
-async fn sent_at(mesh: &TestMesh, to: &str) -> Vec<(Option<chrono::DateTime<chrono::Utc>>, i32, Option<String>)> {
+async fn sent_at(
+    mesh: &TestMesh,
+    to: &str,
+) -> Vec<(Option<chrono::DateTime<chrono::Utc>>, i32, Option<String>)> {
     let mut conn = mesh.store.pg().await.expect("pg");
     mail_outbox::table
         .filter(mail_outbox::to_address.eq(to))
-        .select((mail_outbox::sent_at, mail_outbox::attempts, mail_outbox::last_error))
+        .select((
+            mail_outbox::sent_at,
+            mail_outbox::attempts,
+            mail_outbox::last_error,
+        ))
         .load(&mut conn)
         .await
         .expect("outbox")
@@ -103,17 +119,32 @@ async fn reset_mail_is_delivered_over_smtp() {
         .await
         .expect("requested");
     assert!(
-        eventually(Duration::from_secs(5), || async { !smtp.received.lock().expect("lock").is_empty() }).await,
+        eventually(Duration::from_secs(5), || async {
+            !smtp.received.lock().expect("lock").is_empty()
+        })
+        .await,
         "the fake SMTP server received nothing"
     );
     let (rcpt, data) = smtp.received.lock().expect("lock")[0].clone();
-    assert!(rcpt.iter().any(|r| r.contains("mailme@example.com")), "{rcpt:?}");
-    assert!(data.contains("Subject: Reset your Trellis password"), "{data}");
-    assert!(data.contains("From: Trellis <no-reply@trellis.test>"), "{data}");
+    assert!(
+        rcpt.iter().any(|r| r.contains("mailme@example.com")),
+        "{rcpt:?}"
+    );
+    assert!(
+        data.contains("Subject: Reset your Trellis password"),
+        "{data}"
+    );
+    assert!(
+        data.contains("From: Trellis <no-reply@trellis.test>"),
+        "{data}"
+    );
     assert!(data.contains("prt_"), "the token is in the mail: {data}");
     assert!(
         eventually(Duration::from_secs(2), || async {
-            sent_at(&mesh, "mailme@example.com").await.iter().all(|r| r.0.is_some())
+            sent_at(&mesh, "mailme@example.com")
+                .await
+                .iter()
+                .all(|r| r.0.is_some())
         })
         .await,
         "the outbox row is marked sent"
@@ -142,20 +173,35 @@ async fn undeliverable_mail_is_retried() {
         .expect("acknowledged even while SMTP is down");
     assert!(
         eventually(Duration::from_secs(5), || async {
-            sent_at(&mesh, "retry@example.com").await.iter().any(|r| r.1 >= 1 && r.2.is_some() && r.0.is_none())
+            sent_at(&mesh, "retry@example.com")
+                .await
+                .iter()
+                .any(|r| r.1 >= 1 && r.2.is_some() && r.0.is_none())
         })
         .await,
         "a failed attempt is recorded"
     );
     let smtp = FakeSmtp::default();
-    tokio::spawn(smtp.clone().serve(TcpListener::bind(("127.0.0.1", port)).await.expect("rebind")));
+    tokio::spawn(
+        smtp.clone().serve(
+            TcpListener::bind(("127.0.0.1", port))
+                .await
+                .expect("rebind"),
+        ),
+    );
     assert!(
-        eventually(Duration::from_secs(10), || async { !smtp.received.lock().expect("lock").is_empty() }).await,
+        eventually(Duration::from_secs(10), || async {
+            !smtp.received.lock().expect("lock").is_empty()
+        })
+        .await,
         "delivered after the server came up"
     );
     assert!(
         eventually(Duration::from_secs(2), || async {
-            sent_at(&mesh, "retry@example.com").await.iter().all(|r| r.0.is_some())
+            sent_at(&mesh, "retry@example.com")
+                .await
+                .iter()
+                .all(|r| r.0.is_some())
         })
         .await
     );

@@ -15,7 +15,7 @@ use trellis_proto::system::v1::{GetInfoRequest, GetInfoResponse};
 use trellis_store::devserver::PrivateRedis;
 use trellis_tests::{TestMesh, TestOptions, infra, split};
 
-use crate::util::{eventually, grpcurl, raw_unary};
+use crate::util::{eventually, grpc_frame, grpcurl, parse_grpc_web, raw_unary};
 
 const SYSTEM: &str = "trellis.system.v1.SystemService";
 
@@ -208,32 +208,6 @@ async fn health_follows_redis_down_and_back() {
     mesh.shutdown().await;
 }
 
-/// Frames a protobuf message the gRPC(-web) way: flag, length, bytes.
-fn grpc_frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0u8];
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// Splits a gRPC-web response body into (data messages, trailer text).
-fn parse_grpc_web(mut body: &[u8]) -> (Vec<Vec<u8>>, String) {
-    let mut messages = Vec::new();
-    let mut trailers = String::new();
-    while body.len() >= 5 {
-        let flag = body[0];
-        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-        let payload = &body[5..5 + len];
-        if flag & 0x80 != 0 {
-            trailers.push_str(&String::from_utf8_lossy(payload));
-        } else {
-            messages.push(payload.to_vec());
-        }
-        body = &body[5 + len..];
-    }
-    (messages, trailers)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_web_over_http1_with_cors() {
     let mesh = TestMesh::start().await;
@@ -306,7 +280,12 @@ async fn grpc_web_over_http1_with_cors() {
         .get_info(GetInfoRequest {})
         .await
         .expect("native call");
-    assert!(plain.metadata().get("access-control-allow-origin").is_none());
+    assert!(
+        plain
+            .metadata()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
     assert!(plain.metadata().get("vary").is_none());
 
     // A disallowed origin gets no CORS grant when origins are restricted.

@@ -7,60 +7,25 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
-use tonic_types::StatusExt;
 use trellis_core::ServiceName;
 use trellis_proto::auth::v1 as apb;
 use trellis_proto::user::v1 as pb;
 use trellis_proto::user::v1::user_service_client::UserServiceClient;
-use trellis_store::schema::{auth_sessions, user_roles};
+use trellis_store::schema::auth_sessions;
 use trellis_tests::{TestMesh, split};
 
-use crate::auth::{PASSWORD, access, auth, bearer, register};
-use crate::util::eventually;
+use crate::auth::{PASSWORD, access, auth, bearer, register, violations as fields};
+use crate::util::{eventually, mask};
 
 pub async fn users(mesh: &TestMesh) -> UserServiceClient<Channel> {
     UserServiceClient::new(mesh.channel().await)
 }
 
-/// Registers `name` as an administrator and returns an access token that
-/// carries the role.
+/// An access token of a fresh administrator named `name`.
 pub async fn admin_token(mesh: &TestMesh, name: &str) -> String {
-    let mut a = auth(mesh).await;
-    let reg = register(&mut a, name).await;
-    let id = uuid::Uuid::parse_str(&reg.account.expect("account").id).expect("uuid");
-    let mut conn = mesh.store.pg().await.expect("pg");
-    diesel::insert_into(user_roles::table)
-        .values((user_roles::user_id.eq(id), user_roles::role.eq("admin")))
-        .execute(&mut conn)
-        .await
-        .expect("grant admin");
-    drop(conn);
-    a.login(apb::LoginRequest {
-        login: name.into(),
-        password: PASSWORD.into(),
-        ..Default::default()
-    })
-    .await
-    .expect("login")
-    .into_inner()
-    .tokens
-    .expect("tokens")
-    .access_token
-}
-
-fn fields(s: &Status) -> Vec<String> {
-    s.get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default()
-}
-
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    })
+    crate::auth::admin_account(mesh, name).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -644,15 +609,7 @@ async fn suspension_reaches_another_server_within_a_second() {
     let reg = register(&mut auth(home).await, "inmate").await;
     let token = access(&reg);
 
-    let revocations =
-        trellis_auth::Revocations::new(other.store.clone(), other.config.auth.access_token_ttl);
-    let _feed = revocations.spawn_listener();
-    let verifier = trellis_auth::TokenVerifier::new(
-        &other.config.auth.issuer,
-        &other.config.auth.audience,
-        other.clients.clone(),
-        revocations,
-    );
+    let (verifier, _feed) = crate::util::replica_verifier(other);
     verifier.verify(&token).await.expect("valid before");
     tokio::time::sleep(Duration::from_millis(200)).await;
 

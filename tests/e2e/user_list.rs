@@ -13,40 +13,19 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use trellis_proto::auth::v1 as apb;
 use trellis_proto::user::v1 as pb;
 use trellis_proto::user::v1::user_service_client::UserServiceClient;
 use trellis_store::schema::{user_roles, users};
 use trellis_tests::TestMesh;
 use uuid::Uuid;
 
-use crate::auth::{PASSWORD, access, auth, bearer, make_admin, register, violations};
+use crate::auth::{access, auth, bearer, register, violations};
 
-pub async fn users_client(mesh: &TestMesh) -> UserServiceClient<Channel> {
-    UserServiceClient::new(mesh.channel().await)
-}
+pub use crate::user_admin::users as users_client;
 
-/// An account registered as `name`, holding the admin role, and its
-/// register response (for its refresh token) plus an access token that
-/// carries the role (a fresh login, as roles reach tokens when issued).
+/// An administrator's id and access token.
 pub async fn admin(mesh: &TestMesh, name: &str) -> (String, String) {
-    let mut a = auth(mesh).await;
-    let reg = register(&mut a, name).await;
-    let id = reg.account.expect("account").id;
-    make_admin(mesh, &id).await;
-    let token = a
-        .login(apb::LoginRequest {
-            login: name.into(),
-            password: PASSWORD.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("login")
-        .into_inner()
-        .tokens
-        .expect("tokens")
-        .access_token;
-    (id, token)
+    crate::auth::admin_account(mesh, name).await
 }
 
 /// The field names of an INVALID_ARGUMENT's violations.

@@ -15,6 +15,7 @@ use trellis_tests::TestMesh;
 
 use crate::auth::{access, auth, bearer, refresh, register};
 use crate::user_list::{admin, invalid_fields, users_client};
+use crate::util::mask;
 
 fn role(name: &str, description: &str, permissions: &[&str]) -> pb::Role {
     pb::Role {
@@ -23,12 +24,6 @@ fn role(name: &str, description: &str, permissions: &[&str]) -> pb::Role {
         permissions: permissions.iter().map(|p| p.to_string()).collect(),
         ..Default::default()
     }
-}
-
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    })
 }
 
 async fn create(
