@@ -62,7 +62,11 @@ pub async fn start(
     // Mail queued by AuthService is delivered from here.
     let outbox = if enabled.contains(&ServiceName::Auth) && store_for_mail.has_pg() {
         let mailer = trellis_auth::mail::mailer(&config.mail)?;
-        Some(trellis_auth::mail::spawn_outbox(store_for_mail, mailer, config.mail.poll_interval))
+        Some(trellis_auth::mail::spawn_outbox(
+            store_for_mail,
+            mailer,
+            config.mail.poll_interval,
+        ))
     } else {
         None
     };

@@ -51,7 +51,12 @@ pub async fn send(conn: &mut AsyncPgConnection, mail: Mail) -> Result<(), AuthEr
 
 /// Delivers one message; the error text is kept on the outbox row.
 pub trait Mailer: Send + Sync + 'static {
-    fn deliver<'a>(&'a self, to: &'a str, subject: &'a str, body: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    fn deliver<'a>(
+        &'a self,
+        to: &'a str,
+        subject: &'a str,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// The development mailer: logs the message (tokens included, so a
@@ -60,7 +65,12 @@ pub trait Mailer: Send + Sync + 'static {
 pub struct LogMailer;
 
 impl Mailer for LogMailer {
-    fn deliver<'a>(&'a self, to: &'a str, subject: &'a str, body: &'a str) -> BoxFuture<'a, Result<(), String>> {
+    fn deliver<'a>(
+        &'a self,
+        to: &'a str,
+        subject: &'a str,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             tracing::info!(%to, %subject, %body, "mail (development mailer: logged, not delivered)");
             Ok(())
@@ -76,12 +86,19 @@ pub struct SmtpMailer {
 
 impl std::fmt::Debug for SmtpMailer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SmtpMailer").field("from", &self.from.to_string()).finish()
+        f.debug_struct("SmtpMailer")
+            .field("from", &self.from.to_string())
+            .finish()
     }
 }
 
 impl Mailer for SmtpMailer {
-    fn deliver<'a>(&'a self, to: &'a str, subject: &'a str, body: &'a str) -> BoxFuture<'a, Result<(), String>> {
+    fn deliver<'a>(
+        &'a self,
+        to: &'a str,
+        subject: &'a str,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let to: Mailbox = to.parse().map_err(|e| format!("recipient: {e}"))?;
             let message = Message::builder()
@@ -90,7 +107,11 @@ impl Mailer for SmtpMailer {
                 .subject(subject)
                 .body(body.to_string())
                 .map_err(|e| format!("message: {e}"))?;
-            self.transport.send(message).await.map(|_| ()).map_err(|e| e.to_string())
+            self.transport
+                .send(message)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         })
     }
 }
@@ -114,7 +135,11 @@ pub fn mailer(cfg: &MailConfig) -> Result<Arc<dyn Mailer>, AuthError> {
 type Pending = (Uuid, String, String, String, i32);
 
 /// Delivers what is due; returns how many were sent.
-pub async fn drain(store: &Store, mailer: &dyn Mailer, base_backoff: Duration) -> Result<usize, AuthError> {
+pub async fn drain(
+    store: &Store,
+    mailer: &dyn Mailer,
+    base_backoff: Duration,
+) -> Result<usize, AuthError> {
     let mut conn = store.pg().await?;
     conn.transaction::<_, AuthError, _>(async move |conn| {
         let due: Vec<Pending> = mail_outbox::table
@@ -169,7 +194,11 @@ pub async fn drain(store: &Store, mailer: &dyn Mailer, base_backoff: Duration) -
 }
 
 /// Drains the outbox every `every` until aborted.
-pub fn spawn_outbox(store: Store, mailer: Arc<dyn Mailer>, every: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_outbox(
+    store: Store,
+    mailer: Arc<dyn Mailer>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             if store.pg_state.is_up()

@@ -658,10 +658,16 @@ impl Config {
         if let Some(url) = &self.mail.smtp_url
             && !(url.starts_with("smtp://") || url.starts_with("smtps://"))
         {
-            return Err(invalid("mail.smtp_url", "must start with smtp:// or smtps://"));
+            return Err(invalid(
+                "mail.smtp_url",
+                "must start with smtp:// or smtps://",
+            ));
         }
         if !self.mail.from.contains('@') {
-            return Err(invalid("mail.from", "must be an address like Trellis <no-reply@example.com>"));
+            return Err(invalid(
+                "mail.from",
+                "must be an address like Trellis <no-reply@example.com>",
+            ));
         }
         let a = &self.auth;
         if a.access_token_ttl < Duration::from_secs(10) {

@@ -192,7 +192,9 @@ impl MeshBuilder {
         let routes = routes.routes().prepare();
 
         let layers = ServiceBuilder::new()
-            .layer(BrowserCorsLayer::new(cors(&server_cfg.cors_allowed_origins)))
+            .layer(BrowserCorsLayer::new(cors(
+                &server_cfg.cors_allowed_origins,
+            )))
             .layer(ScrapeLayer::new(metrics.clone()))
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(request_id::layer())
