@@ -724,3 +724,79 @@ async fn dev_mode_starts_private_servers_that_keep_data() {
     drop(conn);
     drop(servers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_is_reported_and_recovered_without_failed_calls() {
+    use trellis_store::devserver::{PgOptions, PrivatePostgres};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = |port| PgOptions {
+        data_dir: dir.path().join("pg"),
+        durable: false,
+        port,
+    };
+    let pg = PrivatePostgres::start(opts(None))
+        .await
+        .expect("postgres starts");
+    let port = pg.port;
+    pg.ensure_database("trellis").await.expect("database");
+    let url = pg.url("trellis");
+    trellis_store::migrate::run(&url).await.expect("migrated");
+    let mesh = TestMesh::start_with(
+        TestOptions {
+            database_url: Some(url.clone()),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    // Fill the pool with connections the outage will break.
+    let calls = || async {
+        let mut ok = 0;
+        for _ in 0..8 {
+            let mut conn = mesh.store.pg().await.expect("pooled connection");
+            use diesel_async::RunQueryDsl;
+            if diesel::sql_query("SELECT 1")
+                .execute(&mut conn)
+                .await
+                .is_ok()
+            {
+                ok += 1;
+            }
+        }
+        ok
+    };
+    let warm = futures::future::join_all((0..4).map(|_| calls())).await;
+    assert_eq!(warm.iter().sum::<i32>(), 32);
+
+    pg.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status_of(&mesh, "").await == ServingStatus::NotServing
+        })
+        .await,
+        "NOT_SERVING while the database is down"
+    );
+    let Err(err) = mesh.store.pg().await else {
+        panic!("a connection while the database is down")
+    };
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+
+    let _pg = PrivatePostgres::start(opts(Some(port)))
+        .await
+        .expect("postgres restarts");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            status_of(&mesh, "").await == ServingStatus::Serving
+        })
+        .await,
+        "SERVING again"
+    );
+    // Stale connections were dropped on recovery: no call fails.
+    let after = futures::future::join_all((0..4).map(|_| calls())).await;
+    assert_eq!(
+        after.iter().sum::<i32>(),
+        32,
+        "every call after recovery succeeds"
+    );
+    mesh.shutdown().await;
+}

@@ -82,6 +82,7 @@ impl Infra {
                 let pg = PrivatePostgres::start(PgOptions {
                     data_dir: base.join("pg"),
                     durable: false,
+                    port: None,
                 })
                 .await?;
                 (pg.url("postgres"), Some(pg))

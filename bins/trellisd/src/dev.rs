@@ -30,6 +30,7 @@ pub async fn prepare(config: &mut Config) -> anyhow::Result<DevServers> {
         let pg = PrivatePostgres::start(PgOptions {
             data_dir: data.join("pg"),
             durable: true,
+            port: None,
         })
         .await?;
         pg.ensure_database("trellis").await?;

@@ -160,6 +160,9 @@ pub struct PgOptions {
     pub data_dir: PathBuf,
     /// Off for tests: no fsync, no synchronous commit.
     pub durable: bool,
+    /// Listen here instead of on a free port (e.g. to restart a server
+    /// where its clients expect it).
+    pub port: Option<u16>,
 }
 
 /// A PostgreSQL server owned by this process.
@@ -182,7 +185,10 @@ impl PrivatePostgres {
         if !data_dir.join("PG_VERSION").exists() {
             init_cluster(&bins, &data_dir, &log_file, run_as.as_ref(), opts.durable)?;
         }
-        let port = free_port()?;
+        let port = match opts.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let mut cmd = Command::new(&bins.postgres);
         cmd.arg("-D")
             .arg(&data_dir)

@@ -84,6 +84,7 @@ pub struct Store {
     pub redis_state: Arc<DepState>,
     key_prefix: Arc<str>,
     redis_url: Option<Arc<str>>,
+    pg_url: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -123,6 +124,7 @@ impl Store {
             redis_state: Arc::new(DepState::new("redis")),
             key_prefix: config.redis.key_prefix.as_str().into(),
             redis_url: config.redis.url.as_deref().map(Into::into),
+            pg_url: config.database.url.as_deref().map(Into::into),
         })
     }
 
@@ -190,11 +192,18 @@ impl Store {
     /// records the result. Returns (database up, redis up); an absent
     /// dependency counts as up.
     pub async fn probe(&self, timeout: Duration) -> (bool, bool) {
-        let pg_up = match &self.pg {
-            Some(pool) => tokio::time::timeout(timeout, pg::ping(pool))
-                .await
-                .is_ok_and(|r| r.is_ok()),
-            None => true,
+        let pg_up = match (&self.pg, &self.pg_url) {
+            (Some(pool), Some(url)) => {
+                let up = tokio::time::timeout(timeout, pg::ping_fresh(url))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if up && !self.pg_state.is_up() {
+                    // Back from an outage: drop pooled connections it broke.
+                    pg::revalidate(pool).await;
+                }
+                up
+            }
+            _ => true,
         };
         let redis_up = match &self.redis {
             Some(pool) => tokio::time::timeout(timeout, redis::ping(pool))

@@ -1,10 +1,17 @@
 //! PostgreSQL through diesel-async on a bb8 pool.
+//!
+//! Connections are not tested on every checkout (that would be a round
+//! trip per call); instead the health probe dials a fresh connection, and
+//! when it sees the database come back it revalidates the idle pooled
+//! connections, so those broken by the outage are dropped before a request
+//! can get one. A connection that breaks outside an outage fails its one
+//! call and is discarded (diesel-async reports it broken).
 
 use std::time::Duration;
 
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::bb8::{Pool, PooledConnection};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use crate::StoreError;
 
@@ -18,18 +25,31 @@ pub fn pool(url: &str, size: u32, acquire_timeout: Duration) -> PgPool {
         .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(acquire_timeout)
-        // A connection that broke while the server was down is found out on
-        // checkout rather than handed to a request.
-        .test_on_check_out(true)
+        .test_on_check_out(false)
         .build_unchecked(manager)
 }
 
-/// `SELECT 1` on a pooled connection.
-pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
-    let mut conn = pool
-        .get()
+/// `SELECT 1` over a new connection (not a pooled one, which may be stale).
+pub async fn ping_fresh(url: &str) -> Result<(), StoreError> {
+    let mut conn = AsyncPgConnection::establish(url)
         .await
         .map_err(|_| StoreError::Unavailable("database"))?;
     diesel::sql_query("SELECT 1").execute(&mut conn).await?;
     Ok(())
+}
+
+/// Checks every idle pooled connection once; broken ones are discarded by
+/// the pool when they are returned.
+pub async fn revalidate(pool: &PgPool) {
+    let idle = pool.state().idle_connections;
+    let mut held = Vec::new();
+    for _ in 0..idle {
+        match pool.get().await {
+            Ok(c) => held.push(c),
+            Err(_) => break,
+        }
+    }
+    for c in held.iter_mut() {
+        let _ = diesel::sql_query("SELECT 1").execute(&mut **c).await;
+    }
 }

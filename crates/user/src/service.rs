@@ -117,16 +117,28 @@ impl UserSvc {
             .await?)
     }
 
-    /// The wire form of user `id`, as the caller may see it.
+    /// The wire form of user `id`, as the caller may see it: the profile
+    /// and its roles in one query (this is the GetUser hot path).
     pub(crate) async fn user(
         conn: &mut AsyncPgConnection,
         id: Uuid,
         deleted_too: bool,
     ) -> Result<pb::User, UserError> {
-        let row = Self::row(conn, id, deleted_too)
-            .await?
+        use diesel::dsl::sql;
+        use diesel::sql_types::{Array, Text};
+        let roles = sql::<Array<Text>>(
+            "ARRAY(SELECT r.role FROM user_roles r WHERE r.user_id = users.id ORDER BY r.role)",
+        );
+        let mut q = users::table.filter(users::id.eq(id)).into_boxed();
+        if !deleted_too {
+            q = q.filter(users::deleted_at.is_null());
+        }
+        let (row, roles): (UserRow, Vec<String>) = q
+            .select((UserRow::as_select(), roles))
+            .first(conn)
+            .await
+            .optional()?
             .ok_or(UserError::NotFound)?;
-        let roles = Self::roles_of(conn, id).await?;
         Ok(crate::convert::user_pb(&row, roles))
     }
 }
