@@ -1,24 +1,32 @@
-//! Password hashing with argon2id on a bounded set of blocking threads: at
-//! most `hash_concurrency` hashes run at once and further logins queue, so a
-//! login flood costs the flooders time but cannot take the runtime's worker
-//! threads from other calls. Unknown accounts are checked against a dummy
-//! hash so that their answer takes as long as a wrong password's.
+//! Password hashing with argon2id on a small pool of dedicated threads:
+//! `hash_concurrency` threads (one per core by default) run at a lowered
+//! scheduling priority (nice 10), and further hashes queue. A login flood
+//! therefore costs the flooders time, while the async workers that serve
+//! every other call keep the CPU when they need it. Unknown accounts are
+//! checked against a dummy hash so that their answer takes as long as a
+//! wrong password's.
 
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use argon2::password_hash::{
     PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString, rand_core::OsRng,
 };
 use argon2::{Algorithm, Argon2, Params, Version};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 use trellis_core::config::Argon2Config;
 
 use crate::error::AuthError;
 
+type Job = Box<dyn FnOnce(&Argon2<'static>) + Send>;
+
+/// Nice value of hashing threads: they yield to the request workers.
+const HASH_NICE: i32 = 10;
+
 #[derive(Clone)]
 pub struct PasswordHasher {
-    argon: Arc<Argon2<'static>>,
-    permits: Arc<Semaphore>,
+    /// Dropping the last clone closes the queue and ends the threads.
+    jobs: mpsc::Sender<Job>,
     dummy: Arc<str>,
 }
 
@@ -28,12 +36,23 @@ impl std::fmt::Debug for PasswordHasher {
     }
 }
 
+/// Lowers the calling thread's scheduling priority (Linux: per thread).
+#[allow(unsafe_code)]
+fn lower_priority() {
+    // SAFETY: setpriority(2) with PRIO_PROCESS and who = 0 only changes the
+    // calling thread's nice value on Linux; it touches no memory of ours.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, HASH_NICE) };
+    if rc != 0 {
+        tracing::debug!("could not lower the hashing threads' priority");
+    }
+}
+
 impl PasswordHasher {
     pub fn new(cfg: Argon2Config, concurrency: usize) -> Result<PasswordHasher, AuthError> {
         let params = Params::new(cfg.memory_kib, cfg.iterations, cfg.parallelism, None)
             .map_err(|e| AuthError::Internal(format!("argon2 parameters: {e}")))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-        let concurrency = if concurrency == 0 {
+        let threads = if concurrency == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2)
@@ -45,9 +64,30 @@ impl PasswordHasher {
             .hash_password(b"not a real password", &salt)
             .map_err(|e| AuthError::Internal(format!("argon2: {e}")))?
             .to_string();
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..threads {
+            let queue = queue.clone();
+            let argon = argon.clone();
+            std::thread::Builder::new()
+                .name(format!("trellis-hash-{i}"))
+                .spawn(move || {
+                    lower_priority();
+                    loop {
+                        let job = match queue.lock() {
+                            Ok(q) => q.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(&argon),
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .map_err(|e| AuthError::Internal(format!("hash thread: {e}")))?;
+        }
         Ok(PasswordHasher {
-            argon: Arc::new(argon),
-            permits: Arc::new(Semaphore::new(concurrency)),
+            jobs,
             dummy: dummy.into(),
         })
     }
@@ -56,15 +96,14 @@ impl PasswordHasher {
         &self,
         f: impl FnOnce(&Argon2<'static>) -> T + Send + 'static,
     ) -> Result<T, AuthError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| AuthError::Internal("hasher closed".into()))?;
-        let argon = self.argon.clone();
-        tokio::task::spawn_blocking(move || f(&argon))
-            .await
-            .map_err(|e| AuthError::Internal(format!("hash task: {e}")))
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |argon| {
+                let _ = tx.send(f(argon));
+            }))
+            .map_err(|_| AuthError::Internal("hash pool closed".into()))?;
+        rx.await
+            .map_err(|_| AuthError::Internal("hash job lost".into()))
     }
 
     /// A PHC-format argon2id hash of `password`.
@@ -92,5 +131,35 @@ impl PasswordHasher {
             })
             .await?;
         Ok(known && ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cheap() -> Argon2Config {
+        Argon2Config {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn hashes_verify_and_run_at_low_priority() {
+        let h = PasswordHasher::new(cheap(), 2).expect("hasher");
+        let hash = h.hash("S3cret!pw".into()).await.expect("hash");
+        assert!(h.verify("S3cret!pw".into(), Some(hash.clone())).await.expect("verify"));
+        assert!(!h.verify("wrong".into(), Some(hash)).await.expect("verify"));
+        assert!(!h.verify("anything".into(), None).await.expect("unknown account is never a match"));
+        // Field 19 of /proc/thread-self/stat is the thread's nice value.
+        let stat = h
+            .blocking(|_| std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default())
+            .await
+            .expect("job");
+        let after_name = stat.rsplit(')').next().unwrap_or("");
+        let nice: i32 = after_name.split_whitespace().nth(16).and_then(|v| v.parse().ok()).expect("nice field");
+        assert_eq!(nice, HASH_NICE);
     }
 }
