@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Builds trellisd and trellis-bench in release mode and runs the full
 # side-by-side benchmark: a bare tonic baseline, trellisd's no-op path over
-# native gRPC and over gRPC-web. Arguments go to trellis-bench (see
-# `scripts/bench.sh --help`: --duration, --concurrency, --rate, --scenario,
-# --out, …). Results go to bench-results/ (summary.md, summary.svg,
-# <scenario>.json) unless --out says otherwise. Needs no PostgreSQL or Redis.
+# native gRPC and over gRPC-web, token verification, logins against the raw
+# argon2 rate (with a latency probe), GetUser against a bare tokio-postgres
+# handler, and ListUsers page 1 against page 500 of 100,000 users. Arguments
+# go to trellis-bench (see `scripts/bench.sh --help`: --duration,
+# --concurrency, --rate, --scenario, --out, …). Results go to bench-results/
+# (summary.md, summary.svg, <scenario>.json) unless --out says otherwise.
+# The bench starts its own private PostgreSQL and Redis from the installed
+# binaries (Debian packages postgresql and redis-server) in a temporary
+# directory; it uses no running server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,14 +1,16 @@
-//! Making one call: the RPCs the bench knows and the two ways it sends
+//! Making one call: the requests the bench sends and the two ways it sends
 //! them — native gRPC through the generated tonic clients over HTTP/2, and
 //! gRPC-web over an HTTP/1.1 keep-alive connection (hyper), one connection
-//! per client task.
+//! per client task. A [`Call`] is one concrete request (with the bearer
+//! token it presents, if any) that a client task repeats; the scenario
+//! table names its kind ([`Rpc`]) and the seeding step fills it in.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{ACCEPT, CONTENT_TYPE, HOST};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -16,9 +18,16 @@ use hyper_util::rt::TokioIo;
 use prost::Message;
 use tokio::net::TcpStream;
 use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
+use trellis_proto::auth::v1::auth_service_client::AuthServiceClient;
+use trellis_proto::auth::v1::{LoginRequest, LoginResponse};
 use trellis_proto::system::v1::system_service_client::SystemServiceClient;
 use trellis_proto::system::v1::{GetInfoRequest, GetInfoResponse};
+use trellis_proto::user::v1::user_service_client::UserServiceClient;
+use trellis_proto::user::v1::{
+    GetUserRequest, GetUserResponse, ListUsersRequest, ListUsersResponse,
+};
 
 /// How a scenario talks to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,43 +49,152 @@ impl Protocol {
     }
 }
 
-/// An RPC the bench can make. A new one needs an arm in each `match` below.
+/// What a scenario calls, as its table entry names it; the seeding step
+/// ([`crate::seed`]) turns it into [`Call`]s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rpc {
-    /// `trellis.system.v1.SystemService/GetInfo`: no I/O, the mesh's no-op.
+    /// `SystemService/GetInfo` without credentials: the mesh's no-op.
     SystemGetInfo,
+    /// `SystemService/GetInfo` with `authorization: Bearer <access token>`:
+    /// the no-op plus token verification.
+    SystemGetInfoAuthed,
+    /// `AuthService/Login`, each client task as its own account.
+    Login,
+    /// `UserService/GetUser` of another account, with an admin's token.
+    GetUser,
+    /// `UserService/ListUsers`, first page (admin token).
+    ListUsersFirst,
+    /// `UserService/ListUsers`, a deep page reached through page tokens.
+    ListUsersDeep,
 }
 
-impl Rpc {
+/// A request message the bench can send.
+#[derive(Debug, Clone)]
+pub enum Req {
+    GetInfo(GetInfoRequest),
+    Login(LoginRequest),
+    GetUser(GetUserRequest),
+    ListUsers(ListUsersRequest),
+}
+
+impl Req {
     /// The HTTP path, `/package.Service/Method`.
-    pub fn path(self) -> &'static str {
+    pub fn path(&self) -> &'static str {
         match self {
-            Rpc::SystemGetInfo => "/trellis.system.v1.SystemService/GetInfo",
+            Req::GetInfo(_) => "/trellis.system.v1.SystemService/GetInfo",
+            Req::Login(_) => "/trellis.auth.v1.AuthService/Login",
+            Req::GetUser(_) => "/trellis.user.v1.UserService/GetUser",
+            Req::ListUsers(_) => "/trellis.user.v1.UserService/ListUsers",
         }
     }
 
     /// The request message, encoded.
-    fn request(self) -> Bytes {
+    fn encode(&self) -> Bytes {
         match self {
-            Rpc::SystemGetInfo => GetInfoRequest {}.encode_to_vec().into(),
+            Req::GetInfo(m) => m.encode_to_vec().into(),
+            Req::Login(m) => m.encode_to_vec().into(),
+            Req::GetUser(m) => m.encode_to_vec().into(),
+            Req::ListUsers(m) => m.encode_to_vec().into(),
         }
     }
 
-    /// Checks that `message` decodes as this RPC's response.
-    fn check_response(self, message: &[u8]) -> Result<(), Code> {
-        let decoded = match self {
-            Rpc::SystemGetInfo => GetInfoResponse::decode(message).map(drop),
-        };
-        decoded.map_err(|_| Code::Internal)
+    /// Checks that `message` decodes as this request's response.
+    fn check_response(&self, message: &[u8]) -> Result<(), Code> {
+        let bad = |_| Code::Internal;
+        match self {
+            Req::GetInfo(_) => GetInfoResponse::decode(message).map(drop).map_err(bad),
+            Req::Login(_) => check_login(&LoginResponse::decode(message).map_err(bad)?),
+            Req::GetUser(_) => check_user(&GetUserResponse::decode(message).map_err(bad)?),
+            Req::ListUsers(_) => check_list(&ListUsersResponse::decode(message).map_err(bad)?),
+        }
+    }
+}
+
+/// A login must hand out an access token.
+fn check_login(r: &LoginResponse) -> Result<(), Code> {
+    match &r.tokens {
+        Some(t) if !t.access_token.is_empty() => Ok(()),
+        _ => Err(Code::Internal),
+    }
+}
+
+/// GetUser must return the user.
+fn check_user(r: &GetUserResponse) -> Result<(), Code> {
+    match &r.user {
+        Some(u) if !u.id.is_empty() => Ok(()),
+        _ => Err(Code::Internal),
+    }
+}
+
+/// The pages measured are full ones.
+fn check_list(r: &ListUsersResponse) -> Result<(), Code> {
+    if r.users.is_empty() {
+        Err(Code::Internal)
+    } else {
+        Ok(())
+    }
+}
+
+/// One concrete call a client task repeats.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub req: Req,
+    /// `Bearer <token>`, sent as `authorization`.
+    pub bearer: Option<MetadataValue<Ascii>>,
+}
+
+impl Call {
+    pub fn new(req: Req) -> Call {
+        Call { req, bearer: None }
+    }
+
+    /// The call presenting `token` as `authorization: Bearer <token>`.
+    pub fn with_token(req: Req, token: &str) -> anyhow::Result<Call> {
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .context("the access token is not a valid header value")?;
+        Ok(Call {
+            req,
+            bearer: Some(bearer),
+        })
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(message);
+        if let Some(b) = &self.bearer {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        req
     }
 
     /// Makes the call with a generated tonic client.
-    async fn call_grpc(self, channel: &Channel) -> Result<(), Code> {
-        let result = match self {
-            Rpc::SystemGetInfo => SystemServiceClient::new(channel.clone())
-                .get_info(GetInfoRequest {})
+    async fn call_grpc(&self, channel: &Channel) -> Result<(), Code> {
+        let result = match &self.req {
+            Req::GetInfo(m) => SystemServiceClient::new(channel.clone())
+                .get_info(self.request(*m))
                 .await
                 .map(drop),
+            Req::Login(m) => match AuthServiceClient::new(channel.clone())
+                .login(self.request(m.clone()))
+                .await
+            {
+                Ok(r) => return check_login(r.get_ref()),
+                Err(e) => Err(e),
+            },
+            Req::GetUser(m) => match UserServiceClient::new(channel.clone())
+                .get_user(self.request(m.clone()))
+                .await
+            {
+                Ok(r) => return check_user(r.get_ref()),
+                Err(e) => Err(e),
+            },
+            Req::ListUsers(m) => match UserServiceClient::new(channel.clone())
+                .list_users(self.request(m.clone()))
+                .await
+            {
+                Ok(r) => return check_list(r.get_ref()),
+                Err(e) => Err(e),
+            },
         };
         result.map_err(|s| s.code())
     }
@@ -103,10 +221,10 @@ pub enum Caller {
 impl Caller {
     /// Makes one call; `Err` is the gRPC status code it failed with
     /// (transport failures count as UNAVAILABLE, as tonic reports them).
-    pub async fn call(&mut self, rpc: Rpc) -> Result<(), Code> {
+    pub async fn call(&mut self, call: &Call) -> Result<(), Code> {
         match self {
-            Caller::Grpc(channel) => rpc.call_grpc(channel).await,
-            Caller::GrpcWeb(conn) => conn.call(rpc).await,
+            Caller::Grpc(channel) => call.call_grpc(channel).await,
+            Caller::GrpcWeb(conn) => conn.call(call).await,
         }
     }
 }
@@ -143,7 +261,7 @@ impl WebConn {
         Ok(sender)
     }
 
-    async fn call(&mut self, rpc: Rpc) -> Result<(), Code> {
+    async fn call(&mut self, call: &Call) -> Result<(), Code> {
         let usable = match &mut self.sender {
             Some(s) => s.ready().await.is_ok(),
             None => false,
@@ -157,12 +275,16 @@ impl WebConn {
             );
         }
         let sender = self.sender.as_mut().ok_or(Code::Unavailable)?;
-        let req = Request::post(rpc.path())
+        let mut req = Request::post(call.req.path())
             .header(HOST, self.host.clone())
             .header(CONTENT_TYPE, "application/grpc-web+proto")
             .header(ACCEPT, "application/grpc-web+proto")
-            .header("x-grpc-web", "1")
-            .body(Full::new(frame(&rpc.request())))
+            .header("x-grpc-web", "1");
+        if let Some(b) = &call.bearer {
+            req = req.header(AUTHORIZATION, b.as_bytes());
+        }
+        let req = req
+            .body(Full::new(frame(&call.req.encode())))
             .map_err(|_| Code::Internal)?;
         let resp = sender
             .send_request(req)
@@ -185,7 +307,7 @@ impl WebConn {
             .await
             .map_err(|_| Code::Unavailable)?
             .to_bytes();
-        read_grpc_web_body(&body, rpc)
+        read_grpc_web_body(&body, &call.req)
     }
 }
 
@@ -223,7 +345,7 @@ fn code_for_http(status: StatusCode) -> Code {
 
 /// Checks a gRPC-web response body: exactly one data frame holding a
 /// valid response, then a trailer frame with `grpc-status: 0`.
-fn read_grpc_web_body(body: &[u8], rpc: Rpc) -> Result<(), Code> {
+fn read_grpc_web_body(body: &[u8], req: &Req) -> Result<(), Code> {
     let mut rest = body;
     let mut messages = 0;
     let mut status = None;
@@ -241,7 +363,7 @@ fn read_grpc_web_body(body: &[u8], rpc: Rpc) -> Result<(), Code> {
             // Compressed (not asked for) or data after the trailers.
             return Err(Code::Internal);
         } else {
-            rpc.check_response(payload)?;
+            req.check_response(payload)?;
             messages += 1;
         }
     }
@@ -292,15 +414,16 @@ mod tests {
     fn reads_a_good_body() {
         let mut body = frame(&response()).to_vec();
         body.extend(trailer("grpc-status:0\r\ngrpc-message:\r\n"));
-        assert_eq!(read_grpc_web_body(&body, Rpc::SystemGetInfo), Ok(()));
+        let req = Req::GetInfo(GetInfoRequest {});
+        assert_eq!(read_grpc_web_body(&body, &req), Ok(()));
         let mut spaced = frame(&response()).to_vec();
         spaced.extend(trailer("Grpc-Status: 0\r\n"));
-        assert_eq!(read_grpc_web_body(&spaced, Rpc::SystemGetInfo), Ok(()));
+        assert_eq!(read_grpc_web_body(&spaced, &req), Ok(()));
     }
 
     #[test]
     fn rejects_bad_bodies() {
-        let rpc = Rpc::SystemGetInfo;
+        let rpc = &Req::GetInfo(GetInfoRequest {});
         let no_trailer = frame(&response()).to_vec();
         assert_eq!(read_grpc_web_body(&no_trailer, rpc), Err(Code::Internal));
         let only_trailer = trailer("grpc-status:0\r\n");

@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep_until};
 use tonic::Code;
 use trellis_mesh::layers::metrics::code_name;
 
-use crate::calls::{Caller, Rpc};
+use crate::calls::{Call, Caller};
 
 /// How requests are paced.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,7 +63,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn new() -> Outcome {
+    pub fn new() -> Outcome {
         Outcome {
             ok: 0,
             errors: BTreeMap::new(),
@@ -73,7 +73,7 @@ impl Outcome {
         }
     }
 
-    fn merge(&mut self, other: Outcome) {
+    pub fn merge(&mut self, other: Outcome) {
         self.ok += other.ok;
         for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;
@@ -88,14 +88,16 @@ impl Outcome {
     }
 }
 
-/// Runs `plan` with one task per caller, starting at `start` (callers
-/// are connected beforehand, so connection set-up is not measured).
-pub async fn run(plan: Plan, start: Instant, callers: Vec<Caller>, rpc: Rpc) -> Outcome {
+/// Runs `plan` with one task per caller, task `k` repeating `calls[k]`,
+/// starting at `start` (callers are connected beforehand, so connection
+/// set-up is not measured).
+pub async fn run(plan: Plan, start: Instant, callers: Vec<Caller>, calls: Vec<Call>) -> Outcome {
     let tasks = callers.len();
     let handles: Vec<_> = callers
         .into_iter()
+        .zip(calls)
         .enumerate()
-        .map(|(k, caller)| tokio::spawn(task(plan, start, k, tasks, caller, rpc)))
+        .map(|(k, (caller, call))| tokio::spawn(task(plan, start, k, tasks, caller, call)))
         .collect();
     let mut total = Outcome::new();
     for h in handles {
@@ -114,7 +116,7 @@ async fn task(
     k: usize,
     tasks: usize,
     mut caller: Caller,
-    rpc: Rpc,
+    call: Call,
 ) -> Outcome {
     let (from, end) = plan.window(start);
     let mut out = Outcome::new();
@@ -139,7 +141,7 @@ async fn task(
         if sent >= end {
             break;
         }
-        let result = tokio::time::timeout(plan.call_timeout, caller.call(rpc))
+        let result = tokio::time::timeout(plan.call_timeout, caller.call(&call))
             .await
             .unwrap_or(Err(Code::DeadlineExceeded));
         if sent < from {

@@ -1,40 +1,45 @@
 //! `trellis-bench`: the side-by-side load generator and performance report.
 //!
 //! It starts the servers under test as child processes — a bare tonic
-//! server (this binary's hidden `baseline-server`) and `trellisd serve` —
-//! pins them to one CPU and itself to another, drives each scenario through
-//! the generated tonic clients (or gRPC-web over HTTP/1.1), and writes
-//! `<scenario>.json`, `summary.md` and `summary.svg` to `--out`
+//! server (this binary's hidden `baseline-server`), a bare GetUser server on
+//! tokio-postgres (hidden `user-server`) and `trellisd serve` — and, for the
+//! scenarios that need data, private PostgreSQL and Redis. It pins the
+//! servers (and the database) to one CPU and itself to another, seeds what
+//! each scenario needs, drives the scenarios through the generated tonic
+//! clients (or gRPC-web over HTTP/1.1) or hashes with argon2 in process, and
+//! writes `<scenario>.json`, `summary.md` and `summary.svg` to `--out`
 //! (`bench-results/`). Each scenario is held to a target relative to a
 //! reference scenario from the same run.
 //!
-//! `--quick` is a few-second smoke run for CI, on any build: it checks that
-//! every scenario ran cleanly (calls made, no errors, percentiles in order),
-//! not how fast. Full runs make the same checks; missed targets are
-//! reported, not failed.
+//! `--quick` is a smoke run for CI, on any build: it runs every scenario,
+//! small (short windows, 2,000 users, argon2 memory lowered) and checks that
+//! each ran cleanly (calls made, no errors, percentiles in order), not how
+//! fast. Full runs make the same checks; missed targets are reported, not
+//! failed.
 
 mod baseline;
 mod calls;
+mod hashrate;
 mod load;
+mod measure;
+mod notes;
 mod report;
+mod run;
 mod scenario;
+mod seed;
 mod servers;
+mod stack;
+mod userserver;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use prost::Message;
-use tokio::time::{Instant, sleep_until};
 
-use crate::calls::{Caller, Protocol, WebConn};
-use crate::load::{Mode, Outcome, Plan};
-use crate::report::{RunInfo, ScenarioResult};
-use crate::scenario::Scenario;
-use crate::servers::{SchedStat, ServerKind, Servers};
+use crate::load::{Mode, Plan};
+use crate::report::RunInfo;
+use crate::servers::{ServerKind, Servers};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,11 +60,15 @@ enum Command {
     /// The bare tonic reference server (started by the bench itself).
     #[command(hide = true)]
     BaselineServer(baseline::BaselineArgs),
+    /// The bare GetUser reference server (started by the bench itself).
+    #[command(hide = true)]
+    UserServer(userserver::UserServerArgs),
 }
 
 #[derive(clap::Args, Debug)]
-struct RunArgs {
-    /// Smoke run of a few seconds for CI: short, light, checks sanity only.
+pub struct RunArgs {
+    /// Smoke run for CI: every scenario, short and small (argon2 memory
+    /// lowered), checks sanity only.
     #[arg(long)]
     quick: bool,
     /// Scenarios to run, comma-separated (default: all); the references
@@ -77,12 +86,14 @@ struct RunArgs {
     /// Warm-up seconds per scenario, not recorded [default: 2; --quick: 0.5].
     #[arg(long, value_name = "SECS")]
     warmup: Option<f64>,
-    /// Client tasks [default: 32; --quick: 4].
+    /// Client tasks of the throughput scenarios [default: 32; --quick: 4].
+    /// login (2 per CPU), the probes and the list scenarios have fixed loads.
     #[arg(long, short = 'c', value_name = "N")]
     concurrency: Option<usize>,
-    /// Fixed-rate (open-loop) mode: this many requests/s in total, spread
-    /// over the client tasks, latency counted from each request's intended
-    /// send time. Without it, each task calls in a closed loop.
+    /// Fixed-rate (open-loop) mode for the throughput scenarios: this many
+    /// requests/s in total, spread over the client tasks, latency counted
+    /// from each request's intended send time. Without it, each task calls
+    /// in a closed loop.
     #[arg(long, value_name = "RPS")]
     rate: Option<f64>,
     /// HTTP/2 connections the native gRPC tasks share (gRPC-web always uses
@@ -104,13 +115,12 @@ struct RunArgs {
     call_timeout: f64,
 }
 
-/// How long a server may take to answer its first GetInfo.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::BaselineServer(args)) = cli.command {
-        return baseline::main(args);
+    match cli.command {
+        Some(Command::BaselineServer(args)) => return baseline::main(args),
+        Some(Command::UserServer(args)) => return userserver::main(args),
+        None => {}
     }
     match bench(cli.run) {
         Ok(true) => ExitCode::SUCCESS,
@@ -122,11 +132,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn secs(name: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
+fn secs(name: &str, v: f64, min: f64) -> anyhow::Result<std::time::Duration> {
     if !v.is_finite() || v < min {
         bail!("--{name} must be a number of seconds ≥ {min}");
     }
-    Ok(Duration::from_secs_f64(v))
+    Ok(std::time::Duration::from_secs_f64(v))
 }
 
 fn plan_for(args: &RunArgs) -> anyhow::Result<Plan> {
@@ -157,7 +167,10 @@ fn plan_for(args: &RunArgs) -> anyhow::Result<Plan> {
 fn bench(args: RunArgs) -> anyhow::Result<bool> {
     let plan = plan_for(&args)?;
     let scenarios = scenario::select(&args.scenario)?;
-    let trellisd = if scenarios.iter().any(|s| s.server == ServerKind::Trellisd) {
+    let trellisd = if scenarios
+        .iter()
+        .any(|s| s.server() == Some(ServerKind::Trellisd) || s.needs_store())
+    {
         Some(servers::find_trellisd(args.trellisd.clone())?)
     } else {
         None
@@ -183,9 +196,15 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
         .build()?;
 
     let mut running = Servers::default();
+    let ctx = run::Ctx {
+        args: &args,
+        plan,
+        pins,
+        cpus: cpus.len(),
+    };
     let result = runtime.block_on(async {
         tokio::select! {
-            r = run(&args, plan, &scenarios, trellisd.as_deref(), pins, &mut running) => r,
+            r = run::run(&ctx, &scenarios, trellisd.as_deref(), &mut running) => r,
             () = interrupted() => Err(anyhow::anyhow!("interrupted")),
         }
     });
@@ -200,17 +219,24 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
             )
         })
         .collect::<Vec<_>>();
+    let stack_at = running.stack.as_ref().map(|s| s.placement());
     drop(running);
-    let (results, payload) = result?;
+    let outputs = result?;
 
     let cores = match pins {
         Some(p) => format!(
-            "the servers are pinned to CPU {} (trellisd and the baseline server share it, \
-             each idle while the other is measured), the bench client to CPU {} \
-             (checked: {}, bench {}).",
+            "the servers are pinned to CPU {} (trellisd and the reference servers share it, \
+             each idle while another is measured{}), the bench client to CPU {} \
+             (checked: {}{}, bench {}).",
             p.server,
+            if stack_at.is_some() {
+                "; PostgreSQL and Redis are pinned there too, and argon2-raw hashes there"
+            } else {
+                ""
+            },
             p.client,
             pinned_to.join(", "),
+            stack_at.map(|s| format!(", {s}")).unwrap_or_default(),
             cpu_list(&servers::allowed_cpus())
         ),
         None => format!(
@@ -234,12 +260,22 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
         load: load_text(&plan, args.connections),
         cores,
         machine,
-        payload,
+        payload: outputs.payload,
+        notes: outputs.notes,
     };
-    report::write_all(&args.out, &info, &results)?;
-    println!("{}", report::markdown(&info, &results));
+    let results = &outputs.results;
+    report::write_all(&args.out, &info, results)?;
+    println!("{}", report::markdown(&info, results));
 
-    let problems = sanity(&scenarios, &results);
+    let mut problems = measure::sanity(&scenarios, results);
+    for f in &outputs.floods {
+        if f.errors > 0 || f.rps <= 0.0 {
+            problems.push(format!(
+                "{}: the {} load under it failed ({:.1}/s, {} errors)",
+                f.during, f.load, f.rps, f.errors
+            ));
+        }
+    }
     for p in &problems {
         eprintln!("trellis-bench: FAILED: {p}");
     }
@@ -256,10 +292,11 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
     Ok(problems.is_empty())
 }
 
+/// The CPUs servers and bench are pinned to.
 #[derive(Debug, Clone, Copy)]
-struct Pins {
-    server: usize,
-    client: usize,
+pub struct Pins {
+    pub server: usize,
+    pub client: usize,
 }
 
 /// Resolves on SIGINT or SIGTERM, so the children are killed on the way out.
@@ -274,254 +311,6 @@ async fn interrupted() {
     }
 }
 
-/// Starts the servers, runs every scenario in order, and returns the
-/// results and a line on the response payloads.
-async fn run(
-    args: &RunArgs,
-    plan: Plan,
-    scenarios: &[&'static Scenario],
-    trellisd: Option<&Path>,
-    pins: Option<Pins>,
-    running: &mut Servers,
-) -> anyhow::Result<(Vec<ScenarioResult>, String)> {
-    let server_cpu = pins.map(|p| p.server);
-    // trellisd first: the baseline server reports the same service lists, so
-    // both answer GetInfo with a payload of the same size.
-    let mut services = vec![trellis_proto::system::v1::SERVICE_NAME.to_string()];
-    let mut enabled = vec!["system".to_string()];
-    let mut sizes = BTreeMap::new();
-    if let Some(path) = trellisd {
-        let mut p = servers::start_trellisd(path, server_cpu, &args.out)?;
-        let info = p.wait_ready(READY_TIMEOUT).await?;
-        sizes.insert(ServerKind::Trellisd, info.encoded_len());
-        services = info.services;
-        enabled = info.enabled_services;
-        running.running.insert(ServerKind::Trellisd, p);
-    }
-    if scenarios.iter().any(|s| s.server == ServerKind::Baseline) {
-        let mut p = servers::start_baseline(server_cpu, &services, &enabled)?;
-        let info = p.wait_ready(READY_TIMEOUT).await?;
-        sizes.insert(ServerKind::Baseline, info.encoded_len());
-        running.running.insert(ServerKind::Baseline, p);
-    }
-    let payload = sizes
-        .iter()
-        .map(|(k, n)| format!("{} answers GetInfo with {n} bytes", k.as_str()))
-        .collect::<Vec<_>>()
-        .join("; ");
-
-    let mut results: Vec<ScenarioResult> = Vec::new();
-    for s in scenarios {
-        let server = running.get(s.server)?;
-        let callers = connect(s.protocol, server.addr, plan.tasks, args.connections)
-            .await
-            .with_context(|| format!("{}: connecting", s.name))?;
-        // Starts once every task is ready to go.
-        let start = Instant::now() + Duration::from_millis(20);
-        let (from, end) = plan.window(start);
-        // The scheduler's account of both processes over the measured window.
-        let usage = async {
-            sleep_until(from).await;
-            let before = (
-                Instant::now(),
-                server.sched_stat(),
-                servers::sched_stat("self"),
-            );
-            sleep_until(end).await;
-            let after = (
-                Instant::now(),
-                server.sched_stat(),
-                servers::sched_stat("self"),
-            );
-            Usage::between(after.0 - before.0, (before.1, after.1), (before.2, after.2))
-        };
-        let (outcome, usage) = tokio::join!(load::run(plan, start, callers, s.rpc), usage);
-        let r = result(
-            s,
-            &plan,
-            args.connections,
-            &outcome,
-            &results,
-            usage,
-            sizes.get(&s.server).copied().unwrap_or(0),
-        );
-        eprintln!(
-            "trellis-bench: {:<10} {:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  max {:>9.1} µs  errors {}",
-            r.scenario,
-            r.rps,
-            r.p50_us,
-            r.p99_us,
-            r.max_us,
-            r.error_total()
-        );
-        results.push(r);
-    }
-    Ok((results, payload))
-}
-
-/// One caller per client task: native gRPC tasks share `connections`
-/// HTTP/2 channels round-robin; gRPC-web tasks get a connection each.
-async fn connect(
-    protocol: Protocol,
-    addr: std::net::SocketAddr,
-    tasks: usize,
-    connections: usize,
-) -> anyhow::Result<Vec<Caller>> {
-    match protocol {
-        Protocol::Grpc => {
-            let mut channels = Vec::new();
-            for _ in 0..connections {
-                channels.push(calls::grpc_channel(addr).await?);
-            }
-            Ok(channels
-                .iter()
-                .cycle()
-                .take(tasks)
-                .map(|c| Caller::Grpc(c.clone()))
-                .collect())
-        }
-        Protocol::GrpcWeb => {
-            let mut callers = Vec::new();
-            for _ in 0..tasks {
-                callers.push(Caller::GrpcWeb(WebConn::connect(addr).await?));
-            }
-            Ok(callers)
-        }
-    }
-}
-
-/// CPU use over a measured window, in % of one CPU.
-#[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    server_cpu: Option<f64>,
-    server_wait: Option<f64>,
-    client_cpu: Option<f64>,
-    client_wait: Option<f64>,
-    /// Server CPU time over the window, in µs.
-    server_cpu_us: Option<f64>,
-}
-
-impl Usage {
-    fn between(
-        wall: Duration,
-        server: (Option<SchedStat>, Option<SchedStat>),
-        client: (Option<SchedStat>, Option<SchedStat>),
-    ) -> Usage {
-        let wall = wall.as_secs_f64();
-        let pct = |a: Option<Duration>, b: Option<Duration>| {
-            Some(b?.saturating_sub(a?).as_secs_f64() / wall * 100.0)
-        };
-        Usage {
-            server_cpu: pct(server.0.map(|s| s.on_cpu), server.1.map(|s| s.on_cpu)),
-            server_wait: pct(server.0.map(|s| s.waiting), server.1.map(|s| s.waiting)),
-            client_cpu: pct(client.0.map(|s| s.on_cpu), client.1.map(|s| s.on_cpu)),
-            client_wait: pct(client.0.map(|s| s.waiting), client.1.map(|s| s.waiting)),
-            server_cpu_us: server
-                .0
-                .zip(server.1)
-                .map(|(a, b)| b.on_cpu.saturating_sub(a.on_cpu).as_secs_f64() * 1e6),
-        }
-    }
-}
-
-fn result(
-    s: &Scenario,
-    plan: &Plan,
-    connections: usize,
-    o: &Outcome,
-    earlier: &[ScenarioResult],
-    usage: Usage,
-    response_bytes: usize,
-) -> ScenarioResult {
-    let us = |q: f64| o.latency.value_at_quantile(q) as f64 / 1000.0;
-    let rps = o.ok as f64 / plan.duration.as_secs_f64();
-    let p99_us = us(0.99);
-    let reference = s
-        .target
-        .and_then(|t| earlier.iter().find(|r| r.scenario == t.reference));
-    let rps_ratio = reference.map(|r| rps / r.rps);
-    let p99_ratio = reference.map(|r| p99_us / r.p99_us);
-    let met = match (s.target, rps_ratio, p99_ratio) {
-        (None, ..) => true,
-        (Some(t), Some(rps), Some(p99)) => t.met(rps, p99),
-        (Some(_), ..) => false,
-    };
-    ScenarioResult {
-        scenario: s.name.to_string(),
-        about: s.about.to_string(),
-        server: s.server.as_str().to_string(),
-        protocol: s.protocol.as_str().to_string(),
-        mode: match plan.mode {
-            Mode::Concurrency => "concurrency",
-            Mode::Rate(_) => "rate",
-        }
-        .to_string(),
-        concurrency: plan.tasks,
-        rate: match plan.mode {
-            Mode::Concurrency => None,
-            Mode::Rate(r) => Some(r),
-        },
-        connections: match s.protocol {
-            Protocol::Grpc => connections.min(plan.tasks),
-            Protocol::GrpcWeb => plan.tasks,
-        },
-        warmup_s: plan.warmup.as_secs_f64(),
-        duration_s: plan.duration.as_secs_f64(),
-        requests: o.ok + o.error_total(),
-        rps,
-        p50_us: us(0.50),
-        p90_us: us(0.90),
-        p99_us,
-        max_us: o.latency.max() as f64 / 1000.0,
-        mean_us: o.latency.mean() / 1000.0,
-        errors: o.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        reference: s.target.map(|t| t.reference.to_string()),
-        rps_ratio,
-        p99_ratio,
-        target: s
-            .target
-            .map_or_else(|| "— (reference)".to_string(), |t| t.text()),
-        target_rps_ratio: s.target.map(|t| t.min_rps_ratio),
-        target_p99_ratio: s.target.and_then(|t| t.max_p99_ratio),
-        met,
-        server_cpu_percent: usage.server_cpu,
-        server_wait_percent: usage.server_wait,
-        server_cpu_us_per_call: usage
-            .server_cpu_us
-            .filter(|_| o.ok > 0)
-            .map(|us| us / (o.ok + o.error_total()) as f64),
-        client_cpu_percent: usage.client_cpu,
-        client_wait_percent: usage.client_wait,
-        response_bytes,
-    }
-}
-
-/// What makes a run unusable, whatever the speed: a scenario missing, no
-/// calls, errors, percentiles out of order.
-fn sanity(scenarios: &[&Scenario], results: &[ScenarioResult]) -> Vec<String> {
-    let mut problems = Vec::new();
-    for s in scenarios {
-        let Some(r) = results.iter().find(|r| r.scenario == s.name) else {
-            problems.push(format!("{}: did not run", s.name));
-            continue;
-        };
-        if r.requests == 0 || r.rps <= 0.0 || !r.rps.is_finite() {
-            problems.push(format!("{}: no successful calls", r.scenario));
-        }
-        if r.error_total() > 0 {
-            problems.push(format!("{}: errors {:?}", r.scenario, r.errors));
-        }
-        let ordered = [r.p50_us, r.p90_us, r.p99_us, r.max_us];
-        if ordered[0] <= 0.0 || ordered.windows(2).any(|w| w[0] > w[1]) {
-            problems.push(format!(
-                "{}: percentiles out of order (p50 {}, p90 {}, p99 {}, max {})",
-                r.scenario, r.p50_us, r.p90_us, r.p99_us, r.max_us
-            ));
-        }
-    }
-    problems
-}
-
 fn load_text(plan: &Plan, connections: usize) -> String {
     let how = match plan.mode {
         Mode::Concurrency => format!("fixed concurrency, {} client tasks", plan.tasks),
@@ -531,8 +320,9 @@ fn load_text(plan: &Plan, connections: usize) -> String {
         ),
     };
     format!(
-        "{how}; native gRPC over {} shared HTTP/2 connection{}, gRPC-web over one HTTP/1.1 \
-         connection per task · {} s warm-up + {} s measured per scenario",
+        "throughput scenarios: {how}; native gRPC over {} shared HTTP/2 connection{}, gRPC-web \
+         over one HTTP/1.1 connection per task · {} s warm-up + {} s measured per scenario \
+         (each scenario's own load is in the second table)",
         connections.min(plan.tasks),
         if connections.min(plan.tasks) == 1 {
             ""
@@ -544,7 +334,8 @@ fn load_text(plan: &Plan, connections: usize) -> String {
     )
 }
 
-fn cpu_list(cpus: &[usize]) -> String {
+/// `CPU 0` / `CPUs 0,1`.
+pub fn cpu_list(cpus: &[usize]) -> String {
     format!(
         "CPU{} {}",
         if cpus.len() == 1 { "" } else { "s" },

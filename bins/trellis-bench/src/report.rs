@@ -1,7 +1,7 @@
-//! The report: one `<scenario>.json` per scenario, `summary.md` (a table
-//! and how the machine was shared) and `summary.svg` (throughput relative
-//! to each scenario's reference, and p50/p99 latency), all written to the
-//! output directory.
+//! The report: one `<scenario>.json` per scenario, `summary.md` (a table,
+//! how the machine was shared, notes on what was seeded and measured) and
+//! `summary.svg` (each scenario's targeted ratio to its reference, and
+//! p50/p99 latency), all written to the output directory.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,7 +22,8 @@ pub struct ScenarioResult {
     pub about: String,
     pub server: String,
     pub protocol: String,
-    /// `concurrency` (closed loop) or `rate` (open loop).
+    /// `concurrency` (closed loop), `rate` (open loop) or `threads`
+    /// (argon2-raw).
     pub mode: String,
     /// Client tasks (in rate mode, the tasks sharing the schedule).
     pub concurrency: usize,
@@ -31,6 +32,8 @@ pub struct ScenarioResult {
     /// HTTP/2 connections shared by the tasks (native gRPC); gRPC-web uses
     /// one HTTP/1.1 connection per task.
     pub connections: usize,
+    /// The load in words, e.g. `32 tasks`, `200 req/s (8 tasks)`.
+    pub load: String,
     pub warmup_s: f64,
     pub duration_s: f64,
     /// Calls sent in the measured window.
@@ -48,11 +51,18 @@ pub struct ScenarioResult {
     pub reference: Option<String>,
     /// req/s ÷ the reference's req/s.
     pub rps_ratio: Option<f64>,
+    /// p50 ÷ the reference's p50.
+    pub p50_ratio: Option<f64>,
     /// p99 ÷ the reference's p99.
     pub p99_ratio: Option<f64>,
+    /// Another scenario this one is also compared to (not held to).
+    pub also_vs: Option<String>,
+    pub also_rps_ratio: Option<f64>,
+    pub also_p99_ratio: Option<f64>,
     pub target: String,
-    /// The target's least req/s ratio and greatest p99 ratio.
+    /// The target's least req/s ratio and greatest p50 and p99 ratios.
     pub target_rps_ratio: Option<f64>,
+    pub target_p50_ratio: Option<f64>,
     pub target_p99_ratio: Option<f64>,
     pub met: bool,
     /// CPU used by the server process during the measured window, in % of
@@ -64,13 +74,26 @@ pub struct ScenarioResult {
     /// Server CPU time per call in the window, in µs: the cost of a call,
     /// whichever side limited the rate.
     pub server_cpu_us_per_call: Option<f64>,
+    /// Minor page faults the server took per call in the window (memory
+    /// mapped fresh: for argon2, its block array).
+    pub server_minor_faults_per_call: Option<f64>,
+    /// CPU used by every PostgreSQL process together, in % of one CPU
+    /// (runs with the data stack).
+    pub db_cpu_percent: Option<f64>,
     /// CPU used by the bench itself during the measured window, in % of one
     /// CPU; near 100% the bench, not the server, limited req/s.
     pub client_cpu_percent: Option<f64>,
     /// Time the bench's threads waited for a CPU, in % of the window.
     pub client_wait_percent: Option<f64>,
-    /// Encoded size of the server's GetInfo response.
-    pub response_bytes: usize,
+    /// CPU time the hypervisor gave to other guests while ours wanted it,
+    /// all CPUs together, in % of one CPU over the window: noise.
+    pub steal_percent: Option<f64>,
+    /// Encoded size of the server's GetInfo response (GetInfo scenarios).
+    pub response_bytes: Option<usize>,
+    /// The server had its CPU to itself by design, so its wait for the CPU
+    /// is noise (otherwise PostgreSQL, its own hashing threads or a
+    /// scenario run alongside took turns with it).
+    pub server_alone: bool,
 }
 
 impl ScenarioResult {
@@ -89,6 +112,9 @@ pub struct RunInfo {
     pub cores: String,
     pub machine: String,
     pub payload: String,
+    /// Further lines for the report: what was seeded, argon2 parameters,
+    /// login latency, …
+    pub notes: Vec<String>,
 }
 
 /// Writes every output file into `dir`.
@@ -124,12 +150,18 @@ fn us(v: f64) -> String {
 }
 
 fn ratio_text(r: &ScenarioResult) -> String {
-    match (&r.reference, r.rps_ratio, r.p99_ratio) {
-        (Some(reference), Some(rps), Some(p99)) => {
-            format!("{rps:.2}× req/s, {p99:.2}× p99 (vs {reference})")
-        }
-        _ => "—".to_string(),
+    let (Some(reference), Some(rps), Some(p99)) = (&r.reference, r.rps_ratio, r.p99_ratio) else {
+        return "—".to_string();
+    };
+    let mut text = format!("{rps:.2}× req/s, ");
+    if let (Some(p50), Some(_)) = (r.p50_ratio, r.target_p50_ratio) {
+        text.push_str(&format!("{p50:.2}× p50, "));
     }
+    text.push_str(&format!("{p99:.2}× p99 (vs {reference})"));
+    if let (Some(also), Some(rps), Some(p99)) = (&r.also_vs, r.also_rps_ratio, r.also_p99_ratio) {
+        text.push_str(&format!("; {rps:.2}× req/s, {p99:.2}× p99 (vs {also})"));
+    }
+    text
 }
 
 /// `summary.md`.
@@ -167,28 +199,45 @@ pub fn markdown(info: &RunInfo, results: &[ScenarioResult]) -> String {
     md.push_str(&format!("**Cores:** {}\n\n", info.cores));
     md.push_str(&format!("**Machine:** {}\n\n", info.machine));
     md.push_str(&format!("**Payload:** {}\n\n", info.payload));
+    if !info.notes.is_empty() {
+        md.push_str("**Notes:**\n\n");
+        for n in &info.notes {
+            md.push_str(&format!("- {n}\n"));
+        }
+        md.push('\n');
+    }
     let noisy: Vec<String> = results
         .iter()
         .filter_map(|r| {
-            let worst = r
-                .server_wait_percent
-                .unwrap_or(0.0)
-                .max(r.client_wait_percent.unwrap_or(0.0));
+            // A server sharing its CPU (with PostgreSQL, its own hashing
+            // threads) waits by design; only the bench's wait tells of
+            // noise then.
+            let server_wait = if r.server_alone {
+                r.server_wait_percent.unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            let worst = server_wait
+                .max(r.client_wait_percent.unwrap_or(0.0))
+                .max(r.steal_percent.unwrap_or(0.0));
             (worst > NOISY_WAIT_PERCENT).then(|| format!("{} ({worst:.0}%)", r.scenario))
         })
         .collect();
     if !noisy.is_empty() {
         md.push_str(&format!(
-            "**Noise:** other processes kept the server or the bench off its CPU for more \
-             than {NOISY_WAIT_PERCENT}% of the window in {}; compare those numbers with \
-             care, or run again on a quieter machine.\n\n",
+            "**Noise:** other processes (or, as steal, other virtual machines) kept the \
+             server or the bench off its CPU for more than {NOISY_WAIT_PERCENT}% of the \
+             window in {}; compare those numbers with \
+             care, or run again on a quieter machine. (Where PostgreSQL, hashing threads or \
+             a concurrent scenario share the server's CPU, the server's wait is by design and \
+             only the bench's counts.)\n\n",
             noisy.join(", ")
         ));
     }
     md.push_str(
-        "| scenario | what | p90 (µs) | max (µs) | calls | errors | server CPU/call | server CPU (waited) | bench CPU (waited) |\n",
+        "| scenario | what | load | p90 (µs) | max (µs) | calls | errors | server CPU/call | server CPU (waited) | PostgreSQL CPU | bench CPU (waited) | steal |\n",
     );
-    md.push_str("|---|---|---:|---:|---:|---|---:|---:|---:|\n");
+    md.push_str("|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|\n");
     for r in results {
         let errors = if r.errors.is_empty() {
             "0".to_string()
@@ -201,12 +250,14 @@ pub fn markdown(info: &RunInfo, results: &[ScenarioResult]) -> String {
         };
         let pct = |cpu: Option<f64>, wait: Option<f64>| match (cpu, wait) {
             (Some(c), Some(w)) => format!("{c:.0}% ({w:.0}%)"),
+            (None, None) => "—".to_string(),
             _ => "?".to_string(),
         };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.about,
+            r.load,
             us(r.p90_us),
             us(r.max_us),
             r.requests,
@@ -214,21 +265,40 @@ pub fn markdown(info: &RunInfo, results: &[ScenarioResult]) -> String {
             r.server_cpu_us_per_call
                 .map_or("?".to_string(), |v| format!("{v:.1} µs")),
             pct(r.server_cpu_percent, r.server_wait_percent),
-            pct(r.client_cpu_percent, r.client_wait_percent)
+            r.db_cpu_percent
+                .map_or("—".to_string(), |v| format!("{v:.0}%")),
+            pct(r.client_cpu_percent, r.client_wait_percent),
+            r.steal_percent
+                .map_or("—".to_string(), |v| format!("{v:.1}%"))
         ));
     }
     md.push_str(
-        "\nreq/s counts successful calls in the measured window; latencies are of \
-         successful calls. CPU is time on CPU over the window in % of one CPU; \
-         \"waited\" is time runnable but kept off the CPU by other processes (noise). \
-         A bench CPU near 100% means the client, not the server, set the pace: that \
-         req/s is a lower bound, and server CPU per call compares the servers' cost.\n",
+        "\nreq/s counts successful calls in the measured window (argon2-raw: hashes); \
+         latencies are of successful calls (argon2-raw: of one hash). CPU is time on CPU \
+         over the window in % of one CPU; \"waited\" is time runnable but kept off the \
+         CPU by other processes and \"steal\" CPU time the hypervisor gave to other virtual \
+         machines (both noise); for argon2-raw the \"server\" is the bench's \
+         hashing threads. A bench CPU near 100% means the client, not the server, set the \
+         pace: that req/s is a lower bound, and server CPU per call compares the servers' \
+         cost. Server CPU excludes PostgreSQL, shown apart.\n",
     );
     md
 }
 
-/// `summary.svg`: throughput ratio to the reference (a reference scenario
-/// is 1.0; the target is a black tick) and p50/p99 latency side by side.
+/// The ratio a result's target is mainly about, its bound and its label
+/// (`req/s`, `p50`, `p99`); a reference scenario is 1.0 with no bound.
+fn headline(r: &ScenarioResult) -> (f64, Option<f64>, &'static str) {
+    match (r.target_rps_ratio, r.target_p50_ratio, r.target_p99_ratio) {
+        (Some(t), ..) => (r.rps_ratio.unwrap_or(0.0), Some(t), "req/s"),
+        (None, Some(t), _) => (r.p50_ratio.unwrap_or(0.0), Some(t), "p50"),
+        (None, None, Some(t)) => (r.p99_ratio.unwrap_or(0.0), Some(t), "p99"),
+        (None, None, None) => (1.0, None, ""),
+    }
+}
+
+/// `summary.svg`: each scenario's targeted ratio to its reference (a
+/// reference scenario is 1.0; the target is a black tick) above p50/p99
+/// latency on a log scale.
 fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Result<()> {
     let n = results.len().max(1);
     let names: Vec<String> = results.iter().map(|r| r.scenario.clone()).collect();
@@ -242,8 +312,9 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
     };
     let centers: Vec<i32> = (0..n as i32).map(|i| i * 100 + 50).collect();
     let span = 0..n as i32 * 100;
+    let width = (130 * n as u32 + 120).max(900);
 
-    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
+    let root = SVGBackend::new(path, (width, 840)).into_drawing_area();
     root.fill(&WHITE)?;
     let title = format!(
         "Trellis benchmark{} — {} · {} build",
@@ -252,20 +323,18 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
         info.profile
     );
     let root = root.titled(&title, ("sans-serif", 20))?;
-    let (left, right) = root.split_horizontally(500);
+    let (upper, lower) = root.split_vertically(400);
 
-    // Throughput relative to each scenario's reference.
-    let ratios: Vec<f64> = results.iter().map(|r| r.rps_ratio.unwrap_or(1.0)).collect();
-    let targets: Vec<Option<f64>> = results.iter().map(|r| r.target_rps_ratio).collect();
-    let top = ratios
+    // The targeted ratio to each scenario's reference.
+    let heads: Vec<(f64, Option<f64>, &str)> = results.iter().map(headline).collect();
+    let top = heads
         .iter()
-        .copied()
-        .chain(targets.iter().flatten().copied())
+        .flat_map(|(v, t, _)| [*v, t.unwrap_or(0.0)])
         .fold(1.0f64, f64::max)
         * 1.2;
-    let mut c = ChartBuilder::on(&left)
+    let mut c = ChartBuilder::on(&upper)
         .caption(
-            "req/s relative to reference (black tick: target)",
+            "targeted ratio to the reference (req/s: at least the tick; p50/p99: at most)",
             ("sans-serif", 16),
         )
         .margin(12)
@@ -275,48 +344,57 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
     c.configure_mesh()
         .disable_x_mesh()
         .x_label_formatter(&label)
+        .x_label_style(("sans-serif", 12))
         .light_line_style(TRANSPARENT)
-        .y_desc("× reference req/s")
+        .y_desc("× reference")
         .draw()?;
-    c.draw_series(results.iter().zip(&ratios).enumerate().map(|(i, (r, &v))| {
+    c.draw_series(results.iter().zip(&heads).enumerate().map(|(i, (r, h))| {
         let color = match r.reference {
             None => RGBColor(150, 150, 150),
             Some(_) if r.met => RGBColor(60, 150, 80),
             Some(_) => RGBColor(200, 70, 60),
         };
         let x = i as i32 * 100;
-        Rectangle::new([(x + 20, 0.0), (x + 80, v)], color.filled())
+        Rectangle::new([(x + 20, 0.0), (x + 80, h.0)], color.filled())
     }))?;
-    c.draw_series(targets.iter().enumerate().filter_map(|(i, t)| {
-        t.map(|t| {
+    c.draw_series(heads.iter().enumerate().filter_map(|(i, h)| {
+        h.1.map(|t| {
             let x = i as i32 * 100;
             PathElement::new(vec![(x + 10, t), (x + 90, t)], BLACK.stroke_width(2))
         })
     }))?;
-    c.draw_series(results.iter().zip(&ratios).enumerate().map(|(i, (r, &v))| {
+    c.draw_series(results.iter().zip(&heads).enumerate().map(|(i, (r, h))| {
         let text = match &r.reference {
             None => "reference".to_string(),
-            Some(reference) => format!("{v:.2}× {reference}"),
+            Some(reference) => format!("{:.2}× {} {reference}", h.0, h.2),
         };
         Text::new(
             text,
-            (i as i32 * 100 + 50, v + top * 0.02),
-            TextStyle::from(("sans-serif", 13).into_font())
+            (i as i32 * 100 + 50, h.0 + top * 0.02),
+            TextStyle::from(("sans-serif", 11).into_font())
                 .pos(Pos::new(HPos::Center, VPos::Bottom)),
         )
     }))?;
 
-    // Latency.
-    let top = results.iter().map(|r| r.p99_us).fold(1.0f64, f64::max) * 1.2;
-    let mut c = ChartBuilder::on(&right)
-        .caption("latency (µs)", ("sans-serif", 16))
+    // Latency, log scale: from tens of µs (no-op) to tens of ms (login).
+    let top = results.iter().map(|r| r.p99_us).fold(10.0f64, f64::max) * 2.0;
+    let bottom = results
+        .iter()
+        .map(|r| r.p50_us)
+        .filter(|v| *v > 0.0)
+        .fold(top, f64::min)
+        .max(1.0)
+        / 2.0;
+    let mut c = ChartBuilder::on(&lower)
+        .caption("latency (µs, log scale)", ("sans-serif", 16))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(60)
-        .build_cartesian_2d(span.with_key_points(centers), 0f64..top)?;
+        .build_cartesian_2d(span.with_key_points(centers), (bottom..top).log_scale())?;
     c.configure_mesh()
         .disable_x_mesh()
         .x_label_formatter(&label)
+        .x_label_style(("sans-serif", 12))
         .light_line_style(TRANSPARENT)
         .y_label_formatter(&|v| format!("{v:.0}"))
         .y_desc("µs")
@@ -325,13 +403,19 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
     let p99 = RGBColor(240, 150, 40);
     c.draw_series(results.iter().enumerate().map(|(i, r)| {
         let x = i as i32 * 100;
-        Rectangle::new([(x + 12, 0.0), (x + 48, r.p50_us)], p50.filled())
+        Rectangle::new(
+            [(x + 12, bottom), (x + 48, r.p50_us.max(bottom))],
+            p50.filled(),
+        )
     }))?
     .label("p50")
     .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], p50.filled()));
     c.draw_series(results.iter().enumerate().map(|(i, r)| {
         let x = i as i32 * 100;
-        Rectangle::new([(x + 52, 0.0), (x + 88, r.p99_us)], p99.filled())
+        Rectangle::new(
+            [(x + 52, bottom), (x + 88, r.p99_us.max(bottom))],
+            p99.filled(),
+        )
     }))?
     .label("p99")
     .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], p99.filled()));

@@ -1,27 +1,64 @@
-//! The scenarios: what each one calls, on which server, over which protocol,
-//! and the target it is held to relative to another scenario.
+//! The scenarios: what each one measures (calls on which server, over which
+//! protocol, at what load — or the raw argon2 rate), and the target it is
+//! held to relative to another scenario.
 //!
 //! Adding a scenario is one entry in [`SCENARIOS`]. A scenario that calls a
-//! new RPC also needs a variant of [`Rpc`](crate::calls::Rpc) (its path,
-//! request and response); one against a new kind of server a variant of
-//! [`ServerKind`](crate::servers::ServerKind). The table is run in order, so a
-//! reference must come before the scenarios that compare themselves to it.
+//! new RPC also needs a variant of [`Rpc`](crate::calls::Rpc) and its
+//! seeding in [`crate::seed`]; one against a new kind of server a variant of
+//! [`ServerKind`](crate::servers::ServerKind). The table is run in order, so
+//! a reference must come before the scenarios that compare themselves to
+//! it; a scenario run `alongside` another is listed after it.
 
 use crate::calls::{Protocol, Rpc};
 use crate::servers::ServerKind;
 
-/// One measured call path.
+/// One measured thing: a call path under load, or the raw argon2 rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scenario {
     /// Short name: `--scenario` value and file name in the output directory.
     pub name: &'static str,
     /// One line for the report.
     pub about: &'static str,
-    pub server: ServerKind,
-    pub protocol: Protocol,
-    pub rpc: Rpc,
+    pub work: Work,
     /// What it is held to; `None` for a reference scenario.
     pub target: Option<Target>,
+    /// Another scenario whose req/s and p99 this one's are also compared
+    /// to in the report (not held to).
+    pub also_vs: Option<&'static str>,
+    /// Runs while this other scenario's load runs again, unrecorded, over
+    /// the same window (a probe during a flood); the other's own result is
+    /// measured alone, so the probe does not take from it. Selecting either
+    /// selects both.
+    pub alongside: Option<&'static str>,
+}
+
+/// What a scenario measures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Work {
+    /// Calls `rpc` on `server` over `protocol` with `load`.
+    Rpc {
+        server: ServerKind,
+        protocol: Protocol,
+        rpc: Rpc,
+        load: Load,
+    },
+    /// argon2id hashes computed by the bench itself with the `argon2`
+    /// crate and trellisd's parameters, on as many threads as trellisd
+    /// hashes on, pinned to the same CPUs: the ceiling for logins/s.
+    Argon2,
+}
+
+/// How a scenario's client tasks pace their calls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Load {
+    /// The run's `--concurrency` / `--rate`.
+    Run,
+    /// Closed loop, this many tasks per CPU of the machine.
+    PerCpu(usize),
+    /// Closed loop, this many tasks.
+    Tasks(usize),
+    /// Open loop: this many requests/s over `tasks` tasks.
+    Rate { rps: f64, tasks: usize },
 }
 
 /// A scenario's goal, as ratios to its reference scenario's results.
@@ -30,46 +67,189 @@ pub struct Target {
     /// Name of the scenario compared against (run first, in the same run).
     pub reference: &'static str,
     /// Requests/s must be at least this fraction of the reference's.
-    pub min_rps_ratio: f64,
+    pub min_rps_ratio: Option<f64>,
+    /// p50 latency must be at most this multiple of the reference's.
+    pub max_p50_ratio: Option<f64>,
     /// p99 latency must be at most this multiple of the reference's.
     pub max_p99_ratio: Option<f64>,
 }
+
+impl Target {
+    const fn rps(reference: &'static str, min: f64) -> Target {
+        Target {
+            reference,
+            min_rps_ratio: Some(min),
+            max_p50_ratio: None,
+            max_p99_ratio: None,
+        }
+    }
+}
+
+/// The fixed rate of the mesh-noop latency probes, requests/s.
+pub const PROBE_RPS: f64 = 200.0;
+/// Client tasks sharing a probe's schedule.
+pub const PROBE_TASKS: usize = 8;
+/// ListUsers page size of the list scenarios.
+pub const LIST_PAGE_SIZE: i32 = 20;
+
+const fn rpc(server: ServerKind, rpc: Rpc, load: Load) -> Work {
+    Work::Rpc {
+        server,
+        protocol: Protocol::Grpc,
+        rpc,
+        load,
+    }
+}
+
+const PROBE: Load = Load::Rate {
+    rps: PROBE_RPS,
+    tasks: PROBE_TASKS,
+};
 
 /// Every scenario, in run order.
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "baseline",
         about: "bare tonic server (no layers), same SystemService.GetInfo handler, native gRPC",
-        server: ServerKind::Baseline,
-        protocol: Protocol::Grpc,
-        rpc: Rpc::SystemGetInfo,
+        work: rpc(ServerKind::Baseline, Rpc::SystemGetInfo, Load::Run),
         target: None,
+        also_vs: None,
+        alongside: None,
     },
     Scenario {
         name: "mesh-noop",
-        about: "trellisd SystemService.GetInfo through the full layer stack, native gRPC",
-        server: ServerKind::Trellisd,
-        protocol: Protocol::Grpc,
-        rpc: Rpc::SystemGetInfo,
+        about: "trellisd SystemService.GetInfo through the full layer stack, no credentials, native gRPC",
+        work: rpc(ServerKind::Trellisd, Rpc::SystemGetInfo, Load::Run),
         target: Some(Target {
-            reference: "baseline",
-            min_rps_ratio: 0.85,
             max_p99_ratio: Some(1.3),
+            ..Target::rps("baseline", 0.85)
         }),
+        also_vs: None,
+        alongside: None,
     },
     Scenario {
         name: "grpc-web",
         about: "trellisd SystemService.GetInfo over gRPC-web on HTTP/1.1 (one keep-alive connection per task)",
-        server: ServerKind::Trellisd,
-        protocol: Protocol::GrpcWeb,
-        rpc: Rpc::SystemGetInfo,
+        work: Work::Rpc {
+            server: ServerKind::Trellisd,
+            protocol: Protocol::GrpcWeb,
+            rpc: Rpc::SystemGetInfo,
+            load: Load::Run,
+        },
+        target: Some(Target::rps("mesh-noop", 0.95)),
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "auth-verify",
+        about: "trellisd SystemService.GetInfo with `authorization: Bearer <access token>`: the no-op plus the \
+                authentication layer's token verification (signature, claims, revocation set, verified-token cache)",
+        work: rpc(ServerKind::Trellisd, Rpc::SystemGetInfoAuthed, Load::Run),
+        target: Some(Target::rps("baseline", 0.8)),
+        also_vs: Some("mesh-noop"),
+        alongside: None,
+    },
+    Scenario {
+        name: "noop-probe-idle",
+        about: "mesh-noop latency probe at a fixed 200 req/s (open loop), nothing else running",
+        work: rpc(ServerKind::Trellisd, Rpc::SystemGetInfo, PROBE),
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "argon2-raw",
+        about: "raw argon2id hashes/s in the bench process (argon2 crate, trellisd's parameters) on as \
+                many threads as trellisd hashes on, pinned like them, at their nice value; p50 is the \
+                single-hash time",
+        work: Work::Argon2,
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "login",
+        about: "AuthService.Login, logins/s at 2 client tasks per CPU, each task its own account (right password)",
+        work: rpc(ServerKind::Trellisd, Rpc::Login, Load::PerCpu(2)),
+        target: Some(Target::rps("argon2-raw", 0.9)),
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "noop-probe-login",
+        about: "the mesh-noop probe (200 req/s, open loop) while login's load runs again (unrecorded) \
+                and saturates the server's CPU",
+        work: rpc(ServerKind::Trellisd, Rpc::SystemGetInfo, PROBE),
         target: Some(Target {
-            reference: "mesh-noop",
-            min_rps_ratio: 0.95,
+            reference: "noop-probe-idle",
+            min_rps_ratio: None,
+            max_p50_ratio: None,
+            max_p99_ratio: Some(2.0),
+        }),
+        also_vs: None,
+        alongside: Some("login"),
+    },
+    Scenario {
+        name: "user-get-raw",
+        about: "bare tonic UserService.GetUser running trellisd's query (profile row and roles in one \
+                SELECT) with tokio-postgres, a pool of 16 connections: no auth, no layers",
+        work: rpc(ServerKind::UserRaw, Rpc::GetUser, Load::Run),
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "user-get",
+        about: "trellisd UserService.GetUser of another account with an admin's access token",
+        work: rpc(ServerKind::Trellisd, Rpc::GetUser, Load::Run),
+        target: Some(Target::rps("user-get-raw", 0.9)),
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "user-list-page1",
+        about: "trellisd UserService.ListUsers page 1 (page_size 20, create_time desc) of the bulk-loaded \
+                users table, one client task",
+        work: rpc(ServerKind::Trellisd, Rpc::ListUsersFirst, Load::Tasks(1)),
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "user-list-deep",
+        about: "the same list's deep page (500; --quick: 50) with the page token reached by walking the \
+                pages once, one client task",
+        work: rpc(ServerKind::Trellisd, Rpc::ListUsersDeep, Load::Tasks(1)),
+        target: Some(Target {
+            reference: "user-list-page1",
+            min_rps_ratio: None,
+            max_p50_ratio: Some(1.5),
             max_p99_ratio: None,
         }),
+        also_vs: None,
+        alongside: None,
     },
 ];
+
+impl Scenario {
+    /// The server this scenario calls, if any.
+    pub fn server(&self) -> Option<ServerKind> {
+        match self.work {
+            Work::Rpc { server, .. } => Some(server),
+            Work::Argon2 => None,
+        }
+    }
+
+    /// Whether it needs trellisd with PostgreSQL and Redis behind it.
+    pub fn needs_store(&self) -> bool {
+        match self.work {
+            Work::Rpc { server, rpc, .. } => {
+                server == ServerKind::UserRaw || !matches!(rpc, Rpc::SystemGetInfo)
+            }
+            Work::Argon2 => false,
+        }
+    }
+}
 
 /// Looks a scenario up by name.
 pub fn by_name(name: &str) -> Option<&'static Scenario> {
@@ -103,6 +283,42 @@ pub fn select(names: &[String]) -> anyhow::Result<Vec<&'static Scenario>> {
             next = s.target.and_then(|t| by_name(t.reference));
         }
     }
+    // Scenarios run alongside each other come together, with their
+    // references; repeat until nothing is added.
+    loop {
+        let before = wanted.len();
+        for s in SCENARIOS {
+            let partner = s.alongside.is_some_and(|a| wanted.contains(&a))
+                || (s.alongside.is_some() && wanted.contains(&s.name));
+            if !partner {
+                continue;
+            }
+            let mut add = vec![s.name];
+            add.extend(s.alongside);
+            add.extend(s.target.map(|t| t.reference));
+            for name in add {
+                if let Some(found) = by_name(name)
+                    && !wanted.contains(&found.name)
+                {
+                    wanted.push(found.name);
+                }
+            }
+        }
+        // References (and scenarios compared to) of anything added.
+        for s in SCENARIOS {
+            if !wanted.contains(&s.name) {
+                continue;
+            }
+            for name in s.target.map(|t| t.reference).into_iter().chain(s.also_vs) {
+                if !wanted.contains(&name) {
+                    wanted.push(name);
+                }
+            }
+        }
+        if wanted.len() == before {
+            break;
+        }
+    }
     Ok(SCENARIOS
         .iter()
         .filter(|s| wanted.contains(&s.name))
@@ -112,16 +328,26 @@ pub fn select(names: &[String]) -> anyhow::Result<Vec<&'static Scenario>> {
 impl Target {
     /// The target as the report states it.
     pub fn text(&self) -> String {
-        let mut text = format!("≥ {}× {} req/s", self.min_rps_ratio, self.reference);
-        if let Some(p99) = self.max_p99_ratio {
-            text.push_str(&format!(" and p99 ≤ {p99}× {} p99", self.reference));
+        let r = self.reference;
+        let mut parts = Vec::new();
+        if let Some(min) = self.min_rps_ratio {
+            parts.push(format!("≥ {min}× {r} req/s"));
         }
-        text
+        if let Some(max) = self.max_p50_ratio {
+            parts.push(format!("p50 ≤ {max}× {r} p50"));
+        }
+        if let Some(max) = self.max_p99_ratio {
+            parts.push(format!("p99 ≤ {max}× {r} p99"));
+        }
+        parts.join(" and ")
     }
 
-    /// Whether results with these ratios to the reference meet the target.
-    pub fn met(&self, rps_ratio: f64, p99_ratio: f64) -> bool {
-        rps_ratio >= self.min_rps_ratio && self.max_p99_ratio.is_none_or(|max| p99_ratio <= max)
+    /// Whether results with these ratios to the reference (req/s, p50,
+    /// p99) meet the target.
+    pub fn met(&self, rps_ratio: f64, p50_ratio: f64, p99_ratio: f64) -> bool {
+        self.min_rps_ratio.is_none_or(|min| rps_ratio >= min)
+            && self.max_p50_ratio.is_none_or(|max| p50_ratio <= max)
+            && self.max_p99_ratio.is_none_or(|max| p99_ratio <= max)
     }
 }
 
@@ -165,18 +391,60 @@ mod tests {
     }
 
     #[test]
+    fn selecting_a_scenario_brings_what_runs_alongside() {
+        let names = |n: &str| -> Vec<&str> {
+            select(&[n.to_string()])
+                .expect("known")
+                .iter()
+                .map(|s| s.name)
+                .collect()
+        };
+        assert_eq!(
+            names("login"),
+            ["noop-probe-idle", "argon2-raw", "login", "noop-probe-login"]
+        );
+        assert_eq!(names("noop-probe-login"), names("login"));
+        assert_eq!(
+            names("user-list-deep"),
+            ["user-list-page1", "user-list-deep"]
+        );
+    }
+
+    #[test]
+    fn alongside_partners_exist_and_run_before() {
+        for (i, s) in SCENARIOS.iter().enumerate() {
+            if let Some(a) = s.alongside {
+                let p = SCENARIOS
+                    .iter()
+                    .position(|o| o.name == a)
+                    .expect("partner exists");
+                assert!(p < i, "{} runs alongside {a}, listed before it", s.name);
+                assert!(SCENARIOS[p].alongside.is_none(), "no chains");
+            }
+        }
+    }
+
+    #[test]
     fn targets() {
         let t = Target {
-            reference: "baseline",
-            min_rps_ratio: 0.85,
             max_p99_ratio: Some(1.3),
+            ..Target::rps("baseline", 0.85)
         };
-        assert!(t.met(0.9, 1.2));
-        assert!(!t.met(0.8, 1.2));
-        assert!(!t.met(0.9, 1.4));
+        assert!(t.met(0.9, 9.0, 1.2));
+        assert!(!t.met(0.8, 1.0, 1.2));
+        assert!(!t.met(0.9, 1.0, 1.4));
         assert_eq!(
             t.text(),
             "≥ 0.85× baseline req/s and p99 ≤ 1.3× baseline p99"
         );
+        let p50 = Target {
+            reference: "page1",
+            min_rps_ratio: None,
+            max_p50_ratio: Some(1.5),
+            max_p99_ratio: None,
+        };
+        assert!(p50.met(0.1, 1.4, 9.0));
+        assert!(!p50.met(9.0, 1.6, 1.0));
+        assert_eq!(p50.text(), "p50 ≤ 1.5× page1 p50");
     }
 }

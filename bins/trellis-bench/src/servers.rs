@@ -1,7 +1,8 @@
 //! The servers under test as child processes: the bare tonic baseline (this
-//! binary re-executed as `baseline-server`) and `trellisd serve`. Finding and
-//! (under `cargo run`) building trellisd, CPU pinning, readiness, CPU-time
-//! accounting, and killing the children however the bench ends.
+//! binary re-executed as `baseline-server`), the bare GetUser server
+//! (`user-server`) and `trellisd serve`. Finding and (under `cargo run`)
+//! building trellisd, CPU pinning, readiness, CPU-time accounting, and
+//! killing the children however the bench ends.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -18,6 +19,7 @@ use trellis_proto::system::v1::GetInfoResponse;
 use trellis_proto::system::v1::system_service_client::SystemServiceClient;
 
 use crate::calls;
+use crate::stack::Stack;
 
 /// Which server a scenario runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,6 +28,8 @@ pub enum ServerKind {
     Baseline,
     /// `trellisd serve`: the full mesh.
     Trellisd,
+    /// This binary's `user-server`: GetUser straight on tokio-postgres.
+    UserRaw,
 }
 
 impl ServerKind {
@@ -33,6 +37,7 @@ impl ServerKind {
         match self {
             ServerKind::Baseline => "baseline-server",
             ServerKind::Trellisd => "trellisd",
+            ServerKind::UserRaw => "user-server",
         }
     }
 }
@@ -60,9 +65,63 @@ pub fn cpus_of(pid: u32) -> Vec<usize> {
 /// Restricts the calling thread (and threads and processes it creates
 /// from now on) to `cpu`.
 pub fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
+    pin_current_thread_to(&[cpu])
+}
+
+/// Restricts the calling thread (and threads and processes it creates
+/// from now on) to `cpus`.
+pub fn pin_current_thread_to(cpus: &[usize]) -> anyhow::Result<()> {
     let mut set = CpuSet::new();
-    set.set(cpu)?;
-    sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning to CPU {cpu}"))
+    for &cpu in cpus {
+        set.set(cpu)?;
+    }
+    sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning to CPUs {cpus:?}"))
+}
+
+/// A process as `/proc/PID/stat` describes it.
+#[derive(Debug, Clone)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub ppid: u32,
+}
+
+/// Every process visible in `/proc`.
+pub fn processes() -> Vec<ProcInfo> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1.to_string();
+            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+            Some(ProcInfo { pid, comm, ppid })
+        })
+        .collect()
+}
+
+/// [`SchedStat`] summed over process `root` and its children (PostgreSQL's
+/// backends each start a session of their own, so a process group would
+/// not hold them).
+pub fn family_sched_stat(root: u32) -> Option<SchedStat> {
+    let mut total = SchedStat::default();
+    let mut any = false;
+    for p in processes()
+        .into_iter()
+        .filter(|p| p.pid == root || p.ppid == root)
+    {
+        if let Some(s) = sched_stat(&p.pid.to_string()) {
+            total.on_cpu += s.on_cpu;
+            total.waiting += s.waiting;
+            total.minor_faults += s.minor_faults;
+            any = true;
+        }
+    }
+    any.then_some(total)
 }
 
 /// The scheduler's account of a process, summed over its threads.
@@ -72,6 +131,36 @@ pub struct SchedStat {
     pub on_cpu: Duration,
     /// Time runnable but waiting for a CPU (someone else had it).
     pub waiting: Duration,
+    /// Minor page faults (memory mapped fresh, e.g. a large allocation
+    /// touched for the first time).
+    pub minor_faults: u64,
+}
+
+/// CPU time the hypervisor gave to others while this VM's CPUs wanted it
+/// ("steal"), summed over every CPU, from `/proc/stat`. Zero on bare metal.
+pub fn steal() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    // The first line sums every CPU: `cpu user nice system idle iowait irq
+    // softirq steal …`, in USER_HZ ticks (100 a second on Linux).
+    let ticks: u64 = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(8)?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// The minor page faults in a `/proc/…/stat` line (field 10).
+pub fn minor_faults(stat: &str) -> Option<u64> {
+    // After `pid (comm)`: state is field 3, minflt field 10.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(7)?
+        .parse()
+        .ok()
 }
 
 /// [`SchedStat`] of process `pid` ("self" for this one), from
@@ -84,6 +173,11 @@ pub fn sched_stat(pid: &str) -> Option<SchedStat> {
         total.on_cpu += Duration::from_nanos(fields.next()??);
         total.waiting += Duration::from_nanos(fields.next()??);
     }
+    // The process's own line counts every thread's faults.
+    total.minor_faults = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| minor_faults(&s))
+        .unwrap_or(0);
     Some(total)
 }
 
@@ -152,8 +246,12 @@ impl ServerProcess {
     }
 
     /// Polls GetInfo until it answers; fails if the process exits first or
-    /// `within` passes.
-    pub async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<GetInfoResponse> {
+    /// `within` passes. The user server does not serve GetInfo: its
+    /// UNIMPLEMENTED answer means ready, and there is no info.
+    pub async fn wait_ready(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<Option<GetInfoResponse>> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -162,12 +260,22 @@ impl ServerProcess {
                     self.command
                 );
             }
+            let kind = self.kind;
             let attempt = tokio::time::timeout(Duration::from_secs(2), async {
                 let channel = calls::grpc_channel(self.addr).await?;
-                let resp = SystemServiceClient::new(channel)
+                match SystemServiceClient::new(channel)
                     .get_info(GetInfoRequest {})
-                    .await?;
-                anyhow::Ok(resp.into_inner())
+                    .await
+                {
+                    Ok(resp) => anyhow::Ok(Some(resp.into_inner())),
+                    Err(s)
+                        if kind == ServerKind::UserRaw
+                            && s.code() == tonic::Code::Unimplemented =>
+                    {
+                        Ok(None)
+                    }
+                    Err(s) => Err(s.into()),
+                }
             })
             .await;
             match attempt {
@@ -241,13 +349,46 @@ pub fn start_baseline(
     })
 }
 
-/// Starts `trellisd serve` with nothing but defaults: no `TRELLIS_*`
-/// variables (so no PostgreSQL or Redis), warnings-only logging, and a
-/// working directory without a `trellis.toml`.
+/// Starts the bare GetUser server on the database at `database_url`.
+pub fn start_user_server(
+    cpu: Option<usize>,
+    database_url: &str,
+    connections: usize,
+) -> anyhow::Result<ServerProcess> {
+    let addr = free_addr()?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("user-server")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--connections")
+        .arg(connections.to_string())
+        .env("TRELLIS_BENCH_DATABASE_URL", database_url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = spawn_on(&mut cmd, cpu).context("starting the user server")?;
+    let stdin = child.stdin.take();
+    Ok(ServerProcess {
+        kind: ServerKind::UserRaw,
+        addr,
+        command: format!("{} user-server --listen {addr}", exe.display()),
+        child,
+        _stdin: stdin,
+    })
+}
+
+/// Starts `trellisd serve`. Without a `stack`: nothing but defaults — no
+/// `TRELLIS_*` variables (so no PostgreSQL or Redis). With one: every
+/// service (`--services all`) on the stack's database and Redis, the
+/// stack's argon2 parameters, and the per-IP login and registration limits
+/// lifted (the bench logs in from one address, far more than 30 times a
+/// minute). Always warnings-only logging, and a working directory without
+/// a `trellis.toml`.
 pub fn start_trellisd(
     trellisd: &Path,
     cpu: Option<usize>,
     cwd: &Path,
+    stack: Option<&Stack>,
 ) -> anyhow::Result<ServerProcess> {
     let addr = free_addr()?;
     let mut cmd = Command::new(trellisd);
@@ -263,6 +404,12 @@ pub fn start_trellisd(
         }
     }
     cmd.env("TRELLIS_TELEMETRY__LOG_FILTER", "warn");
+    if let Some(stack) = stack {
+        cmd.arg("--services").arg("all");
+        for (key, value) in stack.trellisd_env() {
+            cmd.env(key, value);
+        }
+    }
     let child =
         spawn_on(&mut cmd, cpu).with_context(|| format!("starting {}", trellisd.display()))?;
     Ok(ServerProcess {
@@ -274,10 +421,12 @@ pub fn start_trellisd(
     })
 }
 
-/// The running servers, by kind. Dropping it kills them all.
+/// The running servers, by kind, and the data stack behind them. Dropping
+/// it kills them all, the servers first.
 #[derive(Default)]
 pub struct Servers {
     pub running: BTreeMap<ServerKind, ServerProcess>,
+    pub stack: Option<Stack>,
 }
 
 impl Servers {
@@ -285,5 +434,25 @@ impl Servers {
         self.running
             .get(&kind)
             .with_context(|| format!("{} is not running", kind.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_minor_faults_past_an_awkward_comm() {
+        let stat = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 9876 0 3 0 12 3 0 0 20 0 7";
+        assert_eq!(minor_faults(stat), Some(9876));
+        assert_eq!(minor_faults("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_is_visible() {
+        let me = std::process::id();
+        assert!(processes().iter().any(|p| p.pid == me));
+        let own = sched_stat("self").expect("own schedstat");
+        assert!(own.on_cpu > Duration::ZERO);
     }
 }

@@ -150,16 +150,28 @@ mod tests {
     async fn hashes_verify_and_run_at_low_priority() {
         let h = PasswordHasher::new(cheap(), 2).expect("hasher");
         let hash = h.hash("S3cret!pw".into()).await.expect("hash");
-        assert!(h.verify("S3cret!pw".into(), Some(hash.clone())).await.expect("verify"));
+        assert!(
+            h.verify("S3cret!pw".into(), Some(hash.clone()))
+                .await
+                .expect("verify")
+        );
         assert!(!h.verify("wrong".into(), Some(hash)).await.expect("verify"));
-        assert!(!h.verify("anything".into(), None).await.expect("unknown account is never a match"));
+        assert!(
+            !h.verify("anything".into(), None)
+                .await
+                .expect("unknown account is never a match")
+        );
         // Field 19 of /proc/thread-self/stat is the thread's nice value.
         let stat = h
             .blocking(|_| std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default())
             .await
             .expect("job");
         let after_name = stat.rsplit(')').next().unwrap_or("");
-        let nice: i32 = after_name.split_whitespace().nth(16).and_then(|v| v.parse().ok()).expect("nice field");
+        let nice: i32 = after_name
+            .split_whitespace()
+            .nth(16)
+            .and_then(|v| v.parse().ok())
+            .expect("nice field");
         assert_eq!(nice, HASH_NICE);
     }
 }

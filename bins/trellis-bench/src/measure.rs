@@ -1,0 +1,186 @@
+//! From what a scenario measured to its [`ScenarioResult`]: CPU use over
+//! the window, percentiles, ratios to its reference (and to the scenario it
+//! is also compared to), whether its target is met — and the sanity checks
+//! every run must pass, whatever the speed.
+
+use std::time::Duration;
+
+use crate::load::Outcome;
+use crate::report::ScenarioResult;
+use crate::scenario::Scenario;
+use crate::servers::SchedStat;
+
+/// CPU use over a measured window, in % of one CPU.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub server_cpu: Option<f64>,
+    pub server_wait: Option<f64>,
+    pub client_cpu: Option<f64>,
+    pub client_wait: Option<f64>,
+    /// Every PostgreSQL process together.
+    pub db_cpu: Option<f64>,
+    /// CPU time stolen by the hypervisor, all CPUs together.
+    pub steal: Option<f64>,
+    /// Server CPU time over the window, in µs.
+    pub server_cpu_us: Option<f64>,
+    /// Server minor page faults over the window.
+    pub server_minor_faults: Option<u64>,
+}
+
+/// Scheduler accounts taken at the start and the end of a window.
+pub type Span = (Option<SchedStat>, Option<SchedStat>);
+
+impl Usage {
+    pub fn between(
+        wall: Duration,
+        server: Span,
+        client: Span,
+        db: Span,
+        steal: (Option<Duration>, Option<Duration>),
+    ) -> Usage {
+        let wall = wall.as_secs_f64();
+        let pct = |a: Option<Duration>, b: Option<Duration>| {
+            Some(b?.saturating_sub(a?).as_secs_f64() / wall * 100.0)
+        };
+        Usage {
+            server_cpu: pct(server.0.map(|s| s.on_cpu), server.1.map(|s| s.on_cpu)),
+            server_wait: pct(server.0.map(|s| s.waiting), server.1.map(|s| s.waiting)),
+            client_cpu: pct(client.0.map(|s| s.on_cpu), client.1.map(|s| s.on_cpu)),
+            client_wait: pct(client.0.map(|s| s.waiting), client.1.map(|s| s.waiting)),
+            db_cpu: pct(db.0.map(|s| s.on_cpu), db.1.map(|s| s.on_cpu)),
+            steal: pct(steal.0, steal.1),
+            server_cpu_us: server
+                .0
+                .zip(server.1)
+                .map(|(a, b)| b.on_cpu.saturating_sub(a.on_cpu).as_secs_f64() * 1e6),
+            server_minor_faults: server
+                .0
+                .zip(server.1)
+                .map(|(a, b)| b.minor_faults.saturating_sub(a.minor_faults)),
+        }
+    }
+}
+
+/// How a scenario was run, for its result.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub server: String,
+    pub protocol: String,
+    /// `concurrency`, `rate` or `threads`.
+    pub mode: &'static str,
+    pub concurrency: usize,
+    pub rate: Option<f64>,
+    pub connections: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// e.g. `32 tasks`, `200 req/s (8 tasks)`, `1 thread`.
+    pub load: String,
+    pub response_bytes: Option<usize>,
+    /// Whether the server has its CPU to itself by design (no database
+    /// work, no hashing threads, nothing run alongside), so that its time
+    /// waiting for the CPU is noise.
+    pub server_alone: bool,
+}
+
+/// The result of scenario `s`; `earlier` holds the results it compares
+/// itself to.
+pub fn result(
+    s: &Scenario,
+    shape: Shape,
+    o: &Outcome,
+    usage: Usage,
+    earlier: &[ScenarioResult],
+) -> ScenarioResult {
+    let us = |q: f64| o.latency.value_at_quantile(q) as f64 / 1000.0;
+    let rps = o.ok as f64 / shape.duration.as_secs_f64();
+    let (p50_us, p99_us) = (us(0.50), us(0.99));
+    let find = |name: &str| earlier.iter().find(|r| r.scenario == name);
+    let reference = s.target.and_then(|t| find(t.reference));
+    let rps_ratio = reference.map(|r| rps / r.rps);
+    let p50_ratio = reference.map(|r| p50_us / r.p50_us);
+    let p99_ratio = reference.map(|r| p99_us / r.p99_us);
+    let met = match (s.target, rps_ratio, p50_ratio, p99_ratio) {
+        (None, ..) => true,
+        (Some(t), Some(rps), Some(p50), Some(p99)) => t.met(rps, p50, p99),
+        (Some(_), ..) => false,
+    };
+    let also = s.also_vs.and_then(find);
+    let requests = o.ok + o.error_total();
+    ScenarioResult {
+        scenario: s.name.to_string(),
+        about: s.about.to_string(),
+        server: shape.server,
+        protocol: shape.protocol,
+        mode: shape.mode.to_string(),
+        concurrency: shape.concurrency,
+        rate: shape.rate,
+        connections: shape.connections,
+        load: shape.load,
+        warmup_s: shape.warmup.as_secs_f64(),
+        duration_s: shape.duration.as_secs_f64(),
+        requests,
+        rps,
+        p50_us,
+        p90_us: us(0.90),
+        p99_us,
+        max_us: o.latency.max() as f64 / 1000.0,
+        mean_us: o.latency.mean() / 1000.0,
+        errors: o.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        reference: s.target.map(|t| t.reference.to_string()),
+        rps_ratio,
+        p50_ratio,
+        p99_ratio,
+        also_vs: also.map(|r| r.scenario.clone()),
+        also_rps_ratio: also.map(|r| rps / r.rps),
+        also_p99_ratio: also.map(|r| p99_us / r.p99_us),
+        target: s
+            .target
+            .map_or_else(|| "— (reference)".to_string(), |t| t.text()),
+        target_rps_ratio: s.target.and_then(|t| t.min_rps_ratio),
+        target_p50_ratio: s.target.and_then(|t| t.max_p50_ratio),
+        target_p99_ratio: s.target.and_then(|t| t.max_p99_ratio),
+        met,
+        server_cpu_percent: usage.server_cpu,
+        server_wait_percent: usage.server_wait,
+        server_cpu_us_per_call: usage
+            .server_cpu_us
+            .filter(|_| requests > 0)
+            .map(|us| us / requests as f64),
+        server_minor_faults_per_call: usage
+            .server_minor_faults
+            .filter(|_| requests > 0)
+            .map(|n| n as f64 / requests as f64),
+        db_cpu_percent: usage.db_cpu,
+        steal_percent: usage.steal,
+        client_cpu_percent: usage.client_cpu,
+        client_wait_percent: usage.client_wait,
+        response_bytes: shape.response_bytes,
+        server_alone: shape.server_alone,
+    }
+}
+
+/// What makes a run unusable, whatever the speed: a scenario missing, no
+/// calls, errors, percentiles out of order.
+pub fn sanity(scenarios: &[&Scenario], results: &[ScenarioResult]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for s in scenarios {
+        let Some(r) = results.iter().find(|r| r.scenario == s.name) else {
+            problems.push(format!("{}: did not run", s.name));
+            continue;
+        };
+        if r.requests == 0 || r.rps <= 0.0 || !r.rps.is_finite() {
+            problems.push(format!("{}: no successful calls", r.scenario));
+        }
+        if r.error_total() > 0 {
+            problems.push(format!("{}: errors {:?}", r.scenario, r.errors));
+        }
+        let ordered = [r.p50_us, r.p90_us, r.p99_us, r.max_us];
+        if ordered[0] <= 0.0 || ordered.windows(2).any(|w| w[0] > w[1]) {
+            problems.push(format!(
+                "{}: percentiles out of order (p50 {}, p90 {}, p99 {}, max {})",
+                r.scenario, r.p50_us, r.p90_us, r.p99_us, r.max_us
+            ));
+        }
+    }
+    problems
+}

@@ -1,0 +1,326 @@
+//! Seeding: turning a scenario's [`Rpc`] into the concrete [`Call`]s its
+//! client tasks repeat, creating what they need first — accounts through
+//! the public RPCs (Register, Login), the admin role and bulk users through
+//! direct SQL, as the end-to-end tests do. Everything is created once, on
+//! first need; access tokens are fetched fresh for each scenario, so a long
+//! run does not outlive them.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio_postgres::NoTls;
+use tonic::transport::Channel;
+use trellis_proto::auth::v1::auth_service_client::AuthServiceClient;
+use trellis_proto::auth::v1::{LoginRequest, RegisterRequest};
+use trellis_proto::system::v1::GetInfoRequest;
+use trellis_proto::user::v1::user_service_client::UserServiceClient;
+use trellis_proto::user::v1::{GetUserRequest, ListUsersRequest};
+use uuid::Uuid;
+
+use crate::calls::{self, Call, Req, Rpc};
+use crate::scenario::LIST_PAGE_SIZE;
+
+/// Every seeded account's password (meets the registration policy).
+const PASSWORD: &str = "Bench!pass1";
+const ADMIN: &str = "benchadmin";
+const TARGET: &str = "benchtarget";
+const ORDER_BY: &str = "create_time desc";
+
+/// How big the list fixture is.
+#[derive(Debug, Clone, Copy)]
+pub struct ListSize {
+    /// Bulk-inserted users.
+    pub users: i32,
+    /// The deep page measured against page 1.
+    pub deep_page: usize,
+}
+
+/// What was seeded, and how long it took, for the report.
+#[derive(Debug, Clone, Default)]
+pub struct SeedFacts {
+    /// `users` rows once the bulk insert is done.
+    pub list_rows: Option<i64>,
+    pub list_users: Option<i32>,
+    pub deep_page: Option<usize>,
+    pub bulk_insert: Option<Duration>,
+    pub page_walk: Option<Duration>,
+    /// One login at a time with nothing else running: each call's time.
+    pub serial_logins: Vec<Duration>,
+}
+
+/// The seeding state: a channel to trellisd and a database connection.
+pub struct Fixture {
+    channel: Channel,
+    db: tokio_postgres::Client,
+    list_size: ListSize,
+    /// Logins timed one at a time before the login scenario.
+    serial_logins: usize,
+    admin_ready: bool,
+    target: Option<String>,
+    login_accounts: usize,
+    deep_token: Option<String>,
+    pub facts: SeedFacts,
+}
+
+impl Fixture {
+    pub async fn new(
+        trellisd: SocketAddr,
+        database_url: &str,
+        list_size: ListSize,
+        serial_logins: usize,
+    ) -> anyhow::Result<Fixture> {
+        let channel = calls::grpc_channel(trellisd).await?;
+        let (db, connection) = tokio_postgres::connect(database_url, NoTls)
+            .await
+            .context("connecting to the bench database")?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Fixture {
+            channel,
+            db,
+            list_size,
+            serial_logins,
+            admin_ready: false,
+            target: None,
+            login_accounts: 0,
+            deep_token: None,
+            facts: SeedFacts::default(),
+        })
+    }
+
+    /// The calls for `tasks` client tasks of a scenario calling `rpc`.
+    pub async fn calls(&mut self, rpc: Rpc, tasks: usize) -> anyhow::Result<Vec<Call>> {
+        let same = |call: Call| vec![call; tasks];
+        Ok(match rpc {
+            Rpc::SystemGetInfo => same(Call::new(Req::GetInfo(GetInfoRequest {}))),
+            Rpc::SystemGetInfoAuthed => {
+                self.target().await?;
+                let token = self.login(TARGET).await?;
+                same(Call::with_token(Req::GetInfo(GetInfoRequest {}), &token)?)
+            }
+            Rpc::Login => {
+                self.login_accounts(tasks).await?;
+                self.time_serial_logins().await?;
+                (0..tasks)
+                    .map(|k| {
+                        Call::new(Req::Login(LoginRequest {
+                            login: login_name(k),
+                            password: PASSWORD.into(),
+                            ..Default::default()
+                        }))
+                    })
+                    .collect()
+            }
+            Rpc::GetUser => {
+                let id = self.target().await?;
+                let token = self.admin_token().await?;
+                same(Call::with_token(
+                    Req::GetUser(GetUserRequest { id }),
+                    &token,
+                )?)
+            }
+            Rpc::ListUsersFirst => {
+                self.list_fixture().await?;
+                let token = self.admin_token().await?;
+                same(Call::with_token(Req::ListUsers(first_page()), &token)?)
+            }
+            Rpc::ListUsersDeep => {
+                self.list_fixture().await?;
+                let token = self.admin_token().await?;
+                let page_token = self.deep_token.clone().context("no deep page token")?;
+                let req = ListUsersRequest {
+                    page_token,
+                    ..first_page()
+                };
+                same(Call::with_token(Req::ListUsers(req), &token)?)
+            }
+        })
+    }
+
+    fn auth(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(self.channel.clone())
+    }
+
+    /// Registers `name` through AuthService.Register; returns its id.
+    async fn register(&self, name: &str) -> anyhow::Result<Uuid> {
+        let account = self
+            .auth()
+            .register(RegisterRequest {
+                email: format!("{name}@example.com"),
+                username: name.to_string(),
+                password: PASSWORD.into(),
+                display_name: format!("{name} Bench"),
+            })
+            .await
+            .with_context(|| format!("registering {name}"))?
+            .into_inner()
+            .account
+            .context("Register returned no account")?;
+        Ok(Uuid::parse_str(&account.id)?)
+    }
+
+    /// A fresh access token for `name`.
+    async fn login(&self, name: &str) -> anyhow::Result<String> {
+        let tokens = self
+            .auth()
+            .login(LoginRequest {
+                login: name.into(),
+                password: PASSWORD.into(),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("logging in as {name}"))?
+            .into_inner()
+            .tokens
+            .context("Login returned no tokens")?;
+        Ok(tokens.access_token)
+    }
+
+    /// An administrator's fresh access token (roles reach tokens when
+    /// issued, so the role is granted before logging in).
+    async fn admin_token(&mut self) -> anyhow::Result<String> {
+        if !self.admin_ready {
+            let id = self.register(ADMIN).await?;
+            self.db
+                .execute(
+                    "INSERT INTO user_roles (user_id, role) VALUES ($1, 'admin')",
+                    &[&id],
+                )
+                .await
+                .context("granting admin")?;
+            self.admin_ready = true;
+        }
+        self.login(ADMIN).await
+    }
+
+    /// The account GetUser reads: a member with every profile field set.
+    async fn target(&mut self) -> anyhow::Result<String> {
+        if let Some(id) = &self.target {
+            return Ok(id.clone());
+        }
+        let id = self.register(TARGET).await?;
+        self.db
+            .execute(
+                "UPDATE users SET first_name = 'Ada', last_name = 'Lovelace', \
+                 phone = '+441234567890', date_of_birth = '1990-12-10', \
+                 bio = 'Analyst of engines, writer of the first published program.', \
+                 avatar_url = 'https://example.com/ada.png', locale = 'en-GB', \
+                 time_zone = 'Europe/London' WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .context("filling the target's profile")?;
+        self.target = Some(id.to_string());
+        Ok(id.to_string())
+    }
+
+    /// One account per login task.
+    async fn login_accounts(&mut self, n: usize) -> anyhow::Result<()> {
+        while self.login_accounts < n {
+            self.register(&login_name(self.login_accounts)).await?;
+            self.login_accounts += 1;
+        }
+        Ok(())
+    }
+
+    /// Times logins one at a time, nothing else running (once).
+    async fn time_serial_logins(&mut self) -> anyhow::Result<()> {
+        if !self.facts.serial_logins.is_empty() {
+            return Ok(());
+        }
+        // The first login warms the connection and caches; not counted.
+        self.login(&login_name(0)).await?;
+        for _ in 0..self.serial_logins {
+            let t0 = Instant::now();
+            self.login(&login_name(0)).await?;
+            self.facts.serial_logins.push(t0.elapsed());
+        }
+        Ok(())
+    }
+
+    /// The list fixture (once): bulk users, statistics, and the deep
+    /// page's token, reached by walking the pages from the first.
+    async fn list_fixture(&mut self) -> anyhow::Result<()> {
+        if self.deep_token.is_some() {
+            return Ok(());
+        }
+        let n = self.list_size.users;
+        let t0 = Instant::now();
+        // As tests/e2e/user_list.rs does: one statement, seven accounts per
+        // creation second; each a member, as registered accounts are.
+        self.db
+            .execute(
+                "INSERT INTO users (id, email, username, password_hash, display_name, \
+                 first_name, last_name, created_at) \
+                 SELECT gen_random_uuid(), 'bulk' || g || '@load.test', 'bulk' || g, 'not-a-hash', \
+                 'Bulk User ' || g, 'Bulk', 'Last' || (g % 37), now() - make_interval(secs => g / 7) \
+                 FROM generate_series(1, $1::int) AS g",
+                &[&n],
+            )
+            .await
+            .context("bulk-inserting users")?;
+        self.db
+            .execute(
+                "INSERT INTO user_roles (user_id, role) \
+                 SELECT id, 'member' FROM users WHERE email LIKE 'bulk%@load.test'",
+                &[],
+            )
+            .await
+            .context("granting the bulk users member")?;
+        // One statement each: several in one string would run as a
+        // transaction, which VACUUM refuses.
+        for table in ["users", "user_roles"] {
+            self.db
+                .batch_execute(&format!("VACUUM ANALYZE {table}"))
+                .await
+                .with_context(|| format!("VACUUM ANALYZE {table}"))?;
+        }
+        self.facts.bulk_insert = Some(t0.elapsed());
+        let rows: i64 = self
+            .db
+            .query_one("SELECT count(*) FROM users", &[])
+            .await?
+            .try_get(0)?;
+        self.facts.list_rows = Some(rows);
+        self.facts.list_users = Some(n);
+
+        let token = self.admin_token().await?;
+        let mut users = UserServiceClient::new(self.channel.clone());
+        let deep = self.list_size.deep_page;
+        let t0 = Instant::now();
+        let mut req = first_page();
+        for page in 1..deep {
+            let mut call = tonic::Request::new(req.clone());
+            call.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse()?);
+            let resp = users
+                .list_users(call)
+                .await
+                .with_context(|| format!("ListUsers page {page}"))?
+                .into_inner();
+            anyhow::ensure!(
+                !resp.next_page_token.is_empty(),
+                "the list ends at page {page}, before page {deep}"
+            );
+            req.page_token = resp.next_page_token;
+        }
+        self.facts.page_walk = Some(t0.elapsed());
+        self.facts.deep_page = Some(deep);
+        self.deep_token = Some(req.page_token);
+        Ok(())
+    }
+}
+
+fn login_name(k: usize) -> String {
+    format!("benchlogin{k}")
+}
+
+fn first_page() -> ListUsersRequest {
+    ListUsersRequest {
+        page_size: LIST_PAGE_SIZE,
+        order_by: ORDER_BY.into(),
+        ..Default::default()
+    }
+}
