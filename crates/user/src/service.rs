@@ -117,28 +117,19 @@ impl UserSvc {
             .await?)
     }
 
-    /// The wire form of user `id`, as the caller may see it: the profile
-    /// and its roles in one query (this is the GetUser hot path).
+    /// The wire form of user `id`, as the caller may see it. Two small
+    /// queries rather than one with a roles sub-select written as SQL text:
+    /// diesel cannot cache a prepared statement containing literal SQL, and
+    /// re-planning it on every call cost more than the second round trip.
     pub(crate) async fn user(
         conn: &mut AsyncPgConnection,
         id: Uuid,
         deleted_too: bool,
     ) -> Result<pb::User, UserError> {
-        use diesel::dsl::sql;
-        use diesel::sql_types::{Array, Text};
-        let roles = sql::<Array<Text>>(
-            "ARRAY(SELECT r.role FROM user_roles r WHERE r.user_id = users.id ORDER BY r.role)",
-        );
-        let mut q = users::table.filter(users::id.eq(id)).into_boxed();
-        if !deleted_too {
-            q = q.filter(users::deleted_at.is_null());
-        }
-        let (row, roles): (UserRow, Vec<String>) = q
-            .select((UserRow::as_select(), roles))
-            .first(conn)
-            .await
-            .optional()?
+        let row = Self::row(conn, id, deleted_too)
+            .await?
             .ok_or(UserError::NotFound)?;
+        let roles = Self::roles_of(conn, id).await?;
         Ok(crate::convert::user_pb(&row, roles))
     }
 }
