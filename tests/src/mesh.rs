@@ -172,6 +172,11 @@ impl Drop for TestMesh {
 /// `groups[i]` and reaching every service it does not serve at the server
 /// that does (the first one listed, when several do).
 pub async fn split(groups: &[&[ServiceName]]) -> Vec<TestMesh> {
+    split_with(groups, |_| {}).await
+}
+
+/// [`split`], each server's configuration adjusted by `tweak`.
+pub async fn split_with(groups: &[&[ServiceName]], tweak: impl Fn(&mut Config)) -> Vec<TestMesh> {
     let infra = infra().await;
     let db = infra.fresh_database().await;
     let prefix = infra.fresh_prefix();
@@ -210,6 +215,7 @@ pub async fn split(groups: &[&[ServiceName]]) -> Vec<TestMesh> {
                     }
                 }
             }
+            tweak(c);
         })
         .await;
         meshes.push(TestMesh::start_on(listener, config, std::future::pending()).await);

@@ -4,6 +4,9 @@
 //! per client task. A [`Call`] is one concrete request (with the bearer
 //! token it presents, if any) that a client task repeats; the scenario
 //! table names its kind ([`Rpc`]) and the seeding step fills it in.
+//! Besides gRPC and gRPC-web, the LLM reference (`llm-direct`) posts
+//! OpenAI chat-completions requests to the fake upstream over HTTP/1.1 and
+//! reads the SSE answer to its end.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,15 +16,21 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use prost::Message;
+
+use crate::fakellm;
 use tokio::net::TcpStream;
 use tonic::Code;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use trellis_proto::auth::v1::auth_service_client::AuthServiceClient;
 use trellis_proto::auth::v1::{LoginRequest, LoginResponse};
+use trellis_proto::llm::v1::generate_stream_response::Event;
+use trellis_proto::llm::v1::llm_service_client::LlmServiceClient;
+use trellis_proto::llm::v1::{GenerateStreamRequest, GenerateStreamResponse};
 use trellis_proto::system::v1::system_service_client::SystemServiceClient;
 use trellis_proto::system::v1::{GetInfoRequest, GetInfoResponse};
 use trellis_proto::user::v1::user_service_client::UserServiceClient;
@@ -38,6 +47,10 @@ pub enum Protocol {
     /// gRPC-web (`application/grpc-web+proto`) over HTTP/1.1 keep-alive, one
     /// connection per client task.
     GrpcWeb,
+    /// OpenAI chat completions (JSON request, SSE answer) over HTTP/1.1
+    /// keep-alive, one connection per client task: the direct call to the
+    /// fake upstream.
+    OpenAi,
 }
 
 impl Protocol {
@@ -45,6 +58,7 @@ impl Protocol {
         match self {
             Protocol::Grpc => "grpc",
             Protocol::GrpcWeb => "grpc-web",
+            Protocol::OpenAi => "openai-sse (HTTP/1.1)",
         }
     }
 }
@@ -66,6 +80,11 @@ pub enum Rpc {
     ListUsersFirst,
     /// `UserService/ListUsers`, a deep page reached through page tokens.
     ListUsersDeep,
+    /// `POST /v1/chat/completions` (streamed) straight to the fake upstream.
+    ChatCompletions,
+    /// `LlmService/GenerateStream` of the model routed to the fake
+    /// upstream, with a member's token; read to the end of the stream.
+    GenerateStream,
 }
 
 /// A request message the bench can send.
@@ -75,6 +94,9 @@ pub enum Req {
     Login(LoginRequest),
     GetUser(GetUserRequest),
     ListUsers(ListUsersRequest),
+    GenerateStream(GenerateStreamRequest),
+    /// A chat-completions JSON body, posted to the fake upstream.
+    ChatCompletions(Bytes),
 }
 
 impl Req {
@@ -85,6 +107,8 @@ impl Req {
             Req::Login(_) => "/trellis.auth.v1.AuthService/Login",
             Req::GetUser(_) => "/trellis.user.v1.UserService/GetUser",
             Req::ListUsers(_) => "/trellis.user.v1.UserService/ListUsers",
+            Req::GenerateStream(_) => "/trellis.llm.v1.LlmService/GenerateStream",
+            Req::ChatCompletions(_) => fakellm::PATH,
         }
     }
 
@@ -95,6 +119,8 @@ impl Req {
             Req::Login(m) => m.encode_to_vec().into(),
             Req::GetUser(m) => m.encode_to_vec().into(),
             Req::ListUsers(m) => m.encode_to_vec().into(),
+            Req::GenerateStream(m) => m.encode_to_vec().into(),
+            Req::ChatCompletions(body) => body.clone(),
         }
     }
 
@@ -106,6 +132,8 @@ impl Req {
             Req::Login(_) => check_login(&LoginResponse::decode(message).map_err(bad)?),
             Req::GetUser(_) => check_user(&GetUserResponse::decode(message).map_err(bad)?),
             Req::ListUsers(_) => check_list(&ListUsersResponse::decode(message).map_err(bad)?),
+            // Streams, checked as a whole ([`check_stream`], [`fakellm::check_sse`]).
+            Req::GenerateStream(_) | Req::ChatCompletions(_) => Err(Code::Unimplemented),
         }
     }
 }
@@ -132,6 +160,35 @@ fn check_list(r: &ListUsersResponse) -> Result<(), Code> {
         Err(Code::Internal)
     } else {
         Ok(())
+    }
+}
+
+/// A GenerateStream must deliver the whole answer as deltas, then one
+/// `Completed` (finish reason `stop`, the upstream's usage) as its last
+/// event. A `Failed` event counts with its code; anything incomplete is
+/// DATA_LOSS.
+fn check_stream(events: &[GenerateStreamResponse]) -> Result<(), Code> {
+    let mut text = String::new();
+    let mut completed = None;
+    for (i, e) in events.iter().enumerate() {
+        match &e.event {
+            Some(Event::Delta(d)) => text.push_str(d),
+            Some(Event::Completed(c)) if i + 1 == events.len() => completed = Some(c),
+            Some(Event::Failed(f)) => return Err(Code::from_i32(f.code)),
+            Some(Event::Citations(_)) => {}
+            Some(Event::Completed(_)) | None => return Err(Code::DataLoss),
+        }
+    }
+    match completed {
+        Some(c)
+            if text == fakellm::expected_text()
+                && c.finish_reason == "stop"
+                && c.usage
+                    .is_some_and(|u| u.completion_tokens == fakellm::CHUNKS as i32) =>
+        {
+            Ok(())
+        }
+        _ => Err(Code::DataLoss),
     }
 }
 
@@ -195,6 +252,21 @@ impl Call {
                 Ok(r) => return check_list(r.get_ref()),
                 Err(e) => Err(e),
             },
+            Req::GenerateStream(m) => {
+                let mut stream = LlmServiceClient::new(channel.clone())
+                    .generate_stream(self.request(m.clone()))
+                    .await
+                    .map_err(|s| s.code())?
+                    .into_inner();
+                // To the end of the stream: its trailers carry the status.
+                let mut events = Vec::with_capacity(fakellm::CHUNKS + 1);
+                while let Some(e) = stream.message().await.map_err(|s| s.code())? {
+                    events.push(e);
+                }
+                return check_stream(&events);
+            }
+            // Not a gRPC call: a bench bug if it gets here.
+            Req::ChatCompletions(_) => return Err(Code::Unimplemented),
         };
         result.map_err(|s| s.code())
     }
@@ -212,10 +284,12 @@ pub async fn grpc_channel(addr: SocketAddr) -> anyhow::Result<Channel> {
 }
 
 /// One client task's means of calling: a clone of a shared HTTP/2 channel,
-/// or its own HTTP/1.1 connection.
+/// or its own HTTP/1.1 connection (gRPC-web, or OpenAI SSE to the fake
+/// upstream).
 pub enum Caller {
     Grpc(Channel),
-    GrpcWeb(WebConn),
+    GrpcWeb(Http1Conn),
+    OpenAi(Http1Conn),
 }
 
 impl Caller {
@@ -225,24 +299,25 @@ impl Caller {
         match self {
             Caller::Grpc(channel) => call.call_grpc(channel).await,
             Caller::GrpcWeb(conn) => conn.call(call).await,
+            Caller::OpenAi(conn) => conn.chat(call).await,
         }
     }
 }
 
-/// A gRPC-web client on one HTTP/1.1 keep-alive connection, reconnecting
-/// when the server closes it.
-pub struct WebConn {
+/// A client on one HTTP/1.1 keep-alive connection (gRPC-web, or OpenAI
+/// chat completions), reconnecting when the server closes it.
+pub struct Http1Conn {
     addr: SocketAddr,
     host: HeaderValue,
     sender: Option<SendRequest<Full<Bytes>>>,
 }
 
-impl WebConn {
-    pub async fn connect(addr: SocketAddr) -> anyhow::Result<WebConn> {
+impl Http1Conn {
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Http1Conn> {
         let sender = Self::handshake(addr)
             .await
             .with_context(|| format!("connecting to {addr} (HTTP/1.1)"))?;
-        Ok(WebConn {
+        Ok(Http1Conn {
             addr,
             host: HeaderValue::from_str(&addr.to_string())?,
             sender: Some(sender),
@@ -261,7 +336,9 @@ impl WebConn {
         Ok(sender)
     }
 
-    async fn call(&mut self, call: &Call) -> Result<(), Code> {
+    /// Sends `req` on the connection (a new one if the server closed it);
+    /// transport failures are UNAVAILABLE.
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<http::Response<Incoming>, Code> {
         let usable = match &mut self.sender {
             Some(s) => s.ready().await.is_ok(),
             None => false,
@@ -275,6 +352,63 @@ impl WebConn {
             );
         }
         let sender = self.sender.as_mut().ok_or(Code::Unavailable)?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|_| Code::Unavailable)
+    }
+
+    /// `GET path`, the whole body when the answer is 200.
+    pub async fn get(&mut self, path: &str) -> Result<Bytes, Code> {
+        let req = Request::get(path)
+            .header(HOST, self.host.clone())
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| Code::Internal)?;
+        let resp = self.send(req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(code_for_http(resp.status()));
+        }
+        Ok(resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|_| Code::Unavailable)?
+            .to_bytes())
+    }
+
+    /// Posts a chat-completions request and reads the SSE answer to its
+    /// end ([`fakellm::check_sse`]).
+    pub async fn chat(&mut self, call: &Call) -> Result<(), Code> {
+        let Req::ChatCompletions(body) = &call.req else {
+            return Err(Code::Unimplemented);
+        };
+        let req = Request::post(fakellm::PATH)
+            .header(HOST, self.host.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "text/event-stream")
+            .body(Full::new(body.clone()))
+            .map_err(|_| Code::Internal)?;
+        let resp = self.send(req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(code_for_http(resp.status()));
+        }
+        let sse = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|_| Code::Unavailable)?
+            .to_bytes();
+        if !sse {
+            return Err(Code::Internal);
+        }
+        fakellm::check_sse(&body)
+    }
+
+    async fn call(&mut self, call: &Call) -> Result<(), Code> {
         let mut req = Request::post(call.req.path())
             .header(HOST, self.host.clone())
             .header(CONTENT_TYPE, "application/grpc-web+proto")
@@ -286,10 +420,7 @@ impl WebConn {
         let req = req
             .body(Full::new(frame(&call.req.encode())))
             .map_err(|_| Code::Internal)?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|_| Code::Unavailable)?;
+        let resp = self.send(req).await?;
         if resp.status() != StatusCode::OK {
             return Err(code_for_http(resp.status()));
         }

@@ -60,6 +60,10 @@ pub struct Outcome {
     pub errors: BTreeMap<&'static str, u64>,
     /// Latency of the successful calls, in nanoseconds.
     pub latency: Histogram<u64>,
+    /// When the last call sent in the measured window ended: past the
+    /// window's end by more than a latency, the calls queued up (a fixed
+    /// rate the server could not keep up with).
+    pub last_done: Option<Instant>,
 }
 
 impl Outcome {
@@ -70,6 +74,7 @@ impl Outcome {
             // 1 ns to 5 minutes at 3 significant digits.
             latency: Histogram::new_with_bounds(1, 300_000_000_000, 3)
                 .expect("static histogram bounds"),
+            last_done: None,
         }
     }
 
@@ -81,6 +86,7 @@ impl Outcome {
         self.latency
             .add(other.latency)
             .expect("histograms with the same bounds merge");
+        self.last_done = self.last_done.max(other.last_done);
     }
 
     pub fn error_total(&self) -> u64 {
@@ -147,6 +153,7 @@ async fn task(
         if sent < from {
             continue;
         }
+        out.last_done = Some(Instant::now());
         match result {
             Ok(()) => {
                 out.ok += 1;

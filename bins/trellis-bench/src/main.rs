@@ -2,7 +2,8 @@
 //!
 //! It starts the servers under test as child processes — a bare tonic
 //! server (this binary's hidden `baseline-server`), a bare GetUser server on
-//! tokio-postgres (hidden `user-server`) and `trellisd serve` — and, for the
+//! tokio-postgres (hidden `user-server`), a fake OpenAI-compatible LLM
+//! upstream (hidden `fake-llm`) and `trellisd serve` — and, for the
 //! scenarios that need data, private PostgreSQL and Redis. It pins the
 //! servers (and the database) to one CPU and itself to another, seeds what
 //! each scenario needs, drives the scenarios through the generated tonic
@@ -19,6 +20,7 @@
 
 mod baseline;
 mod calls;
+mod fakellm;
 mod hashrate;
 mod load;
 mod measure;
@@ -63,6 +65,9 @@ enum Command {
     /// The bare GetUser reference server (started by the bench itself).
     #[command(hide = true)]
     UserServer(userserver::UserServerArgs),
+    /// The fake OpenAI-compatible LLM upstream (started by the bench itself).
+    #[command(hide = true)]
+    FakeLlm(fakellm::FakeLlmArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,6 +118,15 @@ pub struct RunArgs {
     /// Seconds before an unanswered call counts as DEADLINE_EXCEEDED.
     #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     call_timeout: f64,
+    /// Fixed rate of llm-direct and llm-gateway, requests/s [default:
+    /// 1000; --quick: 100].
+    #[arg(long, value_name = "RPS")]
+    llm_rate: Option<f64>,
+    /// llm-max-rate's ladder of rates, requests/s, comma-separated, run in
+    /// order, 1 s warm-up + 4 s measured each (--quick: 0.5 + 1) [default:
+    /// 1000,1500,2000,2500,3000,4000,5000,6000,8000; --quick: 100,200].
+    #[arg(long, value_delimiter = ',', value_name = "RPS,…")]
+    llm_steps: Vec<f64>,
 }
 
 fn main() -> ExitCode {
@@ -120,6 +134,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::BaselineServer(args)) => return baseline::main(args),
         Some(Command::UserServer(args)) => return userserver::main(args),
+        Some(Command::FakeLlm(args)) => return fakellm::main(args),
         None => {}
     }
     match bench(cli.run) {
@@ -137,6 +152,37 @@ fn secs(name: &str, v: f64, min: f64) -> anyhow::Result<std::time::Duration> {
         bail!("--{name} must be a number of seconds ≥ {min}");
     }
     Ok(std::time::Duration::from_secs_f64(v))
+}
+
+/// The LLM scenarios' rate and ladder.
+fn llm_for(args: &RunArgs) -> anyhow::Result<run::LlmLoad> {
+    let rate = args
+        .llm_rate
+        .unwrap_or(if args.quick { 100.0 } else { 1000.0 });
+    if !rate.is_finite() || rate <= 0.0 {
+        bail!("--llm-rate must be a positive number of requests/s");
+    }
+    let steps = if args.llm_steps.is_empty() {
+        if args.quick {
+            vec![100.0, 200.0]
+        } else {
+            vec![
+                1000.0, 1500.0, 2000.0, 2500.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0,
+            ]
+        }
+    } else {
+        args.llm_steps.clone()
+    };
+    if steps.iter().any(|r| !r.is_finite() || *r <= 0.0) {
+        bail!("--llm-steps must be positive numbers of requests/s");
+    }
+    let (warmup, duration) = if args.quick { (0.5, 1.0) } else { (1.0, 4.0) };
+    Ok(run::LlmLoad {
+        rate,
+        steps,
+        step_warmup: std::time::Duration::from_secs_f64(warmup),
+        step_duration: std::time::Duration::from_secs_f64(duration),
+    })
 }
 
 fn plan_for(args: &RunArgs) -> anyhow::Result<Plan> {
@@ -166,6 +212,7 @@ fn plan_for(args: &RunArgs) -> anyhow::Result<Plan> {
 /// Runs the bench; `Ok(false)` when a scenario's output is not sane.
 fn bench(args: RunArgs) -> anyhow::Result<bool> {
     let plan = plan_for(&args)?;
+    let llm = llm_for(&args)?;
     let scenarios = scenario::select(&args.scenario)?;
     let trellisd = if scenarios
         .iter()
@@ -201,6 +248,7 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
         plan,
         pins,
         cpus: cpus.len(),
+        llm,
     };
     let result = runtime.block_on(async {
         tokio::select! {
@@ -220,15 +268,22 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
         })
         .collect::<Vec<_>>();
     let stack_at = running.stack.as_ref().map(|s| s.placement());
+    let fake_llm = running.running.contains_key(&ServerKind::FakeLlm);
     drop(running);
     let outputs = result?;
 
     let cores = match pins {
         Some(p) => format!(
             "the servers are pinned to CPU {} (trellisd and the reference servers share it, \
-             each idle while another is measured{}), the bench client to CPU {} \
+             each idle while another is measured{}{}), the bench client to CPU {} \
              (checked: {}{}, bench {}).",
             p.server,
+            if fake_llm {
+                " — except the fake LLM upstream, which answers trellisd's upstream calls \
+                 during llm-gateway and llm-max-rate"
+            } else {
+                ""
+            },
             if stack_at.is_some() {
                 "; PostgreSQL and Redis are pinned there too, and argon2-raw hashes there"
             } else {

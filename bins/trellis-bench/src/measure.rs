@@ -3,10 +3,11 @@
 //! is also compared to), whether its target is met — and the sanity checks
 //! every run must pass, whatever the speed.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::load::Outcome;
-use crate::report::ScenarioResult;
+use crate::report::{RateStep, ScenarioResult};
 use crate::scenario::Scenario;
 use crate::servers::SchedStat;
 
@@ -25,6 +26,15 @@ pub struct Usage {
     pub server_cpu_us: Option<f64>,
     /// Server minor page faults over the window.
     pub server_minor_faults: Option<u64>,
+    /// The upstream behind the server (the fake LLM provider behind
+    /// trellisd).
+    pub upstream_cpu: Option<f64>,
+    /// Upstream CPU time over the window, in µs.
+    pub upstream_cpu_us: Option<f64>,
+    /// The Redis server.
+    pub redis_cpu: Option<f64>,
+    /// Redis CPU time over the window, in µs.
+    pub redis_cpu_us: Option<f64>,
 }
 
 /// Scheduler accounts taken at the start and the end of a window.
@@ -57,8 +67,40 @@ impl Usage {
                 .0
                 .zip(server.1)
                 .map(|(a, b)| b.minor_faults.saturating_sub(a.minor_faults)),
+            ..Usage::default()
         }
     }
+
+    /// The same, with the upstream's and Redis's CPU over the window.
+    pub fn with_upstream_and_redis(mut self, wall: Duration, upstream: Span, redis: Span) -> Usage {
+        let wall = wall.as_secs_f64();
+        let used = |span: Span| {
+            span.0
+                .zip(span.1)
+                .map(|(a, b)| b.on_cpu.saturating_sub(a.on_cpu).as_secs_f64())
+        };
+        self.upstream_cpu = used(upstream).map(|s| s / wall * 100.0);
+        self.upstream_cpu_us = used(upstream).map(|s| s * 1e6);
+        self.redis_cpu = used(redis).map(|s| s / wall * 100.0);
+        self.redis_cpu_us = used(redis).map(|s| s * 1e6);
+        self
+    }
+}
+
+/// What a scenario measured besides its window's outcome and CPU use.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// A rate ladder's steps, in order.
+    pub steps: Vec<RateStep>,
+    /// A rate ladder's highest offered rate held.
+    pub held_rps: Option<f64>,
+    /// Commands Redis ran over the window, by command.
+    pub redis_commands: BTreeMap<String, u64>,
+    /// Means of the server's own timings over the window, µs, by name.
+    pub server_means_us: BTreeMap<String, f64>,
+    /// PostgreSQL transactions committed and `llm_usage` rows written
+    /// over the window.
+    pub pg_activity: Option<(i64, i64)>,
 }
 
 /// How a scenario was run, for its result.
@@ -89,6 +131,7 @@ pub fn result(
     shape: Shape,
     o: &Outcome,
     usage: Usage,
+    extras: Extras,
     earlier: &[ScenarioResult],
 ) -> ScenarioResult {
     let us = |q: f64| o.latency.value_at_quantile(q) as f64 / 1000.0;
@@ -99,13 +142,29 @@ pub fn result(
     let rps_ratio = reference.map(|r| rps / r.rps);
     let p50_ratio = reference.map(|r| p50_us / r.p50_us);
     let p99_ratio = reference.map(|r| p99_us / r.p99_us);
+    let max_overhead = s.target.and_then(|t| t.max_p99_overhead_us);
+    let (p50_overhead_us, p99_overhead_us) = match (reference, max_overhead) {
+        (Some(r), Some(_)) => (Some(p50_us - r.p50_us), Some(p99_us - r.p99_us)),
+        _ => (None, None),
+    };
+    let reference_rate = reference.and_then(|r| r.rate);
+    let held_ratio = extras.held_rps.zip(reference_rate).map(|(h, r)| h / r);
     let met = match (s.target, rps_ratio, p50_ratio, p99_ratio) {
         (None, ..) => true,
-        (Some(t), Some(rps), Some(p50), Some(p99)) => t.met(rps, p50, p99),
+        (Some(t), Some(rps), Some(p50), Some(p99)) => {
+            t.met(rps, p50, p99)
+                && t.met_absolute(
+                    p99_overhead_us.unwrap_or(f64::INFINITY),
+                    o.error_total(),
+                    extras.held_rps,
+                    reference_rate,
+                )
+        }
         (Some(_), ..) => false,
     };
     let also = s.also_vs.and_then(find);
     let requests = o.ok + o.error_total();
+    let per_call = |v: Option<f64>| v.filter(|_| requests > 0).map(|v| v / requests as f64);
     ScenarioResult {
         scenario: s.name.to_string(),
         about: s.about.to_string(),
@@ -135,10 +194,16 @@ pub fn result(
         also_p99_ratio: also.map(|r| p99_us / r.p99_us),
         target: s
             .target
-            .map_or_else(|| "— (reference)".to_string(), |t| t.text()),
+            .map_or_else(|| "— (reference)".to_string(), |t| t.text(reference_rate)),
         target_rps_ratio: s.target.and_then(|t| t.min_rps_ratio),
         target_p50_ratio: s.target.and_then(|t| t.max_p50_ratio),
-        target_p99_ratio: s.target.and_then(|t| t.max_p99_ratio),
+        // An overhead bound as the p99 ratio it amounts to in this run.
+        target_p99_ratio: s.target.and_then(|t| t.max_p99_ratio).or_else(|| {
+            max_overhead
+                .zip(reference)
+                .filter(|(_, r)| r.p99_us > 0.0)
+                .map(|(max, r)| (r.p99_us + max) / r.p99_us)
+        }),
         met,
         server_cpu_percent: usage.server_cpu,
         server_wait_percent: usage.server_wait,
@@ -156,6 +221,32 @@ pub fn result(
         client_wait_percent: usage.client_wait,
         response_bytes: shape.response_bytes,
         server_alone: shape.server_alone,
+        p50_overhead_us,
+        p99_overhead_us,
+        target_p99_overhead_us: max_overhead,
+        held_rps: extras.held_rps,
+        held_ratio,
+        steps: extras.steps,
+        upstream_cpu_percent: usage.upstream_cpu,
+        upstream_cpu_us_per_call: per_call(usage.upstream_cpu_us),
+        redis_cpu_percent: usage.redis_cpu,
+        redis_cpu_us_per_call: per_call(usage.redis_cpu_us),
+        server_means_us: extras.server_means_us,
+        pg_transactions_per_call: extras
+            .pg_activity
+            .and_then(|(x, _)| per_call(Some(x as f64))),
+        usage_rows_per_call: extras
+            .pg_activity
+            .and_then(|(_, rows)| per_call(Some(rows as f64))),
+        redis_commands_per_call: if requests > 0 {
+            extras
+                .redis_commands
+                .iter()
+                .map(|(k, v)| (k.clone(), *v as f64 / requests as f64))
+                .collect()
+        } else {
+            BTreeMap::new()
+        },
     }
 }
 

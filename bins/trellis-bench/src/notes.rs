@@ -1,16 +1,18 @@
 //! The report's notes: what the table's numbers rest on — the data stack
 //! and where it ran, the argon2 parameters, the single-hash time and login
 //! latency, the probe's idle and loaded p99, the GetUser and ListUsers
-//! figures and how their fixtures were seeded. One line per topic, only for
+//! figures and how their fixtures were seeded, the LLM gateway's overhead
+//! over the direct call, where it goes, and its rate ladder. One line per topic, only for
 //! the scenarios that ran.
 
 use trellis_core::config::Argon2Config;
 
+use crate::fakellm;
 use crate::report::ScenarioResult;
 use crate::run::{Ctx, USER_SERVER_CONNECTIONS};
-use crate::scenario::{LIST_PAGE_SIZE, PROBE_RPS};
+use crate::scenario::{HELD_SHARE, LIST_PAGE_SIZE, LLM_P99_OVERHEAD_US, PROBE_RPS};
 use crate::seed::SeedFacts;
-use crate::servers::Servers;
+use crate::servers::{self, ServerKind, Servers};
 
 /// A scenario's load run again, unrecorded, while another was measured.
 #[derive(Debug, Clone)]
@@ -206,6 +208,12 @@ pub fn notes(
             ms(deep.p99_us),
         ));
     }
+    if let (Some(direct), Some(gw)) = (get("llm-direct"), get("llm-gateway")) {
+        notes.push(llm_overhead(direct, gw, running));
+    }
+    if let Some(max) = get("llm-max-rate") {
+        notes.push(llm_ladder(max));
+    }
     if let Some(av) = get("auth-verify") {
         let vs = |name: &str| {
             get(name)
@@ -221,4 +229,180 @@ pub fn notes(
         ));
     }
     notes
+}
+
+fn us_or(v: Option<f64>) -> String {
+    v.map_or("?".to_string(), |v| format!("{v:.0} µs"))
+}
+
+/// PostgreSQL's CPU per call, in µs.
+fn db_per_call(r: &ScenarioResult) -> String {
+    r.db_cpu_percent
+        .filter(|_| r.rps > 0.0)
+        .map_or("?".to_string(), |p| {
+            format!("{:.0} µs", p / 100.0 * 1e6 / r.rps)
+        })
+}
+
+/// The LLM gateway's overhead over the direct call, and what the gateway
+/// spends per call.
+fn llm_overhead(direct: &ScenarioResult, gw: &ScenarioResult, running: &Servers) -> String {
+    let fake_at = running
+        .running
+        .get(&ServerKind::FakeLlm)
+        .map_or("?".to_string(), |p| {
+            crate::cpu_list(&servers::cpus_of(p.pid()))
+        });
+    let (o50, o99) = (
+        gw.p50_overhead_us.unwrap_or(f64::NAN),
+        gw.p99_overhead_us.unwrap_or(f64::NAN),
+    );
+    let verdict = if gw.met { "met" } else { "**not met**" };
+    let commands = if gw.redis_commands_per_call.is_empty() {
+        String::new()
+    } else {
+        // Less what is not per call (health checks and the like).
+        let mut list: Vec<_> = gw
+            .redis_commands_per_call
+            .iter()
+            .filter(|(_, n)| **n >= 0.01)
+            .collect();
+        list.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+        let pings = gw
+            .redis_commands_per_call
+            .get("ping")
+            .copied()
+            .unwrap_or(0.0);
+        format!(
+            " Redis ran {:.1} commands per call ({}): the quota script (EVALSHA and the \
+             commands it runs) before the upstream is called, the settlement (a pipeline) after \
+             the stream{}.",
+            list.iter().map(|(_, n)| **n).sum::<f64>(),
+            list.iter()
+                .map(|(c, n)| format!("{c} {n:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if pings >= 0.5 {
+                ", and a PING on each connection checkout"
+            } else {
+                ""
+            }
+        )
+    };
+    let m = |k: &str| gw.server_means_us.get(k).copied();
+    let timings = match (
+        m("grpc_call"),
+        m("upstream_call"),
+        m("upstream_first_token"),
+    ) {
+        (Some(call), Some(up), first) => format!(
+            " trellisd's own timings (means over the window, from its /metrics): the call \
+             {call:.0} µs until its last message (the bench saw a mean of {:.0} µs; the direct \
+             call's mean {:.0} µs), of which the upstream call {up:.0} µs (first token after \
+             {}) and, before and after it (authentication, the quota script, the last event), \
+             {:.0} µs.",
+            gw.mean_us,
+            direct.mean_us,
+            first.map_or("?".to_string(), |f| format!("{f:.0} µs")),
+            call - up
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "LLM gateway overhead at {rate} req/s (open loop, {tasks} client tasks, latency from \
+         sending to the end of the stream; the same fake upstream, same run): direct p50 {} / \
+         p99 {}, through GenerateStream p50 {} / p99 {} — overhead {o50:+.0} µs at p50, \
+         {o99:+.0} µs at p99 (target p99 ≤ +{:.0} ms with 0 errors: {verdict}; errors {} \
+         direct, {} gateway). The fake upstream is `trellis-bench fake-llm`, a child process \
+         pinned to {fake_at} like the other reference servers, answering each request at once \
+         with {} content chunks of \"{}\", a stop chunk, a usage chunk and [DONE] as separate \
+         HTTP/1.1 body chunks; during llm-gateway it shares that CPU with trellisd, PostgreSQL \
+         and Redis, all busy. llm-direct posts the exact body trellisd sends upstream \
+         (one keep-alive HTTP/1.1 connection per client task) and parses every event; \
+         llm-gateway calls GenerateStream with a member's access token over one HTTP/2 \
+         connection, model alias `{}` routed to provider `{}` (`{}`), every quota set to 0 = \
+         unlimited (`TRELLIS_LLM__DEFAULT_LIMITS__*`), and checks 16 deltas then Completed. \
+         Per call: trellisd CPU {}, fake upstream CPU {} behind trellisd vs {} called directly, \
+         Redis CPU {}, PostgreSQL CPU {} (usage rows, written in batches{}).{timings}{commands}",
+        ms(direct.p50_us),
+        ms(direct.p99_us),
+        ms(gw.p50_us),
+        ms(gw.p99_us),
+        LLM_P99_OVERHEAD_US / 1000.0,
+        direct.error_total(),
+        gw.error_total(),
+        fakellm::CHUNKS,
+        fakellm::PIECE,
+        fakellm::ALIAS,
+        fakellm::PROVIDER,
+        fakellm::UPSTREAM_MODEL,
+        us_or(gw.server_cpu_us_per_call),
+        us_or(gw.upstream_cpu_us_per_call),
+        us_or(direct.server_cpu_us_per_call),
+        us_or(gw.redis_cpu_us_per_call),
+        db_per_call(gw),
+        match (gw.pg_transactions_per_call, gw.usage_rows_per_call) {
+            (Some(x), Some(rows)) => format!(
+                ": {x:.2} transactions and {rows:.2} llm_usage rows per call, so {:.1} rows a \
+                 transaction",
+                if x > 0.0 { rows / x } else { f64::NAN }
+            ),
+            _ => String::new(),
+        },
+        rate = gw.rate.unwrap_or(0.0),
+        tasks = gw.concurrency,
+    )
+}
+
+/// The rate ladder, step by step.
+fn llm_ladder(max: &ScenarioResult) -> String {
+    let steps = max
+        .steps
+        .iter()
+        .map(|s| {
+            let errors = if s.errors.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", errors {}",
+                    s.errors
+                        .iter()
+                        .map(|(c, n)| format!("{c} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            };
+            let pct = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.0}%"));
+            format!(
+                "{:.0} → {} (achieved {:.0}/s, p50 {}, p99 {}, CPU trellisd {}, PostgreSQL {}, \
+                 Redis {}, bench {}{errors})",
+                s.offered_rps,
+                if s.held { "held" } else { "not held" },
+                s.achieved_rps,
+                ms(s.p50_us),
+                ms(s.p99_us),
+                pct(s.server_cpu_percent),
+                pct(s.db_cpu_percent),
+                pct(s.redis_cpu_percent),
+                pct(s.client_cpu_percent),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!(
+        "llm-max-rate: GenerateStream at rising fixed rates ({}, {} client tasks on one HTTP/2 \
+         connection). A step is held when no call failed and the achieved rate — calls sent in \
+         the window ÷ the time from the window's start until the last of them ended, so a \
+         backlog counts — is at least {:.0}% of the offered one; a step not held is run once \
+         more (the machine is noisy) and the ladder stops at its second miss. Highest rate \
+         held: {}. Where PostgreSQL's CPU drops to about 0%, trellisd's one worker thread is \
+         saturated and its usage writer falls behind (rows queue in memory, up to 20,000, and \
+         are written between steps): those steps do not pay for accounting in their window. \
+         Steps: {steps}.",
+        max.load,
+        max.concurrency,
+        HELD_SHARE * 100.0,
+        max.held_rps
+            .map_or("none".to_string(), |h| format!("{h:.0} req/s")),
+    )
 }

@@ -94,6 +94,74 @@ pub struct ScenarioResult {
     /// is noise (otherwise PostgreSQL, its own hashing threads or a
     /// scenario run alongside took turns with it).
     pub server_alone: bool,
+    /// p50 minus the reference's p50, in µs (scenarios held to an
+    /// absolute overhead).
+    pub p50_overhead_us: Option<f64>,
+    /// p99 minus the reference's p99, in µs (scenarios held to an
+    /// absolute overhead).
+    pub p99_overhead_us: Option<f64>,
+    /// The target's greatest p99 overhead, in µs. `target_p99_ratio` then
+    /// holds the p99 ratio it amounts to in this run.
+    pub target_p99_overhead_us: Option<f64>,
+    /// A rate ladder's highest offered rate held (none held: null).
+    pub held_rps: Option<f64>,
+    /// `held_rps` ÷ the rate the reference ran at.
+    pub held_ratio: Option<f64>,
+    /// A rate ladder's steps, in the order run; the scenario's other
+    /// figures are those of the highest step held (or, when none was, of
+    /// the first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<RateStep>,
+    /// CPU used by the upstream behind the server (the fake LLM provider
+    /// behind trellisd), in % of one CPU.
+    pub upstream_cpu_percent: Option<f64>,
+    /// The upstream's CPU time per call, in µs.
+    pub upstream_cpu_us_per_call: Option<f64>,
+    /// CPU used by Redis (runs with the data stack), in % of one CPU.
+    pub redis_cpu_percent: Option<f64>,
+    /// Redis CPU time per call, in µs.
+    pub redis_cpu_us_per_call: Option<f64>,
+    /// Commands Redis ran per call in the window, by command (its own
+    /// `INFO commandstats`, script-internal commands included); measured
+    /// for the LLM gateway scenarios.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub redis_commands_per_call: BTreeMap<String, f64>,
+    /// Means over the window of trellisd's own timings, µs (from its
+    /// `/metrics` histograms; LLM gateway scenario): `grpc_call` (the call
+    /// until its last message), `upstream_call` (the provider call, from
+    /// sending it until its stream ended), `upstream_first_token`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub server_means_us: BTreeMap<String, f64>,
+    /// PostgreSQL transactions committed per call in the window (its
+    /// statistics lag by about a second; LLM gateway scenario).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pg_transactions_per_call: Option<f64>,
+    /// `llm_usage` rows written per call in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage_rows_per_call: Option<f64>,
+}
+
+/// One step of a rate ladder.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateStep {
+    /// Requests/s asked for.
+    pub offered_rps: f64,
+    /// Calls sent in the window ÷ the time from the window's start until
+    /// the last of them ended.
+    pub achieved_rps: f64,
+    /// Calls sent in the measured window.
+    pub calls: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    /// No errors and `achieved_rps` ≥ the held share of `offered_rps`.
+    pub held: bool,
+    pub server_cpu_percent: Option<f64>,
+    pub upstream_cpu_percent: Option<f64>,
+    pub redis_cpu_percent: Option<f64>,
+    pub db_cpu_percent: Option<f64>,
+    pub client_cpu_percent: Option<f64>,
 }
 
 impl ScenarioResult {
@@ -150,6 +218,28 @@ fn us(v: f64) -> String {
 }
 
 fn ratio_text(r: &ScenarioResult) -> String {
+    if !r.steps.is_empty() {
+        return match (&r.reference, r.held_rps, r.held_ratio) {
+            (Some(reference), Some(held), Some(x)) => {
+                format!("highest rate held {held:.0} req/s = {x:.2}× {reference}'s rate")
+            }
+            (Some(reference), Some(held), None) => {
+                format!("highest rate held {held:.0} req/s (vs {reference})")
+            }
+            _ => "no step held".to_string(),
+        };
+    }
+    if let (Some(reference), Some(_), Some(p50), Some(p99), Some(rps)) = (
+        &r.reference,
+        r.target_p99_overhead_us,
+        r.p50_overhead_us,
+        r.p99_overhead_us,
+        r.rps_ratio,
+    ) {
+        return format!(
+            "overhead {p50:+.0} µs p50, {p99:+.0} µs p99; {rps:.2}× req/s (vs {reference})"
+        );
+    }
     let (Some(reference), Some(rps), Some(p99)) = (&r.reference, r.rps_ratio, r.p99_ratio) else {
         return "—".to_string();
     };
@@ -288,6 +378,9 @@ pub fn markdown(info: &RunInfo, results: &[ScenarioResult]) -> String {
 /// The ratio a result's target is mainly about, its bound and its label
 /// (`req/s`, `p50`, `p99`); a reference scenario is 1.0 with no bound.
 fn headline(r: &ScenarioResult) -> (f64, Option<f64>, &'static str) {
+    if !r.steps.is_empty() && r.reference.is_some() {
+        return (r.held_ratio.unwrap_or(0.0), Some(1.0), "rate held");
+    }
     match (r.target_rps_ratio, r.target_p50_ratio, r.target_p99_ratio) {
         (Some(t), ..) => (r.rps_ratio.unwrap_or(0.0), Some(t), "req/s"),
         (None, Some(t), _) => (r.p50_ratio.unwrap_or(0.0), Some(t), "p50"),

@@ -1,7 +1,8 @@
 //! One bench run: start what the selected scenarios need (the data stack,
-//! trellisd, the reference servers), then measure each scenario in table
-//! order — a probe together with its partner's load, run again unrecorded
-//! over the same window — and gather the notes the report closes with.
+//! the fake LLM upstream, trellisd, the reference servers), then measure
+//! each scenario in table order — a probe together with its partner's load,
+//! run again unrecorded over the same window; a rate ladder step by step —
+//! and gather the notes the report closes with.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,10 +15,11 @@ use tokio::time::{Instant, sleep_until};
 use trellis_core::config::Argon2Config;
 
 use crate::calls::{self, Call, Caller, Protocol, Req, Rpc};
+use crate::fakellm;
 use crate::load::{self, Mode, Outcome, Plan};
-use crate::measure::{self, Shape, Usage};
-use crate::report::ScenarioResult;
-use crate::scenario::{self, Load, Scenario, Work};
+use crate::measure::{self, Extras, Shape, Usage};
+use crate::report::{RateStep, ScenarioResult};
+use crate::scenario::{self, HELD_SHARE, Load, Scenario, Work};
 use crate::seed::{Fixture, ListSize};
 use crate::servers::{self, ServerKind, ServerProcess, Servers};
 use crate::stack::Stack;
@@ -45,6 +47,19 @@ pub struct Ctx<'a> {
     pub pins: Option<Pins>,
     /// CPUs of the machine (what `PerCpu` loads count).
     pub cpus: usize,
+    pub llm: LlmLoad,
+}
+
+/// The LLM scenarios' loads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmLoad {
+    /// The fixed rate of `llm-direct` and `llm-gateway`, requests/s.
+    pub rate: f64,
+    /// The rates of `llm-max-rate`'s ladder, in order.
+    pub steps: Vec<f64>,
+    /// Each ladder step's warm-up and measured window.
+    pub step_warmup: Duration,
+    pub step_duration: Duration,
 }
 
 /// argon2 parameters for the run: OWASP's (trellisd's defaults); `--quick`
@@ -76,13 +91,23 @@ pub async fn run(
     }
     let stack = running.stack.as_ref();
 
+    // The fake LLM upstream before trellisd, which is configured with its
+    // address.
+    let mut llm_env = Vec::new();
+    if scenarios.iter().any(|s| s.needs_fake_llm()) {
+        let mut p = servers::start_fake_llm(server_cpu)?;
+        p.wait_ready(READY_TIMEOUT).await?;
+        llm_env = fakellm::trellisd_env(p.addr);
+        running.running.insert(ServerKind::FakeLlm, p);
+    }
+
     // trellisd first: the baseline server reports the same service lists, so
     // both answer GetInfo with a payload of the same size.
     let mut services = vec![trellis_proto::system::v1::SERVICE_NAME.to_string()];
     let mut enabled = vec!["system".to_string()];
     let mut sizes = BTreeMap::new();
     if let Some(path) = trellisd {
-        let mut p = servers::start_trellisd(path, server_cpu, &ctx.args.out, stack)?;
+        let mut p = servers::start_trellisd(path, server_cpu, &ctx.args.out, stack, &llm_env)?;
         let info = p
             .wait_ready(READY_TIMEOUT)
             .await?
@@ -140,12 +165,17 @@ pub async fn run(
         }
         // Starts once every task of the group is ready to go.
         let start = Instant::now() + Duration::from_millis(20);
-        let jobs: Vec<BoxFuture<'_, anyhow::Result<(Shape, Outcome, Usage)>>> = prepared
+        let jobs: Vec<BoxFuture<'_, anyhow::Result<Measured>>> = prepared
             .into_iter()
             .map(|p| execute(p, start, running.stack.as_ref()).boxed())
             .collect();
         for (g, done) in group.iter().zip(join_all(jobs).await) {
-            let (shape, outcome, usage) = done.with_context(|| format!("{}: running", g.name))?;
+            let Measured {
+                shape,
+                outcome,
+                usage,
+                extras,
+            } = done.with_context(|| format!("{}: running", g.name))?;
             if g.name != s.name {
                 floods.push(notes::Flood {
                     load: g.name,
@@ -155,7 +185,7 @@ pub async fn run(
                 });
                 continue;
             }
-            let r = measure::result(g, shape, &outcome, usage, &results);
+            let r = measure::result(g, shape, &outcome, usage, extras, &results);
             eprintln!(
                 "trellis-bench: {:<16} {:>9.0} req/s  p50 {:>9.1} µs  p99 {:>9.1} µs  max {:>9.1} µs  errors {}",
                 r.scenario,
@@ -208,6 +238,13 @@ enum Prepared<'a> {
         server: &'a ServerProcess,
         callers: Vec<Caller>,
         calls: Vec<Call>,
+        /// The fake LLM upstream behind trellisd, whose CPU is measured too.
+        upstream: Option<&'a ServerProcess>,
+        /// A rate ladder's rates (empty: one window at `plan`'s rate).
+        steps: Vec<f64>,
+        /// Whether to profile the gateway over the window: the commands
+        /// Redis runs, trellisd's own timings.
+        profile: bool,
     },
     Argon2 {
         plan: Plan,
@@ -219,8 +256,9 @@ enum Prepared<'a> {
     },
 }
 
-/// The plan a scenario's load makes of the run's.
-pub fn plan_of(load: Load, base: Plan, cpus: usize) -> Plan {
+/// The plan a scenario's load makes of the run's (a ladder's: its first
+/// step).
+pub fn plan_of(load: Load, base: Plan, cpus: usize, llm: &LlmLoad) -> Plan {
     let closed = |tasks: usize| Plan {
         mode: Mode::Concurrency,
         tasks: tasks.max(1),
@@ -235,7 +273,34 @@ pub fn plan_of(load: Load, base: Plan, cpus: usize) -> Plan {
             tasks: tasks.max(1),
             ..base
         },
+        Load::LlmRate { tasks } => Plan {
+            mode: Mode::Rate(llm.rate),
+            tasks: tasks.max(1),
+            ..base
+        },
+        Load::LlmSteps { tasks } => Plan {
+            mode: Mode::Rate(llm.steps.first().copied().unwrap_or(llm.rate)),
+            tasks: tasks.max(1),
+            warmup: llm.step_warmup,
+            duration: llm.step_duration,
+            ..base
+        },
     }
+}
+
+/// e.g. `ladder 1000, 1500, 2000 req/s (64 tasks), 1 s + 4 s a step`.
+fn ladder_words(steps: &[f64], plan: &Plan) -> String {
+    format!(
+        "ladder {} req/s ({} tasks), {} s warm-up + {} s measured a step",
+        steps
+            .iter()
+            .map(|r| format!("{r}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.tasks,
+        plan.warmup.as_secs_f64(),
+        plan.duration.as_secs_f64()
+    )
 }
 
 fn load_words(plan: &Plan) -> String {
@@ -262,11 +327,14 @@ async fn prepare<'a>(
             rpc,
             load,
         } => {
-            let plan = plan_of(load, ctx.plan, ctx.cpus);
+            let plan = plan_of(load, ctx.plan, ctx.cpus, &ctx.llm);
             let process = running.get(server)?;
             let calls = match (rpc, fixture) {
                 (Rpc::SystemGetInfo, _) => {
                     vec![Call::new(Req::GetInfo(Default::default())); plan.tasks]
+                }
+                (Rpc::ChatCompletions, _) => {
+                    vec![Call::new(Req::ChatCompletions(fakellm::direct_request())); plan.tasks]
                 }
                 (rpc, Some(f)) => f
                     .calls(rpc, plan.tasks)
@@ -276,8 +344,20 @@ async fn prepare<'a>(
             };
             let connections = match protocol {
                 Protocol::Grpc => ctx.args.connections.min(plan.tasks),
-                Protocol::GrpcWeb => plan.tasks,
+                Protocol::GrpcWeb | Protocol::OpenAi => plan.tasks,
             };
+            let upstream = if server == ServerKind::Trellisd && s.needs_fake_llm() {
+                Some(running.get(ServerKind::FakeLlm)?)
+            } else {
+                None
+            };
+            let steps = match load {
+                Load::LlmSteps { .. } => ctx.llm.steps.clone(),
+                _ => Vec::new(),
+            };
+            if !steps.is_empty() && protocol != Protocol::Grpc {
+                anyhow::bail!("{}: rate ladders run over native gRPC only", s.name);
+            }
             let callers = connect(protocol, process.addr, plan.tasks, ctx.args.connections)
                 .await
                 .with_context(|| format!("{}: connecting", s.name))?;
@@ -296,20 +376,33 @@ async fn prepare<'a>(
                 connections,
                 warmup: plan.warmup,
                 duration: plan.duration,
-                load: load_words(&plan),
+                load: if steps.is_empty() {
+                    load_words(&plan)
+                } else {
+                    ladder_words(&steps, &plan)
+                },
                 response_bytes: matches!(rpc, Rpc::SystemGetInfo | Rpc::SystemGetInfoAuthed)
                     .then(|| sizes.get(&server).copied())
                     .flatten(),
-                server_alone: matches!(rpc, Rpc::SystemGetInfo | Rpc::SystemGetInfoAuthed)
-                    && s.alongside.is_none()
+                // The fake upstream alone on its CPU: trellisd, PostgreSQL
+                // and Redis idle meanwhile.
+                server_alone: matches!(
+                    rpc,
+                    Rpc::SystemGetInfo | Rpc::SystemGetInfoAuthed | Rpc::ChatCompletions
+                ) && s.alongside.is_none()
                     && !partnered,
             };
+            let profile =
+                server == ServerKind::Trellisd && rpc == Rpc::GenerateStream && steps.is_empty();
             Ok(Prepared::Rpc {
                 plan,
                 shape,
                 server: process,
                 callers,
                 calls,
+                upstream,
+                steps,
+                profile,
             })
         }
         Work::Argon2 => {
@@ -356,13 +449,182 @@ async fn prepare<'a>(
     }
 }
 
+/// What running a prepared scenario measured.
+struct Measured {
+    shape: Shape,
+    outcome: Outcome,
+    usage: Usage,
+    extras: Extras,
+}
+
+/// Where a window's CPU use is read from.
+struct Watch<'a> {
+    server: &'a ServerProcess,
+    upstream: Option<&'a ServerProcess>,
+    stack: Option<&'a Stack>,
+    redis_pid: Option<u32>,
+    profile: bool,
+}
+
+/// What profiling a window found.
+#[derive(Debug, Default)]
+struct Profile {
+    /// Commands Redis ran, by command.
+    redis_commands: BTreeMap<String, u64>,
+    /// Means of trellisd's own timings, µs, by name.
+    server_means_us: BTreeMap<String, f64>,
+    /// PostgreSQL transactions committed and `llm_usage` rows written.
+    pg: Option<(i64, i64)>,
+}
+
+/// trellisd's histograms the gateway profile reads: name in the report,
+/// metric, labels the series must carry.
+const SERVER_TIMINGS: &[(&str, &str, &[&str])] = &[
+    (
+        "grpc_call",
+        "trellis_grpc_request_duration_seconds",
+        &["method=\"GenerateStream\""],
+    ),
+    (
+        "upstream_call",
+        "trellis_llm_upstream_duration_seconds",
+        &["outcome=\"ok\""],
+    ),
+    (
+        "upstream_first_token",
+        "trellis_llm_time_to_first_token_seconds",
+        &[],
+    ),
+];
+
+/// The sum and count of a Prometheus histogram, over its series whose
+/// labels contain each of `labels`.
+fn histogram(text: &str, name: &str, labels: &[&str]) -> Option<(f64, f64)> {
+    let (sum_name, count_name) = (format!("{name}_sum"), format!("{name}_count"));
+    let (mut sum, mut count) = (None, None);
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, have) = series.split_once('{').unwrap_or((series, ""));
+        if !labels.iter().all(|l| have.contains(l)) {
+            continue;
+        }
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        if metric == sum_name {
+            *sum.get_or_insert(0.0) += v;
+        } else if metric == count_name {
+            *count.get_or_insert(0.0) += v;
+        }
+    }
+    sum.zip(count)
+}
+
+/// trellisd's `/metrics` text.
+async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    let mut conn = calls::Http1Conn::connect(addr).await.ok()?;
+    let body = conn.get("/metrics").await.ok()?;
+    String::from_utf8(body.to_vec()).ok()
+}
+
+/// The scheduler's accounts at one instant.
+struct Snapshot {
+    at: Instant,
+    server: Option<servers::SchedStat>,
+    client: Option<servers::SchedStat>,
+    db: Option<servers::SchedStat>,
+    steal: Option<Duration>,
+    upstream: Option<servers::SchedStat>,
+    redis: Option<servers::SchedStat>,
+}
+
+impl Watch<'_> {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            at: Instant::now(),
+            server: self.server.sched_stat(),
+            client: servers::sched_stat("self"),
+            db: self.stack.and_then(|s| s.db_sched_stat()),
+            steal: servers::steal(),
+            upstream: self.upstream.and_then(|u| u.sched_stat()),
+            redis: self
+                .redis_pid
+                .and_then(|pid| servers::sched_stat(&pid.to_string())),
+        }
+    }
+
+    /// CPU use (and, when profiling, Redis's commands and trellisd's
+    /// timings) over `from`..`end`.
+    async fn over(&self, from: Instant, end: Instant) -> (Usage, Profile) {
+        let probe = || async {
+            if !self.profile {
+                return (None, None, None);
+            }
+            let (redis, pg) = match self.stack {
+                Some(stack) => (stack.redis_commands().await, stack.pg_activity().await),
+                None => (None, None),
+            };
+            (redis, scrape(self.server.addr).await, pg)
+        };
+        sleep_until(from).await;
+        let a = self.snapshot();
+        let (redis_before, metrics_before, pg_before) = probe().await;
+        sleep_until(end).await;
+        let b = self.snapshot();
+        let (redis_after, metrics_after, pg_after) = probe().await;
+        let wall = b.at - a.at;
+        let usage = Usage::between(
+            wall,
+            (a.server, b.server),
+            (a.client, b.client),
+            (a.db, b.db),
+            (a.steal, b.steal),
+        )
+        .with_upstream_and_redis(wall, (a.upstream, b.upstream), (a.redis, b.redis));
+        let mut profile = Profile {
+            pg: pg_before.zip(pg_after).map(|(a, b)| (b.0 - a.0, b.1 - a.1)),
+            ..Profile::default()
+        };
+        if let (Some(before), Some(after)) = (redis_before, redis_after) {
+            // Less the bench's own INFO.
+            profile.redis_commands = after
+                .into_iter()
+                .filter(|(name, _)| name != "info")
+                .filter_map(|(name, (calls, _))| {
+                    let was = before.get(&name).map_or(0, |c| c.0);
+                    (calls > was).then(|| (name, calls - was))
+                })
+                .collect();
+        }
+        if let (Some(before), Some(after)) = (metrics_before, metrics_after) {
+            for (key, name, labels) in SERVER_TIMINGS {
+                let (Some((s0, n0)), Some((s1, n1))) = (
+                    histogram(&before, name, labels),
+                    histogram(&after, name, labels),
+                ) else {
+                    continue;
+                };
+                if n1 > n0 {
+                    profile
+                        .server_means_us
+                        .insert(key.to_string(), (s1 - s0) / (n1 - n0) * 1e6);
+                }
+            }
+        }
+        (usage, profile)
+    }
+}
+
 /// Runs a prepared scenario from `start`, with the scheduler's account of
-/// the server, the bench and PostgreSQL over its measured window.
+/// the server (and the upstream behind it), the bench, PostgreSQL and
+/// Redis over its measured window.
 async fn execute(
     p: Prepared<'_>,
     start: Instant,
     stack: Option<&Stack>,
-) -> anyhow::Result<(Shape, Outcome, Usage)> {
+) -> anyhow::Result<Measured> {
     match p {
         Prepared::Rpc {
             plan,
@@ -370,36 +632,36 @@ async fn execute(
             server,
             callers,
             calls,
+            upstream,
+            steps,
+            profile,
         } => {
-            let (from, end) = plan.window(start);
-            let db = || stack.and_then(|s| s.db_sched_stat());
-            let usage = async {
-                sleep_until(from).await;
-                let before = (
-                    Instant::now(),
-                    server.sched_stat(),
-                    servers::sched_stat("self"),
-                    db(),
-                    servers::steal(),
-                );
-                sleep_until(end).await;
-                let after = (
-                    Instant::now(),
-                    server.sched_stat(),
-                    servers::sched_stat("self"),
-                    db(),
-                    servers::steal(),
-                );
-                Usage::between(
-                    after.0 - before.0,
-                    (before.1, after.1),
-                    (before.2, after.2),
-                    (before.3, after.3),
-                    (before.4, after.4),
-                )
+            let watch = Watch {
+                server,
+                upstream,
+                stack,
+                redis_pid: stack.and_then(|s| s.redis_pid()),
+                profile,
             };
-            let (outcome, usage) = tokio::join!(load::run(plan, start, callers, calls), usage);
-            Ok((shape, outcome, usage))
+            if !steps.is_empty() {
+                return ladder(plan, shape, start, callers, calls, &steps, &watch).await;
+            }
+            let (from, end) = plan.window(start);
+            let (outcome, (usage, profile)) = tokio::join!(
+                load::run(plan, start, callers, calls),
+                watch.over(from, end)
+            );
+            Ok(Measured {
+                shape,
+                outcome,
+                usage,
+                extras: Extras {
+                    redis_commands: profile.redis_commands,
+                    server_means_us: profile.server_means_us,
+                    pg_activity: profile.pg,
+                    ..Extras::default()
+                },
+            })
         }
         Prepared::Argon2 {
             plan,
@@ -426,9 +688,132 @@ async fn execute(
                 steal,
                 ..Usage::default()
             };
-            Ok((shape, run.outcome, usage))
+            Ok(Measured {
+                shape,
+                outcome: run.outcome,
+                usage,
+                extras: Extras::default(),
+            })
         }
     }
+}
+
+/// Calls sent in the window ÷ the time from the window's start until the
+/// last of them ended (at least the window): below the offered rate when
+/// calls queued up.
+pub fn achieved_rps(o: &Outcome, from: Instant, duration: Duration) -> f64 {
+    let calls = o.ok + o.error_total();
+    let took = o
+        .last_done
+        .map_or(duration, |t| t.saturating_duration_since(from))
+        .max(duration);
+    calls as f64 / took.as_secs_f64()
+}
+
+/// Runs a rate ladder: each step a warm-up and a window at its rate, in
+/// order, until a step is not held twice in a row (a failed step is run
+/// once more: the machine is noisy). The result is the highest step held,
+/// or the first step when none was.
+async fn ladder(
+    plan: Plan,
+    mut shape: Shape,
+    start: Instant,
+    callers: Vec<Caller>,
+    calls: Vec<Call>,
+    steps: &[f64],
+    watch: &Watch<'_>,
+) -> anyhow::Result<Measured> {
+    let channels = callers
+        .iter()
+        .map(|c| match c {
+            Caller::Grpc(ch) => Ok(ch.clone()),
+            _ => Err(anyhow::anyhow!("rate ladders run over native gRPC only")),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    drop(callers);
+    let mut done: Vec<RateStep> = Vec::new();
+    let mut best: Option<(f64, Outcome, Usage)> = None;
+    let mut first: Option<(f64, Outcome, Usage)> = None;
+    let mut at = start;
+    let mut i = 0;
+    let mut retried = false;
+    while let Some(&rate) = steps.get(i) {
+        let plan = Plan {
+            mode: Mode::Rate(rate),
+            ..plan
+        };
+        let (from, end) = plan.window(at);
+        let callers = channels.iter().map(|c| Caller::Grpc(c.clone())).collect();
+        let (outcome, (usage, _)) = tokio::join!(
+            load::run(plan, at, callers, calls.clone()),
+            watch.over(from, end)
+        );
+        let achieved = achieved_rps(&outcome, from, plan.duration);
+        let held = outcome.error_total() == 0 && achieved >= HELD_SHARE * rate;
+        let us = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
+        eprintln!(
+            "trellis-bench:   step {rate:>6.0} req/s: achieved {achieved:>7.0}/s  p50 {:>9.1} µs  p99 {:>9.1} µs  errors {}  {}",
+            us(0.5),
+            us(0.99),
+            outcome.error_total(),
+            if held { "held" } else { "not held" }
+        );
+        done.push(RateStep {
+            offered_rps: rate,
+            achieved_rps: achieved,
+            calls: outcome.ok + outcome.error_total(),
+            errors: outcome
+                .errors
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            p50_us: us(0.5),
+            p99_us: us(0.99),
+            max_us: outcome.latency.max() as f64 / 1000.0,
+            held,
+            server_cpu_percent: usage.server_cpu,
+            upstream_cpu_percent: usage.upstream_cpu,
+            redis_cpu_percent: usage.redis_cpu,
+            db_cpu_percent: usage.db_cpu,
+            client_cpu_percent: usage.client_cpu,
+        });
+        if held {
+            best = Some((rate, outcome, usage));
+            i += 1;
+            retried = false;
+        } else {
+            if first.is_none() && best.is_none() {
+                first = Some((rate, outcome, usage));
+            }
+            if retried {
+                break;
+            }
+            retried = true;
+        }
+        // A breath between steps, so that one's backlog is not the next's.
+        at = Instant::now() + Duration::from_millis(250);
+    }
+    let held_rps = best.as_ref().map(|b| b.0);
+    let (rate, outcome, usage) = best.or(first).context("the ladder ran no step")?;
+    shape.rate = Some(rate);
+    shape.load = format!(
+        "{}; {}",
+        shape.load,
+        match held_rps {
+            Some(h) => format!("highest held {h} req/s"),
+            None => "no step held".to_string(),
+        }
+    );
+    Ok(Measured {
+        shape,
+        outcome,
+        usage,
+        extras: Extras {
+            steps: done,
+            held_rps,
+            ..Extras::default()
+        },
+    })
 }
 
 /// One caller per client task: native gRPC tasks share `connections`
@@ -455,7 +840,14 @@ async fn connect(
         Protocol::GrpcWeb => {
             let mut callers = Vec::new();
             for _ in 0..tasks {
-                callers.push(Caller::GrpcWeb(calls::WebConn::connect(addr).await?));
+                callers.push(Caller::GrpcWeb(calls::Http1Conn::connect(addr).await?));
+            }
+            Ok(callers)
+        }
+        Protocol::OpenAi => {
+            let mut callers = Vec::new();
+            for _ in 0..tasks {
+                callers.push(Caller::OpenAi(calls::Http1Conn::connect(addr).await?));
             }
             Ok(callers)
         }
@@ -475,9 +867,15 @@ mod tests {
             duration: Duration::from_secs(10),
             call_timeout: Duration::from_secs(10),
         };
-        assert_eq!(plan_of(Load::Run, base, 2).tasks, 32);
-        assert_eq!(plan_of(Load::PerCpu(2), base, 2).tasks, 4);
-        assert_eq!(plan_of(Load::Tasks(1), base, 2).tasks, 1);
+        let llm = LlmLoad {
+            rate: 1000.0,
+            steps: vec![1500.0, 3000.0],
+            step_warmup: Duration::from_secs(1),
+            step_duration: Duration::from_secs(4),
+        };
+        assert_eq!(plan_of(Load::Run, base, 2, &llm).tasks, 32);
+        assert_eq!(plan_of(Load::PerCpu(2), base, 2, &llm).tasks, 4);
+        assert_eq!(plan_of(Load::Tasks(1), base, 2, &llm).tasks, 1);
         let probe = plan_of(
             Load::Rate {
                 rps: 200.0,
@@ -485,11 +883,65 @@ mod tests {
             },
             base,
             2,
+            &llm,
         );
         assert_eq!((probe.mode, probe.tasks), (Mode::Rate(200.0), 8));
         assert_eq!(probe.duration, base.duration, "same window as the run");
         assert_eq!(load_words(&probe), "200 req/s (8 tasks)");
-        assert_eq!(load_words(&plan_of(Load::Tasks(1), base, 2)), "1 task");
+        assert_eq!(
+            load_words(&plan_of(Load::Tasks(1), base, 2, &llm)),
+            "1 task"
+        );
+        let fixed = plan_of(Load::LlmRate { tasks: 16 }, base, 2, &llm);
+        assert_eq!((fixed.mode, fixed.tasks), (Mode::Rate(1000.0), 16));
+        assert_eq!(fixed.duration, base.duration);
+        let steps = plan_of(Load::LlmSteps { tasks: 64 }, base, 2, &llm);
+        assert_eq!((steps.mode, steps.tasks), (Mode::Rate(1500.0), 64));
+        assert_eq!(
+            (steps.warmup, steps.duration),
+            (Duration::from_secs(1), Duration::from_secs(4))
+        );
+        assert_eq!(
+            ladder_words(&llm.steps, &steps),
+            "ladder 1500, 3000 req/s (64 tasks), 1 s warm-up + 4 s measured a step"
+        );
+    }
+
+    #[test]
+    fn reads_histogram_means() {
+        let text = "# HELP x\n\
+            trellis_grpc_request_duration_seconds_bucket{method=\"GenerateStream\",service=\"s\",le=\"0.001\"} 3\n\
+            trellis_grpc_request_duration_seconds_sum{method=\"GenerateStream\",service=\"s\"} 0.5\n\
+            trellis_grpc_request_duration_seconds_count{method=\"GenerateStream\",service=\"s\"} 250\n\
+            trellis_grpc_request_duration_seconds_sum{method=\"GetInfo\",service=\"t\"} 9\n\
+            trellis_grpc_request_duration_seconds_count{method=\"GetInfo\",service=\"t\"} 9\n";
+        assert_eq!(
+            histogram(
+                text,
+                "trellis_grpc_request_duration_seconds",
+                &["method=\"GenerateStream\""]
+            ),
+            Some((0.5, 250.0))
+        );
+        assert_eq!(
+            histogram(text, "trellis_grpc_request_duration_seconds", &[]),
+            Some((9.5, 259.0))
+        );
+        assert_eq!(histogram(text, "nope", &[]), None);
+    }
+
+    #[test]
+    fn achieved_rate_counts_the_backlog() {
+        let from = Instant::now();
+        let window = Duration::from_secs(4);
+        let mut o = Outcome::new();
+        o.ok = 4000;
+        o.last_done = Some(from + Duration::from_millis(4002));
+        assert!((achieved_rps(&o, from, window) - 4000.0 / 4.002).abs() < 1e-6);
+        o.last_done = Some(from + Duration::from_secs(8));
+        assert!((achieved_rps(&o, from, window) - 500.0).abs() < 1e-6);
+        o.last_done = Some(from + Duration::from_secs(1));
+        assert!((achieved_rps(&o, from, window) - 1000.0).abs() < 1e-6);
     }
 
     #[test]

@@ -59,6 +59,12 @@ pub enum Load {
     Tasks(usize),
     /// Open loop: this many requests/s over `tasks` tasks.
     Rate { rps: f64, tasks: usize },
+    /// Open loop at the run's LLM rate (`--llm-rate`) over `tasks` tasks.
+    LlmRate { tasks: usize },
+    /// Open loop at each rate of the run's LLM ladder (`--llm-steps`) in
+    /// turn, a short window each, over `tasks` tasks; the result is the
+    /// highest step held (see [`HELD_SHARE`]).
+    LlmSteps { tasks: usize },
 }
 
 /// A scenario's goal, as ratios to its reference scenario's results.
@@ -72,15 +78,31 @@ pub struct Target {
     pub max_p50_ratio: Option<f64>,
     /// p99 latency must be at most this multiple of the reference's.
     pub max_p99_ratio: Option<f64>,
+    /// p99 latency may exceed the reference's by at most this many µs
+    /// (an absolute overhead), with no call failing.
+    pub max_p99_overhead_us: Option<f64>,
+    /// A rate ladder's highest step held must be at least the rate the
+    /// reference was run at.
+    pub holds_reference_rate: bool,
 }
 
 impl Target {
-    const fn rps(reference: &'static str, min: f64) -> Target {
+    /// A target against `reference` with no bound yet.
+    const fn of(reference: &'static str) -> Target {
         Target {
             reference,
-            min_rps_ratio: Some(min),
+            min_rps_ratio: None,
             max_p50_ratio: None,
             max_p99_ratio: None,
+            max_p99_overhead_us: None,
+            holds_reference_rate: false,
+        }
+    }
+
+    const fn rps(reference: &'static str, min: f64) -> Target {
+        Target {
+            min_rps_ratio: Some(min),
+            ..Target::of(reference)
         }
     }
 }
@@ -91,6 +113,15 @@ pub const PROBE_RPS: f64 = 200.0;
 pub const PROBE_TASKS: usize = 8;
 /// ListUsers page size of the list scenarios.
 pub const LIST_PAGE_SIZE: i32 = 20;
+/// Client tasks sharing the LLM scenarios' fixed rate.
+pub const LLM_TASKS: usize = 16;
+/// Client tasks sharing the LLM ladder's rates.
+pub const LLM_STEP_TASKS: usize = 64;
+/// A ladder step is held when no call failed and the achieved rate is at
+/// least this share of the offered one.
+pub const HELD_SHARE: f64 = 0.95;
+/// The LLM gateway's target: p99 at most this much above the direct call's.
+pub const LLM_P99_OVERHEAD_US: f64 = 1000.0;
 
 const fn rpc(server: ServerKind, rpc: Rpc, load: Load) -> Work {
     Work::Rpc {
@@ -105,6 +136,8 @@ const PROBE: Load = Load::Rate {
     rps: PROBE_RPS,
     tasks: PROBE_TASKS,
 };
+
+const LLM: Load = Load::LlmRate { tasks: LLM_TASKS };
 
 /// Every scenario, in run order.
 pub const SCENARIOS: &[Scenario] = &[
@@ -181,10 +214,8 @@ pub const SCENARIOS: &[Scenario] = &[
                 and saturates the server's CPU",
         work: rpc(ServerKind::Trellisd, Rpc::SystemGetInfo, PROBE),
         target: Some(Target {
-            reference: "noop-probe-idle",
-            min_rps_ratio: None,
-            max_p50_ratio: None,
             max_p99_ratio: Some(2.0),
+            ..Target::of("noop-probe-idle")
         }),
         also_vs: None,
         alongside: Some("login"),
@@ -221,10 +252,55 @@ pub const SCENARIOS: &[Scenario] = &[
                 pages once, one client task",
         work: rpc(ServerKind::Trellisd, Rpc::ListUsersDeep, Load::Tasks(1)),
         target: Some(Target {
-            reference: "user-list-page1",
-            min_rps_ratio: None,
             max_p50_ratio: Some(1.5),
-            max_p99_ratio: None,
+            ..Target::of("user-list-page1")
+        }),
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "llm-direct",
+        about: "the fake OpenAI-compatible upstream called straight from the bench: POST /v1/chat/completions \
+                (stream, usage asked for), the SSE answer (16 content chunks, stop, usage, [DONE]; no delays) \
+                read and parsed to its end, one HTTP/1.1 keep-alive connection per task",
+        work: Work::Rpc {
+            server: ServerKind::FakeLlm,
+            protocol: Protocol::OpenAi,
+            rpc: Rpc::ChatCompletions,
+            load: LLM,
+        },
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "llm-gateway",
+        about: "trellisd LlmService.GenerateStream of a model alias routed to that same fake upstream, with a \
+                member's access token (quotas unlimited, still checked and charged in Redis), read to the end \
+                of the stream (16 deltas, then Completed)",
+        work: rpc(ServerKind::Trellisd, Rpc::GenerateStream, LLM),
+        target: Some(Target {
+            max_p99_overhead_us: Some(LLM_P99_OVERHEAD_US),
+            ..Target::of("llm-direct")
+        }),
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "llm-max-rate",
+        about: "llm-gateway's call at rising fixed rates, a short window each; the result is the highest step \
+                held: no call failed and ≥ 95% of the offered rate achieved (calls sent in the window over the \
+                time until the last of them ended)",
+        work: rpc(
+            ServerKind::Trellisd,
+            Rpc::GenerateStream,
+            Load::LlmSteps {
+                tasks: LLM_STEP_TASKS,
+            },
+        ),
+        target: Some(Target {
+            holds_reference_rate: true,
+            ..Target::of("llm-gateway")
         }),
         also_vs: None,
         alongside: None,
@@ -244,10 +320,23 @@ impl Scenario {
     pub fn needs_store(&self) -> bool {
         match self.work {
             Work::Rpc { server, rpc, .. } => {
-                server == ServerKind::UserRaw || !matches!(rpc, Rpc::SystemGetInfo)
+                server == ServerKind::UserRaw
+                    || !matches!(rpc, Rpc::SystemGetInfo | Rpc::ChatCompletions)
             }
             Work::Argon2 => false,
         }
+    }
+
+    /// Whether it needs the fake LLM upstream (called directly, or through
+    /// trellisd).
+    pub fn needs_fake_llm(&self) -> bool {
+        matches!(
+            self.work,
+            Work::Rpc {
+                rpc: Rpc::ChatCompletions | Rpc::GenerateStream,
+                ..
+            }
+        )
     }
 }
 
@@ -326,8 +415,9 @@ pub fn select(names: &[String]) -> anyhow::Result<Vec<&'static Scenario>> {
 }
 
 impl Target {
-    /// The target as the report states it.
-    pub fn text(&self) -> String {
+    /// The target as the report states it; `reference_rate` is the rate
+    /// the reference ran at (for a ladder's target).
+    pub fn text(&self, reference_rate: Option<f64>) -> String {
         let r = self.reference;
         let mut parts = Vec::new();
         if let Some(min) = self.min_rps_ratio {
@@ -339,15 +429,50 @@ impl Target {
         if let Some(max) = self.max_p99_ratio {
             parts.push(format!("p99 ≤ {max}× {r} p99"));
         }
+        if let Some(max) = self.max_p99_overhead_us {
+            parts.push(format!(
+                "p99 ≤ {r} p99 + {} at the same rate, 0 errors",
+                if max >= 1000.0 {
+                    format!("{} ms", max / 1000.0)
+                } else {
+                    format!("{max} µs")
+                }
+            ));
+        }
+        if self.holds_reference_rate {
+            let rate = reference_rate.map_or(String::new(), |v| format!(" ({v} req/s)"));
+            parts.push(format!(
+                "holds ≥ {r}'s rate{rate} with 0 errors and ≥ {:.0}% achieved",
+                HELD_SHARE * 100.0
+            ));
+        }
         parts.join(" and ")
     }
 
     /// Whether results with these ratios to the reference (req/s, p50,
-    /// p99) meet the target.
+    /// p99) meet the target's ratio bounds.
     pub fn met(&self, rps_ratio: f64, p50_ratio: f64, p99_ratio: f64) -> bool {
         self.min_rps_ratio.is_none_or(|min| rps_ratio >= min)
             && self.max_p50_ratio.is_none_or(|max| p50_ratio <= max)
             && self.max_p99_ratio.is_none_or(|max| p99_ratio <= max)
+    }
+
+    /// Whether a p99 `overhead_us` above the reference's, with `errors`
+    /// failed calls, and a ladder's highest rate held (`held` against the
+    /// reference's rate `reference_rate`) meet the target's other bounds.
+    pub fn met_absolute(
+        &self,
+        overhead_us: f64,
+        errors: u64,
+        held: Option<f64>,
+        reference_rate: Option<f64>,
+    ) -> bool {
+        let overhead_ok = self
+            .max_p99_overhead_us
+            .is_none_or(|max| overhead_us <= max && errors == 0);
+        let held_ok = !self.holds_reference_rate
+            || matches!((held, reference_rate), (Some(h), Some(r)) if h >= r);
+        overhead_ok && held_ok
     }
 }
 
@@ -434,17 +559,56 @@ mod tests {
         assert!(!t.met(0.8, 1.0, 1.2));
         assert!(!t.met(0.9, 1.0, 1.4));
         assert_eq!(
-            t.text(),
+            t.text(None),
             "≥ 0.85× baseline req/s and p99 ≤ 1.3× baseline p99"
         );
         let p50 = Target {
-            reference: "page1",
-            min_rps_ratio: None,
             max_p50_ratio: Some(1.5),
-            max_p99_ratio: None,
+            ..Target::of("page1")
         };
         assert!(p50.met(0.1, 1.4, 9.0));
         assert!(!p50.met(9.0, 1.6, 1.0));
-        assert_eq!(p50.text(), "p50 ≤ 1.5× page1 p50");
+        assert_eq!(p50.text(None), "p50 ≤ 1.5× page1 p50");
+        assert!(p50.met_absolute(1e9, 5, None, None), "no absolute bounds");
+    }
+
+    #[test]
+    fn llm_targets() {
+        let gw = by_name("llm-gateway")
+            .and_then(|s| s.target)
+            .expect("target");
+        assert_eq!(
+            gw.text(None),
+            "p99 ≤ llm-direct p99 + 1 ms at the same rate, 0 errors"
+        );
+        assert!(gw.met_absolute(999.0, 0, None, None));
+        assert!(!gw.met_absolute(1001.0, 0, None, None));
+        assert!(!gw.met_absolute(10.0, 1, None, None), "errors miss it");
+        let max = by_name("llm-max-rate")
+            .and_then(|s| s.target)
+            .expect("target");
+        assert_eq!(
+            max.text(Some(1000.0)),
+            "holds ≥ llm-gateway's rate (1000 req/s) with 0 errors and ≥ 95% achieved"
+        );
+        assert!(max.met_absolute(0.0, 0, Some(3000.0), Some(1000.0)));
+        assert!(max.met_absolute(0.0, 0, Some(1000.0), Some(1000.0)));
+        assert!(!max.met_absolute(0.0, 0, None, Some(1000.0)), "none held");
+        assert!(!max.met_absolute(0.0, 0, Some(500.0), Some(1000.0)));
+    }
+
+    #[test]
+    fn llm_scenarios_select_their_references() {
+        let names: Vec<_> = select(&["llm-max-rate".to_string()])
+            .expect("known")
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["llm-direct", "llm-gateway", "llm-max-rate"]);
+        let direct = by_name("llm-direct").expect("known");
+        assert!(direct.needs_fake_llm() && !direct.needs_store());
+        let gw = by_name("llm-gateway").expect("known");
+        assert!(gw.needs_fake_llm() && gw.needs_store());
+        assert!(!by_name("mesh-noop").expect("known").needs_fake_llm());
     }
 }

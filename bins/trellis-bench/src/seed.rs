@@ -13,18 +13,22 @@ use tokio_postgres::NoTls;
 use tonic::transport::Channel;
 use trellis_proto::auth::v1::auth_service_client::AuthServiceClient;
 use trellis_proto::auth::v1::{LoginRequest, RegisterRequest};
+use trellis_proto::llm::v1::{GenerateParams, GenerateStreamRequest, Message, Role};
 use trellis_proto::system::v1::GetInfoRequest;
 use trellis_proto::user::v1::user_service_client::UserServiceClient;
 use trellis_proto::user::v1::{GetUserRequest, ListUsersRequest};
 use uuid::Uuid;
 
 use crate::calls::{self, Call, Req, Rpc};
+use crate::fakellm;
 use crate::scenario::LIST_PAGE_SIZE;
 
 /// Every seeded account's password (meets the registration policy).
 const PASSWORD: &str = "Bench!pass1";
 const ADMIN: &str = "benchadmin";
 const TARGET: &str = "benchtarget";
+/// The member the LLM scenarios generate as.
+const LLM_USER: &str = "benchllm";
 const ORDER_BY: &str = "create_time desc";
 
 /// How big the list fixture is.
@@ -60,6 +64,7 @@ pub struct Fixture {
     target: Option<String>,
     login_accounts: usize,
     deep_token: Option<String>,
+    llm_user: bool,
     pub facts: SeedFacts,
 }
 
@@ -86,6 +91,7 @@ impl Fixture {
             target: None,
             login_accounts: 0,
             deep_token: None,
+            llm_user: false,
             facts: SeedFacts::default(),
         })
     }
@@ -135,6 +141,23 @@ impl Fixture {
                     ..first_page()
                 };
                 same(Call::with_token(Req::ListUsers(req), &token)?)
+            }
+            Rpc::ChatCompletions => {
+                same(Call::new(Req::ChatCompletions(fakellm::direct_request())))
+            }
+            Rpc::GenerateStream => {
+                // A registered member: the member role grants
+                // llm:generate:*, and its quotas are the default limits,
+                // which trellisd runs with lifted.
+                if !self.llm_user {
+                    self.register(LLM_USER).await?;
+                    self.llm_user = true;
+                }
+                let token = self.login(LLM_USER).await?;
+                same(Call::with_token(
+                    Req::GenerateStream(generate_request()),
+                    &token,
+                )?)
             }
         })
     }
@@ -322,5 +345,21 @@ fn first_page() -> ListUsersRequest {
         page_size: LIST_PAGE_SIZE,
         order_by: ORDER_BY.into(),
         ..Default::default()
+    }
+}
+
+/// The GenerateStream request of the LLM scenarios: trellisd turns it into
+/// exactly the body `llm-direct` posts ([`fakellm::direct_request`]).
+pub fn generate_request() -> GenerateStreamRequest {
+    GenerateStreamRequest {
+        params: Some(GenerateParams {
+            model: fakellm::ALIAS.to_string(),
+            messages: vec![Message {
+                role: Role::User as i32,
+                content: fakellm::PROMPT.to_string(),
+            }],
+            max_tokens: fakellm::MAX_TOKENS as i32,
+            ..Default::default()
+        }),
     }
 }

@@ -1,6 +1,7 @@
 //! The servers under test as child processes: the bare tonic baseline (this
 //! binary re-executed as `baseline-server`), the bare GetUser server
-//! (`user-server`) and `trellisd serve`. Finding and (under `cargo run`)
+//! (`user-server`), the fake OpenAI-compatible upstream (`fake-llm`) and
+//! `trellisd serve`. Finding and (under `cargo run`)
 //! building trellisd, CPU pinning, readiness, CPU-time accounting, and
 //! killing the children however the bench ends.
 
@@ -18,7 +19,8 @@ use trellis_proto::system::v1::GetInfoRequest;
 use trellis_proto::system::v1::GetInfoResponse;
 use trellis_proto::system::v1::system_service_client::SystemServiceClient;
 
-use crate::calls;
+use crate::calls::{self, Call, Req};
+use crate::fakellm;
 use crate::stack::Stack;
 
 /// Which server a scenario runs against.
@@ -30,6 +32,9 @@ pub enum ServerKind {
     Trellisd,
     /// This binary's `user-server`: GetUser straight on tokio-postgres.
     UserRaw,
+    /// This binary's `fake-llm`: an OpenAI-compatible chat-completions
+    /// upstream answering SSE at once.
+    FakeLlm,
 }
 
 impl ServerKind {
@@ -38,6 +43,7 @@ impl ServerKind {
             ServerKind::Baseline => "baseline-server",
             ServerKind::Trellisd => "trellisd",
             ServerKind::UserRaw => "user-server",
+            ServerKind::FakeLlm => "fake-llm",
         }
     }
 }
@@ -247,7 +253,9 @@ impl ServerProcess {
 
     /// Polls GetInfo until it answers; fails if the process exits first or
     /// `within` passes. The user server does not serve GetInfo: its
-    /// UNIMPLEMENTED answer means ready, and there is no info.
+    /// UNIMPLEMENTED answer means ready, and there is no info. The fake LLM
+    /// upstream is ready when it answers a chat completion that passes the
+    /// bench's check.
     pub async fn wait_ready(
         &mut self,
         within: Duration,
@@ -262,12 +270,20 @@ impl ServerProcess {
             }
             let kind = self.kind;
             let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+                if kind == ServerKind::FakeLlm {
+                    let mut conn = calls::Http1Conn::connect(self.addr).await?;
+                    let call = Call::new(Req::ChatCompletions(fakellm::direct_request()));
+                    conn.chat(&call)
+                        .await
+                        .map_err(|code| anyhow::anyhow!("fake-llm answered {code:?}"))?;
+                    return anyhow::Ok(None);
+                }
                 let channel = calls::grpc_channel(self.addr).await?;
                 match SystemServiceClient::new(channel)
                     .get_info(GetInfoRequest {})
                     .await
                 {
-                    Ok(resp) => anyhow::Ok(Some(resp.into_inner())),
+                    Ok(resp) => Ok(Some(resp.into_inner())),
                     Err(s)
                         if kind == ServerKind::UserRaw
                             && s.code() == tonic::Code::Unimplemented =>
@@ -377,18 +393,41 @@ pub fn start_user_server(
     })
 }
 
+/// Starts the fake OpenAI-compatible upstream.
+pub fn start_fake_llm(cpu: Option<usize>) -> anyhow::Result<ServerProcess> {
+    let addr = free_addr()?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("fake-llm")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = spawn_on(&mut cmd, cpu).context("starting the fake LLM upstream")?;
+    let stdin = child.stdin.take();
+    Ok(ServerProcess {
+        kind: ServerKind::FakeLlm,
+        addr,
+        command: format!("{} fake-llm --listen {addr}", exe.display()),
+        child,
+        _stdin: stdin,
+    })
+}
+
 /// Starts `trellisd serve`. Without a `stack`: nothing but defaults — no
 /// `TRELLIS_*` variables (so no PostgreSQL or Redis). With one: every
 /// service (`--services all`) on the stack's database and Redis, the
 /// stack's argon2 parameters, and the per-IP login and registration limits
 /// lifted (the bench logs in from one address, far more than 30 times a
-/// minute). Always warnings-only logging, and a working directory without
-/// a `trellis.toml`.
+/// minute). `extra` is further environment (the LLM provider and model of
+/// the fake upstream). Always warnings-only logging, and a working
+/// directory without a `trellis.toml`.
 pub fn start_trellisd(
     trellisd: &Path,
     cpu: Option<usize>,
     cwd: &Path,
     stack: Option<&Stack>,
+    extra: &[(&'static str, String)],
 ) -> anyhow::Result<ServerProcess> {
     let addr = free_addr()?;
     let mut cmd = Command::new(trellisd);
@@ -409,6 +448,9 @@ pub fn start_trellisd(
         for (key, value) in stack.trellisd_env() {
             cmd.env(key, value);
         }
+    }
+    for (key, value) in extra {
+        cmd.env(key, value);
     }
     let child =
         spawn_on(&mut cmd, cpu).with_context(|| format!("starting {}", trellisd.display()))?;

@@ -8,12 +8,20 @@
 //! created by the first start; created from the pinned thread, it and so
 //! PostgreSQL (with every backend it forks later) and Redis inherit the pin.
 //! The report states the CPUs they actually ended up on.
+//!
+//! For the LLM gateway's profile it also reads what the two did over a
+//! window: Redis's own command counts, PostgreSQL's committed transactions
+//! and `llm_usage` rows.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use trellis_core::config::Argon2Config;
 use trellis_store::devserver::{PgOptions, PrivatePostgres, PrivateRedis};
 
@@ -140,14 +148,78 @@ impl Stack {
         servers::family_sched_stat(self.postmaster_pid()?)
     }
 
+    /// The Redis server's pid: the bench's child named `redis-server`.
+    pub fn redis_pid(&self) -> Option<u32> {
+        let me = std::process::id();
+        servers::processes()
+            .into_iter()
+            .find(|p| p.ppid == me && p.comm.starts_with("redis-server"))
+            .map(|p| p.pid)
+    }
+
+    /// PostgreSQL's count of the bench database's committed transactions
+    /// and of `llm_usage` rows (`pg_stat_database`, `count(*)`).
+    pub async fn pg_activity(&self) -> Option<(i64, i64)> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+                .await
+                .ok()?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        // Backends publish their counts at most once a second, so this
+        // lags the truth by about that much.
+        let row = client
+            .query_one(
+                "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()), \
+                 (SELECT count(*) FROM llm_usage)",
+                &[],
+            )
+            .await
+            .ok()?;
+        Some((row.try_get(0).ok()?, row.try_get(1).ok()?))
+    }
+
+    /// Redis's own count of the commands it ran, by command (`INFO
+    /// commandstats`, commands run inside scripts included): calls and
+    /// microseconds spent.
+    pub async fn redis_commands(&self) -> Option<BTreeMap<String, (u64, u64)>> {
+        let addr = self
+            .redis_url
+            .strip_prefix("redis://")?
+            .trim_end_matches('/');
+        let reply = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            s.write_all(b"INFO commandstats\r\n").await.ok()?;
+            // A bulk string: `$<len>\r\n<len bytes>\r\n`.
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let header_end = buf.windows(2).position(|w| w == b"\r\n")?;
+                let len: usize = std::str::from_utf8(buf.get(1..header_end)?)
+                    .ok()?
+                    .parse()
+                    .ok()?;
+                if buf.len() >= header_end + 2 + len {
+                    return String::from_utf8(buf[header_end + 2..header_end + 2 + len].to_vec())
+                        .ok();
+                }
+            }
+        })
+        .await
+        .ok()??;
+        Some(parse_commandstats(&reply))
+    }
+
     /// Where the servers run, for the report: e.g. `postgres CPU 0,
     /// redis-server CPU 0`.
     pub fn placement(&self) -> String {
-        let me = std::process::id();
-        let redis = servers::processes()
-            .into_iter()
-            .find(|p| p.ppid == me && p.comm.starts_with("redis-server"))
-            .map(|p| p.pid);
+        let redis = self.redis_pid();
         let cpus = |pid: Option<u32>| match pid {
             Some(pid) => crate::cpu_list(&servers::cpus_of(pid)),
             None => "CPUs ?".to_string(),
@@ -157,5 +229,36 @@ impl Stack {
             cpus(self.postmaster_pid()),
             cpus(redis)
         )
+    }
+}
+
+/// `cmdstat_<name>:calls=<n>,usec=<µs>,…` lines as name → (calls, µs).
+fn parse_commandstats(info: &str) -> BTreeMap<String, (u64, u64)> {
+    info.lines()
+        .filter_map(|line| {
+            let (name, fields) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| {
+                fields
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
+            };
+            Some((name.to_string(), (field("calls")?, field("usec")?)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_commandstats() {
+        let info = "# Commandstats\r\n\
+                    cmdstat_evalsha:calls=12,usec=340,usec_per_call=28.33,rejected_calls=0,failed_calls=0\r\n\
+                    cmdstat_ping:calls=3,usec=1,usec_per_call=0.33,rejected_calls=0,failed_calls=0\r\n";
+        let stats = parse_commandstats(info);
+        assert_eq!(stats.get("evalsha"), Some(&(12, 340)));
+        assert_eq!(stats.get("ping"), Some(&(3, 1)));
+        assert_eq!(stats.len(), 2);
     }
 }

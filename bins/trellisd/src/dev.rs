@@ -82,12 +82,92 @@ async fn seed(config: &Config, store: &Store) -> anyhow::Result<String> {
     }
 }
 
+/// The first administrator's id (the owner of seeded documents).
+async fn first_admin(store: &Store) -> anyhow::Result<Option<uuid::Uuid>> {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use trellis_store::schema::user_roles;
+    let mut conn = store.pg().await?;
+    Ok(user_roles::table
+        .filter(user_roles::role.eq("admin"))
+        .order(user_roles::granted_at.asc())
+        .select(user_roles::user_id)
+        .first(&mut conn)
+        .await
+        .optional()?)
+}
+
+/// Indexes `candidates` synthetic candidate profiles and the help articles
+/// as shared documents of the first administrator (idempotent: the same
+/// documents are replaced). Returns how many were indexed.
+pub async fn seed_documents(
+    config: &Config,
+    store: &Store,
+    candidates: usize,
+) -> anyhow::Result<usize> {
+    let owner = first_admin(store).await?.ok_or_else(|| {
+        anyhow::anyhow!("no administrator to own the documents: run `trellisd dev` once first")
+    })?;
+    let mut docs = trellis_search::seed::candidates(candidates);
+    docs.extend(trellis_search::seed::help_articles());
+    Ok(trellis_search::seed::index_all(store, &config.search.language, owner, docs).await?)
+}
+
+/// Seeds the demo corpus unless documents exist already.
+async fn seed_demo_documents(config: &Config, store: &Store) -> anyhow::Result<String> {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use trellis_store::schema::search_documents;
+    let existing: i64 = {
+        let mut conn = store.pg().await?;
+        search_documents::table
+            .count()
+            .get_result(&mut conn)
+            .await?
+    };
+    if existing > 0 {
+        return Ok(format!("Search:     {existing} documents indexed"));
+    }
+    let n = seed_documents(config, store, 300).await?;
+    Ok(format!(
+        "Search:     seeded {n} demo documents (collections candidates, help)"
+    ))
+}
+
+/// With no LLM provider configured, `dev` routes the model alias `local`
+/// to an Ollama server on its default port, so that generation works out
+/// of the box wherever one runs (and fails with a clear UNAVAILABLE where
+/// none does). Returns the line the banner prints about it.
+pub fn default_llm(config: &mut Config) -> String {
+    if !config.llm.providers.is_empty() || !config.llm.models.is_empty() {
+        let aliases: Vec<&str> = config.llm.models.keys().map(String::as_str).collect();
+        return format!("LLM models: {}", aliases.join(", "));
+    }
+    config.llm.providers.insert(
+        "ollama".into(),
+        trellis_core::config::ProviderConfig {
+            base_url: "http://127.0.0.1:11434/v1".into(),
+            ..Default::default()
+        },
+    );
+    config.llm.models.insert(
+        "local".into(),
+        trellis_core::config::ModelConfig {
+            routes: vec!["ollama:llama3.2".into()],
+            ..Default::default()
+        },
+    );
+    "LLM:        model \"local\" = llama3.2 on Ollama at 127.0.0.1:11434 (none configured; see README, LLM providers)".into()
+}
+
 /// Runs the dev mesh until SIGTERM/SIGINT.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let servers = prepare(&mut config).await?;
+    let llm = default_llm(&mut config);
     let config = Arc::new(config);
     let store = Store::from_config(&config)?;
     let admin = seed(&config, &store).await?;
+    let docs = seed_demo_documents(&config, &store).await?;
     let listener = crate::bind(&config).await?;
     let mesh = crate::start(
         config.clone(),
@@ -99,12 +179,13 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let addr = mesh.local_addr();
     println!(
         "\nTrellis dev mesh is up on {addr} (gRPC, gRPC-web, reflection, health; metrics at http://{addr}/metrics)\n\
-         PostgreSQL: {}\nRedis:      {}\n{admin}\n\n\
+         PostgreSQL: {}\nRedis:      {}\n{admin}\n{llm}\n{docs}\n\n\
          Try:\n  grpcurl -plaintext {addr} list\n  grpcurl -plaintext {addr} trellis.system.v1.SystemService/GetInfo\n  \
          grpcurl -plaintext -d '{{\"service\":\"\"}}' {addr} grpc.health.v1.Health/Check\n  \
          grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"username\":\"ada\",\"password\":\"Str0ng!pass\"}}' {addr} trellis.auth.v1.AuthService/Register\n  \
          TOKEN=$(grpcurl -plaintext -d '{{\"login\":\"ada\",\"password\":\"Str0ng!pass\"}}' {addr} trellis.auth.v1.AuthService/Login | jq -r .tokens.accessToken)\n  \
-         grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" {addr} trellis.auth.v1.AuthService/WhoAmI\n\n\
+         grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" {addr} trellis.auth.v1.AuthService/WhoAmI\n  \
+         grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"query\":\"senior rust engineer\"}}' {addr} trellis.search.v1.SearchService/Search\n\n\
          Stop with Ctrl-C.\n",
         trellis_core::config::redact_url(config.database.url.as_deref().unwrap_or_default()),
         trellis_core::config::redact_url(config.redis.url.as_deref().unwrap_or_default()),

@@ -58,7 +58,7 @@ pub async fn start(
     };
     let store_for_mail = store.clone();
     let builder = MeshBuilder::new(config.clone(), store, enabled.clone()).authenticator(verifier);
-    let builder = mount(builder, &enabled, &deps)?;
+    let (builder, tasks) = mount(builder, &enabled, &deps)?;
     // Mail queued by AuthService is delivered from here.
     let outbox = if enabled.contains(&ServiceName::Auth) && store_for_mail.has_pg() {
         let mailer = trellis_auth::mail::mailer(&config.mail)?;
@@ -71,18 +71,33 @@ pub async fn start(
         None
     };
     let mesh = builder.start(listener, shutdown).await?;
-    Ok(mesh.on_stop(listener_task).on_stop(outbox))
+    let mut mesh = mesh.on_stop(listener_task).on_stop(outbox);
+    for t in tasks.background {
+        mesh = mesh.on_stop(Some(t));
+    }
+    for t in tasks.finishing {
+        mesh = mesh.finishing(t);
+    }
+    Ok(mesh)
+}
+
+/// Tasks the services started: stopped with the server (`background`) or
+/// awaited after it stops so that what they hold is written (`finishing`).
+#[derive(Debug, Default)]
+struct Tasks {
+    background: Vec<tokio::task::JoinHandle<()>>,
+    finishing: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Mounts each enabled service on the builder. SystemService, health and
-/// reflection are mounted by the mesh itself; chat, llm and search join
-/// here as they land (config validation refuses them until then).
+/// reflection are mounted by the mesh itself.
 fn mount(
     mut builder: MeshBuilder,
     enabled: &[ServiceName],
     deps: &Deps,
-) -> anyhow::Result<MeshBuilder> {
+) -> anyhow::Result<(MeshBuilder, Tasks)> {
     let cfg = &deps.config;
+    let mut tasks = Tasks::default();
     for name in enabled {
         builder = match name {
             ServiceName::System => builder,
@@ -107,12 +122,47 @@ fn mount(
                 )?,
                 Needs::STORE,
             ),
-            ServiceName::Chat | ServiceName::Llm | ServiceName::Search => {
-                anyhow::bail!("service {name} is not available in this build yet")
+            ServiceName::Llm => {
+                let built = trellis_llm::service(
+                    &cfg.llm,
+                    cfg.server.max_message_bytes,
+                    deps.store.clone(),
+                    deps.clients.clone(),
+                )?;
+                tasks.finishing.push(built.usage_writer);
+                builder
+                    .collectors(built.collectors)
+                    .add_service(built.server, Needs::STORE)
+            }
+            ServiceName::Search => builder.add_service(
+                trellis_search::service(
+                    &cfg.search,
+                    cfg.server.max_message_bytes,
+                    deps.store.clone(),
+                    deps.pages.clone(),
+                )?,
+                Needs::STORE,
+            ),
+            ServiceName::Chat => {
+                let built = trellis_chat::service(
+                    &cfg.chat,
+                    &cfg.llm,
+                    cfg.server.max_message_bytes,
+                    cfg.server.drain_timeout,
+                    deps.store.clone(),
+                    deps.clients.clone(),
+                    deps.pages.clone(),
+                );
+                tasks.background.extend(built.background);
+                tasks.finishing.push(built.finishing);
+                builder
+                    .collectors(built.collectors)
+                    .on_drain(built.drain)
+                    .add_service(built.server, Needs::STORE)
             }
         };
     }
-    Ok(builder)
+    Ok((builder, tasks))
 }
 
 /// Binds the configured listen address, naming it in the error.

@@ -43,6 +43,13 @@ enum Command {
     },
     /// Apply pending database migrations to database.url and exit.
     Migrate,
+    /// Index synthetic sample documents (candidate profiles and help
+    /// articles) into database.url, e.g. a large corpus for benchmarks.
+    Seed {
+        /// How many candidate profiles.
+        #[arg(long, default_value_t = 300)]
+        docs: usize,
+    },
 }
 
 fn load(cli: &Cli) -> Result<Config, trellis_core::ConfigError> {
@@ -79,6 +86,7 @@ async fn main() -> ExitCode {
         Command::Dev => trellisd::dev::run(config).await,
         Command::Serve { .. } => serve(config).await,
         Command::Migrate => migrate(&config).await,
+        Command::Seed { docs } => seed(&config, docs).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,6 +104,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mesh = trellisd::start(config, store, listener, trellis_mesh::shutdown_signal()).await?;
     tracing::info!(addr = %mesh.local_addr(), "serving");
     mesh.wait().await
+}
+
+async fn seed(config: &Config, docs: usize) -> anyhow::Result<()> {
+    migrate(config).await?;
+    let store = trellis_store::Store::from_config(config)?;
+    let t0 = std::time::Instant::now();
+    let n = trellisd::dev::seed_documents(config, &store, docs).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "indexed {n} documents in {secs:.1}s ({:.0} documents/s)",
+        n as f64 / secs.max(1e-9)
+    );
+    Ok(())
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {

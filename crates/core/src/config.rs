@@ -7,6 +7,7 @@
 //!
 //! A bad value stops start-up with one line naming the key.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,9 @@ pub struct Config {
     pub auth: AuthConfig,
     pub secrets: SecretsConfig,
     pub mail: MailConfig,
+    pub llm: LlmConfig,
+    pub search: SearchConfig,
+    pub chat: ChatConfig,
     pub dev: DevConfig,
 }
 
@@ -197,7 +201,14 @@ impl ServiceName {
 
     /// Services this build can serve. The others have contracts still to
     /// land; asking for them is a configuration error, not a silent no-op.
-    pub const BUILT: [ServiceName; 3] = [ServiceName::System, ServiceName::Auth, ServiceName::User];
+    pub const BUILT: [ServiceName; 6] = [
+        ServiceName::System,
+        ServiceName::Auth,
+        ServiceName::User,
+        ServiceName::Chat,
+        ServiceName::Llm,
+        ServiceName::Search,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -475,6 +486,314 @@ impl fmt::Debug for MailConfig {
     }
 }
 
+/// The LLM gateway: providers, model routes, limits, retries, breaker, cache.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// OpenAI-compatible upstreams by name (lowercase).
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Model aliases callers use, by alias.
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Quotas of users none of whose roles is listed in `role_limits`.
+    pub default_limits: LimitsConfig,
+    /// Quotas by role; a user with several listed roles gets, per quota,
+    /// the most generous one.
+    pub role_limits: BTreeMap<String, LimitsConfig>,
+    /// Consecutive failures that open a provider's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker skips its provider before one probe call.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// First retry back-off; doubles per attempt, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// Longest wait before a retry (back-off cap, and the longest
+    /// `Retry-After` honoured; a longer one fails over at once).
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Lifetime of cached responses (requests with `cache` and temperature 0).
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        let mut role_limits = BTreeMap::new();
+        role_limits.insert("admin".to_string(), LimitsConfig::UNLIMITED);
+        Self {
+            providers: BTreeMap::new(),
+            models: BTreeMap::new(),
+            default_limits: LimitsConfig::default(),
+            role_limits,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            retry_base: Duration::from_millis(200),
+            retry_max: Duration::from_secs(5),
+            cache_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// One OpenAI-compatible upstream.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// e.g. `https://api.openai.com/v1`, `https://openrouter.ai/api/v1`,
+    /// `http://127.0.0.1:11434/v1` (Ollama).
+    pub base_url: String,
+    /// The API key itself (prefer `api_key_env`). Never logged.
+    pub api_key: Option<String>,
+    /// Name of an environment variable holding the API key, read once at
+    /// start-up.
+    pub api_key_env: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// From sending the request to the first generated token.
+    #[serde(with = "humantime_serde")]
+    pub first_token_timeout: Duration,
+    /// The whole call.
+    #[serde(with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// Retries on this provider (5xx, 429) before failing over.
+    pub max_retries: u32,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self {
+            base_url: String::new(),
+            api_key: None,
+            api_key_env: None,
+            connect_timeout: Duration::from_secs(3),
+            first_token_timeout: Duration::from_secs(30),
+            total_timeout: Duration::from_secs(300),
+            max_retries: 1,
+        }
+    }
+}
+
+impl fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("api_key_env", &self.api_key_env)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("first_token_timeout", &self.first_token_timeout)
+            .field("total_timeout", &self.total_timeout)
+            .field("max_retries", &self.max_retries)
+            .finish()
+    }
+}
+
+/// A model alias.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Providers in failover order: `provider` (the upstream model is the
+    /// alias) or `provider:upstream-model`.
+    pub routes: Vec<String>,
+    /// Prompt and completion tokens together.
+    pub context_window: u32,
+    /// Completion tokens when the request asks for none.
+    pub default_max_tokens: u32,
+    /// Micro-dollars per million prompt tokens.
+    pub prompt_price_per_million: u64,
+    /// Micro-dollars per million completion tokens.
+    pub completion_price_per_million: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            routes: Vec::new(),
+            context_window: 8192,
+            default_max_tokens: 1024,
+            prompt_price_per_million: 0,
+            completion_price_per_million: 0,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The routes as (provider, upstream model) pairs.
+    pub fn parsed_routes<'a>(&'a self, alias: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> {
+        self.routes.iter().map(move |r| match r.split_once(':') {
+            Some((p, m)) => (p.trim(), m.trim()),
+            None => (r.trim(), alias),
+        })
+    }
+}
+
+/// Per-user quotas; 0 means unlimited.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub requests_per_minute: u64,
+    pub tokens_per_day: u64,
+    pub cost_micros_per_month: u64,
+    pub concurrent_streams: u64,
+}
+
+impl LimitsConfig {
+    pub const UNLIMITED: LimitsConfig = LimitsConfig {
+        requests_per_minute: 0,
+        tokens_per_day: 0,
+        cost_micros_per_month: 0,
+        concurrent_streams: 0,
+    };
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 60,
+            tokens_per_day: 500_000,
+            cost_micros_per_month: 10_000_000,
+            concurrent_streams: 4,
+        }
+    }
+}
+
+/// ChatService: limits, timeouts, streaming.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Model alias of sessions created without one (empty: the first alias
+    /// of `llm.models`).
+    pub default_model: String,
+    /// Longest user message, in characters.
+    pub max_message_chars: usize,
+    /// A session without activity for this long is INACTIVE.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A session without activity for this long is EXPIRED (read-only).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often a growing reply is written to the database.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Earlier messages sent as context (the gateway trims to the window).
+    pub history_messages: usize,
+    /// Events buffered per client stream; a slower reader is caught up
+    /// from the stored reply instead of buffering more.
+    pub stream_buffer: usize,
+    /// How long a user's preferences are cached.
+    #[serde(with = "humantime_serde")]
+    pub preferences_ttl: Duration,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            default_model: String::new(),
+            max_message_chars: 32_000,
+            idle_timeout: Duration::from_secs(24 * 3600),
+            retention: Duration::from_secs(90 * 24 * 3600),
+            flush_interval: Duration::from_millis(250),
+            history_messages: 200,
+            stream_buffer: 64,
+            preferences_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// SearchService: text search language and the optional web provider.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchConfig {
+    /// PostgreSQL text search configuration for stemming and stop words
+    /// (`english`, `simple`, `german`, `french`, …). Documents are indexed
+    /// in it: reindex after changing it.
+    pub language: String,
+    /// Longest query accepted, in characters.
+    pub max_query_chars: usize,
+    /// External web search (Tavily API); off when unset.
+    pub web: Option<WebSearchConfig>,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self {
+            language: "english".into(),
+            max_query_chars: 1000,
+            web: None,
+        }
+    }
+}
+
+/// A web search provider speaking the Tavily search API.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSearchConfig {
+    /// e.g. `https://api.tavily.com`.
+    pub url: String,
+    pub api_key: Option<String>,
+    /// Name of an environment variable holding the key, read at start-up.
+    pub api_key_env: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Web results merged into a page at most.
+    pub max_results: u32,
+}
+
+impl Default for WebSearchConfig {
+    fn default() -> Self {
+        Self {
+            url: "https://api.tavily.com".into(),
+            api_key: None,
+            api_key_env: None,
+            timeout: Duration::from_secs(3),
+            max_results: 5,
+        }
+    }
+}
+
+impl fmt::Debug for WebSearchConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebSearchConfig")
+            .field("url", &self.url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("api_key_env", &self.api_key_env)
+            .field("timeout", &self.timeout)
+            .field("max_results", &self.max_results)
+            .finish()
+    }
+}
+
+/// Text search configurations PostgreSQL ships.
+pub const SEARCH_LANGUAGES: &[&str] = &[
+    "simple",
+    "arabic",
+    "armenian",
+    "basque",
+    "catalan",
+    "danish",
+    "dutch",
+    "english",
+    "finnish",
+    "french",
+    "german",
+    "greek",
+    "hindi",
+    "hungarian",
+    "indonesian",
+    "irish",
+    "italian",
+    "lithuanian",
+    "nepali",
+    "norwegian",
+    "portuguese",
+    "romanian",
+    "russian",
+    "serbian",
+    "spanish",
+    "swedish",
+    "tamil",
+    "turkish",
+    "yiddish",
+];
+
 /// `trellisd dev` only.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -562,9 +881,45 @@ impl Config {
         for (key, value) in sources.overrides {
             figment = figment.merge(Serialized::global(&key, value));
         }
-        let config: Config = figment.extract()?;
+        let mut config: Config = figment.extract()?;
+        config.resolve_secrets_from_env()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads the environment variables that configuration names as secret
+    /// sources (`llm.providers.*.api_key_env`).
+    fn resolve_secrets_from_env(&mut self) -> Result<(), ConfigError> {
+        for (name, p) in &mut self.llm.providers {
+            if p.api_key.is_none()
+                && let Some(var) = &p.api_key_env
+            {
+                match std::env::var(var) {
+                    Ok(v) if !v.trim().is_empty() => p.api_key = Some(v.trim().to_string()),
+                    _ => {
+                        return Err(invalid(
+                            &format!("llm.providers.{name}.api_key_env"),
+                            format!("environment variable {var} is not set"),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(w) = &mut self.search.web
+            && w.api_key.is_none()
+            && let Some(var) = &w.api_key_env
+        {
+            match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => w.api_key = Some(v.trim().to_string()),
+                _ => {
+                    return Err(invalid(
+                        "search.web.api_key_env",
+                        format!("environment variable {var} is not set"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Loads only defaults plus `file` — no environment. For tests and tools.
@@ -697,6 +1052,7 @@ impl Config {
                 "issuer and audience must not be empty",
             ));
         }
+        self.validate_llm()?;
         self.services.resolve_enabled()?;
         for name in ServiceName::ALL {
             if let Some(ep) = self.services.endpoint(name) {
@@ -711,6 +1067,130 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_llm(&self) -> Result<(), ConfigError> {
+        let l = &self.llm;
+        for (name, p) in &l.providers {
+            let key = |k: &str| format!("llm.providers.{name}.{k}");
+            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://"))
+                || !http_header_safe(&p.base_url)
+            {
+                return Err(invalid(
+                    &key("base_url"),
+                    "must be a URL like https://api.openai.com/v1",
+                ));
+            }
+            if p.connect_timeout.is_zero()
+                || p.first_token_timeout.is_zero()
+                || p.total_timeout.is_zero()
+            {
+                return Err(invalid(
+                    &key("total_timeout"),
+                    "timeouts must be above zero",
+                ));
+            }
+            if p.max_retries > 10 {
+                return Err(invalid(&key("max_retries"), "must be at most 10"));
+            }
+        }
+        for (alias, m) in &l.models {
+            let key = |k: &str| format!("llm.models.{alias}.{k}");
+            if alias.is_empty() || alias.len() > 64 || !alias.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    &key("routes"),
+                    "aliases are 1-64 visible characters",
+                ));
+            }
+            if m.routes.is_empty() {
+                return Err(invalid(&key("routes"), "needs at least one provider"));
+            }
+            for (provider, upstream) in m.parsed_routes(alias) {
+                if !l.providers.contains_key(provider) {
+                    return Err(invalid(
+                        &key("routes"),
+                        format!("provider '{provider}' is not configured under llm.providers"),
+                    ));
+                }
+                if upstream.is_empty() {
+                    return Err(invalid(&key("routes"), "upstream model name is empty"));
+                }
+            }
+            if m.context_window < 16 {
+                return Err(invalid(&key("context_window"), "must be at least 16"));
+            }
+            if m.default_max_tokens == 0 || m.default_max_tokens >= m.context_window {
+                return Err(invalid(
+                    &key("default_max_tokens"),
+                    "must be above zero and below context_window",
+                ));
+            }
+        }
+        let ch = &self.chat;
+        if !(1..=1_000_000).contains(&ch.max_message_chars) {
+            return Err(invalid(
+                "chat.max_message_chars",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if ch.idle_timeout.is_zero() || ch.retention <= ch.idle_timeout {
+            return Err(invalid(
+                "chat.retention",
+                "idle_timeout must be above zero and retention longer than it",
+            ));
+        }
+        if ch.flush_interval < Duration::from_millis(10) {
+            return Err(invalid("chat.flush_interval", "must be at least 10ms"));
+        }
+        if !(4..=100_000).contains(&ch.stream_buffer) || ch.history_messages > 10_000 {
+            return Err(invalid(
+                "chat.stream_buffer",
+                "stream_buffer 4-100000, history_messages at most 10000",
+            ));
+        }
+        if !ch.default_model.is_empty() && !l.models.contains_key(&ch.default_model) {
+            return Err(invalid(
+                "chat.default_model",
+                format!("'{}' is not an alias under llm.models", ch.default_model),
+            ));
+        }
+        let sc = &self.search;
+        if !SEARCH_LANGUAGES.contains(&sc.language.as_str()) {
+            return Err(invalid(
+                "search.language",
+                format!("must be one of {}", SEARCH_LANGUAGES.join(", ")),
+            ));
+        }
+        if !(16..=100_000).contains(&sc.max_query_chars) {
+            return Err(invalid(
+                "search.max_query_chars",
+                "must be between 16 and 100000",
+            ));
+        }
+        if let Some(w) = &sc.web {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(invalid("search.web.url", "must be an http(s) URL"));
+            }
+            if w.timeout.is_zero() || !(1..=20).contains(&w.max_results) {
+                return Err(invalid(
+                    "search.web.max_results",
+                    "timeout must be above zero and max_results between 1 and 20",
+                ));
+            }
+        }
+        if l.breaker_failures == 0 {
+            return Err(invalid("llm.breaker_failures", "must be at least 1"));
+        }
+        if l.retry_base.is_zero() || l.retry_max < l.retry_base {
+            return Err(invalid(
+                "llm.retry_max",
+                "retry_base must be above zero and retry_max at least retry_base",
+            ));
         }
         Ok(())
     }
@@ -751,7 +1231,14 @@ mod tests {
             assert_eq!(c.server.max_message_bytes, 4 * 1024 * 1024);
             assert_eq!(
                 c.services.resolve_enabled().expect("enabled"),
-                vec![ServiceName::System, ServiceName::Auth, ServiceName::User]
+                vec![
+                    ServiceName::System,
+                    ServiceName::Auth,
+                    ServiceName::User,
+                    ServiceName::Chat,
+                    ServiceName::Llm,
+                    ServiceName::Search
+                ]
             );
             Ok(())
         });
@@ -780,6 +1267,52 @@ mod tests {
                 !format!("{c:?}").contains("hunter2"),
                 "secrets never reach Debug output"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn llm_providers_and_models_from_file_and_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "trellis.toml",
+                "[llm.providers.openai]\nbase_url = \"https://api.openai.com/v1\"\napi_key_env = \"MY_OPENAI_KEY\"\n\
+                 [llm.models.smart]\nroutes = [\"openai:gpt-4o-mini\"]\ncontext_window = 128000\n",
+            )?;
+            jail.set_env("MY_OPENAI_KEY", "sk-secret-value");
+            jail.set_env(
+                "TRELLIS_LLM__PROVIDERS__LOCAL__BASE_URL",
+                "http://127.0.0.1:11434/v1",
+            );
+            jail.set_env(
+                "TRELLIS_LLM__MODELS__FAST__ROUTES",
+                "[\"local:llama3.2\", \"openai\"]",
+            );
+            let c = load_in_jail().expect("load");
+            let openai = &c.llm.providers["openai"];
+            assert_eq!(openai.api_key.as_deref(), Some("sk-secret-value"));
+            assert!(!format!("{c:?}").contains("sk-secret-value"));
+            let fast = &c.llm.models["fast"];
+            let routes: Vec<_> = fast.parsed_routes("fast").collect();
+            assert_eq!(routes, vec![("local", "llama3.2"), ("openai", "fast")]);
+            assert_eq!(c.llm.models["smart"].context_window, 128000);
+
+            jail.set_env("TRELLIS_LLM__MODELS__BAD__ROUTES", "[\"nowhere\"]");
+            let err = load_in_jail().expect_err("unknown provider").to_string();
+            assert!(err.contains("llm.models.bad.routes"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "TRELLIS_LLM__PROVIDERS__OPENAI__BASE_URL",
+                "https://api.openai.com/v1",
+            );
+            jail.set_env(
+                "TRELLIS_LLM__PROVIDERS__OPENAI__API_KEY_ENV",
+                "UNSET_KEY_VAR",
+            );
+            let err = load_in_jail().expect_err("missing key").to_string();
+            assert!(err.contains("UNSET_KEY_VAR is not set"), "{err}");
             Ok(())
         });
     }

@@ -62,6 +62,8 @@ pub struct MeshBuilder {
     routes: RoutesBuilder,
     services: Vec<(String, Needs)>,
     authenticator: Option<Arc<dyn Authenticator>>,
+    collectors: Vec<Box<dyn prometheus::core::Collector>>,
+    drain_hooks: Vec<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for MeshBuilder {
@@ -83,12 +85,27 @@ impl MeshBuilder {
             routes: RoutesBuilder::default(),
             services: Vec::new(),
             authenticator: None,
+            collectors: Vec::new(),
+            drain_hooks: Vec::new(),
         }
     }
 
     /// Verifies the credentials of every call (see `layers::authn`).
     pub fn authenticator(mut self, authenticator: Arc<dyn Authenticator>) -> MeshBuilder {
         self.authenticator = Some(authenticator);
+        self
+    }
+
+    /// Adds a service's own metrics to this server's registry (`/metrics`).
+    pub fn collectors(mut self, c: Vec<Box<dyn prometheus::core::Collector>>) -> MeshBuilder {
+        self.collectors.extend(c);
+        self
+    }
+
+    /// Set to `true` when draining starts (after health turns NOT_SERVING),
+    /// so that services can end long-lived work (e.g. streams) cleanly.
+    pub fn on_drain(mut self, hook: watch::Sender<bool>) -> MeshBuilder {
+        self.drain_hooks.push(hook);
         self
     }
 
@@ -123,6 +140,8 @@ impl MeshBuilder {
             mut routes,
             mut services,
             authenticator,
+            collectors,
+            drain_hooks,
         } = self;
         let server_cfg = &config.server;
         let max = server_cfg.max_message_bytes;
@@ -189,6 +208,9 @@ impl MeshBuilder {
         );
 
         let metrics = Metrics::new(store.clone(), listed.iter().cloned().chain([health_name]));
+        for c in collectors {
+            metrics.register(c)?;
+        }
         let routes = routes.routes().prepare();
 
         let layers = ServiceBuilder::new()
@@ -221,6 +243,9 @@ impl MeshBuilder {
             }
             tracing::info!("shutting down: draining in-flight calls");
             drain_health.all_not_serving().await;
+            for hook in &drain_hooks {
+                hook.send_replace(true);
+            }
             let _ = drain_tx.send(true);
         };
 
@@ -264,6 +289,8 @@ impl MeshBuilder {
             metrics,
             health,
             background: Vec::new(),
+            finishing: Vec::new(),
+            drain_timeout: config.server.drain_timeout,
         })
     }
 }
@@ -304,6 +331,10 @@ pub struct RunningMesh {
     metrics: Arc<Metrics>,
     health: HealthMap,
     background: Vec<JoinHandle<()>>,
+    /// Tasks that finish by themselves once the server has stopped (e.g.
+    /// writers draining a queue); awaited, up to the drain timeout.
+    finishing: Vec<JoinHandle<()>>,
+    drain_timeout: std::time::Duration,
 }
 
 impl RunningMesh {
@@ -311,6 +342,14 @@ impl RunningMesh {
     /// stopped when the server stops.
     pub fn on_stop(mut self, task: Option<JoinHandle<()>>) -> RunningMesh {
         self.background.extend(task);
+        self
+    }
+
+    /// Ties a task that ends by itself after the server stops (a queue
+    /// writer whose senders live in the services): awaited on stop, up to
+    /// the drain timeout, so that its queue is not lost.
+    pub fn finishing(mut self, task: JoinHandle<()>) -> RunningMesh {
+        self.finishing.push(task);
         self
     }
 
@@ -338,6 +377,11 @@ impl RunningMesh {
         let result = self.task.await;
         for t in &self.background {
             t.abort();
+        }
+        for t in self.finishing {
+            if tokio::time::timeout(self.drain_timeout, t).await.is_err() {
+                tracing::warn!("a background writer did not finish within the drain timeout");
+            }
         }
         result?
     }

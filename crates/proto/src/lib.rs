@@ -30,6 +30,36 @@ pub mod user {
     }
 }
 
+/// `trellis.chat.v1`: sessions, history and streamed replies.
+pub mod chat {
+    pub mod v1 {
+        tonic::include_proto!("trellis.chat.v1");
+
+        /// Fully qualified name of the service, as used in health and reflection.
+        pub const SERVICE_NAME: &str = "trellis.chat.v1.ChatService";
+    }
+}
+
+/// `trellis.llm.v1`: the gateway to model providers.
+pub mod llm {
+    pub mod v1 {
+        tonic::include_proto!("trellis.llm.v1");
+
+        /// Fully qualified name of the service, as used in health and reflection.
+        pub const SERVICE_NAME: &str = "trellis.llm.v1.LlmService";
+    }
+}
+
+/// `trellis.search.v1`: documents, ranked full-text search, history.
+pub mod search {
+    pub mod v1 {
+        tonic::include_proto!("trellis.search.v1");
+
+        /// Fully qualified name of the service, as used in health and reflection.
+        pub const SERVICE_NAME: &str = "trellis.search.v1.SearchService";
+    }
+}
+
 /// `trellis.system.v1`: server information, the mesh's no-op path.
 pub mod system {
     pub mod v1 {

@@ -85,6 +85,8 @@ pub struct Store {
     key_prefix: Arc<str>,
     redis_url: Option<Arc<str>>,
     pg_url: Option<Arc<str>>,
+    /// One multiplexed connection for hot paths (see [`Store::redis_shared`]).
+    shared: Arc<tokio::sync::Mutex<Option<::redis::aio::MultiplexedConnection>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -125,6 +127,7 @@ impl Store {
             key_prefix: config.redis.key_prefix.as_str().into(),
             redis_url: config.redis.url.as_deref().map(Into::into),
             pg_url: config.database.url.as_deref().map(Into::into),
+            shared: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 
@@ -181,6 +184,37 @@ impl Store {
         pool.get()
             .await
             .map_err(|_| StoreError::Unavailable("redis"))
+    }
+
+    /// The process's shared multiplexed Redis connection: commands from
+    /// every caller are pipelined on it, with no pool checkout and no PING
+    /// per use — for per-request paths (quotas, event fan-out). Dialled on
+    /// first use; after an I/O error call [`Store::redis_shared_reset`] and
+    /// the next use dials again. UNAVAILABLE at once while the last probe
+    /// found Redis down.
+    pub async fn redis_shared(&self) -> Result<::redis::aio::MultiplexedConnection, StoreError> {
+        if !self.redis_state.is_up() {
+            return Err(StoreError::Unavailable("redis"));
+        }
+        let mut guard = self.shared.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let conn = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.redis_client()?.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable("redis"))?
+        .map_err(|_| StoreError::Unavailable("redis"))?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the shared connection after an error, so that the next use
+    /// dials a fresh one.
+    pub async fn redis_shared_reset(&self) {
+        *self.shared.lock().await = None;
     }
 
     /// A Redis key under this install's prefix.

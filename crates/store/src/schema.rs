@@ -199,6 +199,106 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// LLM gateway: one accounting row per call.
+    llm_usage (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        model -> Text,
+        provider -> Text,
+        upstream_model -> Text,
+        prompt_tokens -> Int4,
+        completion_tokens -> Int4,
+        estimated -> Bool,
+        cost_micros -> Int8,
+        ttft_ms -> Nullable<Int4>,
+        duration_ms -> Int4,
+        status -> Text,
+        cached -> Bool,
+        request_id -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Search: indexed documents (the tsvector is written by SQL, not read).
+    search_documents (id) {
+        id -> Uuid,
+        owner_id -> Uuid,
+        collection -> Text,
+        external_id -> Text,
+        title -> Text,
+        body -> Text,
+        tags -> Array<Text>,
+        attributes -> Jsonb,
+        shared -> Bool,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Search: one row per search run.
+    search_history (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        query -> Text,
+        filters -> Jsonb,
+        result_count -> Int8,
+        latency_ms -> Int4,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Chat: sessions.
+    chat_sessions (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        title -> Text,
+        model -> Text,
+        system_prompt -> Text,
+        retrieval -> Bool,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+        last_activity_at -> Timestamptz,
+        deleted_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    /// Chat: messages (the generated tsvector is not mapped).
+    chat_messages (id) {
+        id -> Uuid,
+        session_id -> Uuid,
+        user_id -> Uuid,
+        role -> Text,
+        content -> Text,
+        status -> Text,
+        client_message_id -> Nullable<Text>,
+        reply_to -> Nullable<Uuid>,
+        model -> Text,
+        provider -> Text,
+        prompt_tokens -> Int4,
+        completion_tokens -> Int4,
+        cost_micros -> Int8,
+        citations -> Jsonb,
+        error -> Text,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(user_roles -> users (user_id));
 diesel::joinable!(user_roles -> roles (role));
 diesel::joinable!(auth_sessions -> users (user_id));
@@ -207,6 +307,11 @@ diesel::joinable!(refresh_tokens -> auth_sessions (session_id));
 diesel::joinable!(auth_one_time_tokens -> users (user_id));
 diesel::joinable!(totp_recovery_codes -> users (user_id));
 diesel::joinable!(api_keys -> users (user_id));
+diesel::joinable!(llm_usage -> users (user_id));
+diesel::joinable!(search_documents -> users (owner_id));
+diesel::joinable!(search_history -> users (user_id));
+diesel::joinable!(chat_sessions -> users (user_id));
+diesel::joinable!(chat_messages -> chat_sessions (session_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     users,
@@ -221,4 +326,9 @@ diesel::allow_tables_to_appear_in_same_query!(
     totp_recovery_codes,
     api_keys,
     user_preferences,
+    llm_usage,
+    search_documents,
+    search_history,
+    chat_sessions,
+    chat_messages,
 );

@@ -110,6 +110,11 @@ impl Metrics {
         })
     }
 
+    /// Adds another component's metrics to this registry.
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        self.registry.register(c)
+    }
+
     /// The Prometheus text exposition of everything, pool gauges read now.
     pub fn render(&self) -> String {
         if let Some(p) = self.store.pg_pool() {

@@ -1,0 +1,446 @@
+//! The fake OpenAI-compatible upstream of the LLM scenarios
+//! (`trellis-bench fake-llm`, hidden), and what the bench needs to call it
+//! directly: the request body and the check of the SSE answer.
+//!
+//! `POST /v1/chat/completions` answers `text/event-stream` at once, with
+//! no artificial delay: [`CHUNKS`] content chunks of [`PIECE`], a chunk
+//! with `finish_reason: "stop"`, a usage chunk when the request asks for
+//! one (`stream_options.include_usage`), then `data: [DONE]`. Each event
+//! is its own HTTP/1.1 body chunk (chunked transfer encoding), as real
+//! providers stream them. `llm-direct` calls it straight from the bench;
+//! `llm-gateway` reaches it through trellisd's LlmService, configured
+//! with it as provider [`PROVIDER`] and model alias [`ALIAS`].
+//!
+//! Like the baseline server, it is this binary re-executed, pinned to the
+//! servers' CPU, and exits when its standard input closes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tonic::Code;
+
+/// The one route.
+pub const PATH: &str = "/v1/chat/completions";
+/// Content chunks per answer.
+pub const CHUNKS: usize = 16;
+/// The text of each content chunk.
+pub const PIECE: &str = "tok ";
+/// Provider name trellisd is configured with.
+pub const PROVIDER: &str = "fake";
+/// Model name sent upstream (the fake echoes it).
+pub const UPSTREAM_MODEL: &str = "fake-model";
+/// The model alias callers of LlmService use.
+pub const ALIAS: &str = "bench";
+/// The one user message of every request.
+pub const PROMPT: &str = "Say sixteen tokens.";
+/// Completion tokens asked for (the fake always answers [`CHUNKS`]).
+pub const MAX_TOKENS: u32 = CHUNKS as u32;
+
+/// Flags of `fake-llm`.
+#[derive(clap::Args, Debug)]
+pub struct FakeLlmArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+}
+
+pub fn main(args: FakeLlmArgs) -> ExitCode {
+    // Like the other reference servers: one worker per CPU the process may
+    // use (one, when pinned).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fake-llm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args.listen)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fake-llm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    let stdin_closed = async {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdin.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::pin!(stdin_closed);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut stdin_closed => return Ok(()),
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            // Out of descriptors, a connection reset before accept: go on.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service_fn(handle))
+                .await;
+        });
+    }
+}
+
+/// A body of ready frames: one per SSE event.
+type Body = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+fn body(parts: Vec<Bytes>) -> Body {
+    StreamBody::new(futures::stream::iter(
+        parts
+            .into_iter()
+            .map(|b| Ok(Frame::data(b)))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    let json = serde_json::json!({ "error": { "message": message, "type": "fake" } });
+    let mut r = Response::new(body(vec![Bytes::from(json.to_string())]));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() != PATH {
+        return Ok(error(StatusCode::NOT_FOUND, "unknown path"));
+    }
+    if req.method() != Method::POST {
+        return Ok(error(StatusCode::METHOD_NOT_ALLOWED, "POST only"));
+    }
+    let Ok(raw) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return Ok(error(StatusCode::BAD_REQUEST, "unreadable body"));
+    };
+    let Ok(chat) = serde_json::from_slice::<ChatRequest>(&raw) else {
+        return Ok(error(
+            StatusCode::BAD_REQUEST,
+            "not a chat-completions request",
+        ));
+    };
+    if !chat.stream {
+        return Ok(error(
+            StatusCode::BAD_REQUEST,
+            "only stream: true is served",
+        ));
+    }
+    let mut r = Response::new(body(events(&chat)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    Ok(r)
+}
+
+/// The request body of `POST /v1/chat/completions`, as far as the fake
+/// reads it (and as the bench sends it; the gateway sends the same shape).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    #[serde(default)]
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The body `llm-direct` posts: what trellisd sends upstream for the
+/// GenerateStream request `llm-gateway` makes.
+pub fn direct_request() -> Bytes {
+    let req = ChatRequest {
+        model: UPSTREAM_MODEL.to_string(),
+        messages: vec![ChatMessage {
+            role: "user".to_string(),
+            content: PROMPT.to_string(),
+        }],
+        max_tokens: Some(MAX_TOKENS),
+        stream: true,
+        stream_options: Some(StreamOptions {
+            include_usage: true,
+        }),
+    };
+    Bytes::from(serde_json::to_vec(&req).expect("a chat request serializes"))
+}
+
+/// The answer's events, each `data: …\n\n`.
+fn events(chat: &ChatRequest) -> Vec<Bytes> {
+    // A JSON string literal, quotes included.
+    let model = serde_json::to_string(&chat.model).unwrap_or_else(|_| "\"fake\"".to_string());
+    let head = format!(
+        "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":{model},"
+    );
+    let mut out = Vec::with_capacity(CHUNKS + 3);
+    for _ in 0..CHUNKS {
+        out.push(Bytes::from(format!(
+            "{head}\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{PIECE}\"}},\"finish_reason\":null}}]}}\n\n"
+        )));
+    }
+    out.push(Bytes::from(format!(
+        "{head}\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n"
+    )));
+    if chat.stream_options.is_some_and(|o| o.include_usage) {
+        // Roughly four characters a token, plus the per-message overhead.
+        let prompt: usize = chat
+            .messages
+            .iter()
+            .map(|m| 4 + m.content.len().div_ceil(4))
+            .sum::<usize>()
+            + 3;
+        out.push(Bytes::from(format!(
+            "{head}\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{CHUNKS},\"total_tokens\":{}}}}}\n\n",
+            prompt + CHUNKS
+        )));
+    }
+    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    out
+}
+
+/// One SSE chunk, as far as the check reads it.
+#[derive(Debug, Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Usage {
+    #[serde(default)]
+    completion_tokens: u32,
+}
+
+/// The text a complete answer carries.
+pub fn expected_text() -> String {
+    PIECE.repeat(CHUNKS)
+}
+
+/// Checks a whole SSE answer as a client would read it: every event
+/// parsed, the text complete, a finish reason, usage, then `[DONE]` last.
+/// An incomplete or malformed stream is DATA_LOSS.
+pub fn check_sse(body: &[u8]) -> Result<(), Code> {
+    let bad = Err(Code::DataLoss);
+    let Ok(text) = std::str::from_utf8(body) else {
+        return bad;
+    };
+    let mut answer = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    let mut done = false;
+    for event in text.split("\n\n").filter(|e| !e.trim().is_empty()) {
+        if done {
+            return bad;
+        }
+        for line in event.lines() {
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.trim_start();
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
+                return bad;
+            };
+            if let Some(u) = chunk.usage {
+                usage = Some(u.completion_tokens);
+            }
+            for c in chunk.choices {
+                if let Some(t) = c.delta.and_then(|d| d.content) {
+                    answer.push_str(&t);
+                }
+                if let Some(f) = c.finish_reason {
+                    finish = Some(f);
+                }
+            }
+        }
+    }
+    if done
+        && answer == expected_text()
+        && finish.as_deref() == Some("stop")
+        && usage == Some(CHUNKS as u32)
+    {
+        Ok(())
+    } else {
+        bad
+    }
+}
+
+/// The environment that makes trellisd's LlmService route alias [`ALIAS`]
+/// to the fake at `addr`, with every quota of the default limits lifted
+/// (the bench's member account is not listed in `role_limits`).
+pub fn trellisd_env(addr: SocketAddr) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "TRELLIS_LLM__PROVIDERS__FAKE__BASE_URL",
+            format!("http://{addr}/v1"),
+        ),
+        (
+            "TRELLIS_LLM__MODELS__BENCH__ROUTES",
+            format!("[\"{PROVIDER}:{UPSTREAM_MODEL}\"]"),
+        ),
+        (
+            "TRELLIS_LLM__DEFAULT_LIMITS__REQUESTS_PER_MINUTE",
+            "0".into(),
+        ),
+        ("TRELLIS_LLM__DEFAULT_LIMITS__TOKENS_PER_DAY", "0".into()),
+        (
+            "TRELLIS_LLM__DEFAULT_LIMITS__COST_MICROS_PER_MONTH",
+            "0".into(),
+        ),
+        (
+            "TRELLIS_LLM__DEFAULT_LIMITS__CONCURRENT_STREAMS",
+            "0".into(),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(include_usage: bool) -> ChatRequest {
+        let mut r: ChatRequest = serde_json::from_slice(&direct_request()).expect("parses back");
+        r.stream_options = Some(StreamOptions { include_usage });
+        r
+    }
+
+    fn joined(parts: Vec<Bytes>) -> Vec<u8> {
+        parts.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
+    #[test]
+    fn the_direct_request_is_what_the_gateway_sends() {
+        let v: serde_json::Value = serde_json::from_slice(&direct_request()).expect("json");
+        assert_eq!(v["model"], UPSTREAM_MODEL);
+        assert_eq!(v["messages"][0]["role"], "user");
+        assert_eq!(v["messages"][0]["content"], PROMPT);
+        assert_eq!(v["max_tokens"], MAX_TOKENS);
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn answers_sixteen_chunks_stop_usage_done() {
+        let parts = events(&request(true));
+        assert_eq!(parts.len(), CHUNKS + 3);
+        let body = joined(parts);
+        let text = std::str::from_utf8(&body).expect("utf-8");
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        assert!(text.contains("\"model\":\"fake-model\""));
+        assert!(text.contains("\"finish_reason\":\"stop\""));
+        assert!(text.contains("\"completion_tokens\":16"));
+        assert_eq!(check_sse(&body), Ok(()));
+    }
+
+    #[test]
+    fn usage_only_when_asked() {
+        let parts = events(&request(false));
+        assert_eq!(parts.len(), CHUNKS + 2);
+        // The bench always asks, so a stream without usage fails its check.
+        assert_eq!(check_sse(&joined(parts)), Err(Code::DataLoss));
+    }
+
+    #[test]
+    fn incomplete_streams_fail_the_check() {
+        let mut parts = events(&request(true));
+        parts.pop();
+        assert_eq!(check_sse(&joined(parts)), Err(Code::DataLoss), "no [DONE]");
+        let mut parts = events(&request(true));
+        parts.remove(3);
+        assert_eq!(
+            check_sse(&joined(parts)),
+            Err(Code::DataLoss),
+            "a chunk lost"
+        );
+        let mut parts = events(&request(true));
+        parts.push(Bytes::from_static(b"data: {}\n\n"));
+        assert_eq!(
+            check_sse(&joined(parts)),
+            Err(Code::DataLoss),
+            "after [DONE]"
+        );
+        assert_eq!(check_sse(b"data: {nope\n\n"), Err(Code::DataLoss));
+    }
+
+    #[test]
+    fn env_names_the_provider_and_alias() {
+        let env = trellisd_env("127.0.0.1:9".parse().expect("addr"));
+        assert!(env.contains(&(
+            "TRELLIS_LLM__PROVIDERS__FAKE__BASE_URL",
+            "http://127.0.0.1:9/v1".to_string()
+        )));
+        assert!(env.contains(&(
+            "TRELLIS_LLM__MODELS__BENCH__ROUTES",
+            "[\"fake:fake-model\"]".to_string()
+        )));
+    }
+}

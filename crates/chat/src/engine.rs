@@ -1,0 +1,447 @@
+//! Turns and their generation. A turn stores the user message and a
+//! STREAMING reply, then a detached task generates the reply through
+//! LlmService (a real mesh hop with the caller's identity): it publishes
+//! every event locally and across replicas, writes the content as it grows
+//! (every `chat.flush_interval`), and finalises the reply COMPLETED,
+//! CANCELLED, FAILED or INTERRUPTED — whether or not anyone still listens.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, watch};
+use tonic::Code;
+use trellis_core::ServiceName;
+use trellis_core::config::ChatConfig;
+use trellis_mesh::{CallContext, MeshClients};
+use trellis_proto::chat::v1 as pb;
+use trellis_proto::llm::v1 as lpb;
+use trellis_proto::llm::v1::llm_service_client::LlmServiceClient;
+use trellis_store::Store;
+use uuid::Uuid;
+
+use crate::error::ChatError;
+use crate::live::{Fanout, Live, Registry, Stop};
+use crate::messages::{self, Ending, Inserted, MessageRow};
+use crate::metrics::ChatMetrics;
+use crate::prefs::Prefs;
+use crate::sessions::{self, SessionRow};
+
+/// What starting a turn produced.
+#[derive(Debug)]
+pub enum TurnStart {
+    /// A new reply; `rx` was subscribed before it began.
+    New {
+        accepted: pb::Accepted,
+        live: Arc<Live>,
+        rx: broadcast::Receiver<pb::ChatEvent>,
+    },
+    /// The client message id was seen before: the original turn.
+    Duplicate { accepted: pb::Accepted },
+}
+
+/// A turn as asked for.
+#[derive(Debug, Clone, Default)]
+pub struct TurnRequest {
+    pub content: String,
+    pub client_message_id: Option<String>,
+    pub model: Option<String>,
+    pub temperature: Option<f32>,
+    pub max_tokens: Option<i32>,
+    /// Regenerate: answer this existing user message again.
+    pub regenerate: Option<MessageRow>,
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    pub cfg: ChatConfig,
+    pub store: Store,
+    pub clients: MeshClients,
+    pub registry: Arc<Registry>,
+    pub fanout: Fanout,
+    pub prefs: Prefs,
+    pub metrics: ChatMetrics,
+    pub shutting_down: watch::Receiver<bool>,
+}
+
+/// Everything the generation task needs.
+struct Job {
+    ctx: CallContext,
+    user: Uuid,
+    session: SessionRow,
+    user_message: Uuid,
+    reply: Uuid,
+    client_message_id: String,
+    model: String,
+    temperature: Option<f32>,
+    max_tokens: Option<i32>,
+}
+
+fn duration_pb(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn event(e: pb::chat_event::Event) -> pb::ChatEvent {
+    pb::ChatEvent { event: Some(e) }
+}
+
+impl Engine {
+    /// Starts a turn in `session` for `user` (the session's owner).
+    pub async fn start(
+        self: &Arc<Self>,
+        ctx: CallContext,
+        user: Uuid,
+        session: SessionRow,
+        t: TurnRequest,
+    ) -> Result<TurnStart, ChatError> {
+        if *self.shutting_down.borrow() {
+            return Err(ChatError::Upstream(tonic::Status::unavailable(
+                "the server is shutting down; retry on another replica",
+            )));
+        }
+        if sessions::status(&self.cfg, session.last_activity_at) == pb::SessionStatus::Expired {
+            return Err(ChatError::Precondition(
+                "the session has expired and is read-only; start a new one".into(),
+            ));
+        }
+        let model = t.model.clone().unwrap_or_else(|| session.model.clone());
+        let mut conn = self.store.pg().await?;
+        let inserted = messages::insert_turn(
+            &mut conn,
+            session.id,
+            user,
+            &t.content,
+            t.client_message_id.as_deref(),
+            &model,
+            t.regenerate.as_ref().map(|m| m.id),
+        )
+        .await?;
+        drop(conn);
+        let cid = t.client_message_id.clone().unwrap_or_default();
+        let (user_message, reply) = match inserted {
+            Inserted::Duplicate { user, assistant } => {
+                return Ok(TurnStart::Duplicate {
+                    accepted: pb::Accepted {
+                        session_id: session.id.to_string(),
+                        user_message_id: user.to_string(),
+                        assistant_message_id: assistant.map(|a| a.to_string()).unwrap_or_default(),
+                        client_message_id: cid,
+                        duplicate: true,
+                    },
+                });
+            }
+            Inserted::New { user, assistant } => (user, assistant),
+        };
+        let (live, rx) = self.registry.add(reply, self.cfg.stream_buffer * 4);
+        let accepted = pb::Accepted {
+            session_id: session.id.to_string(),
+            user_message_id: user_message.to_string(),
+            assistant_message_id: reply.to_string(),
+            client_message_id: cid.clone(),
+            duplicate: false,
+        };
+        let job = Job {
+            // Replies outlive the request that started them: no deadline.
+            ctx: CallContext {
+                deadline: None,
+                ..ctx
+            },
+            user,
+            session,
+            user_message,
+            reply,
+            client_message_id: cid,
+            model,
+            temperature: t.temperature,
+            max_tokens: t.max_tokens,
+        };
+        let me = self.clone();
+        let task_live = live.clone();
+        self.metrics.generating.inc();
+        let generating = self.metrics.generating.clone();
+        tokio::spawn(async move {
+            me.run(job, task_live).await;
+            generating.dec();
+        });
+        Ok(TurnStart::New { accepted, live, rx })
+    }
+
+    /// Publishes `e` of reply `id` here and on every replica.
+    async fn emit(&self, live: &Live, id: Uuid, e: pb::ChatEvent) {
+        let _ = live.events.send(e.clone());
+        self.fanout.publish(id, &e).await;
+    }
+
+    async fn run(self: Arc<Self>, job: Job, live: Arc<Live>) {
+        let t0 = Instant::now();
+        let mut stop = live.stop.subscribe();
+        let mut ending = Ending {
+            status: messages::FAILED,
+            ..Default::default()
+        };
+        let mut code = Code::Unavailable;
+        let mut finish_reason = String::new();
+        let mut ttft: Option<Duration> = None;
+        let outcome = self
+            .generate(
+                &job,
+                &live,
+                &mut stop,
+                &mut ending,
+                &mut code,
+                &mut finish_reason,
+                &mut ttft,
+            )
+            .await;
+        if let Err(e) = outcome {
+            ending.status = messages::FAILED;
+            let status: tonic::Status = e.into();
+            code = status.code();
+            ending.error = status.message().to_string();
+        }
+        ending.content = live.content();
+        let duration = t0.elapsed();
+        if let Some(first) = ttft {
+            self.metrics.ttft.observe(first.as_secs_f64());
+            let after = duration.saturating_sub(first).as_secs_f64();
+            if after > 0.0 && ending.completion_tokens > 0 {
+                self.metrics
+                    .tokens_per_second
+                    .observe(f64::from(ending.completion_tokens) / after);
+            }
+        }
+        // Stored first, then announced: a watcher that sees the final event
+        // finds the final row.
+        let mut stored = false;
+        for attempt in 0..5 {
+            match self.store.pg().await {
+                Ok(mut conn) => match messages::finalize(&mut conn, job.reply, &ending).await {
+                    Ok(_) => {
+                        stored = true;
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, attempt, "could not finalise a reply"),
+                },
+                Err(e) => tracing::warn!(error = %e, attempt, "could not finalise a reply"),
+            }
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        if !stored {
+            tracing::error!(reply = %job.reply, "reply left STREAMING; the sweeper will mark it INTERRUPTED");
+        }
+        let usage = pb::Usage {
+            prompt_tokens: ending.prompt_tokens,
+            completion_tokens: ending.completion_tokens,
+            cost_micros: ending.cost_micros,
+        };
+        let last = match ending.status {
+            messages::COMPLETED | messages::CANCELLED => {
+                pb::chat_event::Event::Completed(pb::Completed {
+                    message_id: job.reply.to_string(),
+                    status: messages::status_pb(ending.status) as i32,
+                    usage: Some(usage),
+                    finish_reason: if ending.status == messages::CANCELLED {
+                        "cancelled".into()
+                    } else {
+                        finish_reason
+                    },
+                    time_to_first_token: ttft.map(duration_pb),
+                    duration: Some(duration_pb(duration)),
+                })
+            }
+            _ => pb::chat_event::Event::Failed(pb::Failed {
+                message_id: job.reply.to_string(),
+                client_message_id: job.client_message_id.clone(),
+                code: code as i32,
+                message: ending.error.clone(),
+                status: messages::status_pb(ending.status) as i32,
+            }),
+        };
+        self.emit(&live, job.reply, event(last)).await;
+        self.registry.remove(job.reply);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn generate(
+        &self,
+        job: &Job,
+        live: &Live,
+        stop: &mut watch::Receiver<Option<Stop>>,
+        ending: &mut Ending,
+        code: &mut Code,
+        finish_reason: &mut String,
+        ttft: &mut Option<Duration>,
+    ) -> Result<(), ChatError> {
+        let t0 = Instant::now();
+        let stopped = |s: Option<Stop>| match s {
+            Some(Stop::Cancel) => messages::CANCELLED,
+            _ => messages::INTERRUPTED,
+        };
+        // The conversation so far, the session's instructions and the
+        // user's preferences.
+        let history = {
+            let mut conn = self.store.pg().await?;
+            let user_row = messages::by_id(&mut conn, job.user_message)
+                .await?
+                .ok_or(ChatError::NotFound)?;
+            messages::history(
+                &mut conn,
+                job.session.id,
+                &user_row,
+                self.cfg.history_messages,
+            )
+            .await?
+        };
+        let mut system = job.session.system_prompt.clone();
+        if let Some(line) = self.prefs.line(&job.ctx, job.user).await {
+            if !system.is_empty() {
+                system.push_str("\n\n");
+            }
+            system.push_str(&line);
+        }
+        let params = lpb::GenerateParams {
+            model: job.model.clone(),
+            system_prompt: system,
+            messages: history
+                .iter()
+                .map(|m| lpb::Message {
+                    role: if m.role == "user" {
+                        lpb::Role::User as i32
+                    } else {
+                        lpb::Role::Assistant as i32
+                    },
+                    content: m.content.clone(),
+                })
+                .collect(),
+            max_tokens: job.max_tokens.unwrap_or(0),
+            temperature: job.temperature,
+            retrieval: job.session.retrieval.then(|| lpb::RetrievalOptions {
+                top_k: 5,
+                ..Default::default()
+            }),
+            cache: false,
+        };
+        let mut client = self
+            .clients
+            .client(ServiceName::Llm, &job.ctx, LlmServiceClient::new)
+            .map_err(ChatError::Upstream)?;
+        ending.provider.clear();
+        let opened = tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                ending.status = stopped(*stop.borrow());
+                return Ok(());
+            }
+            r = client.generate_stream(lpb::GenerateStreamRequest { params: Some(params) }) => r,
+        };
+        let mut stream = match opened {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                *code = s.code();
+                ending.status = messages::FAILED;
+                ending.error = s.message().to_string();
+                return Ok(());
+            }
+        };
+        let mut flush = tokio::time::interval(self.cfg.flush_interval);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut dirty = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => {
+                    ending.status = stopped(*stop.borrow());
+                    break;
+                }
+                _ = flush.tick(), if dirty => {
+                    dirty = false;
+                    let content = live.content();
+                    match self.store.pg().await {
+                        Ok(mut conn) => {
+                            if let Err(e) = messages::flush(&mut conn, job.reply, &content).await {
+                                tracing::warn!(error = %e, "could not store a reply's progress");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not store a reply's progress"),
+                    }
+                }
+                msg = stream.message() => match msg {
+                    Ok(Some(resp)) => match resp.event {
+                        Some(lpb::generate_stream_response::Event::Citations(c)) => {
+                            ending.citations = c
+                                .citations
+                                .into_iter()
+                                .map(|c| pb::Citation {
+                                    document_id: c.document_id,
+                                    title: c.title,
+                                    snippet: c.snippet,
+                                })
+                                .collect();
+                            self.emit(live, job.reply, event(pb::chat_event::Event::Citations(pb::Citations {
+                                message_id: job.reply.to_string(),
+                                citations: ending.citations.clone(),
+                            })))
+                            .await;
+                        }
+                        Some(lpb::generate_stream_response::Event::Delta(text)) => {
+                            ttft.get_or_insert_with(|| t0.elapsed());
+                            let offset = {
+                                let mut c = live.content.lock().unwrap_or_else(|p| p.into_inner());
+                                let offset = c.len();
+                                c.push_str(&text);
+                                offset
+                            };
+                            dirty = true;
+                            self.emit(live, job.reply, event(pb::chat_event::Event::Delta(pb::Delta {
+                                message_id: job.reply.to_string(),
+                                text,
+                                offset: offset as i64,
+                            })))
+                            .await;
+                        }
+                        Some(lpb::generate_stream_response::Event::Completed(c)) => {
+                            ending.status = messages::COMPLETED;
+                            ending.provider = c.provider;
+                            *finish_reason = c.finish_reason;
+                            if let Some(u) = c.usage {
+                                ending.prompt_tokens = u.prompt_tokens;
+                                ending.completion_tokens = u.completion_tokens;
+                                ending.cost_micros = u.cost_micros;
+                            }
+                            break;
+                        }
+                        Some(lpb::generate_stream_response::Event::Failed(f)) => {
+                            ending.status = messages::FAILED;
+                            *code = Code::from(f.code);
+                            ending.error = f.message;
+                            if let Some(u) = f.usage {
+                                ending.prompt_tokens = u.prompt_tokens;
+                                ending.completion_tokens = u.completion_tokens;
+                                ending.cost_micros = u.cost_micros;
+                            }
+                            break;
+                        }
+                        None => {}
+                    },
+                    Ok(None) => {
+                        ending.status = messages::FAILED;
+                        ending.error = "the model stream ended without a result".into();
+                        break;
+                    }
+                    Err(s) => {
+                        ending.status = messages::FAILED;
+                        *code = s.code();
+                        ending.error = s.message().to_string();
+                        break;
+                    }
+                },
+            }
+        }
+        // Dropping the stream cancels the call: the gateway stops the
+        // provider at once.
+        drop(stream);
+        Ok(())
+    }
+}

@@ -1,0 +1,466 @@
+//! Messages: rows and their wire form, the turn insert (user message and
+//! STREAMING reply in one transaction; the database refuses a second
+//! streaming reply in a session and a repeated client message id), flushes
+//! and finalisation of a growing reply, the history sent as context,
+//! paging and full-text search.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::{BigInt, Text, Timestamptz};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use serde::{Deserialize, Serialize};
+use trellis_proto::chat::v1 as pb;
+use trellis_store::schema::chat_messages as m;
+use uuid::Uuid;
+
+use crate::error::ChatError;
+use crate::sessions::ts;
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = m)]
+pub struct MessageRow {
+    pub id: Uuid,
+    pub session_id: Uuid,
+    pub role: String,
+    pub content: String,
+    pub status: String,
+    pub client_message_id: Option<String>,
+    pub reply_to: Option<Uuid>,
+    pub model: String,
+    pub provider: String,
+    pub prompt_tokens: i32,
+    pub completion_tokens: i32,
+    pub cost_micros: i64,
+    pub citations: serde_json::Value,
+    pub error: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub const STREAMING: &str = "streaming";
+pub const COMPLETED: &str = "completed";
+pub const CANCELLED: &str = "cancelled";
+pub const FAILED: &str = "failed";
+pub const INTERRUPTED: &str = "interrupted";
+
+pub fn status_pb(s: &str) -> pb::MessageStatus {
+    match s {
+        STREAMING => pb::MessageStatus::Streaming,
+        COMPLETED => pb::MessageStatus::Completed,
+        CANCELLED => pb::MessageStatus::Cancelled,
+        FAILED => pb::MessageStatus::Failed,
+        INTERRUPTED => pb::MessageStatus::Interrupted,
+        _ => pb::MessageStatus::Unspecified,
+    }
+}
+
+pub fn citations_of(v: &serde_json::Value) -> Vec<pb::Citation> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| pb::Citation {
+                    document_id: c["document_id"].as_str().unwrap_or_default().into(),
+                    title: c["title"].as_str().unwrap_or_default().into(),
+                    snippet: c["snippet"].as_str().unwrap_or_default().into(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn citations_json(c: &[pb::Citation]) -> serde_json::Value {
+    serde_json::Value::Array(
+        c.iter()
+            .map(|c| {
+                serde_json::json!({
+                    "document_id": c.document_id, "title": c.title, "snippet": c.snippet
+                })
+            })
+            .collect(),
+    )
+}
+
+pub fn to_pb(r: &MessageRow) -> pb::Message {
+    pb::Message {
+        id: r.id.to_string(),
+        session_id: r.session_id.to_string(),
+        role: if r.role == "user" {
+            pb::Role::User as i32
+        } else {
+            pb::Role::Assistant as i32
+        },
+        content: r.content.clone(),
+        status: status_pb(&r.status) as i32,
+        client_message_id: r.client_message_id.clone().unwrap_or_default(),
+        reply_to: r.reply_to.map(|u| u.to_string()).unwrap_or_default(),
+        model: r.model.clone(),
+        provider: r.provider.clone(),
+        usage: Some(pb::Usage {
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            cost_micros: r.cost_micros,
+        }),
+        citations: citations_of(&r.citations),
+        error: r.error.clone(),
+        create_time: Some(ts(r.created_at)),
+        update_time: Some(ts(r.updated_at)),
+    }
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = m)]
+struct NewMessage<'a> {
+    id: Uuid,
+    session_id: Uuid,
+    user_id: Uuid,
+    role: &'a str,
+    content: &'a str,
+    status: &'a str,
+    client_message_id: Option<&'a str>,
+    reply_to: Option<Uuid>,
+    model: &'a str,
+}
+
+/// What inserting a turn did.
+#[derive(Debug)]
+pub enum Inserted {
+    New {
+        user: Uuid,
+        assistant: Uuid,
+    },
+    /// The client message id was used before in this session.
+    Duplicate {
+        user: Uuid,
+        assistant: Option<Uuid>,
+    },
+}
+
+fn constraint(e: &DieselError) -> Option<&str> {
+    match e {
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+            info.constraint_name()
+        }
+        _ => None,
+    }
+}
+
+const BUSY: &str = "a reply is already being generated in this session; wait for it or cancel it";
+
+/// Stores a user message (unless `user_message` names an existing one, for
+/// regeneration) and a STREAMING reply in one transaction.
+pub async fn insert_turn(
+    conn: &mut AsyncPgConnection,
+    session: Uuid,
+    user_id: Uuid,
+    content: &str,
+    client_message_id: Option<&str>,
+    model: &str,
+    user_message: Option<Uuid>,
+) -> Result<Inserted, ChatError> {
+    let result = conn
+        .transaction::<_, DieselError, _>(async |c| {
+            let user = match user_message {
+                Some(u) => u,
+                None => {
+                    let id = Uuid::now_v7();
+                    diesel::insert_into(m::table)
+                        .values(NewMessage {
+                            id,
+                            session_id: session,
+                            user_id,
+                            role: "user",
+                            content,
+                            status: COMPLETED,
+                            client_message_id,
+                            reply_to: None,
+                            model: "",
+                        })
+                        .execute(c)
+                        .await?;
+                    id
+                }
+            };
+            let assistant = Uuid::now_v7();
+            diesel::insert_into(m::table)
+                .values(NewMessage {
+                    id: assistant,
+                    session_id: session,
+                    user_id,
+                    role: "assistant",
+                    content: "",
+                    status: STREAMING,
+                    client_message_id: None,
+                    reply_to: Some(user),
+                    model,
+                })
+                .execute(c)
+                .await?;
+            crate::sessions::touch(c, session)
+                .await
+                .map_err(|_| DieselError::RollbackTransaction)?;
+            Ok((user, assistant))
+        })
+        .await;
+    match result {
+        Ok((user, assistant)) => Ok(Inserted::New { user, assistant }),
+        Err(e) if constraint(&e) == Some("chat_messages_one_streaming") => {
+            Err(ChatError::Precondition(BUSY.into()))
+        }
+        Err(e) if constraint(&e) == Some("chat_messages_client_id") => {
+            let cid = client_message_id.unwrap_or_default();
+            let user: MessageRow = m::table
+                .filter(m::session_id.eq(session))
+                .filter(m::client_message_id.eq(cid))
+                .select(MessageRow::as_select())
+                .first(conn)
+                .await?;
+            let assistant: Option<Uuid> = m::table
+                .filter(m::reply_to.eq(user.id))
+                .order((m::created_at.desc(), m::id.desc()))
+                .select(m::id)
+                .first(conn)
+                .await
+                .optional()?;
+            Ok(Inserted::Duplicate {
+                user: user.id,
+                assistant,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the reply's content so far.
+pub async fn flush(conn: &mut AsyncPgConnection, id: Uuid, content: &str) -> Result<(), ChatError> {
+    diesel::update(
+        m::table
+            .filter(m::id.eq(id))
+            .filter(m::status.eq(STREAMING)),
+    )
+    .set((m::content.eq(content), m::updated_at.eq(Utc::now())))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How a reply ended.
+#[derive(Debug, Clone, Default)]
+pub struct Ending {
+    pub status: &'static str,
+    pub content: String,
+    pub provider: String,
+    pub prompt_tokens: i32,
+    pub completion_tokens: i32,
+    pub cost_micros: i64,
+    pub citations: Vec<pb::Citation>,
+    pub error: String,
+}
+
+/// Finalises a STREAMING reply (a no-op when something else did first).
+pub async fn finalize(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    e: &Ending,
+) -> Result<bool, ChatError> {
+    let n = diesel::update(
+        m::table
+            .filter(m::id.eq(id))
+            .filter(m::status.eq(STREAMING)),
+    )
+    .set((
+        m::content.eq(&e.content),
+        m::status.eq(e.status),
+        m::provider.eq(&e.provider),
+        m::prompt_tokens.eq(e.prompt_tokens),
+        m::completion_tokens.eq(e.completion_tokens),
+        m::cost_micros.eq(e.cost_micros),
+        m::citations.eq(citations_json(&e.citations)),
+        m::error.eq(&e.error),
+        m::updated_at.eq(Utc::now()),
+    ))
+    .execute(conn)
+    .await?;
+    Ok(n == 1)
+}
+
+/// The caller's message `id` in a live session, or NOT_FOUND.
+pub async fn owned(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    user: Uuid,
+) -> Result<MessageRow, ChatError> {
+    use trellis_store::schema::chat_sessions as s;
+    m::table
+        .inner_join(s::table)
+        .filter(m::id.eq(id))
+        .filter(m::user_id.eq(user))
+        .filter(s::deleted_at.is_null())
+        .select(MessageRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or(ChatError::NotFound)
+}
+
+pub async fn by_id(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> Result<Option<MessageRow>, ChatError> {
+    Ok(m::table
+        .filter(m::id.eq(id))
+        .select(MessageRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The conversation up to and including `user_message`: the latest
+/// `limit` messages with content, oldest first (replies to that message
+/// itself excluded, so a regeneration does not see the earlier answer).
+pub async fn history(
+    conn: &mut AsyncPgConnection,
+    session: Uuid,
+    user_message: &MessageRow,
+    limit: usize,
+) -> Result<Vec<MessageRow>, ChatError> {
+    let mut rows: Vec<MessageRow> = m::table
+        .filter(m::session_id.eq(session))
+        .filter(m::content.ne(""))
+        .filter(
+            m::created_at
+                .lt(user_message.created_at)
+                .or(m::id.eq(user_message.id)),
+        )
+        .order((m::created_at.desc(), m::id.desc()))
+        .limit(limit as i64 + 1)
+        .select(MessageRow::as_select())
+        .load(conn)
+        .await?;
+    rows.reverse();
+    Ok(rows)
+}
+
+/// Where the next page of messages starts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MessageCursor {
+    pub micros: i64,
+    pub id: Uuid,
+}
+
+pub async fn page(
+    conn: &mut AsyncPgConnection,
+    session: Uuid,
+    newest_first: bool,
+    size: usize,
+    after: Option<MessageCursor>,
+) -> Result<(Vec<MessageRow>, Option<MessageCursor>), ChatError> {
+    let mut q = m::table.filter(m::session_id.eq(session)).into_boxed();
+    if let Some(c) = &after {
+        let t = DateTime::from_timestamp_micros(c.micros).unwrap_or_default();
+        q = if newest_first {
+            q.filter(
+                m::created_at
+                    .lt(t)
+                    .or(m::created_at.eq(t).and(m::id.lt(c.id))),
+            )
+        } else {
+            q.filter(
+                m::created_at
+                    .gt(t)
+                    .or(m::created_at.eq(t).and(m::id.gt(c.id))),
+            )
+        };
+    }
+    q = if newest_first {
+        q.order((m::created_at.desc(), m::id.desc()))
+    } else {
+        q.order((m::created_at.asc(), m::id.asc()))
+    };
+    let rows: Vec<MessageRow> = q
+        .limit(size as i64 + 1)
+        .select(MessageRow::as_select())
+        .load(conn)
+        .await?;
+    let more = rows.len() > size;
+    let rows: Vec<MessageRow> = rows.into_iter().take(size).collect();
+    let next = match rows.last() {
+        Some(last) if more => Some(MessageCursor {
+            micros: last.created_at.timestamp_micros(),
+            id: last.id,
+        }),
+        _ => None,
+    };
+    Ok((rows, next))
+}
+
+#[derive(QueryableByName)]
+pub struct HitRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub session_id: Uuid,
+    #[diesel(sql_type = Text)]
+    pub role: String,
+    #[diesel(sql_type = Text)]
+    pub snippet: String,
+    #[diesel(sql_type = Timestamptz)]
+    pub created_at: DateTime<Utc>,
+}
+
+/// Full-text search over `user`'s messages in live sessions.
+pub async fn search(
+    conn: &mut AsyncPgConnection,
+    user: Uuid,
+    query: &str,
+    session: Option<Uuid>,
+    limit: usize,
+) -> Result<Vec<HitRow>, ChatError> {
+    let sql = format!(
+        "WITH q AS (SELECT websearch_to_tsquery('english', $1) AS tsq) \
+         SELECT h.id, h.session_id, h.role, \
+           ts_headline('english', h.content, q.tsq, 'StartSel=<mark>, StopSel=</mark>, MaxWords=30, MinWords=10') AS snippet, \
+           h.created_at \
+         FROM (SELECT cm.id, cm.session_id, cm.role, cm.content, cm.created_at, ts_rank_cd(cm.tsv, q.tsq) AS rank \
+               FROM chat_messages cm JOIN chat_sessions cs ON cs.id = cm.session_id, q \
+               WHERE cm.user_id = $2 AND cs.deleted_at IS NULL AND cm.tsv @@ q.tsq {} \
+               ORDER BY rank DESC, cm.id DESC LIMIT $3) h, q \
+         ORDER BY h.rank DESC, h.id DESC",
+        if session.is_some() {
+            "AND cm.session_id = $4"
+        } else {
+            ""
+        }
+    );
+    let q = diesel::sql_query(sql)
+        .into_boxed::<diesel::pg::Pg>()
+        .bind::<Text, _>(query)
+        .bind::<diesel::sql_types::Uuid, _>(user)
+        .bind::<BigInt, _>(limit as i64);
+    let q = match session {
+        Some(s) => q.bind::<diesel::sql_types::Uuid, _>(s),
+        None => q,
+    };
+    Ok(q.load(conn).await?)
+}
+
+/// Marks replies left STREAMING by a process that died as INTERRUPTED;
+/// returns their ids.
+pub async fn sweep_stale(
+    conn: &mut AsyncPgConnection,
+    older_than: DateTime<Utc>,
+) -> Result<Vec<Uuid>, ChatError> {
+    Ok(diesel::update(
+        m::table
+            .filter(m::status.eq(STREAMING))
+            .filter(m::updated_at.lt(older_than)),
+    )
+    .set((
+        m::status.eq(INTERRUPTED),
+        m::error.eq("the server generating this reply stopped"),
+        m::updated_at.eq(Utc::now()),
+    ))
+    .returning(m::id)
+    .get_results(conn)
+    .await?)
+}

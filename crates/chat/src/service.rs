@@ -1,0 +1,1042 @@
+//! `trellis.chat.v1.ChatService`: validation at the edge, ownership (another
+//! user's session or message is NOT_FOUND), and the streams — Converse
+//! (many turns, bidirectional), its browser twin SendMessage, Regenerate
+//! and Watch — on top of the [`Engine`].
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_core::config::{ChatConfig, LlmConfig};
+use trellis_core::error::FieldViolations;
+use trellis_core::page::PageTokens;
+use trellis_mesh::{CallContext, MeshClients, Principal, authenticated};
+use trellis_proto::chat::v1 as pb;
+use trellis_proto::chat::v1::chat_event::Event as Ev;
+use trellis_proto::chat::v1::chat_service_server::{ChatService, ChatServiceServer};
+use trellis_store::Store;
+use uuid::Uuid;
+
+use crate::engine::{Engine, TurnRequest, TurnStart};
+use crate::error::ChatError;
+use crate::live::{Fanout, Live, Registry, Stop};
+use crate::messages::{self, MessageRow};
+use crate::metrics::{ChatMetrics, StreamGuard};
+use crate::prefs::Prefs;
+use crate::sessions::{self, NewSession};
+
+pub const SESSIONS: &str = "chat:sessions:write";
+pub const READ: &str = "chat:sessions:read";
+pub const SEND: &str = "chat:messages:send";
+
+#[derive(Clone, Debug)]
+pub struct ChatSvc {
+    engine: Arc<Engine>,
+    pages: PageTokens,
+    /// Known model aliases (empty when the gateway's models are unknown here).
+    models: BTreeSet<String>,
+    default_model: String,
+}
+
+/// What [`service`] builds: the server, its metrics, tasks to stop with
+/// the server, the drain hook, and a task that ends once every reply in
+/// progress here is finalised (await it after the server stops).
+pub struct Built {
+    pub server: ChatServiceServer<ChatSvc>,
+    pub collectors: Vec<Box<dyn prometheus::core::Collector>>,
+    pub background: Vec<JoinHandle<()>>,
+    pub drain: watch::Sender<bool>,
+    pub finishing: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built").finish_non_exhaustive()
+    }
+}
+
+pub fn service(
+    cfg: &ChatConfig,
+    llm: &LlmConfig,
+    max_message_bytes: usize,
+    drain_timeout: Duration,
+    store: Store,
+    clients: MeshClients,
+    pages: PageTokens,
+) -> Built {
+    let registry = Arc::new(Registry::default());
+    let fanout = Fanout::new(store.clone());
+    let metrics = ChatMetrics::new();
+    let (drain, shutting_down) = watch::channel(false);
+    let engine = Arc::new(Engine {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        clients: clients.clone(),
+        registry: registry.clone(),
+        fanout: fanout.clone(),
+        prefs: Prefs::new(clients, cfg.preferences_ttl),
+        metrics: metrics.clone(),
+        shutting_down: shutting_down.clone(),
+    });
+    let mut background = Vec::new();
+    if store.has_redis() {
+        background.push(fanout.spawn_cancel_listener(registry.clone()));
+    }
+    // Replies left STREAMING by a replica that died become INTERRUPTED.
+    let sweeper = {
+        let engine = engine.clone();
+        let stale = (cfg.flush_interval * 40).max(Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                let cutoff =
+                    chrono::Utc::now() - chrono::Duration::from_std(stale).unwrap_or_default();
+                let swept = match engine.store.pg().await {
+                    Ok(mut conn) => messages::sweep_stale(&mut conn, cutoff)
+                        .await
+                        .unwrap_or_default(),
+                    Err(_) => Vec::new(),
+                };
+                for id in swept {
+                    if engine.registry.get(id).is_some() {
+                        continue;
+                    }
+                    let e = pb::ChatEvent {
+                        event: Some(Ev::Failed(pb::Failed {
+                            message_id: id.to_string(),
+                            code: tonic::Code::Unavailable as i32,
+                            message: "the server generating this reply stopped".into(),
+                            status: pb::MessageStatus::Interrupted as i32,
+                            ..Default::default()
+                        })),
+                    };
+                    engine.fanout.publish(id, &e).await;
+                }
+            }
+        })
+    };
+    background.push(sweeper);
+    // Draining: every reply in progress here ends INTERRUPTED; the task
+    // ends once they are all stored (the server awaits it after stopping).
+    let finishing = {
+        let registry = registry.clone();
+        let mut on_drain = shutting_down.clone();
+        tokio::spawn(async move {
+            if on_drain.wait_for(|d| *d).await.is_err() {
+                return;
+            }
+            registry.stop_all(Stop::Interrupt);
+            let deadline = tokio::time::Instant::now() + drain_timeout;
+            while !registry.is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let models: BTreeSet<String> = llm.models.keys().cloned().collect();
+    let default_model = if cfg.default_model.is_empty() {
+        models.iter().next().cloned().unwrap_or_default()
+    } else {
+        cfg.default_model.clone()
+    };
+    Built {
+        server: ChatServiceServer::new(ChatSvc {
+            engine,
+            pages,
+            models,
+            default_model,
+        })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes),
+        collectors: metrics.collectors(),
+        background,
+        drain,
+        finishing,
+    }
+}
+
+fn parse_id(field: &str, raw: &str) -> Result<Uuid, ChatError> {
+    Uuid::parse_str(raw.trim()).map_err(|_| ChatError::field(field, "must be an id (UUID)"))
+}
+
+fn failed(client_message_id: &str, status: &Status) -> pb::ChatEvent {
+    pb::ChatEvent {
+        event: Some(Ev::Failed(pb::Failed {
+            message_id: String::new(),
+            client_message_id: client_message_id.to_string(),
+            code: status.code() as i32,
+            message: status.message().to_string(),
+            status: pb::MessageStatus::Unspecified as i32,
+        })),
+    }
+}
+
+fn is_final(e: &pb::ChatEvent) -> bool {
+    matches!(e.event, Some(Ev::Completed(_)) | Some(Ev::Failed(_)))
+}
+
+/// The final event of a stored reply.
+fn final_of(r: &MessageRow) -> Option<pb::ChatEvent> {
+    let usage = Some(pb::Usage {
+        prompt_tokens: r.prompt_tokens,
+        completion_tokens: r.completion_tokens,
+        cost_micros: r.cost_micros,
+    });
+    let status = messages::status_pb(&r.status);
+    Some(pb::ChatEvent {
+        event: Some(match r.status.as_str() {
+            messages::STREAMING => return None,
+            messages::COMPLETED | messages::CANCELLED => Ev::Completed(pb::Completed {
+                message_id: r.id.to_string(),
+                status: status as i32,
+                usage,
+                finish_reason: if r.status == messages::CANCELLED {
+                    "cancelled".into()
+                } else {
+                    "stop".into()
+                },
+                time_to_first_token: None,
+                duration: None,
+            }),
+            _ => Ev::Failed(pb::Failed {
+                message_id: r.id.to_string(),
+                client_message_id: String::new(),
+                code: tonic::Code::Unavailable as i32,
+                message: r.error.clone(),
+                status: status as i32,
+            }),
+        }),
+    })
+}
+
+fn delta(id: Uuid, offset: usize, text: &str) -> pb::ChatEvent {
+    pb::ChatEvent {
+        event: Some(Ev::Delta(pb::Delta {
+            message_id: id.to_string(),
+            text: text.to_string(),
+            offset: offset as i64,
+        })),
+    }
+}
+
+type Out<T> = mpsc::Sender<Result<T, Status>>;
+
+/// Relays a reply's local events to one client stream. A reader too slow
+/// for the event buffer is caught up from the content so far instead, so
+/// memory stays bounded and other streams never wait for it. Ends after the
+/// final event, or when the client is gone (the reply goes on).
+async fn forward<T>(
+    mut rx: broadcast::Receiver<pb::ChatEvent>,
+    live: Arc<Live>,
+    id: Uuid,
+    out: Out<T>,
+    wrap: fn(pb::ChatEvent) -> T,
+) {
+    let mut sent = 0usize;
+    loop {
+        let ev = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let content = live.content();
+                if content.len() > sent {
+                    let text = content.get(sent..).unwrap_or_default().to_string();
+                    let e = delta(id, sent, &text);
+                    sent = content.len();
+                    if out.send(Ok(wrap(e))).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let ev = match &ev.event {
+            Some(Ev::Delta(d)) => {
+                let (offset, end) = (d.offset as usize, d.offset as usize + d.text.len());
+                if end <= sent {
+                    continue;
+                }
+                let skip = sent.saturating_sub(offset);
+                let text = d.text.get(skip..).unwrap_or_default();
+                let e = delta(id, offset + skip, text);
+                sent = end;
+                e
+            }
+            _ => ev,
+        };
+        let last = is_final(&ev);
+        if out.send(Ok(wrap(ev))).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+impl ChatSvc {
+    fn cfg(&self) -> &ChatConfig {
+        &self.engine.cfg
+    }
+
+    fn check_model(&self, field: &str, model: &str, v: &mut FieldViolations) {
+        if model.is_empty() || model.len() > 64 {
+            v.add(field, "a model alias of 1-64 characters");
+        } else if !self.models.is_empty() && !self.models.contains(model) {
+            v.add(
+                field,
+                format!("unknown model '{model}' (LlmService.ListModels lists them)"),
+            );
+        }
+    }
+
+    /// A validated turn for `p` from a `Send`.
+    async fn turn(
+        &self,
+        ctx: &CallContext,
+        p: &Principal,
+        s: pb::Send,
+    ) -> Result<TurnStart, ChatError> {
+        let mut v = FieldViolations::new();
+        let session_id = Uuid::parse_str(s.session_id.trim()).ok();
+        if session_id.is_none() {
+            v.add("session_id", "must be an id (UUID)");
+        }
+        let chars = s.content.chars().count();
+        if s.content.trim().is_empty() {
+            v.add("content", "must not be empty");
+        } else if chars > self.cfg().max_message_chars {
+            v.add(
+                "content",
+                format!("at most {} characters", self.cfg().max_message_chars),
+            );
+        }
+        if s.client_message_id.len() > 128 {
+            v.add("client_message_id", "at most 128 characters");
+        }
+        if let Some(m) = &s.model {
+            self.check_model("model", m, &mut v);
+        }
+        if let Some(t) = s.temperature
+            && !(t.is_finite() && (0.0..=2.0).contains(&t))
+        {
+            v.add("temperature", "must be between 0 and 2");
+        }
+        if s.max_tokens.is_some_and(|m| m < 0) {
+            v.add("max_tokens", "must not be negative");
+        }
+        if !v.is_empty() {
+            return Err(ChatError::Invalid(v));
+        }
+        let session_id = session_id.ok_or(ChatError::NotFound)?;
+        let session = {
+            let mut conn = self.engine.store.pg().await?;
+            sessions::owned(&mut conn, session_id, p.user_id).await?
+        };
+        let cid = s.client_message_id.trim();
+        self.engine
+            .start(
+                ctx.clone(),
+                p.user_id,
+                session,
+                TurnRequest {
+                    content: s.content,
+                    client_message_id: (!cid.is_empty()).then(|| cid.to_string()),
+                    model: s.model,
+                    temperature: s.temperature,
+                    max_tokens: s.max_tokens,
+                    regenerate: None,
+                },
+            )
+            .await
+    }
+
+    async fn cancel(&self, p: &Principal, raw: &str) -> Result<bool, ChatError> {
+        let id = parse_id("message_id", raw)?;
+        let row = {
+            let mut conn = self.engine.store.pg().await?;
+            messages::owned(&mut conn, id, p.user_id).await?
+        };
+        if row.status != messages::STREAMING {
+            return Ok(false);
+        }
+        if !self.engine.registry.stop(id, Stop::Cancel) {
+            self.engine.fanout.publish_cancel(id).await?;
+        }
+        Ok(true)
+    }
+
+    /// Streams reply `id` from byte `offset`: what is stored, then live
+    /// events from any replica, until the final event.
+    async fn watch_into<T: Send + 'static>(
+        &self,
+        id: Uuid,
+        offset: usize,
+        out: Out<T>,
+        wrap: fn(pb::ChatEvent) -> T,
+    ) -> Result<(), ChatError> {
+        // Subscribe first, then read: nothing can fall between.
+        let sub = self.engine.fanout.subscribe(id).await?;
+        let mut sub = Box::pin(sub);
+        let row = {
+            let mut conn = self.engine.store.pg().await?;
+            messages::by_id(&mut conn, id)
+                .await?
+                .ok_or(ChatError::NotFound)?
+        };
+        let mut sent = offset;
+        if row.content.len() > sent
+            && let Some(text) = row.content.get(sent..)
+        {
+            if out.send(Ok(wrap(delta(id, sent, text)))).await.is_err() {
+                return Ok(());
+            }
+            sent = row.content.len();
+        }
+        if let Some(last) = final_of(&row) {
+            let _ = out.send(Ok(wrap(last))).await;
+            return Ok(());
+        }
+        if !messages::citations_of(&row.citations).is_empty() {
+            let _ = out
+                .send(Ok(wrap(pb::ChatEvent {
+                    event: Some(Ev::Citations(pb::Citations {
+                        message_id: id.to_string(),
+                        citations: messages::citations_of(&row.citations),
+                    })),
+                })))
+                .await;
+        }
+        loop {
+            let next = tokio::select! {
+                e = sub.next() => e,
+                _ = out.closed() => return Ok(()),
+                // A reply whose final event was lost (its replica died) is
+                // found final in the database.
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    let mut conn = self.engine.store.pg().await?;
+                    if let Some(r) = messages::by_id(&mut conn, id).await?
+                        && let Some(last) = final_of(&r)
+                    {
+                        if let Some(text) = r.content.get(sent..).filter(|t| !t.is_empty()) {
+                            let _ = out.send(Ok(wrap(delta(id, sent, text)))).await;
+                        }
+                        let _ = out.send(Ok(wrap(last))).await;
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let Some(ev) = next else {
+                return Err(ChatError::Upstream(Status::unavailable(
+                    "the live feed was interrupted; watch again with the offset received",
+                )));
+            };
+            let ev = match &ev.event {
+                Some(Ev::Delta(d)) => {
+                    let (start, end) = (d.offset as usize, d.offset as usize + d.text.len());
+                    if end <= sent {
+                        continue;
+                    }
+                    if start > sent {
+                        // Published before we subscribed but not yet stored
+                        // when we read: wait for the next flush.
+                        let mut caught = false;
+                        for _ in 0..40 {
+                            let mut conn = self.engine.store.pg().await?;
+                            if let Some(r) = messages::by_id(&mut conn, id).await?
+                                && r.content.len() >= start
+                            {
+                                if let Some(text) = r.content.get(sent..start) {
+                                    if out.send(Ok(wrap(delta(id, sent, text)))).await.is_err() {
+                                        return Ok(());
+                                    }
+                                    sent = start;
+                                    caught = true;
+                                }
+                                break;
+                            }
+                            drop(conn);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        if !caught {
+                            return Err(ChatError::Upstream(Status::unavailable(
+                                "could not catch up with the reply; watch again",
+                            )));
+                        }
+                    }
+                    let skip = sent.saturating_sub(start);
+                    let text = d.text.get(skip..).unwrap_or_default();
+                    let e = delta(id, start + skip, text);
+                    sent = end;
+                    e
+                }
+                _ => ev,
+            };
+            let last = is_final(&ev);
+            if out.send(Ok(wrap(ev))).await.is_err() || last {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs one turn into a fresh response stream (SendMessage, Regenerate).
+    async fn one_turn<T: Send + 'static>(
+        &self,
+        started: TurnStart,
+        wrap: fn(pb::ChatEvent) -> T,
+    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>>, Status> {
+        let (tx, rx) = mpsc::channel(self.cfg().stream_buffer);
+        let guard = StreamGuard::new(&self.engine.metrics.active_streams);
+        match started {
+            TurnStart::New {
+                accepted,
+                live,
+                rx: events,
+            } => {
+                let id = Uuid::parse_str(&accepted.assistant_message_id).unwrap_or_default();
+                let _ = tx
+                    .send(Ok(wrap(pb::ChatEvent {
+                        event: Some(Ev::Accepted(accepted)),
+                    })))
+                    .await;
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    forward(events, live, id, tx, wrap).await;
+                });
+            }
+            TurnStart::Duplicate { accepted } => {
+                let id = Uuid::parse_str(&accepted.assistant_message_id).ok();
+                let _ = tx
+                    .send(Ok(wrap(pb::ChatEvent {
+                        event: Some(Ev::Accepted(accepted)),
+                    })))
+                    .await;
+                if let Some(id) = id {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let _guard = guard;
+                        if let Err(e) = me.watch_into(id, 0, tx.clone(), wrap).await {
+                            let _ = tx.send(Err(e.into())).await;
+                        }
+                    });
+                }
+            }
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn wrap_converse(e: pb::ChatEvent) -> pb::ConverseResponse {
+    pb::ConverseResponse { event: Some(e) }
+}
+fn wrap_send(e: pb::ChatEvent) -> pb::SendMessageResponse {
+    pb::SendMessageResponse { event: Some(e) }
+}
+fn wrap_watch(e: pb::ChatEvent) -> pb::WatchMessageResponse {
+    pb::WatchMessageResponse { event: Some(e) }
+}
+fn wrap_regenerate(e: pb::ChatEvent) -> pb::RegenerateMessageResponse {
+    pb::RegenerateMessageResponse { event: Some(e) }
+}
+
+#[tonic::async_trait]
+impl ChatService for ChatSvc {
+    async fn create_session(
+        &self,
+        req: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let p = authenticated(&req)?;
+        p.require(SESSIONS)?;
+        let r = req.into_inner();
+        let mut v = FieldViolations::new();
+        if r.title.chars().count() > sessions::MAX_TITLE {
+            v.add(
+                "title",
+                format!("at most {} characters", sessions::MAX_TITLE),
+            );
+        }
+        if r.system_prompt.chars().count() > sessions::MAX_SYSTEM_PROMPT {
+            v.add(
+                "system_prompt",
+                format!("at most {} characters", sessions::MAX_SYSTEM_PROMPT),
+            );
+        }
+        let model = if r.model.trim().is_empty() {
+            self.default_model.clone()
+        } else {
+            r.model.trim().to_string()
+        };
+        if model.is_empty() {
+            v.add("model", "is required (no default model is configured)");
+        } else {
+            self.check_model("model", &model, &mut v);
+        }
+        v.check()?;
+        let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
+        let row = sessions::create(
+            &mut conn,
+            NewSession {
+                id: Uuid::now_v7(),
+                user_id: p.user_id,
+                title: r.title.trim().to_string(),
+                model,
+                system_prompt: r.system_prompt,
+                retrieval: r.retrieval,
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::CreateSessionResponse {
+            session: Some(sessions::to_pb(self.cfg(), &row, 0)),
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        req: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let p = authenticated(&req)?;
+        p.require(READ)?;
+        let id = parse_id("session_id", &req.get_ref().session_id)?;
+        let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
+        let row = sessions::owned(&mut conn, id, p.user_id).await?;
+        let n = sessions::message_count(&mut conn, id).await?;
+        Ok(Response::new(pb::GetSessionResponse {
+            session: Some(sessions::to_pb(self.cfg(), &row, n)),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        req: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let p = authenticated(&req)?;
+        p.require(READ)?;
+        let r = req.into_inner();
+        let mut v = FieldViolations::new();
+        let size = trellis_core::page::page_size(&mut v, r.page_size);
+        let status = pb::SessionStatus::try_from(r.status).unwrap_or_else(|_| {
+            v.add("status", "unknown status");
+            pb::SessionStatus::Unspecified
+        });
+        v.check()?;
+        let fingerprint = format!("chat-sessions:{}:{}", p.user_id, status as i32);
+        let cursor = self.pages.open(&r.page_token, &fingerprint)?;
+        let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
+        let (rows, next) =
+            sessions::list(&mut conn, self.cfg(), p.user_id, status, size, cursor).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let n = sessions::message_count(&mut conn, row.id).await?;
+            out.push(sessions::to_pb(self.cfg(), row, n));
+        }
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: out,
+            next_page_token: next
+                .map(|c| self.pages.seal(&fingerprint, &c))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn update_session(
+        &self,
+        req: Request<pb::UpdateSessionRequest>,
+    ) -> Result<Response<pb::UpdateSessionResponse>, Status> {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use trellis_store::schema::chat_sessions as s;
+        let p = authenticated(&req)?;
+        p.require(SESSIONS)?;
+        let r = req.into_inner();
+        let Some(update) = r.session else {
+            return Err(ChatError::field("session", "is required").into());
+        };
+        let id = parse_id("session.id", &update.id)?;
+        let mut v = FieldViolations::new();
+        let paths: Vec<String> = match &r.update_mask {
+            Some(m) if !m.paths.is_empty() => m.paths.clone(),
+            _ => {
+                v.add(
+                    "update_mask",
+                    "name the fields to change: title, system_prompt, model, retrieval",
+                );
+                Vec::new()
+            }
+        };
+        for path in &paths {
+            match path.as_str() {
+                "title" if update.title.chars().count() > sessions::MAX_TITLE => {
+                    v.add(
+                        "session.title",
+                        format!("at most {} characters", sessions::MAX_TITLE),
+                    );
+                }
+                "system_prompt"
+                    if update.system_prompt.chars().count() > sessions::MAX_SYSTEM_PROMPT =>
+                {
+                    v.add(
+                        "session.system_prompt",
+                        format!("at most {} characters", sessions::MAX_SYSTEM_PROMPT),
+                    );
+                }
+                "model" => self.check_model("session.model", update.model.trim(), &mut v),
+                "title" | "system_prompt" | "retrieval" => {}
+                other => v.add("update_mask", format!("'{other}' cannot be changed")),
+            }
+        }
+        v.check()?;
+        let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
+        sessions::owned(&mut conn, id, p.user_id).await?;
+        let now = chrono::Utc::now();
+        for path in &paths {
+            let target = s::table.filter(s::id.eq(id));
+            let q = match path.as_str() {
+                "title" => {
+                    diesel::update(target)
+                        .set((s::title.eq(update.title.trim()), s::updated_at.eq(now)))
+                        .execute(&mut conn)
+                        .await
+                }
+                "system_prompt" => {
+                    diesel::update(target)
+                        .set((
+                            s::system_prompt.eq(&update.system_prompt),
+                            s::updated_at.eq(now),
+                        ))
+                        .execute(&mut conn)
+                        .await
+                }
+                "model" => {
+                    diesel::update(target)
+                        .set((s::model.eq(update.model.trim()), s::updated_at.eq(now)))
+                        .execute(&mut conn)
+                        .await
+                }
+                _ => {
+                    diesel::update(target)
+                        .set((s::retrieval.eq(update.retrieval), s::updated_at.eq(now)))
+                        .execute(&mut conn)
+                        .await
+                }
+            };
+            q.map_err(ChatError::from)?;
+        }
+        let row = sessions::owned(&mut conn, id, p.user_id).await?;
+        let n = sessions::message_count(&mut conn, id).await?;
+        Ok(Response::new(pb::UpdateSessionResponse {
+            session: Some(sessions::to_pb(self.cfg(), &row, n)),
+        }))
+    }
+
+    async fn delete_session(
+        &self,
+        req: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use trellis_store::schema::{chat_messages as m, chat_sessions as s};
+        let p = authenticated(&req)?;
+        p.require(SESSIONS)?;
+        let id = parse_id("session_id", &req.get_ref().session_id)?;
+        let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
+        sessions::owned(&mut conn, id, p.user_id).await?;
+        diesel::update(s::table.filter(s::id.eq(id)))
+            .set(s::deleted_at.eq(chrono::Utc::now()))
+            .execute(&mut conn)
+            .await
+            .map_err(ChatError::from)?;
+        // A reply still generating in it stops.
+        let streaming: Vec<Uuid> = m::table
+            .filter(m::session_id.eq(id))
+            .filter(m::status.eq(messages::STREAMING))
+            .select(m::id)
+            .load(&mut conn)
+            .await
+            .map_err(ChatError::from)?;
+        for r in streaming {
+            if !self.engine.registry.stop(r, Stop::Cancel) {
+                let _ = self.engine.fanout.publish_cancel(r).await;
+            }
+        }
+        Ok(Response::new(pb::DeleteSessionResponse {}))
+    }
+
+    async fn list_messages(
+        &self,
+        req: Request<pb::ListMessagesRequest>,
+    ) -> Result<Response<pb::ListMessagesResponse>, Status> {
+        let p = authenticated(&req)?;
+        p.require(READ)?;
+        let r = req.into_inner();
+        let id = parse_id("session_id", &r.session_id)?;
+        let mut v = FieldViolations::new();
+        let size = trellis_core::page::page_size(&mut v, r.page_size);
+        v.check()?;
+        let fingerprint = format!("chat-messages:{}:{}:{}", p.user_id, id, r.newest_first);
+        let cursor = self.pages.open(&r.page_token, &fingerprint)?;
+        let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
+        sessions::owned(&mut conn, id, p.user_id).await?;
+        let (rows, next) = messages::page(&mut conn, id, r.newest_first, size, cursor).await?;
+        Ok(Response::new(pb::ListMessagesResponse {
+            messages: rows.iter().map(messages::to_pb).collect(),
+            next_page_token: next
+                .map(|c| self.pages.seal(&fingerprint, &c))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn search_messages(
+        &self,
+        req: Request<pb::SearchMessagesRequest>,
+    ) -> Result<Response<pb::SearchMessagesResponse>, Status> {
+        let p = authenticated(&req)?;
+        p.require(READ)?;
+        let r = req.into_inner();
+        let mut v = FieldViolations::new();
+        let query = r.query.trim();
+        if query.is_empty() || query.chars().count() > 1000 {
+            v.add("query", "1 to 1000 characters");
+        } else if query.chars().any(|c| c.is_control() && !c.is_whitespace()) {
+            v.add("query", "must not contain control characters");
+        }
+        let size = match r.page_size {
+            n if n < 0 => {
+                v.add("page_size", "must not be negative");
+                20
+            }
+            0 => 20,
+            n => (n as usize).min(100),
+        };
+        let session = if r.session_id.trim().is_empty() {
+            None
+        } else {
+            match Uuid::parse_str(r.session_id.trim()) {
+                Ok(s) => Some(s),
+                Err(_) => {
+                    v.add("session_id", "must be an id (UUID)");
+                    None
+                }
+            }
+        };
+        v.check()?;
+        let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
+        if let Some(s) = session {
+            sessions::owned(&mut conn, s, p.user_id).await?;
+        }
+        let hits = messages::search(&mut conn, p.user_id, query, session, size).await?;
+        Ok(Response::new(pb::SearchMessagesResponse {
+            hits: hits
+                .into_iter()
+                .map(|h| pb::MessageHit {
+                    message_id: h.id.to_string(),
+                    session_id: h.session_id.to_string(),
+                    role: if h.role == "user" {
+                        pb::Role::User as i32
+                    } else {
+                        pb::Role::Assistant as i32
+                    },
+                    snippet: h.snippet,
+                    create_time: Some(sessions::ts(h.created_at)),
+                })
+                .collect(),
+        }))
+    }
+
+    type ConverseStream = EventStream<pb::ConverseResponse>;
+
+    async fn converse(
+        &self,
+        req: Request<Streaming<pb::ConverseRequest>>,
+    ) -> Result<Response<Self::ConverseStream>, Status> {
+        let p = authenticated(&req)?;
+        p.require(SEND)?;
+        let ctx = CallContext::from_request(&req);
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(self.cfg().stream_buffer);
+        let me = self.clone();
+        let guard = StreamGuard::new(&self.engine.metrics.active_streams);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut relays = tokio::task::JoinSet::new();
+            let mut draining = me.engine.shutting_down.clone();
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = tx.closed() => break,
+                    _ = draining.wait_for(|d| *d) => break,
+                };
+                let action = match msg {
+                    Ok(Some(m)) => m.action,
+                    // The client has finished sending (or is gone): finish
+                    // relaying the turns in flight, then end.
+                    Ok(None) | Err(_) => break,
+                };
+                match action {
+                    Some(pb::converse_request::Action::Send(s)) => {
+                        let cid = s.client_message_id.clone();
+                        match me.turn(&ctx, &p, s).await {
+                            Ok(TurnStart::New {
+                                accepted,
+                                live,
+                                rx: events,
+                            }) => {
+                                let id = Uuid::parse_str(&accepted.assistant_message_id)
+                                    .unwrap_or_default();
+                                let _ = tx
+                                    .send(Ok(wrap_converse(pb::ChatEvent {
+                                        event: Some(Ev::Accepted(accepted)),
+                                    })))
+                                    .await;
+                                relays.spawn(forward(events, live, id, tx.clone(), wrap_converse));
+                            }
+                            Ok(TurnStart::Duplicate { accepted }) => {
+                                let id = Uuid::parse_str(&accepted.assistant_message_id).ok();
+                                let _ = tx
+                                    .send(Ok(wrap_converse(pb::ChatEvent {
+                                        event: Some(Ev::Accepted(accepted)),
+                                    })))
+                                    .await;
+                                if let Some(id) = id {
+                                    let me2 = me.clone();
+                                    let tx2 = tx.clone();
+                                    relays.spawn(async move {
+                                        if let Err(e) =
+                                            me2.watch_into(id, 0, tx2.clone(), wrap_converse).await
+                                        {
+                                            let s: Status = e.into();
+                                            let _ =
+                                                tx2.send(Ok(wrap_converse(failed("", &s)))).await;
+                                        }
+                                    });
+                                }
+                            }
+                            Err(e) => {
+                                let s: Status = e.into();
+                                let _ = tx.send(Ok(wrap_converse(failed(&cid, &s)))).await;
+                            }
+                        }
+                    }
+                    Some(pb::converse_request::Action::Cancel(c)) => {
+                        if let Err(e) = me.cancel(&p, &c.message_id).await {
+                            let s: Status = e.into();
+                            let _ = tx.send(Ok(wrap_converse(failed("", &s)))).await;
+                        }
+                    }
+                    None => {
+                        let s = Status::invalid_argument("a ConverseRequest needs send or cancel");
+                        let _ = tx.send(Ok(wrap_converse(failed("", &s)))).await;
+                    }
+                }
+            }
+            while relays.join_next().await.is_some() {}
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SendMessageStream = EventStream<pb::SendMessageResponse>;
+
+    async fn send_message(
+        &self,
+        req: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<Self::SendMessageStream>, Status> {
+        let p = authenticated(&req)?;
+        p.require(SEND)?;
+        let ctx = CallContext::from_request(&req);
+        let Some(send) = req.into_inner().send else {
+            return Err(ChatError::field("send", "is required").into());
+        };
+        let started = self.turn(&ctx, &p, send).await?;
+        self.one_turn(started, wrap_send).await
+    }
+
+    async fn cancel_generation(
+        &self,
+        req: Request<pb::CancelGenerationRequest>,
+    ) -> Result<Response<pb::CancelGenerationResponse>, Status> {
+        let p = authenticated(&req)?;
+        p.require(SEND)?;
+        let cancelled = self.cancel(&p, &req.get_ref().message_id).await?;
+        Ok(Response::new(pb::CancelGenerationResponse { cancelled }))
+    }
+
+    type WatchMessageStream = EventStream<pb::WatchMessageResponse>;
+
+    async fn watch_message(
+        &self,
+        req: Request<pb::WatchMessageRequest>,
+    ) -> Result<Response<Self::WatchMessageStream>, Status> {
+        let p = authenticated(&req)?;
+        p.require(READ)?;
+        let r = req.into_inner();
+        let id = parse_id("message_id", &r.message_id)?;
+        let row = {
+            let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
+            messages::owned(&mut conn, id, p.user_id).await?
+        };
+        if r.offset < 0
+            || (r.offset as usize > row.content.len() && row.status != messages::STREAMING)
+        {
+            return Err(
+                ChatError::field("offset", "must be between 0 and the content's length").into(),
+            );
+        }
+        let (tx, rx) = mpsc::channel(self.cfg().stream_buffer);
+        let me = self.clone();
+        let guard = StreamGuard::new(&self.engine.metrics.active_streams);
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = me
+                .watch_into(id, r.offset as usize, tx.clone(), wrap_watch)
+                .await
+            {
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type RegenerateMessageStream = EventStream<pb::RegenerateMessageResponse>;
+
+    async fn regenerate_message(
+        &self,
+        req: Request<pb::RegenerateMessageRequest>,
+    ) -> Result<Response<Self::RegenerateMessageStream>, Status> {
+        let p = authenticated(&req)?;
+        p.require(SEND)?;
+        let ctx = CallContext::from_request(&req);
+        let id = parse_id("message_id", &req.get_ref().message_id)?;
+        let (session, user_row) = {
+            let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
+            let reply = messages::owned(&mut conn, id, p.user_id).await?;
+            let Some(user_id) = reply.reply_to.filter(|_| reply.role == "assistant") else {
+                return Err(
+                    ChatError::field("message_id", "must name an assistant message").into(),
+                );
+            };
+            let user_row = messages::by_id(&mut conn, user_id)
+                .await?
+                .ok_or(ChatError::NotFound)?;
+            let session = sessions::owned(&mut conn, reply.session_id, p.user_id).await?;
+            (session, user_row)
+        };
+        let started = self
+            .engine
+            .start(
+                ctx,
+                p.user_id,
+                session,
+                TurnRequest {
+                    content: user_row.content.clone(),
+                    regenerate: Some(user_row),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        self.one_turn(started, wrap_regenerate).await
+    }
+}

@@ -1,0 +1,1233 @@
+//! ChatService end to end against a fake LLM upstream (through the real
+//! LlmService, a mesh hop away), on real PostgreSQL and Redis: sessions,
+//! many turns over one Converse stream, idempotent resends, cancellation
+//! that reaches the upstream, replies that outlive their client, watching
+//! and cancelling from another server, regeneration, shutdown, load,
+//! search, preferences, retrieval, and another user's everything NOT_FOUND.
+
+use std::time::Duration;
+
+use tonic::Code;
+use tonic::transport::Channel;
+use trellis_core::ServiceName;
+use trellis_proto::chat::v1 as pb;
+use trellis_proto::chat::v1::chat_event::Event as Ev;
+use trellis_proto::chat::v1::chat_service_client::ChatServiceClient;
+use trellis_tests::{FakeLlm, Script, TestMesh, split_with};
+
+use crate::auth::{access, auth, bearer, register, violations};
+use crate::llm::{Rig, configure, rig};
+use crate::util::eventually;
+
+pub async fn chat(mesh: &TestMesh) -> ChatServiceClient<Channel> {
+    ChatServiceClient::new(mesh.channel().await)
+}
+
+async fn new_session(c: &mut ChatServiceClient<Channel>, token: &str, model: &str) -> pb::Session {
+    c.create_session(bearer(
+        pb::CreateSessionRequest {
+            title: "Test chat".into(),
+            model: model.into(),
+            system_prompt: "Be helpful.".into(),
+            retrieval: false,
+        },
+        token,
+    ))
+    .await
+    .expect("create session")
+    .into_inner()
+    .session
+    .expect("session")
+}
+
+fn send(session: &str, content: &str, cid: &str) -> pb::Send {
+    pb::Send {
+        session_id: session.into(),
+        content: content.into(),
+        client_message_id: cid.into(),
+        ..Default::default()
+    }
+}
+
+/// What one turn produced.
+#[derive(Debug, Default)]
+struct Turn {
+    accepted: Option<pb::Accepted>,
+    text: String,
+    offsets_ok: bool,
+    citations: Vec<pb::Citation>,
+    completed: Option<pb::Completed>,
+    failed: Option<pb::Failed>,
+}
+
+fn take(turn: &mut Turn, e: pb::ChatEvent) -> bool {
+    match e.event {
+        Some(Ev::Accepted(a)) => turn.accepted = Some(a),
+        Some(Ev::Delta(d)) => {
+            turn.offsets_ok &= d.offset as usize == turn.text.len();
+            turn.text.push_str(&d.text);
+        }
+        Some(Ev::Citations(c)) => turn.citations = c.citations,
+        Some(Ev::Completed(c)) => {
+            turn.completed = Some(c);
+            return true;
+        }
+        Some(Ev::Failed(f)) => {
+            turn.failed = Some(f);
+            return true;
+        }
+        None => {}
+    }
+    false
+}
+
+async fn send_message(
+    c: &mut ChatServiceClient<Channel>,
+    token: &str,
+    s: pb::Send,
+) -> Result<Turn, tonic::Status> {
+    let mut stream = c
+        .send_message(bearer(pb::SendMessageRequest { send: Some(s) }, token))
+        .await?
+        .into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while let Some(m) = stream.message().await? {
+        if take(&mut turn, m.event.expect("event")) {
+            break;
+        }
+    }
+    Ok(turn)
+}
+
+async fn messages(
+    c: &mut ChatServiceClient<Channel>,
+    token: &str,
+    session: &str,
+) -> Vec<pb::Message> {
+    c.list_messages(bearer(
+        pb::ListMessagesRequest {
+            session_id: session.into(),
+            page_size: 100,
+            ..Default::default()
+        },
+        token,
+    ))
+    .await
+    .expect("messages")
+    .into_inner()
+    .messages
+}
+
+async fn status_of(
+    c: &mut ChatServiceClient<Channel>,
+    token: &str,
+    session: &str,
+    id: &str,
+) -> pb::MessageStatus {
+    let all = messages(c, token, session).await;
+    let m = all.iter().find(|m| m.id == id).expect("message");
+    pb::MessageStatus::try_from(m.status).expect("status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_created_listed_updated_and_deleted_by_their_owner_only() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s1 = new_session(&mut c, &r.token, "").await;
+    assert_eq!(s1.model, "fast", "the first model alias is the default");
+    assert_eq!(s1.status, pb::SessionStatus::Active as i32);
+    let s2 = new_session(&mut c, &r.token, "solo").await;
+    let list = c
+        .list_sessions(bearer(
+            pb::ListSessionsRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+            &r.token,
+        ))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.sessions[0].id, s2.id, "most recent first");
+    let next = c
+        .list_sessions(bearer(
+            pb::ListSessionsRequest {
+                page_size: 1,
+                page_token: list.next_page_token,
+                ..Default::default()
+            },
+            &r.token,
+        ))
+        .await
+        .expect("page 2")
+        .into_inner();
+    assert_eq!(next.sessions[0].id, s1.id);
+    assert!(next.next_page_token.is_empty());
+    let updated = c
+        .update_session(bearer(
+            pb::UpdateSessionRequest {
+                session: Some(pb::Session {
+                    id: s1.id.clone(),
+                    title: "Renamed".into(),
+                    model: "solo".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["title".into(), "model".into()],
+                }),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("update")
+        .into_inner()
+        .session
+        .expect("session");
+    assert_eq!(
+        (updated.title.as_str(), updated.model.as_str()),
+        ("Renamed", "solo")
+    );
+    let err = c
+        .update_session(bearer(
+            pb::UpdateSessionRequest {
+                session: Some(pb::Session {
+                    id: s1.id.clone(),
+                    model: "nope".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["model".into(), "status".into()],
+                }),
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("invalid");
+    assert_eq!(violations(&err), vec!["session.model", "update_mask"]);
+    let err = c
+        .create_session(bearer(
+            pb::CreateSessionRequest {
+                title: "x".repeat(201),
+                model: "nope".into(),
+                ..Default::default()
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("invalid");
+    assert_eq!(violations(&err), vec!["title", "model"]);
+
+    // Another user sees none of it.
+    let other = access(&register(&mut auth(&r.mesh).await, "chatother").await);
+    let err = c
+        .get_session(bearer(
+            pb::GetSessionRequest {
+                session_id: s1.id.clone(),
+            },
+            &other,
+        ))
+        .await
+        .expect_err("idor");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .update_session(bearer(
+            pb::UpdateSessionRequest {
+                session: Some(pb::Session {
+                    id: s1.id.clone(),
+                    title: "x".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["title".into()],
+                }),
+            },
+            &other,
+        ))
+        .await
+        .expect_err("idor");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .delete_session(bearer(
+            pb::DeleteSessionRequest {
+                session_id: s1.id.clone(),
+            },
+            &other,
+        ))
+        .await
+        .expect_err("idor");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .list_messages(bearer(
+            pb::ListMessagesRequest {
+                session_id: s1.id.clone(),
+                ..Default::default()
+            },
+            &other,
+        ))
+        .await
+        .expect_err("idor");
+    assert_eq!(err.code(), Code::NotFound);
+    let listed = c
+        .list_sessions(bearer(pb::ListSessionsRequest::default(), &other))
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.sessions.is_empty());
+
+    c.delete_session(bearer(
+        pb::DeleteSessionRequest {
+            session_id: s1.id.clone(),
+        },
+        &r.token,
+    ))
+    .await
+    .expect("delete");
+    let err = c
+        .get_session(bearer(
+            pb::GetSessionRequest {
+                session_id: s1.id.clone(),
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("gone");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = send_message(&mut c, &r.token, send(&s1.id, "hi", ""))
+        .await
+        .expect_err("gone");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converse_carries_many_turns_in_order_with_history() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut inbound = c
+        .converse(bearer(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &r.token,
+        ))
+        .await
+        .expect("converse")
+        .into_inner();
+    for i in 0..3 {
+        tx.send(pb::ConverseRequest {
+            action: Some(pb::converse_request::Action::Send(send(
+                &s.id,
+                &format!("turn {i}"),
+                &format!("c{i}"),
+            ))),
+        })
+        .await
+        .expect("send");
+        let mut turn = Turn {
+            offsets_ok: true,
+            ..Default::default()
+        };
+        while let Some(m) = inbound.message().await.expect("event") {
+            if take(&mut turn, m.event.expect("event")) {
+                break;
+            }
+        }
+        let accepted = turn.accepted.expect("accepted");
+        assert_eq!(accepted.client_message_id, format!("c{i}"));
+        assert!(!accepted.duplicate);
+        assert_eq!(turn.text, "Hello world", "turn {i}");
+        assert!(turn.offsets_ok);
+        let done = turn.completed.expect("completed");
+        assert_eq!(done.status, pb::MessageStatus::Completed as i32);
+        assert_eq!(done.usage.expect("usage").completion_tokens, 3);
+        assert!(done.time_to_first_token.is_some());
+    }
+    // A malformed request and an invalid turn are error events; the
+    // stream goes on.
+    tx.send(pb::ConverseRequest { action: None })
+        .await
+        .expect("send");
+    let e = inbound.message().await.expect("event").expect("some");
+    assert!(
+        matches!(e.event, Some(pb::ChatEvent { event: Some(Ev::Failed(ref f)) }) if f.code == Code::InvalidArgument as i32)
+    );
+    tx.send(pb::ConverseRequest {
+        action: Some(pb::converse_request::Action::Send(send(
+            &s.id,
+            &"x".repeat(32_001),
+            "big",
+        ))),
+    })
+    .await
+    .expect("send");
+    let e = inbound.message().await.expect("event").expect("some");
+    let Some(pb::ChatEvent {
+        event: Some(Ev::Failed(f)),
+    }) = e.event
+    else {
+        panic!("{e:?}")
+    };
+    assert_eq!(f.code, Code::InvalidArgument as i32);
+    assert_eq!(f.client_message_id, "big");
+    drop(tx);
+    assert!(
+        inbound.message().await.expect("end").is_none(),
+        "the stream ends when the client is done"
+    );
+
+    let all = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(all.len(), 6);
+    let roles: Vec<i32> = all.iter().map(|m| m.role).collect();
+    assert_eq!(roles, [1, 2, 1, 2, 1, 2]);
+    assert!(
+        all.iter()
+            .all(|m| m.status == pb::MessageStatus::Completed as i32)
+    );
+    assert_eq!(all[5].reply_to, all[4].id);
+    assert_eq!(all[5].provider, "primary");
+    // The third request carried the whole conversation after the system prompt.
+    let seen = r.primary.seen();
+    assert_eq!(seen.len(), 3);
+    let sent = seen[2].body["messages"]
+        .as_array()
+        .expect("messages")
+        .clone();
+    let contents: Vec<&str> = sent
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        contents,
+        vec![
+            "Be helpful.",
+            "turn 0",
+            "Hello world",
+            "turn 1",
+            "Hello world",
+            "turn 2"
+        ]
+    );
+    // Newest first, paged.
+    let page = c
+        .list_messages(bearer(
+            pb::ListMessagesRequest {
+                session_id: s.id.clone(),
+                page_size: 4,
+                newest_first: true,
+                ..Default::default()
+            },
+            &r.token,
+        ))
+        .await
+        .expect("page")
+        .into_inner();
+    assert_eq!(page.messages[0].id, all[5].id);
+    let page2 = c
+        .list_messages(bearer(
+            pb::ListMessagesRequest {
+                session_id: s.id.clone(),
+                page_size: 4,
+                newest_first: true,
+                page_token: page.next_page_token,
+            },
+            &r.token,
+        ))
+        .await
+        .expect("page 2")
+        .into_inner();
+    assert_eq!(
+        page2
+            .messages
+            .iter()
+            .map(|m| m.id.clone())
+            .collect::<Vec<_>>(),
+        vec![all[1].id.clone(), all[0].id.clone()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_send_while_generating_is_refused_and_resends_are_idempotent() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary
+        .push([Script::slow(6, Duration::from_millis(100))]);
+    let mut first = c
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "slow one", "k1")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("first")
+        .into_inner();
+    let accepted = match first
+        .message()
+        .await
+        .expect("event")
+        .expect("some")
+        .event
+        .expect("e")
+        .event
+    {
+        Some(Ev::Accepted(a)) => a,
+        other => panic!("{other:?}"),
+    };
+    let err = send_message(&mut c, &r.token, send(&s.id, "meanwhile", "k2"))
+        .await
+        .expect_err("busy");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // Resending the same client message id: the original turn, followed live.
+    let again = send_message(&mut c, &r.token, send(&s.id, "slow one", "k1"))
+        .await
+        .expect("resend");
+    let a2 = again.accepted.expect("accepted");
+    assert!(a2.duplicate);
+    assert_eq!(a2.user_message_id, accepted.user_message_id);
+    assert_eq!(a2.assistant_message_id, accepted.assistant_message_id);
+    assert_eq!(again.text, "t0 t1 t2 t3 t4 t5 ");
+    assert_eq!(
+        again.completed.expect("done").status,
+        pb::MessageStatus::Completed as i32
+    );
+    while first.message().await.expect("rest").is_some() {}
+    // And after completion, too: no new message, no upstream call.
+    let hits = r.primary.hits();
+    let third = send_message(&mut c, &r.token, send(&s.id, "slow one", "k1"))
+        .await
+        .expect("resend");
+    assert!(third.accepted.expect("a").duplicate);
+    assert_eq!(third.text, "t0 t1 t2 t3 t4 t5 ");
+    assert_eq!(r.primary.hits(), hits);
+    assert_eq!(messages(&mut c, &r.token, &s.id).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_upstream_and_keeps_the_partial_reply() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary
+        .push([Script::slow(40, Duration::from_millis(100))]);
+    let mut stream = c
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "long", "")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while turn.text.len() < 6 {
+        let e = stream.message().await.expect("event").expect("some");
+        take(&mut turn, e.event.expect("e"));
+    }
+    let id = turn
+        .accepted
+        .as_ref()
+        .expect("accepted")
+        .assistant_message_id
+        .clone();
+    // Another user cannot cancel it.
+    let other = access(&register(&mut auth(&r.mesh).await, "canceller").await);
+    let err = c
+        .cancel_generation(bearer(
+            pb::CancelGenerationRequest {
+                message_id: id.clone(),
+            },
+            &other,
+        ))
+        .await
+        .expect_err("idor");
+    assert_eq!(err.code(), Code::NotFound);
+    let res = c
+        .cancel_generation(bearer(
+            pb::CancelGenerationRequest {
+                message_id: id.clone(),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert!(res.cancelled);
+    while let Some(e) = stream.message().await.expect("event") {
+        if take(&mut turn, e.event.expect("e")) {
+            break;
+        }
+    }
+    let done = turn.completed.expect("completed");
+    assert_eq!(done.status, pb::MessageStatus::Cancelled as i32);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream saw the disconnect"
+    );
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[1].status, pb::MessageStatus::Cancelled as i32);
+    assert_eq!(stored[1].content, turn.text);
+    assert!(!stored[1].content.is_empty() && stored[1].content.len() < 40 * 4);
+    // Already finished: nothing to cancel.
+    let res = c
+        .cancel_generation(bearer(
+            pb::CancelGenerationRequest { message_id: id },
+            &r.token,
+        ))
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert!(!res.cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_outlives_its_client_and_can_be_regenerated() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary.push([Script::slow(8, Duration::from_millis(50))]);
+    let mut stream = c
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "go on", "")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let accepted = match stream
+        .message()
+        .await
+        .expect("e")
+        .expect("some")
+        .event
+        .expect("e")
+        .event
+    {
+        Some(Ev::Accepted(a)) => a,
+        other => panic!("{other:?}"),
+    };
+    drop(stream);
+    let id = accepted.assistant_message_id.clone();
+    let sid = s.id.clone();
+    let done = eventually(Duration::from_secs(5), || {
+        let mut c = c.clone();
+        let (t, sid, id) = (r.token.clone(), sid.clone(), id.clone());
+        async move { status_of(&mut c, &t, &sid, &id).await == pb::MessageStatus::Completed }
+    })
+    .await;
+    assert!(done);
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[1].content, "t0 t1 t2 t3 t4 t5 t6 t7 ");
+    assert_eq!(r.primary.abandoned(), 0, "generation ran to completion");
+
+    // Regenerate: a new reply to the same user turn; the first is kept.
+    let mut regen = c
+        .regenerate_message(bearer(
+            pb::RegenerateMessageRequest {
+                message_id: id.clone(),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("regenerate")
+        .into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while let Some(m) = regen.message().await.expect("event") {
+        if take(&mut turn, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert_eq!(turn.text, "Hello world");
+    let a = turn.accepted.expect("accepted");
+    assert_eq!(a.user_message_id, accepted.user_message_id);
+    assert_ne!(a.assistant_message_id, id);
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[2].reply_to, stored[0].id);
+    // The regenerated request did not include the earlier answer.
+    let last = r.primary.seen().pop().expect("request");
+    let contents: Vec<String> = last.body["messages"]
+        .as_array()
+        .expect("m")
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(contents, vec!["Be helpful.", "go on"]);
+    // Only assistant messages can be regenerated; others' are NOT_FOUND.
+    let err = c
+        .regenerate_message(bearer(
+            pb::RegenerateMessageRequest {
+                message_id: accepted.user_message_id.clone(),
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("user message");
+    assert_eq!(violations(&err), vec!["message_id"]);
+    let other = access(&register(&mut auth(&r.mesh).await, "regen").await);
+    let err = c
+        .regenerate_message(bearer(
+            pb::RegenerateMessageRequest {
+                message_id: id.clone(),
+            },
+            &other,
+        ))
+        .await
+        .expect_err("idor");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: id,
+                offset: 0,
+            },
+            &other,
+        ))
+        .await
+        .expect_err("idor");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+async fn split_rig() -> (Vec<TestMesh>, FakeLlm, String) {
+    let primary = FakeLlm::start(Script::ok(&["Hel", "lo", " world"], Some((12, 3)))).await;
+    let backup = FakeLlm::start(Script::ok(&["from", " backup"], Some((12, 2)))).await;
+    let all = [
+        ServiceName::Auth,
+        ServiceName::User,
+        ServiceName::Llm,
+        ServiceName::Search,
+        ServiceName::Chat,
+    ];
+    let meshes = split_with(&[&all, &[ServiceName::Chat]], |c| {
+        configure(c, &primary, &backup)
+    })
+    .await;
+    let token = access(&register(&mut auth(&meshes[0]).await, "splitter").await);
+    drop(backup);
+    (meshes, primary, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_and_cancel_work_from_another_server() {
+    let (meshes, primary, token) = split_rig().await;
+    let mut a = chat(&meshes[0]).await;
+    let mut b = chat(&meshes[1]).await;
+    let s = new_session(&mut a, &token, "fast").await;
+    primary.push([Script::slow(10, Duration::from_millis(80))]);
+    let mut stream = a
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "tell me", "")),
+            },
+            &token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while turn.text.len() < 6 {
+        take(
+            &mut turn,
+            stream
+                .message()
+                .await
+                .expect("e")
+                .expect("some")
+                .event
+                .expect("e"),
+        );
+    }
+    let id = turn
+        .accepted
+        .as_ref()
+        .expect("accepted")
+        .assistant_message_id
+        .clone();
+    // Server B replays what exists and follows live.
+    let mut watch = b
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: id.clone(),
+                offset: 0,
+            },
+            &token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut watched = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while let Some(m) = watch.message().await.expect("watch event") {
+        if take(&mut watched, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert_eq!(watched.text, "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 ");
+    assert!(watched.offsets_ok, "contiguous offsets");
+    assert_eq!(
+        watched.completed.expect("done").status,
+        pb::MessageStatus::Completed as i32
+    );
+    // Resuming from an offset sends only the rest.
+    let mut resumed = b
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: id.clone(),
+                offset: 27,
+            },
+            &token,
+        ))
+        .await
+        .expect("resume")
+        .into_inner();
+    let first = resumed
+        .message()
+        .await
+        .expect("e")
+        .expect("some")
+        .event
+        .expect("e");
+    let Some(Ev::Delta(d)) = first.event else {
+        panic!("{first:?}")
+    };
+    assert_eq!((d.offset, d.text.as_str()), (27, "t9 "));
+    while stream.message().await.expect("rest").is_some() {}
+
+    // Cancel on B stops a generation running on A.
+    primary.push([Script::slow(50, Duration::from_millis(80))]);
+    let mut stream = a
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "again", "")),
+            },
+            &token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while turn.text.len() < 3 {
+        take(
+            &mut turn,
+            stream
+                .message()
+                .await
+                .expect("e")
+                .expect("some")
+                .event
+                .expect("e"),
+        );
+    }
+    let id = turn
+        .accepted
+        .as_ref()
+        .expect("accepted")
+        .assistant_message_id
+        .clone();
+    let res = b
+        .cancel_generation(bearer(
+            pb::CancelGenerationRequest { message_id: id },
+            &token,
+        ))
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert!(res.cancelled);
+    while let Some(m) = stream.message().await.expect("event") {
+        if take(&mut turn, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert_eq!(
+        turn.completed.expect("completed").status,
+        pb::MessageStatus::Cancelled as i32
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            primary.abandoned() == 1
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_conversations_all_complete() {
+    // The pool of a real deployment, not the suite's small default.
+    let r = rig(|c| {
+        c.database.pool_size = 16;
+        c.database.acquire_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let c = chat(&r.mesh).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut c = c.clone();
+        let token = r.token.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = new_session(&mut c, &token, "fast").await;
+            let turn = send_message(&mut c, &token, send(&s.id, &format!("hello {i}"), ""))
+                .await
+                .expect("turn");
+            (turn.text, turn.completed.map(|d| d.status), turn.failed)
+        }));
+    }
+    for t in tasks {
+        let (text, status, failed) = t.await.expect("task");
+        assert_eq!(text, "Hello world", "{failed:?}");
+        assert_eq!(status, Some(pb::MessageStatus::Completed as i32));
+    }
+    assert_eq!(r.primary.hits(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_leaves_every_reply_completed_or_interrupted() {
+    let primary = FakeLlm::start(Script::slow(100, Duration::from_millis(50))).await;
+    let backup = FakeLlm::start(Script::ok(&["b"], None)).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let infra = trellis_tests::infra().await;
+    let mut config = trellis_tests::mesh::test_config(
+        infra.fresh_database().await,
+        infra.redis_url.clone(),
+        infra.fresh_prefix(),
+    );
+    configure(&mut config, &primary, &backup);
+    let mesh = TestMesh::start_on(listener, config, async {
+        let _ = stop_rx.await;
+    })
+    .await;
+    let token = access(&register(&mut auth(&mesh).await, "shutter").await);
+    let mut c = chat(&mesh).await;
+    let mut streams = Vec::new();
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let s = new_session(&mut c, &token, "fast").await;
+        let mut st = c
+            .send_message(bearer(
+                pb::SendMessageRequest {
+                    send: Some(send(&s.id, "long", "")),
+                },
+                &token,
+            ))
+            .await
+            .expect("send")
+            .into_inner();
+        // Wait for the first delta.
+        loop {
+            let e = st
+                .message()
+                .await
+                .expect("e")
+                .expect("some")
+                .event
+                .expect("e");
+            if matches!(e.event, Some(Ev::Delta(_))) {
+                break;
+            }
+        }
+        streams.push(st);
+        sessions.push(s.id);
+    }
+    let store = mesh.store.clone();
+    stop_tx.send(()).expect("stop");
+    for mut st in streams {
+        let mut turn = Turn {
+            offsets_ok: true,
+            ..Default::default()
+        };
+        while let Ok(Some(m)) = st.message().await {
+            if take(&mut turn, m.event.expect("e")) {
+                break;
+            }
+        }
+        let f = turn.failed.expect("the client hears of the interruption");
+        assert_eq!(f.status, pb::MessageStatus::Interrupted as i32);
+    }
+    mesh.wait().await.expect("clean stop");
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use trellis_store::schema::chat_messages as m;
+    let mut conn = store.pg().await.expect("pg");
+    let statuses: Vec<String> = m::table
+        .filter(m::role.eq("assistant"))
+        .select(m::status)
+        .load(&mut conn)
+        .await
+        .expect("statuses");
+    assert_eq!(statuses.len(), 3);
+    assert!(
+        statuses
+            .iter()
+            .all(|s| s == "interrupted" || s == "completed"),
+        "{statuses:?}"
+    );
+    let contents: Vec<String> = m::table
+        .filter(m::role.eq("assistant"))
+        .select(m::content)
+        .load(&mut conn)
+        .await
+        .expect("content");
+    assert!(
+        contents.iter().all(|c| c.starts_with("t0 ")),
+        "partial content kept: {contents:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_preferences_retrieval_and_expiry() {
+    let r: Rig = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    // Preferences reach the system prompt.
+    let mut users = trellis_proto::user::v1::user_service_client::UserServiceClient::new(
+        r.mesh.channel().await,
+    );
+    users
+        .update_preferences(bearer(
+            trellis_proto::user::v1::UpdatePreferencesRequest {
+                preferences: Some(trellis_proto::user::v1::Preferences {
+                    communication_style: trellis_proto::user::v1::CommunicationStyle::Formal as i32,
+                    ..Default::default()
+                }),
+                update_mask: None,
+            },
+            &r.token,
+        ))
+        .await
+        .expect("preferences");
+    let s = new_session(&mut c, &r.token, "fast").await;
+    send_message(
+        &mut c,
+        &r.token,
+        send(&s.id, "quarterly kubernetes migration", ""),
+    )
+    .await
+    .expect("turn");
+    let system = r.primary.seen()[0].body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        system.contains("Be helpful.") && system.contains("formal"),
+        "{system}"
+    );
+
+    // Full-text search over one's own messages.
+    let hits = c
+        .search_messages(bearer(
+            pb::SearchMessagesRequest {
+                query: "kubernetes".into(),
+                ..Default::default()
+            },
+            &r.token,
+        ))
+        .await
+        .expect("search")
+        .into_inner()
+        .hits;
+    assert_eq!(hits.len(), 1);
+    assert!(hits[0].snippet.contains("<mark>kubernetes</mark>"));
+    let other = access(&register(&mut auth(&r.mesh).await, "snooper").await);
+    let none = c
+        .search_messages(bearer(
+            pb::SearchMessagesRequest {
+                query: "kubernetes".into(),
+                ..Default::default()
+            },
+            &other,
+        ))
+        .await
+        .expect("search")
+        .into_inner()
+        .hits;
+    assert!(none.is_empty());
+    let err = c
+        .search_messages(bearer(
+            pb::SearchMessagesRequest {
+                query: "x".into(),
+                session_id: s.id.clone(),
+                ..Default::default()
+            },
+            &other,
+        ))
+        .await
+        .expect_err("idor");
+    assert_eq!(err.code(), Code::NotFound);
+
+    // A retrieval session streams citations and stores them.
+    let mut search = crate::search::search_client(&r.mesh).await;
+    let mut d = crate::search::doc(
+        "kb",
+        "1",
+        "Migration runbook",
+        "Steps for the kubernetes migration.",
+    );
+    d.visibility = trellis_proto::search::v1::Visibility::Shared as i32;
+    crate::search::index(&mut search, &r.token, vec![d]).await;
+    let rs = c
+        .create_session(bearer(
+            pb::CreateSessionRequest {
+                title: "rag".into(),
+                model: "fast".into(),
+                retrieval: true,
+                ..Default::default()
+            },
+            &r.token,
+        ))
+        .await
+        .expect("session")
+        .into_inner()
+        .session
+        .expect("s");
+    let turn = send_message(
+        &mut c,
+        &r.token,
+        send(&rs.id, "How do we do the kubernetes migration?", ""),
+    )
+    .await
+    .expect("turn");
+    assert_eq!(turn.citations.len(), 1);
+    assert_eq!(turn.citations[0].title, "Migration runbook");
+    let stored = messages(&mut c, &r.token, &rs.id).await;
+    assert_eq!(stored[1].citations.len(), 1);
+
+    // An expired session is read-only.
+    {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use trellis_store::schema::chat_sessions as cs;
+        let mut conn = r.mesh.store.pg().await.expect("pg");
+        diesel::update(cs::table.filter(cs::id.eq(uuid::Uuid::parse_str(&s.id).expect("id"))))
+            .set(cs::last_activity_at.eq(chrono::Utc::now() - chrono::Duration::days(365)))
+            .execute(&mut conn)
+            .await
+            .expect("age");
+    }
+    let got = c
+        .get_session(bearer(
+            pb::GetSessionRequest {
+                session_id: s.id.clone(),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("get")
+        .into_inner()
+        .session
+        .expect("s");
+    assert_eq!(got.status, pb::SessionStatus::Expired as i32);
+    let err = send_message(&mut c, &r.token, send(&s.id, "still there?", ""))
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(messages(&mut c, &r.token, &s.id).await.len(), 2, "readable");
+    let expired = c
+        .list_sessions(bearer(
+            pb::ListSessionsRequest {
+                status: pb::SessionStatus::Expired as i32,
+                ..Default::default()
+            },
+            &r.token,
+        ))
+        .await
+        .expect("list")
+        .into_inner()
+        .sessions;
+    assert_eq!(
+        expired.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+        vec![s.id]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_stalls_nobody_and_still_gets_every_byte() {
+    let r = rig(|c| c.chat.stream_buffer = 8).await;
+    let mut c = chat(&r.mesh).await;
+    let slow_session = new_session(&mut c, &r.token, "fast").await;
+    let fast_session = new_session(&mut c, &r.token, "fast").await;
+    let pieces: Vec<String> = (0..3000).map(|i| format!("w{i} ")).collect();
+    let expected: String = pieces.concat();
+    r.primary.push([Script::Stream {
+        pieces,
+        usage: Some((5, 3000)),
+        first_delay: Duration::ZERO,
+        gap: Duration::ZERO,
+    }]);
+    let mut slow = c
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&slow_session.id, "flood me", "")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let first = slow
+        .message()
+        .await
+        .expect("e")
+        .expect("some")
+        .event
+        .expect("e");
+    assert!(matches!(first.event, Some(Ev::Accepted(_))));
+    // While the slow reader reads nothing, another conversation completes.
+    let t = std::time::Instant::now();
+    let other = send_message(&mut c, &r.token, send(&fast_session.id, "quick", ""))
+        .await
+        .expect("other");
+    assert_eq!(other.text, "Hello world");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    // The flood was generated and stored in full without the reader.
+    let slow_id = {
+        let all = messages(&mut c, &r.token, &slow_session.id).await;
+        all[1].id.clone()
+    };
+    let stored = eventually(Duration::from_secs(10), || {
+        let mut c = c.clone();
+        let (t, s, id) = (r.token.clone(), slow_session.id.clone(), slow_id.clone());
+        async move { status_of(&mut c, &t, &s, &id).await == pb::MessageStatus::Completed }
+    })
+    .await;
+    assert!(stored);
+    // Now it reads: caught up from the stored content, every byte once.
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while let Some(m) = slow.message().await.expect("event") {
+        if take(&mut turn, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert!(turn.offsets_ok, "no gap, no overlap");
+    assert_eq!(turn.text.len(), expected.len());
+    assert_eq!(turn.text, expected);
+    assert_eq!(
+        turn.completed.expect("done").status,
+        pb::MessageStatus::Completed as i32
+    );
+}

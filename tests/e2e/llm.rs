@@ -1,0 +1,1054 @@
+//! LlmService end to end against fake OpenAI-compatible upstreams (real
+//! HTTP servers in the test process speaking chat-completions SSE): the
+//! stream and its accounting, retries, failover, timeouts, broken and
+//! malformed streams, circuit breaking, cancellation, every quota, the
+//! cache, prompt trimming, validation and authorization.
+
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+use trellis_core::Config;
+use trellis_core::config::{LimitsConfig, ModelConfig, ProviderConfig};
+use trellis_proto::llm::v1 as pb;
+use trellis_proto::llm::v1::generate_stream_response::Event;
+use trellis_proto::llm::v1::llm_service_client::LlmServiceClient;
+use trellis_tests::{FakeLlm, Script, TestMesh, TestOptions};
+
+use crate::auth::{access, admin_account, auth, bearer, register, violations};
+use crate::util::eventually;
+
+pub struct Rig {
+    pub mesh: TestMesh,
+    pub primary: FakeLlm,
+    pub backup: FakeLlm,
+    pub token: String,
+    pub user_id: String,
+}
+
+fn provider(fake: &FakeLlm, key: Option<&str>) -> ProviderConfig {
+    ProviderConfig {
+        base_url: fake.base_url(),
+        api_key: key.map(str::to_string),
+        first_token_timeout: Duration::from_secs(5),
+        max_retries: 0,
+        ..Default::default()
+    }
+}
+
+/// Points the gateway at two fake providers: model `fast` routes primary →
+/// backup, `solo` only primary. Prices: 1 µ$ per prompt token, 2 µ$ per
+/// completion token. Generous quotas, a quick retry.
+pub fn configure(c: &mut Config, primary: &FakeLlm, backup: &FakeLlm) {
+    c.llm
+        .providers
+        .insert("primary".into(), provider(primary, Some("sk-primary")));
+    c.llm
+        .providers
+        .insert("backup".into(), provider(backup, None));
+    let model = |routes: &[&str]| ModelConfig {
+        routes: routes.iter().map(|s| s.to_string()).collect(),
+        context_window: 4096,
+        default_max_tokens: 256,
+        prompt_price_per_million: 1_000_000,
+        completion_price_per_million: 2_000_000,
+    };
+    c.llm
+        .models
+        .insert("fast".into(), model(&["primary:fake-a", "backup:fake-b"]));
+    c.llm.models.insert("solo".into(), model(&["primary"]));
+    c.llm.retry_base = Duration::from_millis(10);
+    c.llm.breaker_failures = 100;
+    c.llm.default_limits = LimitsConfig {
+        requests_per_minute: 1000,
+        tokens_per_day: 10_000_000,
+        cost_micros_per_month: 10_000_000_000,
+        concurrent_streams: 200,
+    };
+}
+
+/// Two fake providers (see [`configure`]) and a registered member.
+pub async fn rig(tweak: impl FnOnce(&mut Config)) -> Rig {
+    let primary = FakeLlm::start(Script::ok(&["Hel", "lo", " world"], Some((12, 3)))).await;
+    let backup = FakeLlm::start(Script::ok(&["from", " backup"], Some((12, 2)))).await;
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        configure(c, &primary, &backup);
+        tweak(c);
+    })
+    .await;
+    let reg = register(&mut auth(&mesh).await, "llmuser").await;
+    Rig {
+        token: access(&reg),
+        user_id: reg.account.expect("account").id,
+        mesh,
+        primary,
+        backup,
+    }
+}
+
+pub async fn llm(mesh: &TestMesh) -> LlmServiceClient<Channel> {
+    LlmServiceClient::new(mesh.channel().await)
+}
+
+pub fn user(text: &str) -> pb::Message {
+    pb::Message {
+        role: pb::Role::User as i32,
+        content: text.into(),
+    }
+}
+
+pub fn params(model: &str, text: &str) -> pb::GenerateParams {
+    pb::GenerateParams {
+        model: model.into(),
+        system_prompt: "You are terse.".into(),
+        messages: vec![user(text)],
+        ..Default::default()
+    }
+}
+
+/// What one GenerateStream call produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub deltas: Vec<String>,
+    pub completed: Option<pb::Completed>,
+    pub failed: Option<pb::Failed>,
+}
+
+pub async fn stream(
+    c: &mut LlmServiceClient<Channel>,
+    token: &str,
+    p: pb::GenerateParams,
+) -> Result<Outcome, Status> {
+    let mut s = c
+        .generate_stream(bearer(pb::GenerateStreamRequest { params: Some(p) }, token))
+        .await?
+        .into_inner();
+    let mut out = Outcome::default();
+    while let Some(msg) = s.message().await? {
+        match msg.event {
+            Some(Event::Delta(d)) => out.deltas.push(d),
+            Some(Event::Completed(c)) => out.completed = Some(c),
+            Some(Event::Failed(f)) => out.failed = Some(f),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    Ok(out)
+}
+
+async fn usage_of(
+    c: &mut LlmServiceClient<Channel>,
+    token: &str,
+    user_id: &str,
+) -> Result<pb::GetUsageResponse, Status> {
+    c.get_usage(bearer(
+        pb::GetUsageRequest {
+            user_id: user_id.into(),
+            ..Default::default()
+        },
+        token,
+    ))
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// The usage rows of the rig's database, newest last.
+async fn usage_rows(mesh: &TestMesh) -> Vec<(String, String, i32, i32, bool, i64, String, bool)> {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use trellis_store::schema::llm_usage::dsl as u;
+    let mut conn = mesh.store.pg().await.expect("pg");
+    u::llm_usage
+        .order(u::id.asc())
+        .select((
+            u::model,
+            u::provider,
+            u::prompt_tokens,
+            u::completion_tokens,
+            u::estimated,
+            u::cost_micros,
+            u::status,
+            u::cached,
+        ))
+        .load(&mut conn)
+        .await
+        .expect("usage rows")
+}
+
+async fn wait_rows(
+    mesh: &TestMesh,
+    n: usize,
+) -> Vec<(String, String, i32, i32, bool, i64, String, bool)> {
+    let ok = eventually(Duration::from_secs(5), || async {
+        usage_rows(mesh).await.len() >= n
+    })
+    .await;
+    assert!(
+        ok,
+        "expected {n} usage rows, have {:?}",
+        usage_rows(mesh).await
+    );
+    usage_rows(mesh).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_delivers_deltas_in_order_then_usage_and_is_accounted() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let out = stream(&mut c, &r.token, params("fast", "say hello"))
+        .await
+        .expect("stream");
+    assert_eq!(out.deltas.concat(), "Hello world");
+    assert_eq!(out.deltas, vec!["Hel", "lo", " world"]);
+    assert!(out.failed.is_none());
+    let done = out.completed.expect("completed");
+    let usage = done.usage.expect("usage");
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (12, 3));
+    assert!(!usage.estimated);
+    assert_eq!(usage.cost_micros, 12 + 2 * 3);
+    assert_eq!(done.provider, "primary");
+    assert_eq!(done.upstream_model, "fake-a");
+    assert_eq!(done.finish_reason, "stop");
+    assert!(done.time_to_first_token.is_some() && done.duration.is_some());
+    assert!(!done.cached);
+
+    // What the upstream received: the mapped model, streaming with usage,
+    // the system prompt first, our API key.
+    let seen = r.primary.seen();
+    assert_eq!(seen.len(), 1);
+    let body = &seen[0].body;
+    assert_eq!(body["model"], "fake-a");
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["stream_options"]["include_usage"], true);
+    assert_eq!(body["max_tokens"], 256);
+    assert_eq!(body["messages"][0]["role"], "system");
+    assert_eq!(body["messages"][1]["content"], "say hello");
+    assert_eq!(seen[0].authorization.as_deref(), Some("Bearer sk-primary"));
+    assert_eq!(r.backup.hits(), 0);
+
+    let rows = wait_rows(&r.mesh, 1).await;
+    assert_eq!(
+        rows[0],
+        (
+            "fast".into(),
+            "primary".into(),
+            12,
+            3,
+            false,
+            18,
+            "ok".into(),
+            false
+        )
+    );
+    let u = usage_of(&mut c, &r.token, "").await.expect("usage");
+    let total = u.total.expect("total");
+    assert_eq!(
+        (
+            total.requests,
+            total.prompt_tokens,
+            total.completion_tokens,
+            total.cost_micros
+        ),
+        (1, 12, 3, 18)
+    );
+    assert_eq!(u.buckets.len(), 1);
+    assert_eq!(u.buckets[0].model, "fast");
+    assert_eq!(
+        u.buckets[0].day,
+        chrono::Utc::now().format("%Y-%m-%d").to_string()
+    );
+
+    // Unary Generate runs the same path.
+    let g = c
+        .generate(bearer(
+            pb::GenerateRequest {
+                params: Some(params("fast", "again")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("generate")
+        .into_inner();
+    assert_eq!(g.text, "Hello world");
+    assert_eq!(g.provider, "primary");
+    assert_eq!(g.usage.expect("usage").completion_tokens, 3);
+    wait_rows(&r.mesh, 2).await;
+
+    // Metrics know the provider.
+    let metrics = reqwest::get(format!("{}/metrics", r.mesh.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("trellis_llm_tokens_total{kind=\"completion\",provider=\"primary\"} 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_llm_time_to_first_token_seconds_count{provider=\"primary\"} 2")
+    );
+    assert!(metrics.contains("trellis_llm_breaker_state{provider=\"primary\"} 0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_fails_over_to_the_next_provider() {
+    let r = rig(|_| {}).await;
+    r.primary.push([Script::status(500)]);
+    let mut c = llm(&r.mesh).await;
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.deltas.concat(), "from backup");
+    let done = out.completed.expect("completed");
+    assert_eq!(done.provider, "backup");
+    assert_eq!(done.upstream_model, "fake-b");
+    assert_eq!(r.primary.hits(), 1);
+    assert_eq!(r.backup.hits(), 1);
+    assert_eq!(r.backup.seen()[0].body["model"], "fake-b");
+    assert_eq!(r.backup.seen()[0].authorization, None);
+    let metrics = reqwest::get(format!("{}/metrics", r.mesh.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(
+            "trellis_llm_failovers_total{provider=\"primary\",reason=\"server_error\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // With no provider left the call is UNAVAILABLE, naming what failed.
+    r.primary.push([Script::status(503)]);
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("unavailable");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("HTTP 503"), "{}", err.message());
+    let rows = wait_rows(&r.mesh, 2).await;
+    assert_eq!(rows[1].6, "failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_call_waits_as_retry_after_says_then_succeeds() {
+    let r = rig(|c| {
+        c.llm
+            .providers
+            .get_mut("primary")
+            .expect("primary")
+            .max_retries = 2;
+    })
+    .await;
+    r.primary.push([Script::Status {
+        code: 429,
+        retry_after: Some("1".into()),
+    }]);
+    let mut c = llm(&r.mesh).await;
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "primary");
+    let seen = r.primary.seen();
+    assert_eq!(seen.len(), 2);
+    let waited = seen[1].at - seen[0].at;
+    assert!(
+        waited >= Duration::from_millis(950),
+        "retried after {waited:?}"
+    );
+    assert_eq!(r.backup.hits(), 0);
+
+    // A Retry-After beyond llm.retry_max fails over at once instead.
+    r.primary.push([Script::Status {
+        code: 429,
+        retry_after: Some("3600".into()),
+    }]);
+    let t = Instant::now();
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_token_fails_over() {
+    let r = rig(|c| {
+        c.llm
+            .providers
+            .get_mut("primary")
+            .expect("primary")
+            .first_token_timeout = Duration::from_millis(300);
+    })
+    .await;
+    r.primary.push([Script::Hang]);
+    let t = Instant::now();
+    let mut c = llm(&r.mesh).await;
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // The hung stream was abandoned, not left open.
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            r.primary.abandoned() == 1
+        })
+        .await
+    );
+
+    // Alone, the model answers DEADLINE_EXCEEDED.
+    r.primary.push([Script::Hang]);
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("slow");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_midway_ends_with_a_failed_event_and_partial_usage() {
+    let r = rig(|_| {}).await;
+    r.primary.push([Script::Cut {
+        pieces: vec!["partial".into(), " answer".into()],
+    }]);
+    let mut c = llm(&r.mesh).await;
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.deltas.concat(), "partial answer");
+    assert!(out.completed.is_none());
+    let failed = out.failed.expect("failed event");
+    assert_eq!(failed.code, Code::Unavailable as i32);
+    let usage = failed.usage.expect("partial usage");
+    assert!(
+        usage.estimated,
+        "no usage chunk came: counted with the tokenizer"
+    );
+    assert_eq!(usage.completion_tokens, 2);
+    assert!(usage.prompt_tokens > 0);
+    // No failover after the first token.
+    assert_eq!(r.backup.hits(), 0);
+    let rows = wait_rows(&r.mesh, 1).await;
+    assert_eq!(rows[0].6, "failed");
+    assert_eq!(rows[0].3, 2);
+    assert!(rows[0].4, "estimated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunk_is_a_provider_failure_not_an_internal_error() {
+    let r = rig(|_| {}).await;
+    r.primary.push([Script::Malformed]);
+    let mut c = llm(&r.mesh).await;
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+
+    r.primary.push([Script::Malformed]);
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("malformed");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("malformed"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_upstream_usage_the_tokens_are_estimated() {
+    let r = rig(|_| {}).await;
+    r.primary
+        .push([Script::ok(&["one", " two", " three"], None)]);
+    let mut c = llm(&r.mesh).await;
+    let out = stream(&mut c, &r.token, params("fast", "count"))
+        .await
+        .expect("stream");
+    let usage = out.completed.expect("completed").usage.expect("usage");
+    assert!(usage.estimated);
+    assert_eq!(usage.completion_tokens, 3, "o200k: 'one', ' two', ' three'");
+    // system (4 + tokens) + user (4 + 1) + 3 priming
+    let sys = usage.prompt_tokens;
+    assert!((15..=25).contains(&sys), "{sys}");
+    assert_eq!(usage.cost_micros, i64::from(usage.prompt_tokens) + 2 * 3);
+    let rows = wait_rows(&r.mesh, 1).await;
+    assert!(rows[0].4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_after_failures_and_recovers_after_cooldown() {
+    let r = rig(|c| {
+        c.llm.breaker_failures = 2;
+        c.llm.breaker_cooldown = Duration::from_millis(500);
+    })
+    .await;
+    r.primary.set_fallback(Script::status(502));
+    let mut c = llm(&r.mesh).await;
+    for _ in 0..2 {
+        let err = stream(&mut c, &r.token, params("solo", "hi"))
+            .await
+            .expect_err("502");
+        assert_eq!(err.code(), Code::Unavailable);
+    }
+    assert_eq!(r.primary.hits(), 2);
+    // Open: the provider is not even called.
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("open");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("circuit open"), "{}", err.message());
+    assert_eq!(r.primary.hits(), 2);
+    // ... and a model with a fallback goes straight to it.
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("backup");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+    assert_eq!(r.primary.hits(), 2);
+    let metrics = reqwest::get(format!("{}/metrics", r.mesh.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("trellis_llm_breaker_state{provider=\"primary\"} 1"),
+        "{metrics}"
+    );
+
+    // After the cooldown one probe goes through; its success closes it.
+    r.primary.set_fallback(Script::ok(&["back"], Some((1, 1))));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let out = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect("probe");
+    assert_eq!(out.deltas.concat(), "back");
+    let out = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect("closed");
+    assert_eq!(out.deltas.concat(), "back");
+    assert_eq!(r.primary.hits(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_reaches_the_upstream_and_records_what_was_produced() {
+    let r = rig(|_| {}).await;
+    r.primary
+        .push([Script::slow(50, Duration::from_millis(100))]);
+    let mut c = llm(&r.mesh).await;
+    let mut s = c
+        .generate_stream(bearer(
+            pb::GenerateStreamRequest {
+                params: Some(params("fast", "long story")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("stream")
+        .into_inner();
+    for _ in 0..2 {
+        let m = s.message().await.expect("message").expect("some");
+        assert!(matches!(m.event, Some(Event::Delta(_))));
+    }
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the fake upstream saw its connection close"
+    );
+    let rows = wait_rows(&r.mesh, 1).await;
+    assert_eq!(rows[0].6, "cancelled");
+    assert!(
+        (2..50).contains(&rows[0].3),
+        "completion tokens so far: {}",
+        rows[0].3
+    );
+    // The lease was given back: concurrency is free again.
+    let limits = c
+        .get_limits(bearer(pb::GetLimitsRequest {}, &r.token))
+        .await
+        .expect("limits")
+        .into_inner();
+    let streams = limits
+        .limits
+        .iter()
+        .find(|l| l.name == "concurrent_streams")
+        .expect("streams");
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let mut c = c.clone();
+            let t = r.token.clone();
+            async move {
+                c.get_limits(bearer(pb::GetLimitsRequest {}, &t))
+                    .await
+                    .map(|l| {
+                        l.into_inner()
+                            .limits
+                            .iter()
+                            .any(|l| l.name == "concurrent_streams" && l.remaining == l.limit)
+                    })
+                    .unwrap_or(false)
+            }
+        })
+        .await,
+        "{streams:?}"
+    );
+}
+
+fn quota_of(status: &Status) -> (String, Option<Duration>) {
+    let d = status.get_error_details();
+    let quota = d
+        .quota_failure()
+        .and_then(|q| q.violations.first().map(|v| v.subject.clone()))
+        .unwrap_or_default();
+    (quota, d.retry_info().and_then(|r| r.retry_delay))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_per_minute_and_concurrent_streams_are_enforced() {
+    let r = rig(|c| {
+        c.llm.default_limits.requests_per_minute = 3;
+        c.llm.default_limits.concurrent_streams = 1;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    // One slow stream holds the only slot.
+    r.primary
+        .push([Script::slow(10, Duration::from_millis(100))]);
+    let mut slow = c
+        .generate_stream(bearer(
+            pb::GenerateStreamRequest {
+                params: Some(params("fast", "slow")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("slow stream")
+        .into_inner();
+    let err = stream(&mut c, &r.token, params("fast", "second"))
+        .await
+        .expect_err("busy");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let (quota, retry) = quota_of(&err);
+    assert_eq!(quota, "concurrent_streams");
+    assert!(retry.is_some());
+    while slow.message().await.expect("slow").is_some() {}
+    // Slot free again (the lease is given back when the stream ends).
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let mut c = c.clone();
+            let t = r.token.clone();
+            async move { stream(&mut c, &t, params("fast", "third")).await.is_ok() }
+        })
+        .await
+    );
+    // Two requests counted (refusals do not count); a third is allowed,
+    // a fourth is over the per-minute limit.
+    stream(&mut c, &r.token, params("fast", "fourth"))
+        .await
+        .expect("third counted");
+    let err = stream(&mut c, &r.token, params("fast", "fifth"))
+        .await
+        .expect_err("rpm");
+    let (quota, retry) = quota_of(&err);
+    assert_eq!(quota, "requests_per_minute");
+    let retry = retry.expect("retry info");
+    assert!(retry <= Duration::from_secs(61), "{retry:?}");
+    let limits = c
+        .get_limits(bearer(pb::GetLimitsRequest {}, &r.token))
+        .await
+        .expect("limits")
+        .into_inner()
+        .limits;
+    let rpm = limits
+        .iter()
+        .find(|l| l.name == "requests_per_minute")
+        .expect("rpm");
+    assert_eq!((rpm.limit, rpm.remaining), (3, 0));
+    assert!(rpm.reset_time.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_cost_budgets_are_enforced_after_they_are_used_up() {
+    let r = rig(|c| {
+        c.llm.default_limits.tokens_per_day = 10;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    // The first call is allowed (under budget when it starts) and uses 15.
+    stream(&mut c, &r.token, params("fast", "one"))
+        .await
+        .expect("first");
+    let refused = eventually(Duration::from_secs(2), || {
+        let mut c = c.clone();
+        let t = r.token.clone();
+        async move {
+            matches!(stream(&mut c, &t, params("fast", "two")).await,
+                Err(e) if e.code() == Code::ResourceExhausted && quota_of(&e).0 == "tokens_per_day")
+        }
+    })
+    .await;
+    assert!(refused);
+    let limits = c
+        .get_limits(bearer(pb::GetLimitsRequest {}, &r.token))
+        .await
+        .expect("limits")
+        .into_inner()
+        .limits;
+    let tok = limits
+        .iter()
+        .find(|l| l.name == "tokens_per_day")
+        .expect("tokens");
+    assert_eq!((tok.limit, tok.remaining), (10, 0));
+
+    let r = rig(|c| {
+        c.llm.default_limits.cost_micros_per_month = 5;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    stream(&mut c, &r.token, params("fast", "one"))
+        .await
+        .expect("first");
+    let refused = eventually(Duration::from_secs(2), || {
+        let mut c = c.clone();
+        let t = r.token.clone();
+        async move {
+            matches!(stream(&mut c, &t, params("fast", "two")).await,
+                Err(e) if e.code() == Code::ResourceExhausted && quota_of(&e).0 == "cost_micros_per_month")
+        }
+    })
+    .await;
+    assert!(refused);
+    // Admins are unlimited by default.
+    let (_, admin) = admin_account(&r.mesh, "boss").await;
+    stream(&mut c, &admin, params("fast", "admin"))
+        .await
+        .expect("admin unlimited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deterministic_requests_are_served_from_the_cache() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let mut p = params("fast", "cache me");
+    p.temperature = Some(0.0);
+    p.cache = true;
+    let first = stream(&mut c, &r.token, p.clone()).await.expect("first");
+    assert!(!first.completed.as_ref().expect("done").cached);
+    let second = stream(&mut c, &r.token, p.clone()).await.expect("second");
+    let done = second.completed.expect("done");
+    assert!(done.cached);
+    assert_eq!(second.deltas.concat(), "Hello world");
+    assert_eq!(done.usage.expect("usage").cost_micros, 0);
+    assert_eq!(r.primary.hits(), 1, "served without calling upstream");
+    // A different prompt is a miss.
+    let mut other = p.clone();
+    other.messages = vec![user("something else")];
+    stream(&mut c, &r.token, other).await.expect("miss");
+    assert_eq!(r.primary.hits(), 2);
+    let rows = wait_rows(&r.mesh, 3).await;
+    assert_eq!(rows.iter().filter(|r| r.7).count(), 1);
+    assert!(rows.iter().filter(|r| r.7).all(|r| r.5 == 0));
+
+    // Caching needs temperature 0.
+    p.temperature = Some(0.7);
+    let err = stream(&mut c, &r.token, p).await.expect_err("invalid");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violations(&err), vec!["params.cache"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_conversations_are_trimmed_oldest_first() {
+    let r = rig(|c| {
+        let m = c.llm.models.get_mut("fast").expect("fast");
+        m.context_window = 400;
+        m.default_max_tokens = 100;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    let long = "lorem ipsum ".repeat(40); // ~80 tokens each
+    let mut p = params("fast", "latest question");
+    p.messages = vec![
+        user(&format!("oldest {long}")),
+        pb::Message {
+            role: pb::Role::Assistant as i32,
+            content: format!("older {long}"),
+        },
+        user(&format!("middle {long}")),
+        pb::Message {
+            role: pb::Role::Assistant as i32,
+            content: format!("recent {long}"),
+        },
+        user("latest question"),
+    ];
+    let counted = c
+        .count_tokens(bearer(
+            pb::CountTokensRequest {
+                params: Some(p.clone()),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("count")
+        .into_inner();
+    assert!(!counted.fits, "{counted:?}");
+    assert!(counted.prompt_tokens > 300);
+    stream(&mut c, &r.token, p.clone()).await.expect("trimmed");
+    let sent = &r.primary.seen()[0].body["messages"];
+    let sent: Vec<String> = sent
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            m["content"]
+                .as_str()
+                .unwrap_or_default()
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        sent.first().map(String::as_str),
+        Some("You"),
+        "system prompt kept: {sent:?}"
+    );
+    assert_eq!(sent.last().map(String::as_str), Some("latest"));
+    assert!(!sent.contains(&"oldest".to_string()), "{sent:?}");
+    assert!(sent.len() < 6);
+
+    // When even the system prompt and the latest message cannot fit: a
+    // field violation, not an upstream call.
+    let mut p = params("fast", &"word ".repeat(400));
+    p.max_tokens = 100;
+    let err = stream(&mut c, &r.token, p).await.expect_err("too long");
+    assert_eq!(violations(&err), vec!["params.messages"]);
+    assert_eq!(r.primary.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_field_violations() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let checker = c.clone();
+    let check = |p: pb::GenerateParams, field: &'static str| {
+        let mut c = checker.clone();
+        let t = r.token.clone();
+        async move {
+            let err = c
+                .generate(bearer(pb::GenerateRequest { params: Some(p) }, &t))
+                .await
+                .expect_err("invalid");
+            assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+            assert!(
+                violations(&err).contains(&field.to_string()),
+                "{field}: {:?}",
+                violations(&err)
+            );
+        }
+    };
+    check(params("nope", "hi"), "params.model").await;
+    check(params("", "hi"), "params.model").await;
+    let mut p = params("fast", "hi");
+    p.messages.clear();
+    check(p, "params.messages").await;
+    let mut p = params("fast", "hi");
+    p.messages[0].role = 0;
+    check(p, "params.messages[0].role").await;
+    let mut p = params("fast", "hi");
+    p.messages.push(user("  "));
+    check(p, "params.messages[1].content").await;
+    let mut p = params("fast", "hi");
+    p.messages[0].role = pb::Role::Assistant as i32;
+    check(p, "params.messages").await;
+    let mut p = params("fast", "hi");
+    p.temperature = Some(2.5);
+    check(p, "params.temperature").await;
+    let mut p = params("fast", "hi");
+    p.max_tokens = -1;
+    check(p, "params.max_tokens").await;
+    let mut p = params("fast", "hi");
+    p.max_tokens = 5000;
+    check(p, "params.max_tokens").await;
+    let err = c
+        .generate(bearer(pb::GenerateRequest { params: None }, &r.token))
+        .await
+        .expect_err("no params");
+    assert_eq!(violations(&err), vec!["params"]);
+    let mut p = params("fast", "hi");
+    p.retrieval = Some(pb::RetrievalOptions {
+        top_k: 0,
+        ..Default::default()
+    });
+    check(p, "params.retrieval.top_k").await;
+    assert_eq!(r.primary.hits(), 0, "nothing invalid reached the upstream");
+    // No credentials.
+    let err = c
+        .generate(pb::GenerateRequest {
+            params: Some(params("fast", "hi")),
+        })
+        .await
+        .expect_err("anonymous");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .expect_err("anonymous");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // A bad usage window.
+    let err = c
+        .get_usage(bearer(
+            pb::GetUsageRequest {
+                start_time: Some(prost_types::Timestamp {
+                    seconds: 2_000_000_000,
+                    nanos: 0,
+                }),
+                end_time: Some(prost_types::Timestamp {
+                    seconds: 1_000_000_000,
+                    nanos: 0,
+                }),
+                user_id: String::new(),
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("window");
+    assert_eq!(violations(&err), vec!["start_time"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_see_only_their_own_usage_and_admins_see_everyones() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let other = register(&mut auth(&r.mesh).await, "otheruser").await;
+    let other_token = access(&other);
+    let other_id = other.account.expect("account").id;
+    stream(&mut c, &r.token, params("fast", "mine"))
+        .await
+        .expect("mine");
+    stream(&mut c, &other_token, params("fast", "theirs"))
+        .await
+        .expect("theirs");
+    stream(&mut c, &other_token, params("fast", "theirs again"))
+        .await
+        .expect("theirs");
+    wait_rows(&r.mesh, 3).await;
+
+    let own = usage_of(&mut c, &r.token, "").await.expect("own");
+    assert_eq!(own.total.expect("total").requests, 1);
+    let same = usage_of(&mut c, &r.token, &r.user_id)
+        .await
+        .expect("own by id");
+    assert_eq!(same.total.expect("total").requests, 1);
+    for target in [other_id.as_str(), "*"] {
+        let err = usage_of(&mut c, &r.token, target)
+            .await
+            .expect_err("not theirs");
+        assert_eq!(err.code(), Code::PermissionDenied, "{target}");
+    }
+    let (_, admin) = admin_account(&r.mesh, "auditor").await;
+    let theirs = usage_of(&mut c, &admin, &other_id)
+        .await
+        .expect("admin reads");
+    assert_eq!(theirs.total.expect("total").requests, 2);
+    let all = usage_of(&mut c, &admin, "*")
+        .await
+        .expect("admin reads all");
+    assert_eq!(all.total.expect("total").requests, 3);
+
+    // ListModels shows the configured aliases.
+    let models = c
+        .list_models(bearer(pb::ListModelsRequest {}, &r.token))
+        .await
+        .expect("models")
+        .into_inner()
+        .models;
+    let fast = models.iter().find(|m| m.alias == "fast").expect("fast");
+    assert_eq!(fast.providers, vec!["primary", "backup"]);
+    assert_eq!(fast.context_window, 4096);
+    assert_eq!(fast.prompt_price_per_million, 1_000_000);
+    assert_eq!(models.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrieval_grounds_the_prompt_and_streams_citations_first() {
+    use trellis_proto::search::v1 as spb;
+    let r = rig(|_| {}).await;
+    let mut search = crate::search::search_client(&r.mesh).await;
+    let mut shared = crate::search::doc(
+        "kb",
+        "1",
+        "Vacation policy",
+        "Employees get 30 days of paid vacation per year.",
+    );
+    shared.visibility = spb::Visibility::Shared as i32;
+    let mut other = crate::search::doc(
+        "kb",
+        "2",
+        "Expense policy",
+        "Receipts are needed for every expense.",
+    );
+    other.visibility = spb::Visibility::Shared as i32;
+    crate::search::index(&mut search, &r.token, vec![shared, other]).await;
+    // Another user's private document must never be retrieved.
+    let intruder = register(&mut auth(&r.mesh).await, "intruder").await;
+    crate::search::index(
+        &mut search,
+        &access(&intruder),
+        vec![crate::search::doc(
+            "kb",
+            "3",
+            "Secret vacation plan",
+            "vacation secret",
+        )],
+    )
+    .await;
+
+    let mut c = llm(&r.mesh).await;
+    let mut p = params("fast", "How many vacation days do I get?");
+    p.retrieval = Some(pb::RetrievalOptions {
+        top_k: 3,
+        ..Default::default()
+    });
+    let mut s = c
+        .generate_stream(bearer(
+            pb::GenerateStreamRequest {
+                params: Some(p.clone()),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = s.message().await.expect("first").expect("event");
+    let Some(Event::Citations(cites)) = first.event else {
+        panic!("citations come first: {first:?}");
+    };
+    let titles: Vec<&str> = cites.citations.iter().map(|c| c.title.as_str()).collect();
+    assert_eq!(titles, vec!["Vacation policy"]);
+    assert!(cites.citations[0].snippet.contains("30 days"));
+    assert!(!cites.citations[0].snippet.contains("<mark>"));
+    while s.message().await.expect("rest").is_some() {}
+    let system = r.primary.seen()[0].body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(system.starts_with("You are terse."), "{system}");
+    assert!(system.contains("[1] Vacation policy"), "{system}");
+    assert!(!system.contains("Secret"), "{system}");
+
+    // Unary Generate returns them too; collections narrow the search.
+    p.retrieval = Some(pb::RetrievalOptions {
+        top_k: 2,
+        query: "expense receipts".into(),
+        collections: vec!["kb".into()],
+        ..Default::default()
+    });
+    let g = c
+        .generate(bearer(pb::GenerateRequest { params: Some(p) }, &r.token))
+        .await
+        .expect("generate")
+        .into_inner();
+    assert_eq!(g.citations.len(), 1);
+    assert_eq!(g.citations[0].title, "Expense policy");
+}

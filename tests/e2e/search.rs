@@ -1,0 +1,818 @@
+//! SearchService end to end on real PostgreSQL: indexing and its
+//! validation, ranking, every filter, pagination, query syntax and hostile
+//! input, typo fallback, visibility, history, analytics and web search
+//! merged by reciprocal rank fusion (against a fake Tavily server).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tonic::Code;
+use tonic::transport::Channel;
+use trellis_core::config::WebSearchConfig;
+use trellis_proto::search::v1 as pb;
+use trellis_proto::search::v1::search_service_client::SearchServiceClient;
+use trellis_tests::{FakeWeb, TestMesh, TestOptions, WebScript};
+
+use crate::auth::{access, admin_account, auth, bearer, register, violations};
+use crate::util::eventually;
+
+pub async fn search_client(mesh: &TestMesh) -> SearchServiceClient<Channel> {
+    SearchServiceClient::new(mesh.channel().await)
+}
+
+pub fn doc(collection: &str, id: &str, title: &str, body: &str) -> pb::DocumentInput {
+    pb::DocumentInput {
+        external_id: id.into(),
+        collection: collection.into(),
+        title: title.into(),
+        body: body.into(),
+        visibility: pb::Visibility::Private as i32,
+        ..Default::default()
+    }
+}
+
+pub async fn index(
+    c: &mut SearchServiceClient<Channel>,
+    token: &str,
+    docs: Vec<pb::DocumentInput>,
+) -> Vec<pb::IndexResult> {
+    c.index_documents(bearer(pb::IndexDocumentsRequest { documents: docs }, token))
+        .await
+        .expect("index")
+        .into_inner()
+        .results
+}
+
+pub async fn find(
+    c: &mut SearchServiceClient<Channel>,
+    token: &str,
+    r: pb::SearchRequest,
+) -> Result<pb::SearchResponse, tonic::Status> {
+    c.search(bearer(r, token)).await.map(|r| r.into_inner())
+}
+
+fn q(text: &str) -> pb::SearchRequest {
+    pb::SearchRequest {
+        query: text.into(),
+        ..Default::default()
+    }
+}
+
+fn titles(r: &pb::SearchResponse) -> Vec<String> {
+    r.hits.iter().map(|h| h.title.clone()).collect()
+}
+
+async fn member(mesh: &TestMesh, name: &str) -> (String, String) {
+    let r = register(&mut auth(mesh).await, name).await;
+    (access(&r), r.account.expect("account").id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_are_indexed_replaced_read_and_deleted() {
+    let mesh = TestMesh::start().await;
+    let (token, me) = member(&mesh, "indexer").await;
+    let mut c = search_client(&mesh).await;
+    let mut d = doc("notes", "n1", "First note", "Hello body");
+    d.tags = vec!["a".into(), "b".into(), "a".into()];
+    d.attributes.insert("lang".into(), "en".into());
+    let res = index(
+        &mut c,
+        &token,
+        vec![d, doc("notes", "n2", "Second", "More")],
+    )
+    .await;
+    assert_eq!(res.len(), 2);
+    assert!(res.iter().all(|r| r.created));
+    assert_eq!(res[0].external_id, "n1");
+    // Indexing the same key again replaces the document.
+    let again = index(
+        &mut c,
+        &token,
+        vec![doc("notes", "n1", "First note, edited", "New body")],
+    )
+    .await;
+    assert_eq!(again[0].id, res[0].id);
+    assert!(!again[0].created);
+    let got = c
+        .get_document(bearer(
+            pb::GetDocumentRequest {
+                id: res[0].id.clone(),
+            },
+            &token,
+        ))
+        .await
+        .expect("get")
+        .into_inner()
+        .document
+        .expect("doc");
+    assert_eq!(got.title, "First note, edited");
+    assert_eq!(got.owner_id, me);
+    assert_eq!(got.visibility, pb::Visibility::Private as i32);
+    let cols = c
+        .list_collections(bearer(pb::ListCollectionsRequest {}, &token))
+        .await
+        .expect("collections")
+        .into_inner()
+        .collections;
+    assert_eq!(
+        cols,
+        vec![pb::Collection {
+            name: "notes".into(),
+            document_count: 2
+        }]
+    );
+    let del = c
+        .delete_documents(bearer(
+            pb::DeleteDocumentsRequest {
+                ids: vec![res[1].id.clone(), uuid::Uuid::now_v7().to_string()],
+            },
+            &token,
+        ))
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(del.deleted_count, 1);
+    let err = c
+        .get_document(bearer(
+            pb::GetDocumentRequest {
+                id: res[1].id.clone(),
+            },
+            &token,
+        ))
+        .await
+        .expect_err("gone");
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Validation: every problem named by its index.
+    let bad = vec![
+        doc("Bad Name", "x", "t", "b"),
+        doc("notes", "", "t", "b"),
+        doc("notes", "dup", "t", "b"),
+        doc("notes", "dup", "t", "b"),
+        doc("notes", "empty", "", ""),
+        doc("notes", "ctl", "bad\u{0007}title", "b"),
+    ];
+    let err = c
+        .index_documents(bearer(pb::IndexDocumentsRequest { documents: bad }, &token))
+        .await
+        .expect_err("invalid");
+    let v = violations(&err);
+    for f in [
+        "documents[0].collection",
+        "documents[1].external_id",
+        "documents[3].external_id",
+        "documents[4].title",
+        "documents[5].title",
+    ] {
+        assert!(v.contains(&f.to_string()), "{f} in {v:?}");
+    }
+    let many: Vec<_> = (0..501)
+        .map(|i| doc("notes", &format!("m{i}"), "t", "b"))
+        .collect();
+    let err = c
+        .index_documents(bearer(
+            pb::IndexDocumentsRequest { documents: many },
+            &token,
+        ))
+        .await
+        .expect_err("too many");
+    assert_eq!(violations(&err), vec!["documents"]);
+    let err = c
+        .get_document(bearer(pb::GetDocumentRequest { id: "nope".into() }, &token))
+        .await
+        .expect_err("bad id");
+    assert_eq!(violations(&err), vec!["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn titles_outrank_bodies_and_phrases_outrank_scattered_words() {
+    let mesh = TestMesh::start().await;
+    let (token, _) = member(&mesh, "ranker").await;
+    let mut c = search_client(&mesh).await;
+    index(
+        &mut c,
+        &token,
+        vec![
+            doc(
+                "kb",
+                "body",
+                "Weekly notes",
+                "We talked about kubernetes upgrades for an hour.",
+            ),
+            doc(
+                "kb",
+                "title",
+                "Kubernetes upgrades",
+                "Notes from the weekly meeting.",
+            ),
+            doc(
+                "kb",
+                "scattered",
+                "Machine room",
+                "The learning curve of this old machine was steep; nothing about models.",
+            ),
+            doc(
+                "kb",
+                "phrase",
+                "Course notes",
+                "An introduction to machine learning for engineers.",
+            ),
+        ],
+    )
+    .await;
+    let r = find(&mut c, &token, q("kubernetes")).await.expect("search");
+    assert_eq!(titles(&r)[..2], ["Kubernetes upgrades", "Weekly notes"]);
+    assert!(r.hits[0].score > r.hits[1].score);
+    assert_eq!(r.estimated_total_size, 2);
+    assert!(r.took.is_some());
+    // Snippets highlight the match.
+    assert!(
+        r.hits[1].snippet.contains("<mark>kubernetes</mark>"),
+        "{}",
+        r.hits[1].snippet
+    );
+    let r = find(&mut c, &token, q("machine learning"))
+        .await
+        .expect("search");
+    assert_eq!(titles(&r)[0], "Course notes", "{:?}", titles(&r));
+    // Quoted phrase: only the adjacent words.
+    let r = find(&mut c, &token, q("\"machine learning\""))
+        .await
+        .expect("phrase");
+    assert_eq!(titles(&r), vec!["Course notes"]);
+    // OR and exclusion.
+    let r = find(&mut c, &token, q("kubernetes OR machine -steep"))
+        .await
+        .expect("or");
+    let t: HashSet<String> = titles(&r).into_iter().collect();
+    assert_eq!(
+        t,
+        ["Kubernetes upgrades", "Weekly notes", "Course notes"]
+            .map(String::from)
+            .into()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_order_and_pagination() {
+    let mesh = TestMesh::start().await;
+    let (token, _) = member(&mesh, "filterer").await;
+    let mut c = search_client(&mesh).await;
+    let mut docs = Vec::new();
+    for i in 0..45 {
+        let mut d = doc(
+            if i % 3 == 0 { "alpha" } else { "beta" },
+            &format!("d{i:02}"),
+            &format!("Report number {i}"),
+            &format!("quarterly report body {i}"),
+        );
+        d.tags = if i % 2 == 0 {
+            vec!["even".into(), "all".into()]
+        } else {
+            vec!["all".into()]
+        };
+        d.attributes
+            .insert("region".into(), if i % 5 == 0 { "eu" } else { "us" }.into());
+        docs.push(d);
+    }
+    index(&mut c, &token, docs).await;
+    let base = || pb::SearchRequest {
+        query: "report".into(),
+        ..Default::default()
+    };
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            collections: vec!["alpha".into()],
+            ..base()
+        },
+    )
+    .await
+    .expect("c");
+    assert_eq!(r.estimated_total_size, 15);
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            tags: vec!["even".into()],
+            page_size: 100,
+            ..base()
+        },
+    )
+    .await
+    .expect("t");
+    assert_eq!(r.hits.len(), 23);
+    let mut attrs = HashMap::new();
+    attrs.insert("region".to_string(), "eu".to_string());
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            attributes: attrs,
+            page_size: 100,
+            ..base()
+        },
+    )
+    .await
+    .expect("a");
+    assert_eq!(r.hits.len(), 9);
+    // Date range: nothing updated in the future, everything before it.
+    let future = prost_types::Timestamp {
+        seconds: chrono::Utc::now().timestamp() + 3600,
+        nanos: 0,
+    };
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            updated_after: Some(future),
+            ..base()
+        },
+    )
+    .await
+    .expect("after");
+    assert_eq!(r.estimated_total_size, 0);
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            updated_before: Some(future),
+            ..base()
+        },
+    )
+    .await
+    .expect("before");
+    assert_eq!(r.estimated_total_size, 45);
+
+    // Pages of 10 by relevance and by recency: every document once.
+    for order in [pb::SearchOrder::Relevance, pb::SearchOrder::Recency] {
+        let mut seen = HashSet::new();
+        let mut token_ = String::new();
+        let mut pages = 0;
+        loop {
+            let r = find(
+                &mut c,
+                &token,
+                pb::SearchRequest {
+                    page_size: 10,
+                    page_token: token_.clone(),
+                    order_by: order as i32,
+                    ..base()
+                },
+            )
+            .await
+            .expect("page");
+            pages += 1;
+            for h in &r.hits {
+                assert!(seen.insert(h.document_id.clone()), "duplicate {}", h.title);
+            }
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            token_ = r.next_page_token;
+        }
+        assert_eq!(seen.len(), 45, "{order:?}");
+        assert_eq!(pages, 5);
+    }
+    // Recency: newest first.
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            order_by: pb::SearchOrder::Recency as i32,
+            page_size: 2,
+            ..base()
+        },
+    )
+    .await
+    .expect("recent");
+    assert_eq!(titles(&r), vec!["Report number 44", "Report number 43"]);
+    // A token is bound to its query.
+    let next = r.next_page_token.clone();
+    let err = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            page_token: next.clone(),
+            page_size: 2,
+            ..base()
+        },
+    )
+    .await
+    .expect_err("other order");
+    assert_eq!(violations(&err), vec!["page_token"]);
+    let mut tampered = next.into_bytes();
+    let last = tampered.len() - 1;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let err = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            page_token: String::from_utf8(tampered).expect("utf8"),
+            order_by: pb::SearchOrder::Recency as i32,
+            page_size: 2,
+            ..base()
+        },
+    )
+    .await
+    .expect_err("tampered");
+    assert_eq!(violations(&err), vec!["page_token"]);
+    // An empty query lists by recency.
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            page_size: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("empty");
+    assert_eq!(titles(&r), vec!["Report number 44"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_queries_get_clear_answers() {
+    let mesh = TestMesh::start().await;
+    let (token, _) = member(&mesh, "hostile").await;
+    let mut c = search_client(&mesh).await;
+    index(
+        &mut c,
+        &token,
+        vec![doc("kb", "1", "Safe document", "nothing to see")],
+    )
+    .await;
+    for text in [
+        "'; DROP TABLE search_documents; --",
+        "\" OR 1=1 --",
+        "a & b | !c <-> d:*",
+        "((((",
+        "-",
+        "\"",
+        "OR OR OR",
+        "日本語 テキスト",
+    ] {
+        let r = find(&mut c, &token, q(text)).await;
+        assert!(r.is_ok(), "{text}: {r:?}");
+    }
+    let r = find(&mut c, &token, q("document"))
+        .await
+        .expect("still there");
+    assert_eq!(r.hits.len(), 1);
+    let err = find(&mut c, &token, q(&"x".repeat(100 * 1024)))
+        .await
+        .expect_err("too long");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violations(&err), vec!["query"]);
+    assert!(err.message().contains("1000"), "{}", err.message());
+    let err = find(&mut c, &token, q("bad\u{0000}query"))
+        .await
+        .expect_err("control");
+    assert_eq!(violations(&err), vec!["query"]);
+    let err = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            collections: vec!["NOT VALID".into()],
+            ..q("x")
+        },
+    )
+    .await
+    .expect_err("collection");
+    assert_eq!(violations(&err), vec!["collections[0]"]);
+    let err = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            page_size: -1,
+            ..q("x")
+        },
+    )
+    .await
+    .expect_err("size");
+    assert_eq!(violations(&err), vec!["page_size"]);
+    let err = c.search(q("x")).await.expect_err("anonymous");
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typos_fall_back_to_similar_titles_with_a_suggestion() {
+    let mesh = TestMesh::start().await;
+    let (token, _) = member(&mesh, "typist").await;
+    let mut c = search_client(&mesh).await;
+    index(
+        &mut c,
+        &token,
+        vec![
+            doc(
+                "jobs",
+                "1",
+                "Senior Python Developer",
+                "Backend work with Django.",
+            ),
+            doc("jobs", "2", "Rust Engineer", "Systems programming."),
+        ],
+    )
+    .await;
+    let r = find(&mut c, &token, q("pyton developer"))
+        .await
+        .expect("search");
+    assert!(r.fuzzy);
+    assert_eq!(r.did_you_mean, "python developer");
+    assert_eq!(titles(&r), vec!["Senior Python Developer"]);
+    let r = find(&mut c, &token, q("python developer"))
+        .await
+        .expect("exact");
+    assert!(!r.fuzzy);
+    assert_eq!(r.did_you_mean, "");
+    let r = find(&mut c, &token, q("zzzzqqq")).await.expect("nothing");
+    assert!(r.hits.is_empty());
+    assert_eq!(r.did_you_mean, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_documents_of_others_never_show() {
+    let mesh = TestMesh::start().await;
+    let (alice, _) = member(&mesh, "alicesearch").await;
+    let (bob, _) = member(&mesh, "bobsearch").await;
+    let mut c = search_client(&mesh).await;
+    let secret = index(
+        &mut c,
+        &alice,
+        vec![doc(
+            "private",
+            "s",
+            "Secret merger plans",
+            "Confidential acquisition",
+        )],
+    )
+    .await;
+    let mut shared = doc("public", "p", "Public roadmap", "Shared acquisition notes");
+    shared.visibility = pb::Visibility::Shared as i32;
+    index(&mut c, &alice, vec![shared]).await;
+
+    let r = find(&mut c, &bob, q("acquisition")).await.expect("bob");
+    assert_eq!(titles(&r), vec!["Public roadmap"]);
+    assert_eq!(r.estimated_total_size, 1, "not even in counts");
+    let r = find(&mut c, &bob, q("mergr")).await.expect("typo");
+    assert!(
+        r.hits.is_empty() && r.did_you_mean.is_empty(),
+        "not even in suggestions: {r:?}"
+    );
+    let r = find(
+        &mut c,
+        &bob,
+        pb::SearchRequest {
+            collections: vec!["private".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("collection");
+    assert!(r.hits.is_empty());
+    let cols = c
+        .list_collections(bearer(pb::ListCollectionsRequest {}, &bob))
+        .await
+        .expect("cols")
+        .into_inner()
+        .collections;
+    assert_eq!(
+        cols.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        vec!["public"]
+    );
+    let err = c
+        .get_document(bearer(
+            pb::GetDocumentRequest {
+                id: secret[0].id.clone(),
+            },
+            &bob,
+        ))
+        .await
+        .expect_err("invisible");
+    assert_eq!(err.code(), Code::NotFound);
+    let del = c
+        .delete_documents(bearer(
+            pb::DeleteDocumentsRequest {
+                ids: vec![secret[0].id.clone()],
+            },
+            &bob,
+        ))
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(del.deleted_count, 0);
+    // Alice still has it; an administrator sees it.
+    let r = find(&mut c, &alice, q("merger")).await.expect("alice");
+    assert_eq!(r.hits.len(), 1);
+    let (_, admin) = admin_account(&mesh, "searchadmin").await;
+    let r = find(&mut c, &admin, q("acquisition")).await.expect("admin");
+    assert_eq!(r.hits.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_recorded_listed_cleared_and_analysed() {
+    let mesh = TestMesh::start().await;
+    let (token, _) = member(&mesh, "historian").await;
+    let (other, _) = member(&mesh, "otherhist").await;
+    let mut c = search_client(&mesh).await;
+    index(
+        &mut c,
+        &token,
+        vec![doc("kb", "1", "Rust guide", "ownership and borrowing")],
+    )
+    .await;
+    for text in ["rust", "Rust", "nothing-here-xyz", "rust  "] {
+        find(&mut c, &token, q(text)).await.expect("search");
+    }
+    find(&mut c, &other, q("rust")).await.expect("other");
+    let lister = c.clone();
+    let list = |t: String, page_token: String| {
+        let mut c = lister.clone();
+        async move {
+            c.list_search_history(bearer(
+                pb::ListSearchHistoryRequest {
+                    page_size: 3,
+                    page_token,
+                },
+                &t,
+            ))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let l = list(token.clone(), String::new());
+            async move {
+                l.await
+                    .map(|p| p.entries.len() == 3 && !p.next_page_token.is_empty())
+                    .unwrap_or(false)
+            }
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let l = list(other.clone(), String::new());
+            async move { l.await.map(|p| p.entries.len() == 1).unwrap_or(false) }
+        })
+        .await
+    );
+    let first = list(token.clone(), String::new()).await.expect("page 1");
+    assert_eq!(first.entries[0].query, "rust", "newest first (trimmed)");
+    let second = list(token.clone(), first.next_page_token.clone())
+        .await
+        .expect("page 2");
+    assert_eq!(second.entries.len(), 1);
+    assert_eq!(second.entries[0].query, "rust");
+    assert_eq!(second.entries[0].result_count, 1);
+    let zero = first
+        .entries
+        .iter()
+        .find(|e| e.query == "nothing-here-xyz")
+        .expect("zero");
+    assert_eq!(zero.result_count, 0);
+
+    // Analytics are for administrators.
+    let err = c
+        .get_popular_queries(bearer(pb::GetPopularQueriesRequest::default(), &token))
+        .await
+        .expect_err("member");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let (_, admin) = admin_account(&mesh, "analyst").await;
+    let pop = c
+        .get_popular_queries(bearer(pb::GetPopularQueriesRequest::default(), &admin))
+        .await
+        .expect("popular")
+        .into_inner();
+    assert_eq!(
+        pop.top_queries[0],
+        pb::QueryCount {
+            query: "rust".into(),
+            count: 4
+        }
+    );
+    // The other user's "rust" found nothing: the document is private.
+    assert_eq!(
+        pop.zero_result_queries,
+        vec![
+            pb::QueryCount {
+                query: "nothing-here-xyz".into(),
+                count: 1
+            },
+            pb::QueryCount {
+                query: "rust".into(),
+                count: 1
+            },
+        ]
+    );
+
+    let cleared = c
+        .clear_search_history(bearer(pb::ClearSearchHistoryRequest {}, &token))
+        .await
+        .expect("clear")
+        .into_inner();
+    assert_eq!(cleared.deleted_count, 4);
+    assert!(
+        list(token.clone(), String::new())
+            .await
+            .expect("empty")
+            .entries
+            .is_empty()
+    );
+    assert_eq!(
+        list(other.clone(), String::new())
+            .await
+            .expect("other's")
+            .entries
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_results_are_fused_with_local_ones_and_failures_degrade() {
+    let web = FakeWeb::start(WebScript::Results(vec![
+        (
+            "Rust on the web".into(),
+            "https://example.org/rust".into(),
+            "Rust language news".into(),
+        ),
+        (
+            "Second web hit".into(),
+            "https://example.org/2".into(),
+            "More rust".into(),
+        ),
+    ]))
+    .await;
+    let url = web.url();
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.search.web = Some(WebSearchConfig {
+            url,
+            api_key: Some("tvly-test".into()),
+            timeout: Duration::from_millis(500),
+            ..Default::default()
+        });
+    })
+    .await;
+    let (token, _) = member(&mesh, "webber").await;
+    let mut c = search_client(&mesh).await;
+    index(
+        &mut c,
+        &token,
+        vec![
+            doc("kb", "1", "Rust handbook", "local rust notes"),
+            doc("kb", "2", "Rust tips", "more rust"),
+        ],
+    )
+    .await;
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            include_web: true,
+            ..q("rust")
+        },
+    )
+    .await
+    .expect("fused");
+    let sources: Vec<i32> = r.hits.iter().map(|h| h.source).collect();
+    let (l, w) = (pb::HitSource::Local as i32, pb::HitSource::Web as i32);
+    assert_eq!(sources, vec![l, w, l, w], "{:?}", titles(&r));
+    assert_eq!(r.hits[1].url, "https://example.org/rust");
+    assert!(r.warnings.is_empty());
+    assert_eq!(web.last_body().expect("body")["query"], "rust");
+    // Without include_web the provider is not asked.
+    find(&mut c, &token, q("rust")).await.expect("local");
+    assert_eq!(web.hits(), 1);
+    // Failures and timeouts degrade to local results with a warning.
+    web.set(WebScript::Status(500));
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            include_web: true,
+            ..q("rust")
+        },
+    )
+    .await
+    .expect("degraded");
+    assert_eq!(r.hits.len(), 2);
+    assert!(r.warnings[0].contains("HTTP 500"), "{:?}", r.warnings);
+    web.set(WebScript::Slow(Duration::from_secs(3)));
+    let t = std::time::Instant::now();
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            include_web: true,
+            ..q("rust")
+        },
+    )
+    .await
+    .expect("slow");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(r.hits.len(), 2);
+    assert!(r.warnings[0].contains("timed out"), "{:?}", r.warnings);
+}
