@@ -117,19 +117,30 @@ impl UserSvc {
             .await?)
     }
 
-    /// The wire form of user `id`, as the caller may see it. Two small
-    /// queries rather than one with a roles sub-select written as SQL text:
-    /// diesel cannot cache a prepared statement containing literal SQL, and
-    /// re-planning it on every call cost more than the second round trip.
+    /// The wire form of user `id`, as the caller may see it: the profile
+    /// row and its roles in one statement (`ARRAY(SELECT …)` built with
+    /// diesel's DSL, so the prepared statement is cached per connection —
+    /// literal SQL text would be re-planned on every call).
     pub(crate) async fn user(
         conn: &mut AsyncPgConnection,
         id: Uuid,
         deleted_too: bool,
     ) -> Result<pb::User, UserError> {
-        let row = Self::row(conn, id, deleted_too)
-            .await?
-            .ok_or(UserError::NotFound)?;
-        let roles = Self::roles_of(conn, id).await?;
+        let roles = diesel::dsl::array(
+            user_roles::table
+                .filter(user_roles::user_id.eq(users::id))
+                .order(user_roles::role.asc())
+                .select(user_roles::role),
+        );
+        let mut q = users::table
+            .filter(users::id.eq(id))
+            .select((UserRow::as_select(), roles))
+            .into_boxed();
+        if !deleted_too {
+            q = q.filter(users::deleted_at.is_null());
+        }
+        let (row, roles): (UserRow, Vec<String>) =
+            q.first(conn).await.optional()?.ok_or(UserError::NotFound)?;
         Ok(crate::convert::user_pb(&row, roles))
     }
 }
