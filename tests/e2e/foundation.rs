@@ -19,7 +19,7 @@ use crate::util::{eventually, grpc_frame, grpcurl, parse_grpc_web, raw_unary};
 
 const SYSTEM: &str = "trellis.system.v1.SystemService";
 
-fn run_grpcurl(args: &[&str]) -> (bool, String) {
+pub(crate) fn run_grpcurl(args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(grpcurl())
         .args(args)
         .output()

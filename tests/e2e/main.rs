@@ -14,3 +14,4 @@ mod user_admin;
 mod user_list;
 mod user_roles;
 mod util;
+mod walkthrough;
