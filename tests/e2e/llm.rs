@@ -1052,3 +1052,62 @@ async fn retrieval_grounds_the_prompt_and_streams_citations_first() {
     assert_eq!(g.citations.len(), 1);
     assert_eq!(g.citations[0].title, "Expense policy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_retrieval_filters_are_the_callers_field_violations() {
+    use prost_types::value::Kind;
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let value = |s: &str| prost_types::Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    let cases: Vec<(pb::RetrievalOptions, &str)> = vec![
+        (
+            pb::RetrievalOptions {
+                top_k: 3,
+                filters: Some(prost_types::Struct {
+                    fields: [("seniority".to_string(), value("sen\u{0}ior"))].into(),
+                }),
+                ..Default::default()
+            },
+            "params.retrieval.filters.seniority",
+        ),
+        (
+            pb::RetrievalOptions {
+                top_k: 3,
+                filters: Some(prost_types::Struct {
+                    fields: [("location".to_string(), value(&"x".repeat(300)))].into(),
+                }),
+                ..Default::default()
+            },
+            "params.retrieval.filters.location",
+        ),
+        (
+            pb::RetrievalOptions {
+                top_k: 3,
+                collections: vec!["Not A Collection".into()],
+                ..Default::default()
+            },
+            "params.retrieval.collections[0]",
+        ),
+        (
+            pb::RetrievalOptions {
+                top_k: 3,
+                query: "bad\u{7}query".into(),
+                ..Default::default()
+            },
+            "params.retrieval.query",
+        ),
+    ];
+    for (options, field) in cases {
+        let mut p = params("fast", "Who knows Rust?");
+        p.retrieval = Some(options);
+        let err = c
+            .generate(bearer(pb::GenerateRequest { params: Some(p) }, &r.token))
+            .await
+            .expect_err("invalid retrieval");
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert_eq!(violations(&err), vec![field.to_string()]);
+    }
+    assert_eq!(r.primary.hits(), 0, "nothing invalid reached the provider");
+}

@@ -816,3 +816,308 @@ async fn web_results_are_fused_with_local_ones_and_failures_degrade() {
     assert_eq!(r.hits.len(), 2);
     assert!(r.warnings[0].contains("timed out"), "{:?}", r.warnings);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tag_and_attribute_filters_are_field_violations() {
+    let mesh = TestMesh::start().await;
+    let (token, _) = member(&mesh, "filtercheck").await;
+    let mut c = search_client(&mesh).await;
+    let mut d = doc("kb", "1", "Tagged report", "quarterly numbers");
+    d.tags = vec!["finance".into()];
+    d.attributes.insert("region".into(), "eu".into());
+    index(&mut c, &token, vec![d]).await;
+
+    // NUL reaches PostgreSQL as a bound parameter and would be refused
+    // there (an INTERNAL); it must be the caller's error instead.
+    let cases: Vec<(pb::SearchRequest, Vec<&str>)> = vec![
+        (
+            pb::SearchRequest {
+                tags: vec!["fin\u{0}ance".into()],
+                ..q("report")
+            },
+            vec!["tags[0]"],
+        ),
+        (
+            pb::SearchRequest {
+                tags: vec!["finance".into(), "  ".into(), "x".repeat(65)],
+                ..q("report")
+            },
+            vec!["tags[1]", "tags[2]"],
+        ),
+        (
+            pb::SearchRequest {
+                tags: (0..33).map(|i| format!("t{i}")).collect(),
+                ..q("report")
+            },
+            vec!["tags"],
+        ),
+        (
+            pb::SearchRequest {
+                attributes: [("region".to_string(), "e\u{0}u".to_string())].into(),
+                ..q("report")
+            },
+            vec!["attributes[region]"],
+        ),
+        (
+            pb::SearchRequest {
+                attributes: [
+                    ("re\u{0}gion".to_string(), "eu".to_string()),
+                    (String::new(), "eu".to_string()),
+                    ("long".to_string(), "v".repeat(257)),
+                ]
+                .into(),
+                ..q("report")
+            },
+            vec!["attributes[]", "attributes[long]", "attributes[re\\0gion]"],
+        ),
+        (
+            pb::SearchRequest {
+                attributes: (0..33)
+                    .map(|i| (format!("k{i}"), "v".to_string()))
+                    .collect(),
+                ..q("report")
+            },
+            vec!["attributes"],
+        ),
+    ];
+    for (request, fields) in cases {
+        let err = find(&mut c, &token, request.clone())
+            .await
+            .expect_err("invalid filter");
+        assert_eq!(err.code(), Code::InvalidArgument, "{request:?}: {err:?}");
+        assert_eq!(violations(&err), fields, "{request:?}");
+    }
+    // The same filters within the rules work, and still filter.
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            tags: vec![" finance ".into()],
+            attributes: [("region".to_string(), "eu".to_string())].into(),
+            ..q("report")
+        },
+    )
+    .await
+    .expect("valid filters");
+    assert_eq!(titles(&r), vec!["Tagged report"]);
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            attributes: [("region".to_string(), "us".to_string())].into(),
+            ..q("report")
+        },
+    )
+    .await
+    .expect("other value");
+    assert!(r.hits.is_empty());
+    // Documents follow the same rules.
+    let mut bad = doc("kb", "2", "t", "b");
+    bad.tags = vec!["a\u{0}b".into()];
+    bad.attributes.insert("k".into(), "v\u{0}".into());
+    let err = c
+        .index_documents(bearer(
+            pb::IndexDocumentsRequest {
+                documents: vec![bad],
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad document");
+    assert_eq!(
+        violations(&err),
+        vec!["documents[0].tags[0]", "documents[0].attributes[k]"]
+    );
+}
+
+/// Every page of `request` (of `page_size`), in order.
+async fn all_pages(
+    c: &mut SearchServiceClient<Channel>,
+    token: &str,
+    request: pb::SearchRequest,
+) -> Vec<pb::SearchHit> {
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..100 {
+        let r = find(
+            c,
+            token,
+            pb::SearchRequest {
+                page_token: page_token.clone(),
+                ..request.clone()
+            },
+        )
+        .await
+        .expect("page");
+        assert!(r.hits.len() <= request.page_size as usize);
+        out.extend(r.hits);
+        if r.next_page_token.is_empty() {
+            return out;
+        }
+        page_token = r.next_page_token;
+    }
+    panic!("more than 100 pages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relevance_pages_with_many_distinct_scores_equal_the_one_shot_ranking() {
+    let mesh = TestMesh::start().await;
+    let (token, _) = member(&mesh, "pager").await;
+    let mut c = search_client(&mesh).await;
+    // The words' distance sets the cover density score: 50 distances give
+    // 50 distinct scores, and every fifth one is indexed twice (ties,
+    // broken by id).
+    let mut docs = Vec::new();
+    for i in 0..50 {
+        let body = format!("alpha {} beta", "filler ".repeat(i));
+        docs.push(doc("kb", &format!("d{i}"), &format!("Doc {i}"), &body));
+        if i % 5 == 0 {
+            docs.push(doc("kb", &format!("t{i}"), &format!("Twin {i}"), &body));
+        }
+    }
+    index(&mut c, &token, docs).await;
+    let request = |page_size| pb::SearchRequest {
+        query: "alpha beta".into(),
+        page_size,
+        ..Default::default()
+    };
+    let one_shot = find(&mut c, &token, request(100)).await.expect("one shot");
+    assert_eq!(one_shot.hits.len(), 60);
+    assert!(one_shot.next_page_token.is_empty());
+    let distinct: HashSet<u64> = one_shot.hits.iter().map(|h| h.score.to_bits()).collect();
+    assert_eq!(distinct.len(), 50, "distinct scores");
+    assert!(
+        one_shot.hits.windows(2).all(|w| w[0].score >= w[1].score),
+        "best first"
+    );
+    // The closest pair ranks first: the twins at distance 0, tied.
+    let top: HashSet<String> = titles(&one_shot)[..2].iter().cloned().collect();
+    assert_eq!(top, ["Doc 0", "Twin 0"].map(String::from).into());
+    assert_eq!(one_shot.hits[0].score, one_shot.hits[1].score);
+    let ids = |hits: &[pb::SearchHit]| -> Vec<String> {
+        hits.iter().map(|h| h.document_id.clone()).collect()
+    };
+    for size in [7, 10, 13] {
+        let paged = all_pages(&mut c, &token, request(size)).await;
+        assert_eq!(ids(&paged), ids(&one_shot.hits), "pages of {size}");
+        let unique: HashSet<String> = ids(&paged).into_iter().collect();
+        assert_eq!(unique.len(), 60, "no duplicates in pages of {size}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recency_follows_the_last_update_and_date_ranges_split_the_corpus() {
+    let mesh = TestMesh::start().await;
+    let (token, _) = member(&mesh, "recent").await;
+    let mut c = search_client(&mesh).await;
+    // One call each: every document gets its own update time.
+    let mut times = Vec::new();
+    for name in ["first", "second", "third", "fourth"] {
+        let res = index(
+            &mut c,
+            &token,
+            vec![doc("kb", name, &format!("Memo {name}"), "weekly memo")],
+        )
+        .await;
+        let got = c
+            .get_document(bearer(
+                pb::GetDocumentRequest {
+                    id: res[0].id.clone(),
+                },
+                &token,
+            ))
+            .await
+            .expect("get")
+            .into_inner()
+            .document
+            .expect("doc");
+        times.push(got.update_time.expect("update time"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let recent = |query: &str| pb::SearchRequest {
+        query: query.into(),
+        order_by: pb::SearchOrder::Recency as i32,
+        ..Default::default()
+    };
+    let r = find(&mut c, &token, recent("memo")).await.expect("recent");
+    assert_eq!(
+        titles(&r),
+        vec!["Memo fourth", "Memo third", "Memo second", "Memo first"]
+    );
+    // Re-indexing the oldest makes it the newest (and keeps its id).
+    index(
+        &mut c,
+        &token,
+        vec![doc("kb", "first", "Memo first", "weekly memo, revised")],
+    )
+    .await;
+    let r = find(&mut c, &token, recent("memo"))
+        .await
+        .expect("after update");
+    assert_eq!(
+        titles(&r),
+        vec!["Memo first", "Memo fourth", "Memo third", "Memo second"]
+    );
+    // Recency pages of one follow the same order.
+    let paged = all_pages(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            page_size: 1,
+            ..recent("memo")
+        },
+    )
+    .await;
+    let paged: Vec<String> = paged.into_iter().map(|h| h.title).collect();
+    assert_eq!(paged, titles(&r));
+    // By relevance (equal scores here) ties go by id, which re-indexing
+    // keeps: the first document stays last.
+    let r = find(&mut c, &token, q("weekly")).await.expect("relevance");
+    assert_eq!(titles(&r).last().map(String::as_str), Some("Memo first"));
+
+    // A range from the third's update time (inclusive) to the fourth's
+    // (exclusive) holds exactly the third; after the third: third and
+    // fourth and the re-indexed first; before the third: only the second.
+    let ranged = |after: Option<prost_types::Timestamp>, before: Option<prost_types::Timestamp>| {
+        pb::SearchRequest {
+            updated_after: after,
+            updated_before: before,
+            page_size: 100,
+            ..recent("memo")
+        }
+    };
+    let r = find(&mut c, &token, ranged(Some(times[2]), Some(times[3])))
+        .await
+        .expect("split");
+    assert_eq!(titles(&r), vec!["Memo third"]);
+    let r = find(&mut c, &token, ranged(Some(times[2]), None))
+        .await
+        .expect("after");
+    assert_eq!(titles(&r), vec!["Memo first", "Memo fourth", "Memo third"]);
+    let r = find(&mut c, &token, ranged(None, Some(times[2])))
+        .await
+        .expect("before");
+    assert_eq!(titles(&r), vec!["Memo second"]);
+    assert_eq!(r.estimated_total_size, 1);
+    // An empty or inverted range is the caller's mistake.
+    for (a, b) in [(times[2], times[2]), (times[3], times[1])] {
+        let err = find(&mut c, &token, ranged(Some(a), Some(b)))
+            .await
+            .expect_err("inverted");
+        assert_eq!(violations(&err), vec!["updated_after"]);
+    }
+    let err = find(
+        &mut c,
+        &token,
+        ranged(
+            Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: -5,
+            }),
+            None,
+        ),
+    )
+    .await
+    .expect_err("bad timestamp");
+    assert_eq!(violations(&err), vec!["updated_after"]);
+}

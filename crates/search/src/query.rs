@@ -76,9 +76,13 @@ impl Query {
 }
 
 /// Where the next page starts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Cursor {
-    Score(f64, Uuid),
+    /// The last score's exact bits (`f64::to_bits`) and id: the keyset
+    /// comparison needs the very value PostgreSQL computed, and a decimal
+    /// JSON number does not promise to parse back to the same bits.
+    Score(u64, Uuid),
+    /// The last `updated_at` in microseconds (PostgreSQL's precision) and id.
     Time(i64, Uuid),
 }
 
@@ -205,7 +209,7 @@ pub async fn run(
         Some(Cursor::Score(s, id)) if !query.recency => {
             sql = sql
                 .sql(format!(" WHERE (m.score, m.id) < (${}, ${})", n + 1, n + 2))
-                .bind::<Double, _>(*s)
+                .bind::<Double, _>(f64::from_bits(*s))
                 .bind::<diesel::sql_types::Uuid, _>(*id);
             n += 2;
         }
@@ -282,7 +286,7 @@ pub async fn run(
         Some(last) if more => Some(if query.recency {
             Cursor::Time(last.updated_at.timestamp_micros(), last.id)
         } else {
-            Cursor::Score(last.score, last.id)
+            Cursor::Score(last.score.to_bits(), last.id)
         }),
         _ => None,
     };
@@ -480,6 +484,34 @@ mod tests {
             vec!["rust", "developer", "golang", "c++"]
         );
         assert!(plain_words("-- ; DROP TABLE").contains(&"drop".to_string()));
+    }
+
+    #[test]
+    fn relevance_cursors_keep_the_exact_score() {
+        let tokens = trellis_core::page::PageTokens::new(b"k");
+        let id = Uuid::now_v7();
+        // ts_rank_cd is a float4 widened to float8; some of these have the
+        // longest decimal forms, and the last ones are extremes.
+        let mut scores: Vec<f64> = (1..2000u32)
+            .map(|i| f64::from(f32::from_bits(0x3c00_0000 + i * 7919)))
+            .collect();
+        scores.extend([
+            0.1f32 as f64,
+            1.0 / 3.0,
+            f64::MIN_POSITIVE,
+            5e-324,
+            f64::MAX,
+            0.0,
+        ]);
+        for s in scores {
+            let c = Cursor::Score(s.to_bits(), id);
+            let back: Option<Cursor> = tokens.open(&tokens.seal("q", &c), "q").expect("opens");
+            let Some(Cursor::Score(bits, back_id)) = back else {
+                panic!("not a score cursor");
+            };
+            assert_eq!(f64::from_bits(bits).to_bits(), s.to_bits(), "{s:e}");
+            assert_eq!(back_id, id);
+        }
     }
 
     #[test]
