@@ -1121,3 +1121,173 @@ async fn recency_follows_the_last_update_and_date_ranges_split_the_corpus() {
     .expect_err("bad timestamp");
     assert_eq!(violations(&err), vec!["updated_after"]);
 }
+
+async fn web_mesh(url: String, key: &str) -> TestMesh {
+    let key = key.to_string();
+    TestMesh::start_with(TestOptions::default(), |c| {
+        c.search.web = Some(WebSearchConfig {
+            url,
+            api_key: Some(key),
+            timeout: Duration::from_millis(500),
+            ..Default::default()
+        });
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_search_sends_its_key_and_bad_answers_degrade_to_local_results() {
+    let web = FakeWeb::start(WebScript::Results(vec![(
+        "Gardening on the web".into(),
+        "https://example.org/garden".into(),
+        "Tomatoes and roses".into(),
+    )]))
+    .await;
+    web.require_key("tvly-right");
+    let mesh = web_mesh(web.url(), "tvly-right").await;
+    let (token, _) = member(&mesh, "gardener").await;
+    let mut c = search_client(&mesh).await;
+    index(
+        &mut c,
+        &token,
+        vec![
+            doc("kb", "1", "Gardening basics", "soil and water"),
+            doc("kb", "2", "Gardening tools", "spades"),
+        ],
+    )
+    .await;
+    let with_web = |page_size, page_token: String| pb::SearchRequest {
+        include_web: true,
+        page_size,
+        page_token,
+        ..q("gardening")
+    };
+    let r = find(&mut c, &token, with_web(0, String::new()))
+        .await
+        .expect("fused");
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert_eq!(r.hits.len(), 3);
+    assert_eq!(r.hits[1].source, pb::HitSource::Web as i32);
+    assert_eq!(
+        web.last_authorization().as_deref(),
+        Some("Bearer tvly-right")
+    );
+    assert_eq!(web.last_body().expect("body")["api_key"], "tvly-right");
+    // Only the first page asks the web; later pages are local.
+    let first = find(&mut c, &token, with_web(1, String::new()))
+        .await
+        .expect("page 1");
+    assert_eq!(web.hits(), 2);
+    let second = find(&mut c, &token, with_web(1, first.next_page_token.clone()))
+        .await
+        .expect("page 2");
+    assert_eq!(web.hits(), 2, "page 2 did not ask the web");
+    assert!(
+        second
+            .hits
+            .iter()
+            .all(|h| h.source == pb::HitSource::Local as i32)
+    );
+
+    // Malformed answers: not JSON, or JSON of the wrong shape.
+    let local_only = |r: &pb::SearchResponse| {
+        r.hits.len() == 2
+            && r.hits
+                .iter()
+                .all(|h| h.source == pb::HitSource::Local as i32)
+    };
+    for body in [
+        "<html>oops</html>",
+        "{\"results\": 5}",
+        "{\"results\": [{\"title\": 7}]}",
+    ] {
+        web.set(WebScript::Raw(body.into()));
+        let r = find(&mut c, &token, with_web(0, String::new()))
+            .await
+            .expect("degraded");
+        assert!(local_only(&r), "{body}: {r:?}");
+        assert_eq!(
+            r.warnings,
+            vec!["web search sent an unreadable answer; showing local results only"],
+            "{body}"
+        );
+    }
+
+    // A wrong key: the provider's 401 becomes a warning too.
+    web.set(WebScript::Results(vec![(
+        "Gardening on the web".into(),
+        "https://example.org/garden".into(),
+        "Tomatoes".into(),
+    )]));
+    let wrong = web_mesh(web.url(), "tvly-wrong").await;
+    let (token, _) = member(&wrong, "gardener2").await;
+    let mut c = search_client(&wrong).await;
+    index(
+        &mut c,
+        &token,
+        vec![doc("kb", "1", "Gardening basics", "soil")],
+    )
+    .await;
+    let r = find(&mut c, &token, with_web(0, String::new()))
+        .await
+        .expect("unauthorized");
+    assert_eq!(titles(&r), vec!["Gardening basics"]);
+    assert!(r.warnings[0].contains("HTTP 401"), "{:?}", r.warnings);
+    assert_eq!(
+        web.last_authorization().as_deref(),
+        Some("Bearer tvly-wrong")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_or_unconfigured_web_search_is_a_warning() {
+    // A port nobody listens on any more.
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mesh = web_mesh(format!("http://{closed}"), "tvly-x").await;
+    let (token, _) = member(&mesh, "offline").await;
+    let mut c = search_client(&mesh).await;
+    index(
+        &mut c,
+        &token,
+        vec![doc("kb", "1", "Offline notes", "local")],
+    )
+    .await;
+    let request = pb::SearchRequest {
+        include_web: true,
+        ..q("offline")
+    };
+    let r = find(&mut c, &token, request.clone())
+        .await
+        .expect("unreachable");
+    assert_eq!(titles(&r), vec!["Offline notes"]);
+    assert_eq!(
+        r.warnings,
+        vec!["web search unreachable; showing local results only"]
+    );
+
+    // Off by default: asking for it says so, and local search still works.
+    let plain = TestMesh::start().await;
+    let (token, _) = member(&plain, "noweb").await;
+    let mut c = search_client(&plain).await;
+    index(
+        &mut c,
+        &token,
+        vec![doc("kb", "1", "Offline notes", "local")],
+    )
+    .await;
+    let r = find(&mut c, &token, request).await.expect("not configured");
+    assert_eq!(titles(&r), vec!["Offline notes"]);
+    assert_eq!(
+        r.warnings,
+        vec!["web search is not configured (search.web)"]
+    );
+    let r = find(&mut c, &token, q("offline"))
+        .await
+        .expect("no web asked");
+    assert!(r.warnings.is_empty());
+}
