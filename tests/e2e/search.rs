@@ -529,6 +529,75 @@ async fn typos_fall_back_to_similar_titles_with_a_suggestion() {
     let r = find(&mut c, &token, q("zzzzqqq")).await.expect("nothing");
     assert!(r.hits.is_empty());
     assert_eq!(r.did_you_mean, "");
+
+    // A word that is only in a body is found and corrected too.
+    let r = find(&mut c, &token, q("sytems")).await.expect("body");
+    assert!(r.fuzzy);
+    assert_eq!(titles(&r), vec!["Rust Engineer"]);
+    assert_eq!(r.did_you_mean, "systems");
+
+    // Exclusions hold in the fallback: words and phrases.
+    index(
+        &mut c,
+        &token,
+        vec![doc(
+            "jobs",
+            "3",
+            "Python Data Analyst",
+            "Pandas and notebooks.",
+        )],
+    )
+    .await;
+    let r = find(&mut c, &token, q("pyton")).await.expect("both");
+    let both: HashSet<String> = titles(&r).into_iter().collect();
+    assert_eq!(
+        both,
+        ["Senior Python Developer", "Python Data Analyst"]
+            .map(String::from)
+            .into()
+    );
+    assert_eq!(r.estimated_total_size, 2);
+    for text in ["pyton -django", "pyton -\"backend work\""] {
+        let r = find(&mut c, &token, q(text)).await.expect("excluded");
+        assert!(r.fuzzy, "{text}");
+        assert_eq!(titles(&r), vec!["Python Data Analyst"], "{text}");
+        assert_eq!(r.did_you_mean, "python", "{text}");
+    }
+
+    // Analytics count what the query found as typed: a rescued typo is a
+    // zero-result query.
+    let history = || {
+        let mut c = c.clone();
+        let t = token.clone();
+        async move {
+            c.list_search_history(bearer(
+                pb::ListSearchHistoryRequest {
+                    page_size: 100,
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await
+            .map(|r| r.into_inner().entries)
+            .unwrap_or_default()
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            history().await.len() == 7
+        })
+        .await
+    );
+    let entries = history().await;
+    let count = |query: &str| {
+        entries
+            .iter()
+            .find(|e| e.query == query)
+            .map(|e| e.result_count)
+    };
+    assert_eq!(count("pyton developer"), Some(0));
+    assert_eq!(count("python developer"), Some(1));
+    assert_eq!(count("sytems"), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,6 +629,21 @@ async fn private_documents_of_others_never_show() {
         r.hits.is_empty() && r.did_you_mean.is_empty(),
         "not even in suggestions: {r:?}"
     );
+    // The positive control: the owner gets the suggestion Bob does not.
+    let r = find(&mut c, &alice, q("mergr"))
+        .await
+        .expect("owner's typo");
+    assert_eq!(r.did_you_mean, "merger");
+    assert_eq!(titles(&r), vec!["Secret merger plans"]);
+    // A word only in the private body: the same.
+    let r = find(&mut c, &bob, q("confidentail"))
+        .await
+        .expect("body typo");
+    assert!(r.hits.is_empty() && r.did_you_mean.is_empty(), "{r:?}");
+    let r = find(&mut c, &alice, q("confidentail"))
+        .await
+        .expect("owner");
+    assert_eq!(r.did_you_mean, "confidential");
     let r = find(
         &mut c,
         &bob,

@@ -317,7 +317,10 @@ impl SearchService for SearchSvc {
                     user_id: p.user_id,
                     query: q.text.clone(),
                     filters: q.filters_json(),
-                    result_count: page.total,
+                    // Exact matches: a query rescued by the typo fallback
+                    // still found nothing as typed, which is what the
+                    // zero-result analytics are for.
+                    result_count: if page.fuzzy { 0 } else { page.total },
                     latency_ms: took.as_millis().min(i32::MAX as u128) as i32,
                     created_at: Utc::now(),
                 },
