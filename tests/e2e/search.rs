@@ -1375,3 +1375,207 @@ async fn unreachable_or_unconfigured_web_search_is_a_warning() {
         .expect("no web asked");
     assert!(r.warnings.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_validates_and_administrators_reach_any_document() {
+    let mesh = TestMesh::start().await;
+    let (alice, _) = member(&mesh, "alicev").await;
+    let (bob, _) = member(&mesh, "bobv").await;
+    let (_, admin) = admin_account(&mesh, "adminv").await;
+    let mut c = search_client(&mesh).await;
+    let res = index(
+        &mut c,
+        &alice,
+        vec![doc("private", "1", "Alice's plan", "secret plan")],
+    )
+    .await;
+    let id = res[0].id.clone();
+    let shared_client = c.clone();
+
+    // DeleteDocuments: 1 to 500 ids, each a UUID.
+    let delete = |ids: Vec<String>, token: &str| {
+        let mut c = shared_client.clone();
+        let token = token.to_string();
+        async move {
+            c.delete_documents(bearer(pb::DeleteDocumentsRequest { ids }, &token))
+                .await
+                .map(|r| r.into_inner().deleted_count)
+        }
+    };
+    let err = delete(vec![], &alice).await.expect_err("empty");
+    assert_eq!(violations(&err), vec!["ids"]);
+    let many: Vec<String> = (0..501).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let err = delete(many, &alice).await.expect_err("too many");
+    assert_eq!(violations(&err), vec!["ids"]);
+    let err = delete(vec![id.clone(), "not-a-uuid".into(), "".into()], &alice)
+        .await
+        .expect_err("bad ids");
+    assert_eq!(violations(&err), vec!["ids[1]", "ids[2]"]);
+    // Nothing was deleted by the refused calls.
+    let get = |id: &str, token: &str| {
+        let mut c = shared_client.clone();
+        let (id, token) = (id.to_string(), token.to_string());
+        async move {
+            c.get_document(bearer(pb::GetDocumentRequest { id }, &token))
+                .await
+                .map(|r| r.into_inner().document.expect("document"))
+        }
+    };
+    assert_eq!(
+        get(&id, &alice).await.expect("still there").title,
+        "Alice's plan"
+    );
+
+    // Search: unknown order and page size.
+    let err = find(
+        &mut c,
+        &alice,
+        pb::SearchRequest {
+            order_by: 42,
+            ..q("plan")
+        },
+    )
+    .await
+    .expect_err("order");
+    assert_eq!(violations(&err), vec!["order_by"]);
+    let r = find(
+        &mut c,
+        &alice,
+        pb::SearchRequest {
+            page_size: 100_000,
+            ..q("plan")
+        },
+    )
+    .await
+    .expect("clamped page size");
+    assert_eq!(r.hits.len(), 1);
+
+    // ListSearchHistory: page size and tokens, bound to their owner.
+    for i in 0..3 {
+        find(&mut c, &alice, q(&format!("plan {i}")))
+            .await
+            .expect("search");
+    }
+    let history = |page_size: i32, page_token: String, token: &str| {
+        let mut c = shared_client.clone();
+        let token = token.to_string();
+        async move {
+            c.list_search_history(bearer(
+                pb::ListSearchHistoryRequest {
+                    page_size,
+                    page_token,
+                },
+                &token,
+            ))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    // The history is written after the answer.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            history(0, String::new(), &alice)
+                .await
+                .map(|h| h.entries.len() == 4)
+                .unwrap_or(false)
+        })
+        .await
+    );
+    let err = history(-1, String::new(), &alice).await.expect_err("size");
+    assert_eq!(violations(&err), vec!["page_size"]);
+    let err = history(2, "garbage".into(), &alice)
+        .await
+        .expect_err("token");
+    assert_eq!(violations(&err), vec!["page_token"]);
+    let first = history(2, String::new(), &alice).await.expect("page");
+    assert_eq!(first.entries.len(), 2);
+    assert!(!first.next_page_token.is_empty());
+    let err = history(2, first.next_page_token.clone(), &bob)
+        .await
+        .expect_err("another user's token");
+    assert_eq!(violations(&err), vec!["page_token"]);
+    assert!(
+        history(0, String::new(), &bob)
+            .await
+            .expect("bob's")
+            .entries
+            .is_empty()
+    );
+
+    // GetPopularQueries: the window and the limit.
+    let popular = |r: pb::GetPopularQueriesRequest| {
+        let mut c = shared_client.clone();
+        let admin = admin.clone();
+        async move {
+            c.get_popular_queries(bearer(r, &admin))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let at = |seconds: i64| {
+        Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp() + seconds,
+            nanos: 0,
+        })
+    };
+    let err = popular(pb::GetPopularQueriesRequest {
+        start_time: at(0),
+        end_time: at(-60),
+        ..Default::default()
+    })
+    .await
+    .expect_err("inverted window");
+    assert_eq!(violations(&err), vec!["start_time"]);
+    let err = popular(pb::GetPopularQueriesRequest {
+        limit: -1,
+        end_time: Some(prost_types::Timestamp {
+            seconds: 0,
+            nanos: 2_000_000_000,
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect_err("limit and timestamp");
+    assert_eq!(violations(&err), vec!["end_time", "limit"]);
+    // A window that ended an hour ago holds none of today's searches.
+    let past = popular(pb::GetPopularQueriesRequest {
+        start_time: at(-7200),
+        end_time: at(-3600),
+        ..Default::default()
+    })
+    .await
+    .expect("past");
+    assert!(past.top_queries.is_empty());
+    let now = popular(pb::GetPopularQueriesRequest {
+        limit: 2,
+        ..Default::default()
+    })
+    .await
+    .expect("limited");
+    assert_eq!(now.top_queries.len(), 2);
+    let err = c
+        .get_popular_queries(bearer(pb::GetPopularQueriesRequest::default(), &bob))
+        .await
+        .expect_err("members");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Another member: the document does not exist for them.
+    assert_eq!(
+        get(&id, &bob).await.expect_err("bob").code(),
+        Code::NotFound
+    );
+    assert_eq!(delete(vec![id.clone()], &bob).await.expect("bob"), 0);
+    // An administrator reads and deletes anyone's document.
+    let got = get(&id, &admin).await.expect("admin reads");
+    assert_eq!(got.visibility, pb::Visibility::Private as i32);
+    assert_eq!(
+        delete(vec![id.clone()], &admin)
+            .await
+            .expect("admin deletes"),
+        1
+    );
+    assert_eq!(
+        get(&id, &alice).await.expect_err("gone").code(),
+        Code::NotFound
+    );
+}
