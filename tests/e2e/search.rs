@@ -253,6 +253,49 @@ async fn titles_outrank_bodies_and_phrases_outrank_scattered_words() {
     );
 }
 
+/// The collection of generated report `i`.
+fn collection_of(i: usize) -> &'static str {
+    if i % 3 == 0 {
+        "alpha"
+    } else if i % 5 == 4 {
+        "gamma"
+    } else {
+        "beta"
+    }
+}
+
+/// `token`'s history (newest first) once an entry matching `ready` is there.
+async fn eventually_history(
+    c: &SearchServiceClient<Channel>,
+    token: &str,
+    ready: impl Fn(&pb::SearchHistoryEntry) -> bool,
+) -> Vec<pb::SearchHistoryEntry> {
+    let list = || {
+        let mut c = c.clone();
+        let token = token.to_string();
+        async move {
+            c.list_search_history(bearer(
+                pb::ListSearchHistoryRequest {
+                    page_size: 100,
+                    ..Default::default()
+                },
+                &token,
+            ))
+            .await
+            .map(|r| r.into_inner().entries)
+            .unwrap_or_default()
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            list().await.iter().any(&ready)
+        })
+        .await,
+        "no such history entry"
+    );
+    list().await.into_iter().filter(|e| ready(e)).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_order_and_pagination() {
     let mesh = TestMesh::start().await;
@@ -261,7 +304,7 @@ async fn filters_order_and_pagination() {
     let mut docs = Vec::new();
     for i in 0..45 {
         let mut d = doc(
-            if i % 3 == 0 { "alpha" } else { "beta" },
+            collection_of(i),
             &format!("d{i:02}"),
             &format!("Report number {i}"),
             &format!("quarterly report body {i}"),
@@ -271,6 +314,9 @@ async fn filters_order_and_pagination() {
         } else {
             vec!["all".into()]
         };
+        if i % 3 == 0 {
+            d.tags.push("third".into());
+        }
         d.attributes
             .insert("region".into(), if i % 5 == 0 { "eu" } else { "us" }.into());
         docs.push(d);
@@ -317,6 +363,81 @@ async fn filters_order_and_pagination() {
     .await
     .expect("a");
     assert_eq!(r.hits.len(), 9);
+    // Several tags: all are required; several collections: any of them;
+    // every filter at once: all of them (expected sets from the generator).
+    let expect = |keep: &dyn Fn(usize) -> bool| -> HashSet<String> {
+        (0..45)
+            .filter(|&i| keep(i))
+            .map(|i| format!("Report number {i}"))
+            .collect()
+    };
+    let got = |r: &pb::SearchResponse| -> HashSet<String> { titles(r).into_iter().collect() };
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            tags: vec!["even".into(), "third".into()],
+            page_size: 100,
+            ..base()
+        },
+    )
+    .await
+    .expect("two tags");
+    assert_eq!(got(&r), expect(&|i| i % 6 == 0));
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            collections: vec!["gamma".into(), "alpha".into()],
+            page_size: 100,
+            ..base()
+        },
+    )
+    .await
+    .expect("two collections");
+    assert_eq!(
+        got(&r),
+        expect(&|i| ["alpha", "gamma"].contains(&collection_of(i)))
+    );
+    assert_eq!(r.estimated_total_size, 21);
+    let mut eu = HashMap::new();
+    eu.insert("region".to_string(), "eu".to_string());
+    let everything = pb::SearchRequest {
+        collections: vec!["beta".into(), "gamma".into()],
+        tags: vec!["even".into()],
+        attributes: eu.clone(),
+        page_size: 100,
+        ..base()
+    };
+    let r = find(&mut c, &token, everything.clone())
+        .await
+        .expect("all filters");
+    assert_eq!(
+        got(&r),
+        expect(&|i| collection_of(i) != "alpha" && i % 2 == 0 && i % 5 == 0)
+    );
+    assert!(!r.hits.is_empty());
+    let took = r.took.expect("took");
+    assert!(took.seconds > 0 || took.nanos > 0, "{took:?}");
+    // The history keeps those filters and that latency.
+    let entries = eventually_history(&c, &token, |e| e.filters.contains("beta")).await;
+    let entry = &entries[0];
+    let filters: serde_json::Value = serde_json::from_str(&entry.filters).expect("json");
+    assert_eq!(
+        filters,
+        serde_json::json!({
+            "collections": ["beta", "gamma"],
+            "tags": ["even"],
+            "attributes": {"region": "eu"},
+        })
+    );
+    assert_eq!(entry.result_count, r.estimated_total_size);
+    let latency = entry.latency.expect("latency");
+    let took_ms = took.seconds * 1000 + i64::from(took.nanos / 1_000_000);
+    assert_eq!(
+        latency.seconds * 1000 + i64::from(latency.nanos / 1_000_000),
+        took_ms
+    );
     // Date range: nothing updated in the future, everything before it.
     let future = prost_types::Timestamp {
         seconds: chrono::Utc::now().timestamp() + 3600,
