@@ -1700,3 +1700,42 @@ async fn every_rpc_validates_and_administrators_reach_any_document() {
         Code::NotFound
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_language_decides_stemming_and_stop_words() {
+    let docs = || {
+        vec![
+            doc("kb", "de", "Die Häuser der Stadt", "Alte Häuser am Fluss"),
+            doc("kb", "en", "Running the marathon", "The runners were running fast"),
+        ]
+    };
+    let mut found = HashMap::new();
+    for language in ["english", "german", "simple"] {
+        let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+            c.search.language = language.into();
+        })
+        .await;
+        let (token, _) = member(&mesh, &format!("lang{language}")).await;
+        let mut c = search_client(&mesh).await;
+        index(&mut c, &token, docs()).await;
+        for text in ["haus", "run", "the"] {
+            let r = find(&mut c, &token, q(text)).await.expect("search");
+            // Only exact matches count here, not the typo fallback.
+            let hits = if r.fuzzy { Vec::new() } else { titles(&r) };
+            found.insert((language, text), hits);
+        }
+    }
+    let none: Vec<String> = Vec::new();
+    let de = vec!["Die Häuser der Stadt".to_string()];
+    let en = vec!["Running the marathon".to_string()];
+    // German stems Häuser to haus; English and simple do not.
+    assert_eq!(found[&("german", "haus")], de);
+    assert_eq!(found[&("english", "haus")], none);
+    assert_eq!(found[&("simple", "haus")], none);
+    // English stems running to run; simple keeps words as they are.
+    assert_eq!(found[&("english", "run")], en);
+    assert_eq!(found[&("simple", "run")], none);
+    // "the" is an English stop word (a query of nothing); simple finds it.
+    assert_eq!(found[&("english", "the")], none);
+    assert_eq!(found[&("simple", "the")], en);
+}
