@@ -255,7 +255,7 @@ async fn titles_outrank_bodies_and_phrases_outrank_scattered_words() {
 
 /// The collection of generated report `i`.
 fn collection_of(i: usize) -> &'static str {
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         "alpha"
     } else if i % 5 == 4 {
         "gamma"
@@ -1706,7 +1706,12 @@ async fn the_configured_language_decides_stemming_and_stop_words() {
     let docs = || {
         vec![
             doc("kb", "de", "Die Häuser der Stadt", "Alte Häuser am Fluss"),
-            doc("kb", "en", "Running the marathon", "The runners were running fast"),
+            doc(
+                "kb",
+                "en",
+                "Running the marathon",
+                "The runners were running fast",
+            ),
         ]
     };
     let mut found = HashMap::new();
@@ -1738,4 +1743,117 @@ async fn the_configured_language_decides_stemming_and_stop_words() {
     // "the" is an English stop word (a query of nothing); simple finds it.
     assert_eq!(found[&("english", "the")], none);
     assert_eq!(found[&("simple", "the")], en);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeding_a_fresh_database_makes_the_demo_corpus_searchable() {
+    let mesh = TestMesh::start().await;
+    // A fresh database: no administrator yet, and `seed` makes one.
+    let seeded = trellisd::dev::seed_documents(&mesh.config, &mesh.store, 40)
+        .await
+        .expect("seed");
+    assert_eq!(seeded.documents, 48, "40 profiles + 8 help articles");
+    let (username, password) = seeded.admin.clone().expect("administrator created");
+    let mut a = auth(&mesh).await;
+    let login = a
+        .login(trellis_proto::auth::v1::LoginRequest {
+            login: username,
+            password,
+            ..Default::default()
+        })
+        .await
+        .expect("the seeded administrator can log in")
+        .into_inner();
+    assert!(login.tokens.is_some());
+    // Again: the same documents replaced, no second administrator.
+    let again = trellisd::dev::seed_documents(&mesh.config, &mesh.store, 40)
+        .await
+        .expect("seed again");
+    assert_eq!(again.documents, 48);
+    assert!(again.admin.is_none());
+
+    // Any member sees the shared demo collections and finds candidates.
+    let (token, _) = member(&mesh, "recruiter").await;
+    let mut c = search_client(&mesh).await;
+    let cols = c
+        .list_collections(bearer(pb::ListCollectionsRequest {}, &token))
+        .await
+        .expect("collections")
+        .into_inner()
+        .collections;
+    assert_eq!(
+        cols,
+        vec![
+            pb::Collection {
+                name: "candidates".into(),
+                document_count: 40
+            },
+            pb::Collection {
+                name: "help".into(),
+                document_count: 8
+            },
+        ]
+    );
+    let r = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            collections: vec!["candidates".into()],
+            page_size: 100,
+            ..q("engineer")
+        },
+    )
+    .await
+    .expect("candidates");
+    assert!(!r.hits.is_empty() && !r.fuzzy);
+    assert!(r.hits.iter().all(|h| h.collection == "candidates"));
+    assert!(
+        r.hits.iter().all(|h| h.title.contains("Engineer")),
+        "{:?}",
+        titles(&r)
+    );
+    // Attributes of the profiles filter too.
+    let senior = find(
+        &mut c,
+        &token,
+        pb::SearchRequest {
+            collections: vec!["candidates".into()],
+            attributes: [("seniority".to_string(), "senior".to_string())].into(),
+            page_size: 100,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("senior");
+    assert!(!senior.hits.is_empty());
+    assert!(senior.hits.iter().all(|h| h.title.contains("Senior")));
+    let r = find(&mut c, &token, q("did you mean")).await.expect("help");
+    assert_eq!(titles(&r), vec!["Searching documents"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_hold_the_search_permissions_the_readme_shows() {
+    let mesh = TestMesh::start().await;
+    let (token, _) = member(&mesh, "permcheck").await;
+    let me = crate::auth::who(&mut auth(&mesh).await, &token)
+        .await
+        .expect("who am i");
+    let search: Vec<String> = me
+        .principal
+        .expect("principal")
+        .permissions
+        .into_iter()
+        .filter(|p| p.starts_with("search:"))
+        .collect();
+    // Not `search:*`: reading everyone's documents, deleting them and the
+    // analytics are the administrators'.
+    assert_eq!(
+        search,
+        vec![
+            "search:documents:read",
+            "search:documents:write",
+            "search:history:*",
+            "search:query:run",
+        ]
+    );
 }
