@@ -21,8 +21,11 @@ CREATE INDEX search_documents_tags ON search_documents USING GIN (tags);
 CREATE INDEX search_documents_attributes ON search_documents USING GIN (attributes jsonb_path_ops);
 CREATE INDEX search_documents_collection ON search_documents (collection);
 CREATE INDEX search_documents_updated ON search_documents (updated_at DESC, id DESC);
--- Typo fallback and "did you mean": word similarity over titles.
-CREATE INDEX search_documents_title_trgm ON search_documents USING GIN (title gin_trgm_ops);
+-- Typo fallback and "did you mean": word similarity over the title and the
+-- start of the body (the same expression as FUZZY_TEXT in
+-- crates/search/src/query.rs).
+CREATE INDEX search_documents_fuzzy_trgm ON search_documents
+    USING GIN ((title || ' ' || left(body, 2000)) gin_trgm_ops);
 
 CREATE TABLE search_history (
     id           uuid PRIMARY KEY,

@@ -1231,3 +1231,83 @@ async fn a_slow_reader_stalls_nobody_and_still_gets_every_byte() {
         pb::MessageStatus::Completed as i32
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrieval_sessions_cite_the_callers_private_documents_only() {
+    let r: Rig = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let mut search = crate::search::search_client(&r.mesh).await;
+    let other = access(&register(&mut auth(&r.mesh).await, "otherrag").await);
+    crate::search::index(
+        &mut search,
+        &r.token,
+        vec![crate::search::doc(
+            "notes",
+            "mine",
+            "My rollout plan",
+            "The database rollout happens on Tuesday.",
+        )],
+    )
+    .await;
+    crate::search::index(
+        &mut search,
+        &other,
+        vec![crate::search::doc(
+            "notes",
+            "theirs",
+            "Competing rollout plan",
+            "Their database rollout is secret.",
+        )],
+    )
+    .await;
+    let creator = c.clone();
+    let session = |token: &str| {
+        let mut c = creator.clone();
+        let token = token.to_string();
+        async move {
+            c.create_session(bearer(
+                pb::CreateSessionRequest {
+                    title: "rag".into(),
+                    model: "fast".into(),
+                    retrieval: true,
+                    ..Default::default()
+                },
+                &token,
+            ))
+            .await
+            .expect("session")
+            .into_inner()
+            .session
+            .expect("s")
+        }
+    };
+    let mine = session(&r.token).await;
+    let turn = send_message(
+        &mut c,
+        &r.token,
+        send(&mine.id, "When is the database rollout?", ""),
+    )
+    .await
+    .expect("turn");
+    let cited: Vec<&str> = turn.citations.iter().map(|c| c.title.as_str()).collect();
+    assert_eq!(cited, vec!["My rollout plan"]);
+    assert!(turn.citations[0].snippet.contains("Tuesday"));
+    let stored = messages(&mut c, &r.token, &mine.id).await;
+    let stored_titles: Vec<&str> = stored[1]
+        .citations
+        .iter()
+        .map(|c| c.title.as_str())
+        .collect();
+    assert_eq!(stored_titles, vec!["My rollout plan"]);
+    // The other user asking the same gets their own document only.
+    let theirs = session(&other).await;
+    let turn = send_message(
+        &mut c,
+        &other,
+        send(&theirs.id, "When is the database rollout?", ""),
+    )
+    .await
+    .expect("turn");
+    let cited: Vec<&str> = turn.citations.iter().map(|c| c.title.as_str()).collect();
+    assert_eq!(cited, vec!["Competing rollout plan"]);
+}

@@ -1052,3 +1052,164 @@ async fn retrieval_grounds_the_prompt_and_streams_citations_first() {
     assert_eq!(g.citations.len(), 1);
     assert_eq!(g.citations[0].title, "Expense policy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_retrieval_filters_are_the_callers_field_violations() {
+    use prost_types::value::Kind;
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let value = |s: &str| prost_types::Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    let cases: Vec<(pb::RetrievalOptions, &str)> = vec![
+        (
+            pb::RetrievalOptions {
+                top_k: 3,
+                filters: Some(prost_types::Struct {
+                    fields: [("seniority".to_string(), value("sen\u{0}ior"))].into(),
+                }),
+                ..Default::default()
+            },
+            "params.retrieval.filters.seniority",
+        ),
+        (
+            pb::RetrievalOptions {
+                top_k: 3,
+                filters: Some(prost_types::Struct {
+                    fields: [("location".to_string(), value(&"x".repeat(300)))].into(),
+                }),
+                ..Default::default()
+            },
+            "params.retrieval.filters.location",
+        ),
+        (
+            pb::RetrievalOptions {
+                top_k: 3,
+                collections: vec!["Not A Collection".into()],
+                ..Default::default()
+            },
+            "params.retrieval.collections[0]",
+        ),
+        (
+            pb::RetrievalOptions {
+                top_k: 3,
+                query: "bad\u{7}query".into(),
+                ..Default::default()
+            },
+            "params.retrieval.query",
+        ),
+    ];
+    for (options, field) in cases {
+        let mut p = params("fast", "Who knows Rust?");
+        p.retrieval = Some(options);
+        let err = c
+            .generate(bearer(pb::GenerateRequest { params: Some(p) }, &r.token))
+            .await
+            .expect_err("invalid retrieval");
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert_eq!(violations(&err), vec![field.to_string()]);
+    }
+    assert_eq!(r.primary.hits(), 0, "nothing invalid reached the provider");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrieval_sees_the_callers_private_documents_and_nobody_elses() {
+    use trellis_proto::search::v1 as spb;
+    let r = rig(|_| {}).await;
+    let mut search = crate::search::search_client(&r.mesh).await;
+    let other = access(&register(&mut auth(&r.mesh).await, "neighbour").await);
+    // Private to the caller, private to the neighbour, and one shared by
+    // the neighbour.
+    crate::search::index(
+        &mut search,
+        &r.token,
+        vec![crate::search::doc(
+            "notes",
+            "mine",
+            "My onboarding checklist",
+            "Laptop, badge and the onboarding buddy.",
+        )],
+    )
+    .await;
+    crate::search::index(
+        &mut search,
+        &other,
+        vec![crate::search::doc(
+            "notes",
+            "theirs",
+            "Neighbour onboarding diary",
+            "Private onboarding thoughts.",
+        )],
+    )
+    .await;
+    let mut shared = crate::search::doc(
+        "kb",
+        "guide",
+        "Onboarding guide",
+        "Everyone's first week of onboarding.",
+    );
+    shared.visibility = spb::Visibility::Shared as i32;
+    crate::search::index(&mut search, &other, vec![shared]).await;
+
+    let c = llm(&r.mesh).await;
+    let ask = |token: &str| {
+        let mut c = c.clone();
+        let token = token.to_string();
+        async move {
+            let mut p = params("fast", "What is in the onboarding?");
+            p.retrieval = Some(pb::RetrievalOptions {
+                top_k: 5,
+                ..Default::default()
+            });
+            let g = c
+                .generate(bearer(pb::GenerateRequest { params: Some(p) }, &token))
+                .await
+                .expect("generate")
+                .into_inner();
+            let mut t: Vec<String> = g.citations.into_iter().map(|c| c.title).collect();
+            t.sort();
+            t
+        }
+    };
+    assert_eq!(
+        ask(&r.token).await,
+        vec!["My onboarding checklist", "Onboarding guide"]
+    );
+    let system = r.primary.seen()[0].body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(system.contains("My onboarding checklist"), "{system}");
+    assert!(!system.contains("Neighbour"), "{system}");
+    // The same question from the neighbour: their own private document,
+    // never the caller's.
+    assert_eq!(
+        ask(&other).await,
+        vec!["Neighbour onboarding diary", "Onboarding guide"]
+    );
+    let system = r.primary.seen()[1].body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!system.contains("My onboarding checklist"), "{system}");
+    // Each mesh call ran as its caller: each history holds one search.
+    for token in [&r.token, &other] {
+        let history = || {
+            let mut s = search.clone();
+            let t = token.clone();
+            async move {
+                s.list_search_history(bearer(spb::ListSearchHistoryRequest::default(), &t))
+                    .await
+                    .map(|r| r.into_inner().entries)
+                    .unwrap_or_default()
+            }
+        };
+        assert!(
+            eventually(Duration::from_secs(3), || async {
+                history().await.len() == 1
+            })
+            .await
+        );
+        assert!(history().await[0].query.contains("onboarding"));
+    }
+}

@@ -1,6 +1,7 @@
 //! A fake web search provider speaking the Tavily search API
 //! (`POST /search` → `{"results":[{"title","url","content","score"}]}`),
-//! answering scripted results, an error status, or nothing for a while.
+//! answering scripted results, an error status, a raw (malformed) body or
+//! nothing for a while; optionally insisting on an API key.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,8 @@ pub enum WebScript {
     Status(u16),
     /// Answers only after this long.
     Slow(Duration),
+    /// 200 with this body as it is (e.g. something that is not JSON).
+    Raw(String),
 }
 
 #[derive(Debug)]
@@ -27,6 +30,10 @@ struct Shared {
     script: Mutex<WebScript>,
     hits: AtomicUsize,
     last_body: Mutex<Option<serde_json::Value>>,
+    /// The `Authorization` header of the last request.
+    last_authorization: Mutex<Option<String>>,
+    /// When set, requests without this key (as `Bearer` or `api_key`) get 401.
+    required_key: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -48,6 +55,8 @@ impl FakeWeb {
             script: Mutex::new(script),
             hits: AtomicUsize::new(0),
             last_body: Mutex::new(None),
+            last_authorization: Mutex::new(None),
+            required_key: Mutex::new(None),
         });
         let app = Router::new()
             .route("/search", post(handle))
@@ -77,13 +86,53 @@ impl FakeWeb {
     pub fn last_body(&self) -> Option<serde_json::Value> {
         self.shared.last_body.lock().expect("lock").clone()
     }
+
+    /// The `Authorization` header the last request carried.
+    pub fn last_authorization(&self) -> Option<String> {
+        self.shared.last_authorization.lock().expect("lock").clone()
+    }
+
+    /// Answers 401, as Tavily does, unless a request carries `key` both as
+    /// `Authorization: Bearer` and as the body's `api_key`.
+    pub fn require_key(&self, key: &str) {
+        *self.shared.required_key.lock().expect("lock") = Some(key.to_string());
+    }
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+/// Whether a request carries the required key (when one is required).
+fn authorized(shared: &Shared, body: Option<&serde_json::Value>) -> bool {
+    let Some(key) = shared.required_key.lock().expect("lock").clone() else {
+        return true;
+    };
+    let header = shared.last_authorization.lock().expect("lock").clone();
+    header.as_deref() == Some(format!("Bearer {key}").as_str())
+        && body.and_then(|b| b["api_key"].as_str()) == Some(key.as_str())
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     shared.hits.fetch_add(1, Ordering::SeqCst);
-    *shared.last_body.lock().expect("lock") = serde_json::from_slice(&body).ok();
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    *shared.last_body.lock().expect("lock") = parsed.clone();
+    *shared.last_authorization.lock().expect("lock") = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    if !authorized(&shared, parsed.as_ref()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "{\"detail\":{\"error\":\"Unauthorized\"}}",
+        )
+            .into_response();
+    }
     let script = shared.script.lock().expect("lock").clone();
     match script {
+        WebScript::Raw(body) => {
+            (StatusCode::OK, [("content-type", "application/json")], body).into_response()
+        }
         WebScript::Status(code) => StatusCode::from_u16(code).expect("status").into_response(),
         WebScript::Slow(d) => {
             tokio::time::sleep(d).await;

@@ -97,20 +97,37 @@ async fn first_admin(store: &Store) -> anyhow::Result<Option<uuid::Uuid>> {
         .optional()?)
 }
 
-/// Indexes `candidates` synthetic candidate profiles and the help articles
-/// as shared documents of the first administrator (idempotent: the same
-/// documents are replaced). Returns how many were indexed.
+/// What [`seed_documents`] did.
+#[derive(Debug)]
+pub struct Seeded {
+    /// Documents indexed: the candidate profiles plus the help articles.
+    pub documents: usize,
+    /// The administrator's (username, password) when it was created now to
+    /// own the documents (a fresh database has none).
+    pub admin: Option<(String, String)>,
+}
+
+/// Indexes `candidates` synthetic candidate profiles (collection
+/// `candidates`) and the help articles (`help`) as shared documents of the
+/// first administrator, creating that administrator as `dev` does when
+/// there is none. Idempotent: seeding again replaces the same documents.
 pub async fn seed_documents(
     config: &Config,
     store: &Store,
     candidates: usize,
-) -> anyhow::Result<usize> {
-    let owner = first_admin(store).await?.ok_or_else(|| {
-        anyhow::anyhow!("no administrator to own the documents: run `trellisd dev` once first")
-    })?;
+) -> anyhow::Result<Seeded> {
+    let admin = match first_admin(store).await? {
+        Some(_) => None,
+        None => trellis_auth::seed::ensure_admin(&config.auth, store).await?,
+    };
+    let owner = first_admin(store)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no administrator to own the seeded documents"))?;
     let mut docs = trellis_search::seed::candidates(candidates);
     docs.extend(trellis_search::seed::help_articles());
-    Ok(trellis_search::seed::index_all(store, &config.search.language, owner, docs).await?)
+    let documents =
+        trellis_search::seed::index_all(store, &config.search.language, owner, docs).await?;
+    Ok(Seeded { documents, admin })
 }
 
 /// Seeds the demo corpus unless documents exist already.
@@ -128,7 +145,7 @@ async fn seed_demo_documents(config: &Config, store: &Store) -> anyhow::Result<S
     if existing > 0 {
         return Ok(format!("Search:     {existing} documents indexed"));
     }
-    let n = seed_documents(config, store, 300).await?;
+    let n = seed_documents(config, store, 300).await?.documents;
     Ok(format!(
         "Search:     seeded {n} demo documents (collections candidates, help)"
     ))

@@ -43,10 +43,12 @@ enum Command {
     },
     /// Apply pending database migrations to database.url and exit.
     Migrate,
-    /// Index synthetic sample documents (candidate profiles and help
-    /// articles) into database.url, e.g. a large corpus for benchmarks.
+    /// Migrate database.url and index synthetic sample documents into it
+    /// (candidate profiles and help articles, shared, owned by the first
+    /// administrator, who is created when there is none), e.g. a large
+    /// corpus for benchmarks. Seeding again replaces the same documents.
     Seed {
-        /// How many candidate profiles.
+        /// How many candidate profiles (the 8 help articles come on top).
         #[arg(long, default_value_t = 300)]
         docs: usize,
     },
@@ -110,8 +112,12 @@ async fn seed(config: &Config, docs: usize) -> anyhow::Result<()> {
     migrate(config).await?;
     let store = trellis_store::Store::from_config(config)?;
     let t0 = std::time::Instant::now();
-    let n = trellisd::dev::seed_documents(config, &store, docs).await?;
+    let seeded = trellisd::dev::seed_documents(config, &store, docs).await?;
     let secs = t0.elapsed().as_secs_f64();
+    if let Some((user, password)) = &seeded.admin {
+        println!("created the administrator {user} / {password} (owner of the documents)");
+    }
+    let n = seeded.documents;
     println!(
         "indexed {n} documents in {secs:.1}s ({:.0} documents/s)",
         n as f64 / secs.max(1e-9)

@@ -5,6 +5,7 @@
 
 use prost_types::value::Kind;
 use trellis_core::ServiceName;
+use trellis_core::error::FieldViolations;
 use trellis_mesh::{CallContext, MeshClients};
 use trellis_proto::llm::v1 as pb;
 use trellis_proto::search::v1 as spb;
@@ -77,8 +78,8 @@ pub async fn retrieve(
             // The caller's own problems keep their code; the rest is the
             // search dependency failing.
             match s.code() {
-                tonic::Code::InvalidArgument
-                | tonic::Code::PermissionDenied
+                tonic::Code::InvalidArgument => LlmError::Invalid(request_fields(&s)),
+                tonic::Code::PermissionDenied
                 | tonic::Code::Unauthenticated
                 | tonic::Code::DeadlineExceeded => LlmError::Upstream(s),
                 _ => LlmError::Unavailable(format!("retrieval failed: {}", s.message())),
@@ -94,6 +95,40 @@ pub async fn retrieve(
             snippet: plain(&h.snippet),
         })
         .collect())
+}
+
+/// SearchService's field violations renamed to the fields of
+/// `params.retrieval` they came from (`attributes[k]` is `filters.k`,
+/// `page_size` is `top_k`), so that a bad filter reads as the caller's own
+/// mistake.
+fn request_fields(status: &tonic::Status) -> FieldViolations {
+    use tonic_types::StatusExt;
+    let mut v = FieldViolations::new();
+    let details = status.get_error_details();
+    for f in details
+        .bad_request()
+        .map(|b| b.field_violations.as_slice())
+        .unwrap_or_default()
+    {
+        let field = if let Some(key) = f
+            .field
+            .strip_prefix("attributes[")
+            .and_then(|k| k.strip_suffix(']'))
+        {
+            format!("filters.{key}")
+        } else if f.field == "attributes" {
+            "filters".to_string()
+        } else if f.field == "page_size" {
+            "top_k".to_string()
+        } else {
+            f.field.clone()
+        };
+        v.add(format!("params.retrieval.{field}"), f.description.clone());
+    }
+    if v.is_empty() {
+        v.add("params.retrieval", status.message().to_string());
+    }
+    v
 }
 
 /// A question as a search for any of its words: search matches all words
@@ -160,6 +195,28 @@ mod tests {
             "How OR many OR days OR weeks"
         );
         assert_eq!(any_of("  "), "");
+    }
+
+    #[test]
+    fn search_violations_become_retrieval_fields() {
+        let mut v = FieldViolations::new();
+        v.add("attributes[seniority]", "bad");
+        v.add("attributes", "too many");
+        v.add("page_size", "negative");
+        v.add("collections[1]", "bad name");
+        let renamed = request_fields(&v.into_status());
+        let fields: Vec<&str> = renamed.iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "params.retrieval.filters.seniority",
+                "params.retrieval.filters",
+                "params.retrieval.top_k",
+                "params.retrieval.collections[1]",
+            ]
+        );
+        let bare = request_fields(&tonic::Status::invalid_argument("no details"));
+        assert_eq!(bare.iter().next(), Some(("params.retrieval", "no details")));
     }
 
     #[test]

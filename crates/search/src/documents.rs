@@ -21,9 +21,7 @@ pub const MAX_BATCH: usize = 500;
 const MAX_EXTERNAL_ID: usize = 200;
 const MAX_TITLE: usize = 1000;
 const MAX_BODY: usize = 200_000;
-const MAX_TAGS: usize = 32;
 const MAX_TAG: usize = 64;
-const MAX_ATTRIBUTES: usize = 32;
 const MAX_ATTR_KEY: usize = 64;
 const MAX_ATTR_VALUE: usize = 256;
 
@@ -38,6 +36,43 @@ pub fn valid_collection(name: &str) -> bool {
 fn has_control(s: &str) -> bool {
     s.chars()
         .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+}
+
+/// Most tags per document, and per search filter.
+pub const MAX_TAGS: usize = 32;
+/// Most attributes per document, and per search filter.
+pub const MAX_ATTRIBUTES: usize = 32;
+/// What a valid tag is, in documents and in search filters.
+pub const TAG_RULE: &str = "1-64 characters, no control characters";
+/// What a valid attribute is, in documents and in search filters.
+pub const ATTRIBUTE_RULE: &str =
+    "keys 1-64 characters, values up to 256 characters, no control characters";
+
+/// Whether `tag` (already trimmed) is a tag: 1-64 characters, none a
+/// control character.
+pub fn valid_tag(tag: &str) -> bool {
+    !tag.is_empty() && tag.chars().count() <= MAX_TAG && !tag.chars().any(char::is_control)
+}
+
+/// Whether `key` = `value` is an attribute: keys 1-64 characters, values up
+/// to 256, neither with control characters.
+pub fn valid_attribute(key: &str, value: &str) -> bool {
+    !key.is_empty()
+        && key.chars().count() <= MAX_ATTR_KEY
+        && value.chars().count() <= MAX_ATTR_VALUE
+        && !key.chars().any(char::is_control)
+        && !value.chars().any(char::is_control)
+}
+
+/// An attribute key as it may appear in a field path: control characters
+/// escaped, cut to a readable length.
+pub fn key_label(key: &str) -> String {
+    let cut: String = key.chars().take(MAX_ATTR_KEY).collect();
+    let mut out: String = cut.chars().flat_map(char::escape_debug).collect();
+    if key.chars().count() > MAX_ATTR_KEY {
+        out.push('…');
+    }
+    out
 }
 
 /// A validated document to index.
@@ -109,11 +144,8 @@ pub fn validate(docs: Vec<pb::DocumentInput>) -> Result<Vec<NewDoc>, SearchError
         let mut tags: Vec<String> = Vec::new();
         for (j, t) in doc.tags.iter().enumerate() {
             let t = t.trim();
-            if t.is_empty() || t.chars().count() > MAX_TAG || has_control(t) {
-                v.add(
-                    format!("documents[{i}].tags[{j}]"),
-                    format!("1-{MAX_TAG} characters"),
-                );
+            if !valid_tag(t) {
+                v.add(format!("documents[{i}].tags[{j}]"), TAG_RULE);
             } else if !tags.iter().any(|x| x == t) {
                 tags.push(t.to_string());
             }
@@ -126,15 +158,10 @@ pub fn validate(docs: Vec<pb::DocumentInput>) -> Result<Vec<NewDoc>, SearchError
         }
         let mut attributes = BTreeMap::new();
         for (k, val) in doc.attributes {
-            if k.is_empty()
-                || k.chars().count() > MAX_ATTR_KEY
-                || val.chars().count() > MAX_ATTR_VALUE
-                || has_control(&k)
-                || has_control(&val)
-            {
+            if !valid_attribute(&k, &val) {
                 v.add(
-                    format!("documents[{i}].attributes[{k}]"),
-                    format!("keys 1-{MAX_ATTR_KEY}, values up to {MAX_ATTR_VALUE} characters"),
+                    format!("documents[{i}].attributes[{}]", key_label(&k)),
+                    ATTRIBUTE_RULE,
                 );
             } else {
                 attributes.insert(k, val);

@@ -4,7 +4,8 @@
 //! title weight A = 1.0 above body weight B = 0.4), snippets with
 //! `ts_headline` computed for the returned page only, keyset pagination on
 //! (score, id) or (updated_at, id), and — when nothing matches — a
-//! typo-tolerant fallback on title word similarity (pg_trgm) that also
+//! typo-tolerant fallback on word similarity (pg_trgm) with the title and
+//! the start of the body, keeping the query's exclusions, that also
 //! proposes `did_you_mean`. Every statement filters by visibility, so other
 //! users' private documents never show, not in hits, counts or suggestions.
 
@@ -76,9 +77,13 @@ impl Query {
 }
 
 /// Where the next page starts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Cursor {
-    Score(f64, Uuid),
+    /// The last score's exact bits (`f64::to_bits`) and id: the keyset
+    /// comparison needs the very value PostgreSQL computed, and a decimal
+    /// JSON number does not promise to parse back to the same bits.
+    Score(u64, Uuid),
+    /// The last `updated_at` in microseconds (PostgreSQL's precision) and id.
     Time(i64, Uuid),
 }
 
@@ -205,7 +210,7 @@ pub async fn run(
         Some(Cursor::Score(s, id)) if !query.recency => {
             sql = sql
                 .sql(format!(" WHERE (m.score, m.id) < (${}, ${})", n + 1, n + 2))
-                .bind::<Double, _>(*s)
+                .bind::<Double, _>(f64::from_bits(*s))
                 .bind::<diesel::sql_types::Uuid, _>(*id);
             n += 2;
         }
@@ -282,7 +287,7 @@ pub async fn run(
         Some(last) if more => Some(if query.recency {
             Cursor::Time(last.updated_at.timestamp_micros(), last.id)
         } else {
-            Cursor::Score(last.score, last.id)
+            Cursor::Score(last.score.to_bits(), last.id)
         }),
         _ => None,
     };
@@ -315,22 +320,92 @@ fn hit(r: HitRow) -> pb::SearchHit {
     }
 }
 
-/// The words of a query without its operators and excluded terms.
-pub fn plain_words(text: &str) -> Vec<String> {
+/// One term of a query in web-search syntax: a word or a quoted phrase,
+/// possibly excluded with a leading `-`.
+#[derive(Debug, PartialEq)]
+struct Term {
+    excluded: bool,
+    phrase: bool,
+    text: String,
+}
+
+/// The terms of `text` as `websearch_to_tsquery` reads them (roughly: it
+/// is only used to find the words for the typo fallback).
+fn terms(text: &str) -> Vec<Term> {
+    let chars: Vec<char> = text.chars().collect();
     let mut out = Vec::new();
-    for raw in text.split(|c: char| c.is_whitespace() || c == '"') {
-        if raw.starts_with('-') || raw.eq_ignore_ascii_case("or") {
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_whitespace() {
+            i += 1;
             continue;
         }
-        let w: String = raw
-            .chars()
-            .filter(|c| c.is_alphanumeric() || *c == '\'' || *c == '+' || *c == '#')
-            .collect();
-        if !w.is_empty() {
-            out.push(w.to_lowercase());
+        let excluded = chars[i] == '-' && chars.get(i + 1).is_some_and(|c| !c.is_whitespace());
+        if excluded {
+            i += 1;
         }
+        let phrase = chars[i] == '"';
+        let start = if phrase { i + 1 } else { i };
+        let mut j = start;
+        while j < chars.len()
+            && if phrase {
+                chars[j] != '"'
+            } else {
+                !chars[j].is_whitespace() && chars[j] != '"'
+            }
+        {
+            j += 1;
+        }
+        out.push(Term {
+            excluded,
+            phrase,
+            text: chars[start..j].iter().collect(),
+        });
+        i = if phrase { j + 1 } else { j.max(i + 1) };
     }
     out
+}
+
+/// A word without punctuation, lower-cased; `None` when nothing is left.
+fn clean(raw: &str) -> Option<String> {
+    let w: String = raw
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == '\'' || *c == '+' || *c == '#')
+        .collect();
+    (!w.is_empty()).then(|| w.to_lowercase())
+}
+
+/// The words of a query without its operators and excluded terms.
+pub fn plain_words(text: &str) -> Vec<String> {
+    terms(text)
+        .into_iter()
+        .filter(|t| !t.excluded)
+        .flat_map(|t| {
+            t.text
+                .split_whitespace()
+                .filter(|w| !w.eq_ignore_ascii_case("or"))
+                .filter_map(clean)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The excluded terms of a query as a web-search query matching any of
+/// them (`a OR "b c"`); empty when nothing is excluded.
+pub fn excluded_query(text: &str) -> String {
+    terms(text)
+        .into_iter()
+        .filter(|t| t.excluded)
+        .filter_map(|t| {
+            let words: Vec<String> = t.text.split_whitespace().filter_map(clean).collect();
+            match words.len() {
+                0 => None,
+                1 if !t.phrase => words.into_iter().next(),
+                _ => Some(format!("\"{}\"", words.join(" "))),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ")
 }
 
 /// pg_trgm's trigrams of a word: lower-cased, padded with two spaces in
@@ -399,14 +474,22 @@ struct FuzzyRow {
     updated_at: DateTime<Utc>,
     #[diesel(sql_type = Double)]
     score: f64,
+    #[diesel(sql_type = Text)]
+    fuzzy_text: String,
     #[diesel(sql_type = Nullable<Text>)]
     snippet: Option<String>,
 }
 
-/// Nothing matched: look for titles with words similar to the query's.
+/// What the typo fallback compares a query with: the title and the start
+/// of the body (the expression of the trigram index
+/// `search_documents_fuzzy_trgm`; keep the two identical).
+const FUZZY_TEXT: &str = "(d.title || ' ' || left(d.body, 2000))";
+
+/// Nothing matched: look for documents whose title or body start has words
+/// similar to the query's (still honouring its exclusions and filters).
 async fn fallback(
     conn: &mut trellis_store::PgConn<'_>,
-    _language: &str,
+    language: &str,
     query: &Query,
     viewer: Viewer,
     page: &mut Page,
@@ -416,6 +499,7 @@ async fn fallback(
         return Ok(());
     }
     let plain = words.join(" ");
+    let excluded = excluded_query(&query.text);
     let page_size = query.page_size as i64;
     let rows: Vec<FuzzyRow> = conn
         .transaction::<_, SearchError, _>(async |c| {
@@ -423,14 +507,26 @@ async fn fallback(
                 .execute(c)
                 .await?;
             let mut n = 1;
-            let mut q = sql_query(
+            let mut q = sql_query(format!(
                 "SELECT d.id, d.external_id, d.collection, d.title, d.tags, d.updated_at, \
-                     word_similarity($1, d.title)::float8 AS score, left(d.body, 240) AS snippet \
-                     FROM search_documents d WHERE $1 <% d.title",
-            )
+                     word_similarity($1, {FUZZY_TEXT})::float8 AS score, \
+                     {FUZZY_TEXT} AS fuzzy_text, left(d.body, 240) AS snippet \
+                     FROM search_documents d WHERE $1 <% {FUZZY_TEXT}"
+            ))
             .into_boxed::<Pg>()
             .bind::<Text, _>(&plain);
             q = filters(q, query, viewer, &mut n);
+            if !excluded.is_empty() {
+                q = q
+                    .sql(format!(
+                        " AND NOT d.tsv @@ websearch_to_tsquery(${}::regconfig, ${})",
+                        n + 1,
+                        n + 2
+                    ))
+                    .bind::<Text, _>(language)
+                    .bind::<Text, _>(&excluded);
+                n += 2;
+            }
             q = q
                 .sql(format!(" ORDER BY score DESC, d.id DESC LIMIT ${}", n + 1))
                 .bind::<BigInt, _>(page_size);
@@ -442,13 +538,14 @@ async fn fallback(
     }
     let mut vocabulary: Vec<String> = Vec::new();
     for r in &rows {
-        for w in plain_words(&r.title) {
+        for w in r.fuzzy_text.split_whitespace().filter_map(clean) {
             if !vocabulary.contains(&w) {
                 vocabulary.push(w);
             }
         }
     }
     page.did_you_mean = suggest(&words, &vocabulary);
+    // Only what this page holds: the fallback does not count or page.
     page.total = rows.len() as i64;
     page.fuzzy = true;
     page.hits = rows
@@ -480,6 +577,59 @@ mod tests {
             vec!["rust", "developer", "golang", "c++"]
         );
         assert!(plain_words("-- ; DROP TABLE").contains(&"drop".to_string()));
+        // An excluded phrase gives no words either.
+        assert_eq!(
+            plain_words("pyton -\"backend work\" dev-ops"),
+            vec!["pyton", "devops"]
+        );
+    }
+
+    #[test]
+    fn the_fallback_uses_the_expression_of_its_trigram_index() {
+        let migration = include_str!("../../../migrations/20261122007000_search/up.sql");
+        let expression = FUZZY_TEXT.replace("d.", "");
+        assert!(
+            migration.contains(&format!("USING GIN ({expression} gin_trgm_ops)")),
+            "{expression} is not indexed"
+        );
+    }
+
+    #[test]
+    fn exclusions_become_one_query() {
+        assert_eq!(
+            excluded_query("pyton -django -\"Backend  work\" - x -\""),
+            "django OR \"backend work\""
+        );
+        assert_eq!(excluded_query("rust developer"), "");
+        assert_eq!(excluded_query("-java"), "java");
+    }
+
+    #[test]
+    fn relevance_cursors_keep_the_exact_score() {
+        let tokens = trellis_core::page::PageTokens::new(b"k");
+        let id = Uuid::now_v7();
+        // ts_rank_cd is a float4 widened to float8; some of these have the
+        // longest decimal forms, and the last ones are extremes.
+        let mut scores: Vec<f64> = (1..2000u32)
+            .map(|i| f64::from(f32::from_bits(0x3c00_0000 + i * 7919)))
+            .collect();
+        scores.extend([
+            0.1f32 as f64,
+            1.0 / 3.0,
+            f64::MIN_POSITIVE,
+            5e-324,
+            f64::MAX,
+            0.0,
+        ]);
+        for s in scores {
+            let c = Cursor::Score(s.to_bits(), id);
+            let back: Option<Cursor> = tokens.open(&tokens.seal("q", &c), "q").expect("opens");
+            let Some(Cursor::Score(bits, back_id)) = back else {
+                panic!("not a score cursor");
+            };
+            assert_eq!(f64::from_bits(bits).to_bits(), s.to_bits(), "{s:e}");
+            assert_eq!(back_id, id);
+        }
     }
 
     #[test]

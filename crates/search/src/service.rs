@@ -124,11 +124,31 @@ impl SearchSvc {
                 );
             }
         }
-        if r.tags.len() > 32 {
-            v.add("tags", "at most 32 tags");
+        // Filters are bound as parameters, but PostgreSQL still refuses
+        // some text (NUL) outright: the same rules as for indexing.
+        if r.tags.len() > documents::MAX_TAGS {
+            v.add("tags", format!("at most {} tags", documents::MAX_TAGS));
         }
-        if r.attributes.len() > 32 {
-            v.add("attributes", "at most 32 attributes");
+        for (i, t) in r.tags.iter().enumerate() {
+            if !documents::valid_tag(t.trim()) {
+                v.add(format!("tags[{i}]"), documents::TAG_RULE);
+            }
+        }
+        if r.attributes.len() > documents::MAX_ATTRIBUTES {
+            v.add(
+                "attributes",
+                format!("at most {} attributes", documents::MAX_ATTRIBUTES),
+            );
+        }
+        let mut bad_attributes: Vec<String> = r
+            .attributes
+            .iter()
+            .filter(|(k, val)| !documents::valid_attribute(k, val))
+            .map(|(k, _)| format!("attributes[{}]", documents::key_label(k)))
+            .collect();
+        bad_attributes.sort();
+        for f in bad_attributes {
+            v.add(f, documents::ATTRIBUTE_RULE);
         }
         let updated_after = time("updated_after", &r.updated_after, &mut v);
         let updated_before = time("updated_before", &r.updated_before, &mut v);
@@ -297,7 +317,10 @@ impl SearchService for SearchSvc {
                     user_id: p.user_id,
                     query: q.text.clone(),
                     filters: q.filters_json(),
-                    result_count: page.total,
+                    // Exact matches: a query rescued by the typo fallback
+                    // still found nothing as typed, which is what the
+                    // zero-result analytics are for.
+                    result_count: if page.fuzzy { 0 } else { page.total },
                     latency_ms: took.as_millis().min(i32::MAX as u128) as i32,
                     created_at: Utc::now(),
                 },
