@@ -800,3 +800,71 @@ async fn database_outage_is_reported_and_recovered_without_failed_calls() {
     );
     mesh.shutdown().await;
 }
+
+/// RegisterRequest's `email` (tag 1) as raw bytes, so that it can be sent
+/// as invalid UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawEmail {
+    #[prost(bytes = "vec", tag = "1")]
+    email: Vec<u8>,
+}
+
+/// RegisterRequest's `email` (tag 1) sent with the wrong wire type.
+#[derive(Clone, PartialEq, prost::Message)]
+struct VarintEmail {
+    #[prost(uint64, tag = "1")]
+    email: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_requests_are_invalid_argument_naming_the_field() {
+    use tonic_types::StatusExt;
+    use trellis_proto::auth::v1::RegisterResponse;
+    let mesh = TestMesh::start().await;
+    const REGISTER: &str = "/trellis.auth.v1.AuthService/Register";
+    let err = raw_unary::<RawEmail, RegisterResponse>(
+        mesh.channel().await,
+        REGISTER,
+        RawEmail {
+            email: b"ada\xff\xfe@example.com".to_vec(),
+        },
+    )
+    .await
+    .expect_err("invalid UTF-8");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let v = err
+        .get_details_bad_request()
+        .expect("field violations")
+        .field_violations;
+    assert_eq!(v[0].field, "email", "{v:?}");
+    assert!(v[0].description.contains("UTF-8"), "{v:?}");
+
+    let err = raw_unary::<VarintEmail, RegisterResponse>(
+        mesh.channel().await,
+        REGISTER,
+        VarintEmail { email: 7 },
+    )
+    .await
+    .expect_err("wrong wire type");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        err.get_details_bad_request()
+            .expect("violations")
+            .field_violations[0]
+            .field,
+        "email"
+    );
+
+    // The metrics count what the client saw.
+    let text = reqwest::get(format!("{}/metrics", mesh.url()))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains(r#"trellis_grpc_requests_total{code="INVALID_ARGUMENT",method="Register""#),
+        "{text}"
+    );
+    mesh.shutdown().await;
+}

@@ -30,6 +30,7 @@ use crate::health::{HealthMap, watch_dependencies};
 use crate::layers::authn::{Authenticator, AuthnLayer};
 use crate::layers::cors::BrowserCorsLayer;
 use crate::layers::deadline::DeadlineLayer;
+use crate::layers::decode_errors::DecodeErrorsLayer;
 use crate::layers::metrics::{Metrics, MetricsLayer};
 use crate::layers::scrape::ScrapeLayer;
 use crate::layers::shed::ShedLayer;
@@ -222,6 +223,7 @@ impl MeshBuilder {
             .layer(request_id::layer())
             .layer(trace::layer())
             .layer(MetricsLayer::new(metrics.clone()))
+            .layer(DecodeErrorsLayer)
             .layer(ShedLayer::new(server_cfg.concurrency_limit))
             .layer(DeadlineLayer::new(server_cfg.default_timeout))
             .option_layer(authenticator.map(AuthnLayer::new))

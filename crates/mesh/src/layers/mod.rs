@@ -6,6 +6,7 @@
 pub mod authn;
 pub mod cors;
 pub mod deadline;
+pub mod decode_errors;
 pub mod metrics;
 pub mod request_id;
 pub mod scrape;
