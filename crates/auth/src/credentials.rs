@@ -15,6 +15,7 @@ use trellis_store::audit::AuditEvent;
 use trellis_store::schema::{auth_one_time_tokens, auth_sessions, users};
 use uuid::Uuid;
 
+use crate::api_keys::{EMAIL, PASSWORD};
 use crate::audit::{Origin, record};
 use crate::error::AuthError;
 use crate::mail::{self, Mail};
@@ -126,6 +127,7 @@ impl AuthSvc {
         req: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let p = authenticated(&req)?;
+        p.require(PASSWORD)?;
         let origin = Origin::of(&req);
         let r = req.into_inner();
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
@@ -361,6 +363,7 @@ impl AuthSvc {
         req: Request<pb::RequestEmailVerificationRequest>,
     ) -> Result<Response<pb::RequestEmailVerificationResponse>, Status> {
         let p = authenticated(&req)?;
+        p.require(EMAIL)?;
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         let account = accounts::find(&mut conn, p.user_id)
             .await

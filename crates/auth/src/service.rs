@@ -617,6 +617,7 @@ impl AuthService for AuthSvc {
         req: Request<pb::LogoutAllRequest>,
     ) -> Result<Response<pb::LogoutAllResponse>, Status> {
         let p = authenticated(&req)?;
+        p.require(crate::api_keys::SESSIONS)?;
         let origin = Origin::of(&req);
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         let version = accounts::bump_token_version(&mut conn, p.user_id)

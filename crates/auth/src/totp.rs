@@ -22,7 +22,7 @@ use trellis_store::audit::AuditEvent;
 use trellis_store::schema::{totp_recovery_codes, users};
 use uuid::Uuid;
 
-use crate::api_keys::require_session;
+use crate::api_keys::{TOTP, require_session};
 use crate::audit::{Origin, record};
 use crate::error::AuthError;
 use crate::service::AuthSvc;
@@ -163,6 +163,7 @@ impl AuthSvc {
     ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
         let p = authenticated(&req)?;
         require_session(&p)?;
+        p.require(TOTP)?;
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         let account = self.live_account(&mut conn, p.user_id).await?;
         if account.totp_enabled_at.is_some() {
@@ -206,6 +207,7 @@ impl AuthSvc {
     ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
         let p = authenticated(&req)?;
         require_session(&p)?;
+        p.require(TOTP)?;
         let origin = Origin::of(&req);
         let code = req.into_inner().code.trim().to_string();
         let mut v = FieldViolations::new();
@@ -318,6 +320,7 @@ impl AuthSvc {
     ) -> Result<Response<pb::DisableTotpResponse>, Status> {
         let p = authenticated(&req)?;
         require_session(&p)?;
+        p.require(TOTP)?;
         let origin = Origin::of(&req);
         let r = req.into_inner();
         let code = r.code.trim().to_string();
