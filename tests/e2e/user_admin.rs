@@ -640,3 +640,324 @@ async fn suspension_reaches_another_server_within_a_second() {
         m.shutdown().await;
     }
 }
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// Rows of `table` whose `column` is `id`.
+async fn rows_of(mesh: &TestMesh, table: &str, column: &str, id: uuid::Uuid) -> i64 {
+    let mut conn = mesh.store.pg().await.expect("pg");
+    diesel::sql_query(format!(
+        "SELECT count(*) AS n FROM {table} WHERE {column} = $1"
+    ))
+    .bind::<diesel::sql_types::Uuid, _>(id)
+    .get_result::<Count>(&mut conn)
+    .await
+    .expect("count")
+    .n
+}
+
+/// Audit events whose text mentions `needle` anywhere (ids, details, IP).
+async fn audit_mentions(mesh: &TestMesh, needle: &str) -> i64 {
+    let mut conn = mesh.store.pg().await.expect("pg");
+    diesel::sql_query("SELECT count(*) AS n FROM audit_events e WHERE e::text ILIKE $1")
+        .bind::<diesel::sql_types::Text, _>(format!("%{needle}%"))
+        .get_result::<Count>(&mut conn)
+        .await
+        .expect("count")
+        .n
+}
+
+/// Redis keys of this mesh containing `needle`.
+async fn redis_keys(mesh: &TestMesh, needle: &str) -> Vec<String> {
+    let mut conn = mesh.store.redis().await.expect("redis");
+    redis::cmd("KEYS")
+        .arg(mesh.store.key(&format!("*{needle}*")))
+        .query_async(&mut *conn)
+        .await
+        .expect("keys")
+}
+
+/// Everything a member leaves behind through ordinary use: an LLM call
+/// (usage, quota counters), a chat turn, a search document and history, an
+/// API key, preferences, mail, audit events.
+async fn leave_traces(mesh: &TestMesh, token: &str, name: &str) {
+    use trellis_proto::chat::v1 as cpb;
+    use trellis_proto::search::v1 as spb;
+    let done = crate::llm::stream(
+        &mut crate::llm::llm(mesh).await,
+        token,
+        crate::llm::params("fast", "hello"),
+    )
+    .await
+    .expect("generate");
+    assert!(done.completed.is_some(), "{done:?}");
+
+    let mut chat = crate::chat::chat(mesh).await;
+    let session = chat
+        .create_session(bearer(
+            cpb::CreateSessionRequest {
+                title: format!("{name}'s chat"),
+                model: "fast".into(),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .expect("chat session")
+        .into_inner()
+        .session
+        .expect("session");
+    let mut events = chat
+        .send_message(bearer(
+            cpb::SendMessageRequest {
+                send: Some(cpb::Send {
+                    session_id: session.id.clone(),
+                    content: format!("I am {name}@example.com"),
+                    client_message_id: "m1".into(),
+                    ..Default::default()
+                }),
+            },
+            token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut completed = false;
+    while let Some(e) = events.message().await.expect("event") {
+        if let Some(cpb::chat_event::Event::Completed(_)) = e.event.and_then(|e| e.event) {
+            completed = true;
+            break;
+        }
+    }
+    assert!(completed, "the chat turn completed");
+
+    let mut search = crate::search::search_client(mesh).await;
+    crate::search::index(
+        &mut search,
+        token,
+        vec![crate::search::doc("cv", "1", "My résumé", "Rust engineer")],
+    )
+    .await;
+    crate::search::find(
+        &mut search,
+        token,
+        spb::SearchRequest {
+            query: "rust".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("search");
+
+    let mut a = auth(mesh).await;
+    a.create_api_key(bearer(
+        apb::CreateApiKeyRequest {
+            name: "ci".into(),
+            scopes: vec!["chat:*".into()],
+            ttl: None,
+        },
+        token,
+    ))
+    .await
+    .expect("api key");
+    a.request_email_verification(bearer(apb::RequestEmailVerificationRequest {}, token))
+        .await
+        .expect("verification mail");
+    a.request_password_reset(apb::RequestPasswordResetRequest {
+        email: format!("{name}@example.com"),
+    })
+    .await
+    .expect("reset mail");
+    let wrong = crate::auth::login(&mut a, name, "Wr0ng!password").await;
+    assert_eq!(
+        wrong.expect_err("wrong password").code(),
+        Code::Unauthenticated
+    );
+    users(mesh)
+        .await
+        .update_preferences(bearer(
+            pb::UpdatePreferencesRequest {
+                preferences: Some(pb::Preferences {
+                    industry_focus: vec!["fintech".into()],
+                    ..Default::default()
+                }),
+                update_mask: None,
+            },
+            token,
+        ))
+        .await
+        .expect("preferences");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_erases_everything_the_user_owned() {
+    let rig = crate::llm::rig(|_| {}).await;
+    let mesh = &rig.mesh;
+    let admin = admin_token(mesh, "eraser").await;
+    let uid = uuid::Uuid::parse_str(&rig.user_id).expect("uuid");
+    let bystander = register(&mut auth(mesh).await, "bystander").await;
+    let bid = uuid::Uuid::parse_str(&bystander.account.as_ref().expect("account").id).expect("id");
+    leave_traces(mesh, &rig.token, "llmuser").await;
+    leave_traces(mesh, &access(&bystander), "bystander").await;
+    // An admin act about the user, with a reason naming them, and a failed
+    // login typed with their address before the account existed.
+    let mut c = users(mesh).await;
+    c.suspend_user(bearer(
+        pb::SuspendUserRequest {
+            id: rig.user_id.clone(),
+            reason: "spam from llmuser@example.com".into(),
+        },
+        &admin,
+    ))
+    .await
+    .expect("suspend");
+    let mut conn = mesh.store.pg().await.expect("pg");
+    trellis_store::audit::record(
+        &mut conn,
+        trellis_store::audit::AuditEvent {
+            action: "auth.login.failed",
+            target_type: "user",
+            details: serde_json::json!({ "reason": "unknown account", "login": "LLMuser@example.com" }),
+            ip_address: "203.0.113.9".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("anonymous event");
+    drop(conn);
+
+    let owned: &[(&str, &str)] = &[
+        ("auth_sessions", "user_id"),
+        ("user_roles", "user_id"),
+        ("user_preferences", "user_id"),
+        ("api_keys", "user_id"),
+        ("auth_one_time_tokens", "user_id"),
+        ("mail_outbox", "user_id"),
+        ("chat_sessions", "user_id"),
+        ("chat_messages", "user_id"),
+        ("llm_usage", "user_id"),
+        ("search_documents", "owner_id"),
+        ("search_history", "user_id"),
+    ];
+    // Usage and history rows are written just after the answers.
+    for who in [uid, bid] {
+        for table in ["llm_usage", "search_history"] {
+            let m = mesh;
+            assert!(
+                eventually(Duration::from_secs(5), || async move {
+                    rows_of(m, table, "user_id", who).await > 0
+                })
+                .await,
+                "{table} row of {who} never written"
+            );
+        }
+        for (table, column) in owned {
+            assert!(
+                rows_of(mesh, table, column, who).await > 0,
+                "{table} of {who} before"
+            );
+        }
+    }
+    assert!(
+        !redis_keys(mesh, &rig.user_id).await.is_empty(),
+        "quota keys before"
+    );
+    assert!(audit_mentions(mesh, "llmuser").await >= 2);
+    let before_events = audit_mentions(mesh, &rig.user_id).await;
+    assert!(before_events >= 4, "{before_events}");
+
+    c.delete_user(bearer(
+        pb::DeleteUserRequest {
+            id: rig.user_id.clone(),
+        },
+        &admin,
+    ))
+    .await
+    .expect("deleted");
+    c.purge_user(bearer(
+        pb::PurgeUserRequest {
+            id: rig.user_id.clone(),
+        },
+        &admin,
+    ))
+    .await
+    .expect("purged");
+
+    for (table, column) in owned {
+        assert_eq!(
+            rows_of(mesh, table, column, uid).await,
+            0,
+            "{table} after purge"
+        );
+    }
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let mails: i64 = trellis_store::schema::mail_outbox::table
+        .filter(trellis_store::schema::mail_outbox::to_address.ilike("llmuser@example.com"))
+        .count()
+        .get_result(&mut conn)
+        .await
+        .expect("mail");
+    assert_eq!(mails, 0, "mail to the address");
+    // The trail keeps its events, pseudonymised: only the purge itself
+    // names the id, and nothing names the person.
+    use trellis_store::schema::audit_events as ae;
+    let naming: Vec<String> = ae::table
+        .filter(ae::actor_id.eq(uid).or(ae::target_id.eq(&rig.user_id)))
+        .select(ae::action)
+        .load(&mut conn)
+        .await
+        .expect("events");
+    assert_eq!(naming, vec!["user.purged".to_string()]);
+    assert_eq!(
+        audit_mentions(mesh, "llmuser").await,
+        0,
+        "login, e-mail, reason erased"
+    );
+    let erased: Vec<(String, String, Vec<String>, String)> = ae::table
+        .filter(ae::details.eq(serde_json::json!({ "subject_erased": true })))
+        .select((
+            ae::action,
+            ae::ip_address,
+            ae::changed_fields,
+            ae::request_id,
+        ))
+        .load(&mut conn)
+        .await
+        .expect("erased events");
+    let actions: std::collections::HashSet<&str> = erased.iter().map(|e| e.0.as_str()).collect();
+    for kept in [
+        "auth.account.registered",
+        "auth.login.failed",
+        "auth.api_key.created",
+        "user.suspended",
+        "user.deleted",
+    ] {
+        assert!(actions.contains(kept), "{kept} kept: {actions:?}");
+    }
+    assert!(
+        erased
+            .iter()
+            .filter(|e| !e.0.starts_with("user."))
+            .all(|e| e.1.is_empty()),
+        "the subject's addresses are gone: {erased:?}"
+    );
+    assert!(erased.iter().any(|e| !e.3.is_empty()), "request ids stay");
+    drop(conn);
+    assert_eq!(redis_keys(mesh, &rig.user_id).await, Vec::<String>::new());
+
+    // The bystander lost nothing.
+    for (table, column) in owned {
+        assert!(
+            rows_of(mesh, table, column, bid).await > 0,
+            "bystander's {table}"
+        );
+    }
+    assert!(!redis_keys(mesh, &bid.to_string()).await.is_empty());
+    assert_eq!(audit_mentions(mesh, "bystander").await, 1, "the failed login");
+    assert!(audit_mentions(mesh, &bid.to_string()).await >= 3);
+    rig.mesh.shutdown().await;
+}

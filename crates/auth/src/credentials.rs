@@ -68,6 +68,7 @@ impl AuthSvc {
         mail::send(
             conn,
             Mail {
+                user_id: Some(account.id),
                 to: account.email.clone(),
                 subject: subject.into(),
                 body: format!(
