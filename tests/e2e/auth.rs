@@ -897,3 +897,155 @@ async fn browser_cookie_path_over_grpc_web() {
     );
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_identity_follows_mesh_calls_and_cors_allows_credentials() {
+    use trellis_proto::chat::v1 as cpb;
+    const APP: &str = "https://app.example.com";
+    let rig = crate::llm::rig(|c| {
+        c.server.cors_allowed_origins = vec![APP.into()];
+    })
+    .await;
+    let mesh = &rig.mesh;
+    let http = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .expect("client");
+    let call = |path: &str, body: Vec<u8>, cookie: Option<&str>| {
+        let mut req = http
+            .post(format!("{}/{path}", mesh.url()))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header("origin", APP)
+            .body(body);
+        if let Some(c) = cookie {
+            req = req.header("cookie", c.to_string());
+        }
+        req.send()
+    };
+    let resp = call(
+        "trellis.auth.v1.AuthService/Login",
+        web_frame(&pb::LoginRequest {
+            login: "llmuser".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        }),
+        None,
+    )
+    .await
+    .expect("login");
+    assert_eq!(resp.headers()["access-control-allow-origin"], APP);
+    assert_eq!(resp.headers()["access-control-allow-credentials"], "true");
+    let jar = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().expect("ascii"))
+        .find(|c| c.starts_with("trellis_access="))
+        .expect("access cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_string();
+
+    // Chat calls the LLM gateway over the mesh as the cookie's user.
+    let resp = call(
+        "trellis.chat.v1.ChatService/CreateSession",
+        web_frame(&cpb::CreateSessionRequest {
+            title: "from a browser".into(),
+            model: "fast".into(),
+            ..Default::default()
+        }),
+        Some(&jar),
+    )
+    .await
+    .expect("create session");
+    let (created, trailers) =
+        web_message::<cpb::CreateSessionResponse>(&resp.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let session = created.expect("created").session.expect("session").id;
+    let resp = call(
+        "trellis.chat.v1.ChatService/SendMessage",
+        web_frame(&cpb::SendMessageRequest {
+            send: Some(cpb::Send {
+                session_id: session,
+                content: "hi".into(),
+                client_message_id: "b1".into(),
+                ..Default::default()
+            }),
+        }),
+        Some(&jar),
+    )
+    .await
+    .expect("send");
+    let (frames, trailers) = crate::util::parse_grpc_web(&resp.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let events: Vec<cpb::chat_event::Event> = frames
+        .iter()
+        .filter_map(|f| {
+            <cpb::SendMessageResponse as prost::Message>::decode(f.as_slice())
+                .ok()
+                .and_then(|m| m.event)
+                .and_then(|e| e.event)
+        })
+        .collect();
+    let text: String = events
+        .iter()
+        .filter_map(|e| match e {
+            cpb::chat_event::Event::Delta(d) => Some(d.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, cpb::chat_event::Event::Completed(_))),
+        "the reply completed: {events:?}"
+    );
+    assert_eq!(text, "Hello world");
+    assert_eq!(rig.primary.hits(), 1, "the gateway reached the provider");
+
+    // Preflights: a listed origin may send credentials, others get nothing.
+    let preflight = |origin: &'static str| {
+        http.request(
+            reqwest::Method::OPTIONS,
+            format!("{}/trellis.chat.v1.ChatService/SendMessage", mesh.url()),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type,x-grpc-web")
+        .send()
+    };
+    let ok = preflight(APP).await.expect("preflight");
+    assert_eq!(ok.headers()["access-control-allow-origin"], APP);
+    assert_eq!(ok.headers()["access-control-allow-credentials"], "true");
+    let other = preflight("https://evil.example.com")
+        .await
+        .expect("preflight");
+    assert!(
+        other.headers().get("access-control-allow-origin").is_none(),
+        "{:?}",
+        other.headers()
+    );
+
+    // With the wildcard default, no credentials (browsers would refuse them).
+    let open = TestMesh::start().await;
+    let any = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/trellis.auth.v1.AuthService/WhoAmI", open.url()),
+        )
+        .header("origin", APP)
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(any.headers()["access-control-allow-origin"], "*");
+    assert!(
+        any.headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    open.shutdown().await;
+    rig.mesh.shutdown().await;
+}

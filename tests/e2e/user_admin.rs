@@ -957,7 +957,11 @@ async fn purge_erases_everything_the_user_owned() {
         );
     }
     assert!(!redis_keys(mesh, &bid.to_string()).await.is_empty());
-    assert_eq!(audit_mentions(mesh, "bystander").await, 1, "the failed login");
+    assert_eq!(
+        audit_mentions(mesh, "bystander").await,
+        1,
+        "the failed login"
+    );
     assert!(audit_mentions(mesh, &bid.to_string()).await >= 3);
     rig.mesh.shutdown().await;
 }
