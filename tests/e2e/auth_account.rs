@@ -292,6 +292,42 @@ async fn password_reset_by_mailed_single_use_token() {
         .await
         .expect_err("sessions ended by the reset");
     assert_eq!(revoked.code(), Code::Unauthenticated);
+
+    // Both halves are in the trail, about the account; only the reset
+    // itself (not the weak attempt or the reuse) counts as a change.
+    let user = reg.account.expect("account").id;
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let rows: Vec<(String, Option<uuid::Uuid>, String, Vec<String>)> = audit_events::table
+        .filter(audit_events::action.like("auth.password.reset%"))
+        .order(audit_events::occurred_at.asc())
+        .select((
+            audit_events::action,
+            audit_events::actor_id,
+            audit_events::target_id,
+            audit_events::changed_fields,
+        ))
+        .load(&mut conn)
+        .await
+        .expect("audit");
+    let uid = uuid::Uuid::parse_str(&user).ok();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "auth.password.reset_requested".into(),
+                None,
+                user.clone(),
+                vec![]
+            ),
+            (
+                "auth.password.reset".into(),
+                uid,
+                user,
+                vec!["password".into()]
+            ),
+        ]
+    );
+    drop(conn);
     mesh.shutdown().await;
 }
 

@@ -965,3 +965,190 @@ async fn purge_erases_everything_the_user_owned() {
     assert!(audit_mentions(mesh, &bid.to_string()).await >= 3);
     rig.mesh.shutdown().await;
 }
+
+/// `msg` as `token`'s call with request id `rid`.
+fn traced<T>(msg: T, token: &str, rid: &str) -> tonic::Request<T> {
+    let mut req = bearer(msg, token);
+    req.metadata_mut()
+        .insert("x-request-id", rid.parse().expect("ascii"));
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_profile_acts_leave_an_audit_trail() {
+    use crate::auth_totp::{detail, event, trail};
+    let mesh = TestMesh::start().await;
+    let (admin_id, admin) = crate::auth::admin_account(&mesh, "overseer").await;
+    let mut c = users(&mesh).await;
+    let id = c
+        .create_user(traced(
+            pb::CreateUserRequest {
+                email: "ursula@example.com".into(),
+                username: "ursula".into(),
+                password: PASSWORD.into(),
+                display_name: "Ursula".into(),
+                ..Default::default()
+            },
+            &admin,
+            "r-create",
+        ))
+        .await
+        .expect("create")
+        .into_inner()
+        .user
+        .expect("user")
+        .id;
+    c.update_user(traced(
+        pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: id.clone(),
+                display_name: "Ursula K.".into(),
+                email: "ursula.k@example.com".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name", "email"]),
+        },
+        &admin,
+        "r-update",
+    ))
+    .await
+    .expect("update");
+    c.suspend_user(traced(
+        pb::SuspendUserRequest {
+            id: id.clone(),
+            reason: "policy review".into(),
+        },
+        &admin,
+        "r-suspend",
+    ))
+    .await
+    .expect("suspend");
+    c.reactivate_user(traced(
+        pb::ReactivateUserRequest { id: id.clone() },
+        &admin,
+        "r-reactivate",
+    ))
+    .await
+    .expect("reactivate");
+    let own = crate::auth::login(&mut auth(&mesh).await, "ursula", PASSWORD)
+        .await
+        .expect("login")
+        .access_token;
+    c.update_me(traced(
+        pb::UpdateMeRequest {
+            user: Some(pb::User {
+                bio: "Writes.".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["bio"]),
+        },
+        &own,
+        "r-me",
+    ))
+    .await
+    .expect("update me");
+    c.update_preferences(traced(
+        pb::UpdatePreferencesRequest {
+            preferences: Some(pb::Preferences {
+                industry_focus: vec!["publishing".into()],
+                ..Default::default()
+            }),
+            update_mask: mask(&["industry_focus"]),
+        },
+        &own,
+        "r-prefs",
+    ))
+    .await
+    .expect("preferences");
+    c.delete_user(traced(
+        pb::DeleteUserRequest { id: id.clone() },
+        &admin,
+        "r-delete",
+    ))
+    .await
+    .expect("delete");
+    c.restore_user(traced(
+        pb::RestoreUserRequest { id: id.clone() },
+        &admin,
+        "r-restore",
+    ))
+    .await
+    .expect("restore");
+
+    let trail = trail(&mesh, &admin).await;
+    let check = |actor: &str, action: &str, rid: &str, changed: &[&str]| {
+        let e = event(&trail, action, rid).clone();
+        assert_eq!(
+            (
+                e.actor_id.as_str(),
+                e.target_type.as_str(),
+                e.target_id.as_str()
+            ),
+            (actor, "user", id.as_str()),
+            "{e:?}"
+        );
+        let mut got = e.changed_fields.clone();
+        got.sort();
+        assert_eq!(got, changed, "{action}");
+        assert!(e.occur_time.is_some());
+        e
+    };
+    check(&admin_id, "user.created", "r-create", &[]);
+    check(
+        &admin_id,
+        "user.updated",
+        "r-update",
+        &["display_name", "email"],
+    );
+    let e = check(&admin_id, "user.suspended", "r-suspend", &[]);
+    assert_eq!(detail(&e, "reason").as_deref(), Some("policy review"));
+    check(&admin_id, "user.reactivated", "r-reactivate", &[]);
+    check(&id, "user.profile.updated", "r-me", &["bio"]);
+    check(
+        &id,
+        "user.preferences.updated",
+        "r-prefs",
+        &["industry_focus"],
+    );
+    check(&admin_id, "user.deleted", "r-delete", &[]);
+    check(&admin_id, "user.restored", "r-restore", &[]);
+
+    // After the purge the trail keeps these events under one pseudonym,
+    // and the purge itself names the account.
+    c.purge_user(traced(
+        pb::PurgeUserRequest { id: id.clone() },
+        &admin,
+        "r-purge",
+    ))
+    .await
+    .expect("purge");
+    let after = crate::auth_totp::trail(&mesh, &admin).await;
+    let purged = event(&after, "user.purged", "r-purge");
+    assert_eq!(
+        (purged.actor_id.as_str(), purged.target_id.as_str()),
+        (admin_id.as_str(), id.as_str())
+    );
+    let mut pseudonyms = std::collections::HashSet::new();
+    for (action, rid) in [
+        ("user.created", "r-create"),
+        ("user.updated", "r-update"),
+        ("user.suspended", "r-suspend"),
+        ("user.profile.updated", "r-me"),
+        ("user.restored", "r-restore"),
+    ] {
+        let e = event(&after, action, rid);
+        assert_ne!(e.target_id, id, "{action} still names the account");
+        assert!(detail(e, "reason").is_none(), "{e:?}");
+        pseudonyms.insert(e.target_id.clone());
+    }
+    assert_eq!(pseudonyms.len(), 1, "one pseudonym per erasure");
+    let me = event(&after, "user.profile.updated", "r-me");
+    assert_eq!(me.actor_id, me.target_id, "the same pseudonym as actor");
+    assert_eq!(
+        me.changed_fields,
+        vec!["bio".to_string()],
+        "field names stay"
+    );
+    assert!(me.ip_address.is_empty());
+    mesh.shutdown().await;
+}

@@ -365,6 +365,7 @@ impl AuthSvc {
     ) -> Result<Response<pb::RequestEmailVerificationResponse>, Status> {
         let p = authenticated(&req)?;
         p.require(EMAIL)?;
+        let origin = Origin::of(&req);
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         let account = accounts::find(&mut conn, p.user_id)
             .await
@@ -377,6 +378,18 @@ impl AuthSvc {
         }
         self.mail_token(&mut conn, &account, VERIFY, self.cfg.email_verification_ttl)
             .await?;
+        record(
+            &mut conn,
+            &origin,
+            AuditEvent {
+                actor_id: Some(account.id),
+                action: "auth.email.verification_requested",
+                target_type: "user",
+                target_id: account.id.to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
         Ok(Response::new(pb::RequestEmailVerificationResponse {}))
     }
 

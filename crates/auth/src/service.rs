@@ -242,13 +242,43 @@ impl AuthSvc {
         }
     }
 
-    /// Counts a failed login, locking the account once the threshold is
-    /// reached within the window; each lockout doubles the next one.
+    /// Counts a failed login (or second-factor check), locking the account
+    /// once the threshold is reached within the window — each lockout
+    /// doubles the next one — and records the failure (`action`, with
+    /// `reason`) and any lockout in the audit trail.
     pub(crate) async fn record_failure(
         &self,
         conn: &mut AsyncPgConnection,
+        origin: &Origin,
         a: &Account,
+        action: &'static str,
+        reason: &'static str,
     ) -> Result<bool, AuthError> {
+        let locked = self.count_failure(conn, a).await?;
+        let event = |action, reason: &str| AuditEvent {
+            actor_id: Some(a.id),
+            action,
+            target_type: "user",
+            target_id: a.id.to_string(),
+            details: serde_json::json!({ "reason": reason }),
+            ..Default::default()
+        };
+        record(conn, origin, event(action, reason)).await;
+        if let Some(lock) = locked {
+            let mut e = event("auth.account.locked", "too many failed logins");
+            e.details["lock_seconds"] = lock.num_seconds().into();
+            record(conn, origin, e).await;
+        }
+        Ok(locked.is_some())
+    }
+
+    /// The counting half of [`Self::record_failure`]: the lock's length
+    /// when this failure locked the account.
+    async fn count_failure(
+        &self,
+        conn: &mut AsyncPgConnection,
+        a: &Account,
+    ) -> Result<Option<chrono::Duration>, AuthError> {
         let now = Utc::now();
         let in_window = a
             .first_failed_at
@@ -273,7 +303,7 @@ impl AuthSvc {
                 .execute(conn)
                 .await?;
             tracing::warn!(user_id = %a.id, lock_seconds = lock.num_seconds(), "account locked after failed logins");
-            return Ok(true);
+            return Ok(Some(lock));
         } else {
             diesel::update(users::table.filter(users::id.eq(a.id)))
                 .set((
@@ -283,7 +313,7 @@ impl AuthSvc {
                 .execute(conn)
                 .await?;
         }
-        Ok(false)
+        Ok(None)
     }
 
     fn grace_key(&self, hash: &[u8]) -> String {
@@ -498,22 +528,24 @@ impl AuthService for AuthSvc {
         let now = Utc::now();
         if let Some(until) = account.locked_until.filter(|u| *u > now) {
             let left = (until - now).to_std().unwrap_or(Duration::from_secs(1));
-            return Err(AuthError::Locked(left).into());
-        }
-        if !ok {
-            let locked = self.record_failure(&mut conn, &account).await?;
-            tracing::info!(user_id = %account.id, "login failed: wrong password");
             record(
                 &mut conn,
                 &origin,
-                failed(Some(account.id), "wrong password"),
+                failed(Some(account.id), "account locked"),
             )
             .await;
-            if locked {
-                let mut e = failed(Some(account.id), "too many failed logins");
-                e.action = "auth.account.locked";
-                record(&mut conn, &origin, e).await;
-            }
+            return Err(AuthError::Locked(left).into());
+        }
+        if !ok {
+            tracing::info!(user_id = %account.id, "login failed: wrong password");
+            self.record_failure(
+                &mut conn,
+                &origin,
+                &account,
+                "auth.login.failed",
+                "wrong password",
+            )
+            .await?;
             return Err(AuthError::BadCredentials.into());
         }
         if account.status != accounts::ACTIVE {
@@ -526,7 +558,7 @@ impl AuthService for AuthSvc {
             return Err(AuthError::Denied("account is not active").into());
         }
         if account.totp_enabled_at.is_some() {
-            self.check_second_factor(&mut conn, &account, &r.totp_code, &r.recovery_code)
+            self.check_second_factor(&mut conn, &origin, &account, &r.totp_code, &r.recovery_code)
                 .await?;
         }
         if account.failed_logins > 0 || account.lockouts > 0 || account.locked_until.is_some() {
@@ -595,12 +627,25 @@ impl AuthService for AuthSvc {
         req: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
         let p = authenticated(&req)?;
+        let origin = Origin::of(&req);
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         if let Some(sid) = p.session_id {
             sessions::revoke(&mut conn, sid, p.user_id, "logout")
                 .await
                 .map_err(AuthError::from)?;
             self.revocations.publish(Revocation::Session(sid)).await?;
+            record(
+                &mut conn,
+                &origin,
+                AuditEvent {
+                    actor_id: Some(p.user_id),
+                    action: "auth.logout",
+                    target_type: "session",
+                    target_id: sid.to_string(),
+                    ..Default::default()
+                },
+            )
+            .await;
         }
         if let CredentialKind::AccessToken { token_id } = &p.credential {
             self.revocations
@@ -760,8 +805,22 @@ impl AuthService for AuthSvc {
     ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
         let p = authenticated(&req)?;
         p.require("auth:keys:rotate")?;
+        let origin = Origin::of(&req);
         let kid = self.keys.rotate().await?;
         tracing::info!(%kid, by = %p.user_id, "signing key rotated");
+        let mut conn = self.store.pg().await.map_err(AuthError::from)?;
+        record(
+            &mut conn,
+            &origin,
+            AuditEvent {
+                actor_id: Some(p.user_id),
+                action: "auth.signing_key.rotated",
+                target_type: "signing_key",
+                target_id: kid.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
         Ok(Response::new(pb::RotateSigningKeyResponse { kid }))
     }
 
