@@ -1049,3 +1049,120 @@ async fn cookie_identity_follows_mesh_calls_and_cors_allows_credentials() {
     open.shutdown().await;
     rig.mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockouts_grow_and_failures_count_only_within_the_window() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.lockout_threshold = 2;
+        c.auth.lockout_base = Duration::from_secs(1);
+        c.auth.lockout_window = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    register(&mut client, "repeat").await;
+    register(&mut client, "spaced").await;
+    let attempt = |who: &'static str, password: &'static str| {
+        let mut c = client.clone();
+        async move {
+            c.login(pb::LoginRequest {
+                login: who.into(),
+                password: password.into(),
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    let lock_delay = |who: &'static str| {
+        let attempt = attempt;
+        async move {
+            let e = attempt(who, PASSWORD).await.expect_err("locked");
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            e.get_error_details()
+                .retry_info()
+                .and_then(|r| r.retry_delay)
+                .expect("retry delay")
+        }
+    };
+    let fail_twice = |who: &'static str| async move {
+        for _ in 0..2 {
+            let e = attempt(who, "Wr0ng!pass").await.expect_err("wrong");
+            assert_eq!(e.code(), Code::Unauthenticated);
+        }
+    };
+    fail_twice("repeat").await;
+    let first = lock_delay("repeat").await;
+    assert!(first <= Duration::from_secs(1), "{first:?}");
+    tokio::time::sleep(first + Duration::from_millis(200)).await;
+    // Failing again before any success: the next lock is twice as long.
+    fail_twice("repeat").await;
+    let second = lock_delay("repeat").await;
+    assert!(
+        second > Duration::from_millis(1500) && second <= Duration::from_secs(2),
+        "{second:?}"
+    );
+    tokio::time::sleep(second + Duration::from_millis(200)).await;
+    // A successful login forgives: the back-off starts over.
+    attempt("repeat", PASSWORD).await.expect("unlocked");
+    fail_twice("repeat").await;
+    assert!(lock_delay("repeat").await <= Duration::from_secs(1));
+
+    // Failures further apart than the window never add up.
+    attempt("spaced", "Wr0ng!pass").await.expect_err("wrong");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    attempt("spaced", "Wr0ng!pass").await.expect_err("wrong");
+    attempt("spaced", PASSWORD)
+        .await
+        .expect("one failure within the window is not a lockout");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_seeding_creates_one_working_administrator() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let (name, password) = trellis_auth::seed::ensure_admin(&mesh.config.auth, &mesh.store)
+        .await
+        .expect("seed")
+        .expect("created on an empty install");
+    assert_eq!(name, trellis_auth::seed::ADMIN_USERNAME);
+    assert!(password.chars().count() >= 16, "{password}");
+    let tokens = login(&mut client, &name, &password)
+        .await
+        .expect("the printed credentials work");
+    let me = who(&mut client, &tokens.access_token)
+        .await
+        .expect("whoami");
+    let p = me.principal.expect("principal");
+    assert!(p.roles.contains(&"admin".to_string()), "{:?}", p.roles);
+    assert!(
+        p.permissions.contains(&"*".to_string()),
+        "{:?}",
+        p.permissions
+    );
+    assert_eq!(
+        me.account.expect("account").email,
+        trellis_auth::seed::ADMIN_EMAIL
+    );
+    // A second start finds the administrator and creates nobody.
+    let again = trellis_auth::seed::ensure_admin(&mesh.config.auth, &mesh.store)
+        .await
+        .expect("seed again");
+    assert_eq!(again, None);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_seeding_leaves_an_install_with_an_administrator_alone() {
+    let mesh = TestMesh::start().await;
+    let (id, _) = admin_account(&mesh, "existing").await;
+    assert!(!id.is_empty());
+    let seeded = trellis_auth::seed::ensure_admin(&mesh.config.auth, &mesh.store)
+        .await
+        .expect("seed");
+    assert_eq!(seeded, None);
+    let err = login(&mut auth(&mesh).await, "admin", "Aa1!whatever")
+        .await
+        .expect_err("no seeded account");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    mesh.shutdown().await;
+}

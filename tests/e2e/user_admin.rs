@@ -957,12 +957,20 @@ async fn purge_erases_everything_the_user_owned() {
         );
     }
     assert!(!redis_keys(mesh, &bid.to_string()).await.is_empty());
-    assert_eq!(
-        audit_mentions(mesh, "bystander").await,
-        1,
-        "the failed login"
-    );
     assert!(audit_mentions(mesh, &bid.to_string()).await >= 3);
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let addressed: i64 = ae::table
+        .filter(ae::actor_id.eq(bid))
+        .filter(ae::ip_address.ne(""))
+        .count()
+        .get_result(&mut conn)
+        .await
+        .expect("count");
+    assert!(
+        addressed >= 3,
+        "the bystander's events keep their addresses"
+    );
+    drop(conn);
     rig.mesh.shutdown().await;
 }
 
@@ -1150,5 +1158,276 @@ async fn admin_and_profile_acts_leave_an_audit_trail() {
         "field names stay"
     );
     assert!(me.ip_address.is_empty());
+    mesh.shutdown().await;
+}
+
+/// The code and field violations of a refused call.
+fn refusal<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+) -> (Code, Vec<String>) {
+    let e = r.expect_err("refused");
+    (e.code(), fields(&e))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_rpcs_refuse_bad_ids_outsiders_and_bad_fields() {
+    let mesh = TestMesh::start().await;
+    let admin = admin_token(&mesh, "chief").await;
+    let member_reg = register(&mut auth(&mesh).await, "plain").await;
+    let member = access(&member_reg);
+    let target = register(&mut auth(&mesh).await, "target").await;
+    let id = target.account.expect("account").id;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let mut c = users(&mesh).await;
+    let nf = (Code::NotFound, vec![]);
+    let bad_id = (Code::InvalidArgument, vec!["id".to_string()]);
+
+    // Reactivate, delete and restore: a member sees nothing, a malformed id
+    // names the field, an unknown id is NOT_FOUND.
+    for (token, who) in [(&member, "member"), (&admin, "admin")] {
+        let r = |i: &str| pb::ReactivateUserRequest { id: i.into() };
+        let d = |i: &str| pb::DeleteUserRequest { id: i.into() };
+        let s = |i: &str| pb::RestoreUserRequest { id: i.into() };
+        for i in ["garbage", ""] {
+            assert_eq!(
+                refusal(c.reactivate_user(bearer(r(i), token)).await),
+                bad_id,
+                "{who}"
+            );
+            assert_eq!(
+                refusal(c.delete_user(bearer(d(i), token)).await),
+                bad_id,
+                "{who}"
+            );
+            assert_eq!(
+                refusal(c.restore_user(bearer(s(i), token)).await),
+                bad_id,
+                "{who}"
+            );
+        }
+        assert_eq!(
+            refusal(c.reactivate_user(bearer(r(&unknown), token)).await),
+            nf
+        );
+        assert_eq!(refusal(c.delete_user(bearer(d(&unknown), token)).await), nf);
+        assert_eq!(
+            refusal(c.restore_user(bearer(s(&unknown), token)).await),
+            nf
+        );
+    }
+    let r = pb::ReactivateUserRequest { id: id.clone() };
+    assert_eq!(refusal(c.reactivate_user(bearer(r, &member)).await), nf);
+    let d = pb::DeleteUserRequest { id: id.clone() };
+    assert_eq!(refusal(c.delete_user(bearer(d.clone(), &member)).await), nf);
+    // Restoring a live account: nothing to restore.
+    let s = pb::RestoreUserRequest { id: id.clone() };
+    assert_eq!(refusal(c.restore_user(bearer(s.clone(), &admin)).await), nf);
+    c.delete_user(bearer(d, &admin)).await.expect("deleted");
+    assert_eq!(
+        refusal(c.restore_user(bearer(s.clone(), &member)).await),
+        nf
+    );
+    let r = pb::ReactivateUserRequest { id: id.clone() };
+    assert_eq!(
+        refusal(c.reactivate_user(bearer(r, &admin)).await),
+        nf,
+        "a deleted account is not reactivated"
+    );
+    c.restore_user(bearer(s, &admin)).await.expect("restored");
+    let anonymous = c
+        .delete_user(pb::DeleteUserRequest { id: id.clone() })
+        .await
+        .expect_err("anonymous");
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+
+    // Suspension reasons are bounded.
+    let long = pb::SuspendUserRequest {
+        id: id.clone(),
+        reason: "x".repeat(501),
+    };
+    assert_eq!(
+        refusal(c.suspend_user(bearer(long, &admin)).await),
+        (Code::InvalidArgument, vec!["reason".to_string()])
+    );
+    let max = pb::SuspendUserRequest {
+        id: id.clone(),
+        reason: "x".repeat(500),
+    };
+    c.suspend_user(bearer(max, &admin))
+        .await
+        .expect("500 characters are fine");
+
+    // UpdateUser validates every field it is asked to change, and leaves
+    // the account as it was.
+    let bad = pb::UpdateUserRequest {
+        user: Some(pb::User {
+            id: id.clone(),
+            email: "not-an-address".into(),
+            username: "x".into(),
+            phone: "12345".into(),
+            bio: "b".repeat(501),
+            first_name: "f".repeat(101),
+            ..Default::default()
+        }),
+        update_mask: mask(&[
+            "email",
+            "username",
+            "phone",
+            "bio",
+            "first_name",
+            "password",
+        ]),
+    };
+    let (code, got) = refusal(c.update_user(bearer(bad, &admin)).await);
+    assert_eq!(code, Code::InvalidArgument);
+    for f in [
+        "user.email",
+        "user.username",
+        "user.phone",
+        "user.bio",
+        "user.first_name",
+        "update_mask",
+    ] {
+        assert!(got.contains(&f.to_string()), "{f} missing from {got:?}");
+    }
+    let no_id = pb::UpdateUserRequest {
+        user: Some(pb::User {
+            bio: "b".into(),
+            ..Default::default()
+        }),
+        update_mask: mask(&["bio"]),
+    };
+    assert_eq!(
+        refusal(c.update_user(bearer(no_id, &admin)).await),
+        (Code::InvalidArgument, vec!["user.id".to_string()])
+    );
+    let ghost = pb::UpdateUserRequest {
+        user: Some(pb::User {
+            id: unknown.clone(),
+            bio: "b".into(),
+            ..Default::default()
+        }),
+        update_mask: mask(&["bio"]),
+    };
+    assert_eq!(refusal(c.update_user(bearer(ghost, &admin)).await), nf);
+    let same = c
+        .get_user(bearer(pb::GetUserRequest { id: id.clone() }, &admin))
+        .await
+        .expect("get")
+        .into_inner()
+        .user
+        .expect("user");
+    assert_eq!(
+        (same.email.as_str(), same.bio.as_str()),
+        ("target@example.com", "")
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferences_need_credentials_and_keep_search_filters() {
+    let mesh = TestMesh::start().await;
+    let token = access(&register(&mut auth(&mesh).await, "filterer").await);
+    let mut c = users(&mesh).await;
+    for status in [
+        c.get_preferences(pb::GetPreferencesRequest {})
+            .await
+            .map(|_| ())
+            .expect_err("anonymous"),
+        c.update_preferences(pb::UpdatePreferencesRequest::default())
+            .await
+            .map(|_| ())
+            .expect_err("anonymous"),
+    ] {
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    use prost_types::value::Kind;
+    let v = |k: Kind| prost_types::Value { kind: Some(k) };
+    let filters = prost_types::Struct {
+        fields: [
+            (
+                "tags".to_string(),
+                v(Kind::ListValue(prost_types::ListValue {
+                    values: vec![
+                        v(Kind::StringValue("rust".into())),
+                        v(Kind::StringValue("remote".into())),
+                    ],
+                })),
+            ),
+            ("min_years".to_string(), v(Kind::NumberValue(5.0))),
+            ("include_web".to_string(), v(Kind::BoolValue(true))),
+            (
+                "location".to_string(),
+                v(Kind::StructValue(prost_types::Struct {
+                    fields: [("city".to_string(), v(Kind::StringValue("Berlin".into())))].into(),
+                })),
+            ),
+        ]
+        .into(),
+    };
+    let saved = c
+        .update_preferences(bearer(
+            pb::UpdatePreferencesRequest {
+                preferences: Some(pb::Preferences {
+                    default_search_filters: Some(filters.clone()),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["default_search_filters"]),
+            },
+            &token,
+        ))
+        .await
+        .expect("saved")
+        .into_inner()
+        .preferences
+        .expect("prefs");
+    assert_eq!(saved.default_search_filters, Some(filters.clone()));
+    let read = c
+        .get_preferences(bearer(pb::GetPreferencesRequest {}, &token))
+        .await
+        .expect("read")
+        .into_inner()
+        .preferences
+        .expect("prefs");
+    assert_eq!(read.default_search_filters, Some(filters));
+    // Clearing it with a mask and no value.
+    let cleared = c
+        .update_preferences(bearer(
+            pb::UpdatePreferencesRequest {
+                preferences: Some(pb::Preferences::default()),
+                update_mask: mask(&["default_search_filters"]),
+            },
+            &token,
+        ))
+        .await
+        .expect("cleared")
+        .into_inner()
+        .preferences
+        .expect("prefs");
+    assert_eq!(
+        cleared.default_search_filters.map(|s| s.fields.len()),
+        Some(0)
+    );
+    // Oversized filters are refused, naming the field.
+    let huge = prost_types::Struct {
+        fields: [("blob".to_string(), v(Kind::StringValue("x".repeat(20_000))))].into(),
+    };
+    let err = c
+        .update_preferences(bearer(
+            pb::UpdatePreferencesRequest {
+                preferences: Some(pb::Preferences {
+                    default_search_filters: Some(huge),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["default_search_filters"]),
+            },
+            &token,
+        ))
+        .await
+        .expect_err("too big");
+    assert_eq!(
+        fields(&err),
+        vec!["preferences.default_search_filters".to_string()]
+    );
     mesh.shutdown().await;
 }
