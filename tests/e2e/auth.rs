@@ -1166,3 +1166,71 @@ async fn dev_seeding_leaves_an_install_with_an_administrator_alone() {
     assert_eq!(err.code(), Code::Unauthenticated);
     mesh.shutdown().await;
 }
+
+/// An AuthService client whose calls carry `user_agent`.
+async fn auth_as(mesh: &TestMesh, user_agent: &str) -> AuthServiceClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(mesh.url())
+        .expect("url")
+        .user_agent(user_agent)
+        .expect("user agent")
+        .connect()
+        .await
+        .expect("connect");
+    AuthServiceClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_window_answers_only_the_client_that_rotated() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.refresh_grace = Duration::from_secs(10);
+    })
+    .await;
+    let mut phone = auth_as(&mesh, "trellis-app/2.1 (phone)").await;
+    let mut other = auth_as(&mesh, "curl/8.5").await;
+
+    // The same client, again within the grace window: the same successor.
+    let first = register(&mut phone, "bound").await.tokens.expect("tokens");
+    let a = refresh(&mut phone, &first.refresh_token)
+        .await
+        .expect("rotate");
+    let b = refresh(&mut phone, &first.refresh_token)
+        .await
+        .expect("the same client within the grace window");
+    assert_eq!(
+        (&a.refresh_token, &a.access_token),
+        (&b.refresh_token, &b.access_token)
+    );
+
+    // Another client presenting the spent token gets nothing and ends the
+    // family, successor included.
+    let stolen = refresh(&mut other, &first.refresh_token)
+        .await
+        .expect_err("another client");
+    assert_eq!(stolen.code(), Code::Unauthenticated);
+    assert!(stolen.message().contains("reuse"), "{}", stolen.message());
+    assert_eq!(
+        refresh(&mut phone, &a.refresh_token)
+            .await
+            .expect_err("family ended")
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        who(&mut phone, &a.access_token)
+            .await
+            .expect_err("access ended")
+            .code(),
+        Code::Unauthenticated
+    );
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let reuse: i64 = trellis_store::schema::audit_events::table
+        .filter(trellis_store::schema::audit_events::action.eq("auth.session.reuse_detected"))
+        .filter(trellis_store::schema::audit_events::target_id.eq(&first.session_id))
+        .count()
+        .get_result(&mut conn)
+        .await
+        .expect("audit");
+    assert_eq!(reuse, 1);
+    drop(conn);
+    mesh.shutdown().await;
+}

@@ -75,6 +75,13 @@ pub fn service(
         .max_encoding_message_size(max_message_bytes))
 }
 
+/// Who is refreshing, as far as the server can tell (user agent and
+/// address): the grace window hands a rotated token's successor only to
+/// the client that rotated it.
+fn client_fingerprint(origin: &Origin) -> Vec<u8> {
+    tokens::digest(&format!("{}\0{}", origin.user_agent, origin.ip))
+}
+
 pub(crate) fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
@@ -321,9 +328,14 @@ impl AuthSvc {
             .key(&format!("auth:grace:{}", URL_SAFE_NO_PAD.encode(hash)))
     }
 
-    async fn do_refresh(&self, presented: &str) -> Result<pb::TokenPair, AuthError> {
+    async fn do_refresh(
+        &self,
+        presented: &str,
+        origin: &Origin,
+    ) -> Result<pb::TokenPair, AuthError> {
         let hash = tokens::digest(presented);
         let grace_key = self.grace_key(&hash);
+        let client = client_fingerprint(origin);
         let grace = chrono_dur(self.cfg.refresh_grace);
         let mut conn = self.store.pg().await?;
         let this = self.clone();
@@ -342,14 +354,17 @@ impl AuthSvc {
                 if let Some(used) = row.used_at {
                     if now - used <= grace {
                         // A concurrent refresh by the same client: hand back
-                        // the successor the first one received.
+                        // the successor the first one received. Anyone else
+                        // presenting the spent token is treated as a thief.
                         let mut r = this.store.redis().await?;
                         let cached: Option<Vec<u8>> = redis::cmd("GET")
                             .arg(&grace_key)
                             .query_async(&mut *r)
                             .await?;
-                        if let Some(pair) =
-                            cached.and_then(|b| pb::TokenPair::decode(b.as_slice()).ok())
+                        if let Some(pair) = cached
+                            .as_deref()
+                            .and_then(|b| b.strip_prefix(client.as_slice()))
+                            .and_then(|b| pb::TokenPair::decode(b).ok())
                         {
                             return Ok(Ok(pair));
                         }
@@ -357,7 +372,7 @@ impl AuthSvc {
                     // Reuse of a spent token: assume theft, end the family.
                     sessions::revoke(conn, row.session_id, row.user_id, "refresh token reuse")
                         .await?;
-                    return Ok(Err(row.session_id));
+                    return Ok(Err((row.session_id, row.user_id)));
                 }
                 let account = accounts::find(conn, row.user_id)
                     .await?
@@ -386,10 +401,12 @@ impl AuthSvc {
                 };
                 // Cached before commit: a concurrent refresh waiting on the
                 // row lock finds it as soon as it can read the spent row.
+                let mut cached = client.clone();
+                cached.extend_from_slice(&pair.encode_to_vec());
                 let mut r = this.store.redis().await?;
                 redis::cmd("SET")
                     .arg(&grace_key)
-                    .arg(pair.encode_to_vec())
+                    .arg(cached)
                     .arg("PX")
                     .arg(this.cfg.refresh_grace.as_millis().max(1) as u64)
                     .query_async::<()>(&mut *r)
@@ -399,11 +416,23 @@ impl AuthSvc {
             .await?;
         match outcome {
             Ok(pair) => Ok(pair),
-            Err(session) => {
+            Err((session, user)) => {
                 tracing::warn!(session_id = %session, "refresh token reused; session revoked");
                 self.revocations
                     .publish(Revocation::Session(session))
                     .await?;
+                record(
+                    &mut conn,
+                    origin,
+                    AuditEvent {
+                        actor_id: Some(user),
+                        action: "auth.session.reuse_detected",
+                        target_type: "session",
+                        target_id: session.to_string(),
+                        ..Default::default()
+                    },
+                )
+                .await;
                 Err(AuthError::Unauthenticated(
                     "refresh token reuse detected; the session has been ended",
                 ))
@@ -602,6 +631,7 @@ impl AuthService for AuthSvc {
         &self,
         req: Request<pb::RefreshRequest>,
     ) -> Result<Response<pb::RefreshResponse>, Status> {
+        let origin = Origin::of(&req);
         let from_cookie = cookie(req.metadata().as_ref(), REFRESH_COOKIE);
         let presented = match req.into_inner().refresh_token {
             t if !t.is_empty() => t,
@@ -614,7 +644,7 @@ impl AuthService for AuthSvc {
         if presented.len() > 200 {
             return Err(AuthError::Unauthenticated("invalid refresh token").into());
         }
-        let tokens = self.do_refresh(&presented).await?;
+        let tokens = self.do_refresh(&presented, &origin).await?;
         let mut resp = Response::new(pb::RefreshResponse {
             tokens: Some(tokens.clone()),
         });
@@ -881,5 +911,24 @@ impl AuthService for AuthSvc {
             principal: Some(principal_pb(&p)),
             account,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_tell_clients_apart() {
+        let o = |ua: &str, ip: &str| Origin {
+            user_agent: ua.into(),
+            ip: ip.into(),
+            ..Default::default()
+        };
+        let a = client_fingerprint(&o("app/1", "10.0.0.1"));
+        assert_eq!(a, client_fingerprint(&o("app/1", "10.0.0.1")));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, client_fingerprint(&o("app/1", "10.0.0.2")), "address");
+        assert_ne!(a, client_fingerprint(&o("app/2", "10.0.0.1")), "user agent");
     }
 }
