@@ -1072,16 +1072,13 @@ async fn lockouts_grow_and_failures_count_only_within_the_window() {
             .await
         }
     };
-    let lock_delay = |who: &'static str| {
-        let attempt = attempt;
-        async move {
-            let e = attempt(who, PASSWORD).await.expect_err("locked");
-            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-            e.get_error_details()
-                .retry_info()
-                .and_then(|r| r.retry_delay)
-                .expect("retry delay")
-        }
+    let lock_delay = |who: &'static str| async move {
+        let e = attempt(who, PASSWORD).await.expect_err("locked");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        e.get_error_details()
+            .retry_info()
+            .and_then(|r| r.retry_delay)
+            .expect("retry delay")
     };
     let fail_twice = |who: &'static str| async move {
         for _ in 0..2 {
