@@ -1231,3 +1231,101 @@ async fn the_grace_window_answers_only_the_client_that_rotated() {
     drop(conn);
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_a_second_servers_own_auth_layer() {
+    use trellis_proto::search::v1 as spb;
+    use trellis_proto::user::v1 as upb;
+    // Server 1 serves only search; its authentication layer verifies every
+    // call with its own verifier and revocation feed.
+    let meshes = split(&[
+        &[ServiceName::Auth, ServiceName::User],
+        &[ServiceName::Search],
+    ])
+    .await;
+    let (home, other) = (&meshes[0], &meshes[1]);
+    let mut client = auth(home).await;
+    let leaver = access(&register(&mut client, "leaver").await);
+    let suspect = register(&mut client, "suspect").await;
+    let suspect_token = access(&suspect);
+    let key = client
+        .create_api_key(bearer(
+            pb::CreateApiKeyRequest {
+                name: "remote".into(),
+                scopes: vec!["search:documents:read".into()],
+                ttl: None,
+            },
+            &leaver,
+        ))
+        .await
+        .expect("key")
+        .into_inner();
+    let (_, admin) = admin_account(home, "sheriff").await;
+    let search = trellis_proto::search::v1::search_service_client::SearchServiceClient::new(
+        other.channel().await,
+    );
+    let call = |token: String| {
+        let mut s = search.clone();
+        async move {
+            s.list_collections(bearer(spb::ListCollectionsRequest {}, &token))
+                .await
+                .map(|_| ())
+        }
+    };
+    for t in [&leaver, &suspect_token, &key.secret] {
+        call(t.clone()).await.expect("accepted by the other server");
+    }
+    // Let the other server's subscription settle before revoking.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused_within_a_second = |token: String, what: &'static str| async move {
+        let started = Instant::now();
+        let seen = eventually(Duration::from_secs(1), || {
+            let c = call(token.clone());
+            async move { matches!(c.await, Err(s) if s.code() == Code::Unauthenticated) }
+        })
+        .await;
+        assert!(seen, "{what} not seen by the other server within a second");
+        println!(
+            "{what} seen by the other server after {:?}",
+            started.elapsed()
+        );
+    };
+
+    client
+        .logout(bearer(pb::LogoutRequest {}, &leaver))
+        .await
+        .expect("logout");
+    refused_within_a_second(leaver.clone(), "logout").await;
+    call(key.secret.clone())
+        .await
+        .expect("the key outlives the session");
+    let fresh = login(&mut client, "leaver", PASSWORD)
+        .await
+        .expect("login")
+        .access_token;
+    client
+        .revoke_api_key(bearer(
+            pb::RevokeApiKeyRequest {
+                id: key.api_key.expect("key").id,
+            },
+            &fresh,
+        ))
+        .await
+        .expect("revoke");
+    refused_within_a_second(key.secret.clone(), "key revocation").await;
+
+    upb::user_service_client::UserServiceClient::new(home.channel().await)
+        .suspend_user(bearer(
+            upb::SuspendUserRequest {
+                id: suspect.account.expect("account").id,
+                reason: "test".into(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("suspend");
+    refused_within_a_second(suspect_token, "suspension").await;
+    for m in meshes {
+        m.shutdown().await;
+    }
+}
