@@ -897,3 +897,435 @@ async fn browser_cookie_path_over_grpc_web() {
     );
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_identity_follows_mesh_calls_and_cors_allows_credentials() {
+    use trellis_proto::chat::v1 as cpb;
+    const APP: &str = "https://app.example.com";
+    let rig = crate::llm::rig(|c| {
+        c.server.cors_allowed_origins = vec![APP.into()];
+    })
+    .await;
+    let mesh = &rig.mesh;
+    let http = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .expect("client");
+    let call = |path: &str, body: Vec<u8>, cookie: Option<&str>| {
+        let mut req = http
+            .post(format!("{}/{path}", mesh.url()))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header("origin", APP)
+            .body(body);
+        if let Some(c) = cookie {
+            req = req.header("cookie", c.to_string());
+        }
+        req.send()
+    };
+    let resp = call(
+        "trellis.auth.v1.AuthService/Login",
+        web_frame(&pb::LoginRequest {
+            login: "llmuser".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        }),
+        None,
+    )
+    .await
+    .expect("login");
+    assert_eq!(resp.headers()["access-control-allow-origin"], APP);
+    assert_eq!(resp.headers()["access-control-allow-credentials"], "true");
+    let jar = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().expect("ascii"))
+        .find(|c| c.starts_with("trellis_access="))
+        .expect("access cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_string();
+
+    // Chat calls the LLM gateway over the mesh as the cookie's user.
+    let resp = call(
+        "trellis.chat.v1.ChatService/CreateSession",
+        web_frame(&cpb::CreateSessionRequest {
+            title: "from a browser".into(),
+            model: "fast".into(),
+            ..Default::default()
+        }),
+        Some(&jar),
+    )
+    .await
+    .expect("create session");
+    let (created, trailers) =
+        web_message::<cpb::CreateSessionResponse>(&resp.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let session = created.expect("created").session.expect("session").id;
+    let resp = call(
+        "trellis.chat.v1.ChatService/SendMessage",
+        web_frame(&cpb::SendMessageRequest {
+            send: Some(cpb::Send {
+                session_id: session,
+                content: "hi".into(),
+                client_message_id: "b1".into(),
+                ..Default::default()
+            }),
+        }),
+        Some(&jar),
+    )
+    .await
+    .expect("send");
+    let (frames, trailers) = crate::util::parse_grpc_web(&resp.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let events: Vec<cpb::chat_event::Event> = frames
+        .iter()
+        .filter_map(|f| {
+            <cpb::SendMessageResponse as prost::Message>::decode(f.as_slice())
+                .ok()
+                .and_then(|m| m.event)
+                .and_then(|e| e.event)
+        })
+        .collect();
+    let text: String = events
+        .iter()
+        .filter_map(|e| match e {
+            cpb::chat_event::Event::Delta(d) => Some(d.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, cpb::chat_event::Event::Completed(_))),
+        "the reply completed: {events:?}"
+    );
+    assert_eq!(text, "Hello world");
+    assert_eq!(rig.primary.hits(), 1, "the gateway reached the provider");
+
+    // Preflights: a listed origin may send credentials, others get nothing.
+    let preflight = |origin: &'static str| {
+        http.request(
+            reqwest::Method::OPTIONS,
+            format!("{}/trellis.chat.v1.ChatService/SendMessage", mesh.url()),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type,x-grpc-web")
+        .send()
+    };
+    let ok = preflight(APP).await.expect("preflight");
+    assert_eq!(ok.headers()["access-control-allow-origin"], APP);
+    assert_eq!(ok.headers()["access-control-allow-credentials"], "true");
+    let other = preflight("https://evil.example.com")
+        .await
+        .expect("preflight");
+    assert!(
+        other.headers().get("access-control-allow-origin").is_none(),
+        "{:?}",
+        other.headers()
+    );
+
+    // With the wildcard default, no credentials (browsers would refuse them).
+    let open = TestMesh::start().await;
+    let any = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/trellis.auth.v1.AuthService/WhoAmI", open.url()),
+        )
+        .header("origin", APP)
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(any.headers()["access-control-allow-origin"], "*");
+    assert!(
+        any.headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    open.shutdown().await;
+    rig.mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockouts_grow_and_failures_count_only_within_the_window() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.lockout_threshold = 2;
+        c.auth.lockout_base = Duration::from_secs(1);
+        c.auth.lockout_window = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    register(&mut client, "repeat").await;
+    register(&mut client, "spaced").await;
+    let attempt = |who: &'static str, password: &'static str| {
+        let mut c = client.clone();
+        async move {
+            c.login(pb::LoginRequest {
+                login: who.into(),
+                password: password.into(),
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    let lock_delay = |who: &'static str| async move {
+        let e = attempt(who, PASSWORD).await.expect_err("locked");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        e.get_error_details()
+            .retry_info()
+            .and_then(|r| r.retry_delay)
+            .expect("retry delay")
+    };
+    let fail_twice = |who: &'static str| async move {
+        for _ in 0..2 {
+            let e = attempt(who, "Wr0ng!pass").await.expect_err("wrong");
+            assert_eq!(e.code(), Code::Unauthenticated);
+        }
+    };
+    fail_twice("repeat").await;
+    let first = lock_delay("repeat").await;
+    assert!(first <= Duration::from_secs(1), "{first:?}");
+    tokio::time::sleep(first + Duration::from_millis(200)).await;
+    // Failing again before any success: the next lock is twice as long.
+    fail_twice("repeat").await;
+    let second = lock_delay("repeat").await;
+    assert!(
+        second > Duration::from_millis(1500) && second <= Duration::from_secs(2),
+        "{second:?}"
+    );
+    tokio::time::sleep(second + Duration::from_millis(200)).await;
+    // A successful login forgives: the back-off starts over.
+    attempt("repeat", PASSWORD).await.expect("unlocked");
+    fail_twice("repeat").await;
+    assert!(lock_delay("repeat").await <= Duration::from_secs(1));
+
+    // Failures further apart than the window never add up.
+    attempt("spaced", "Wr0ng!pass").await.expect_err("wrong");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    attempt("spaced", "Wr0ng!pass").await.expect_err("wrong");
+    attempt("spaced", PASSWORD)
+        .await
+        .expect("one failure within the window is not a lockout");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_seeding_creates_one_working_administrator() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let (name, password) = trellis_auth::seed::ensure_admin(&mesh.config.auth, &mesh.store)
+        .await
+        .expect("seed")
+        .expect("created on an empty install");
+    assert_eq!(name, trellis_auth::seed::ADMIN_USERNAME);
+    assert!(password.chars().count() >= 16, "{password}");
+    let tokens = login(&mut client, &name, &password)
+        .await
+        .expect("the printed credentials work");
+    let me = who(&mut client, &tokens.access_token)
+        .await
+        .expect("whoami");
+    let p = me.principal.expect("principal");
+    assert!(p.roles.contains(&"admin".to_string()), "{:?}", p.roles);
+    assert!(
+        p.permissions.contains(&"*".to_string()),
+        "{:?}",
+        p.permissions
+    );
+    assert_eq!(
+        me.account.expect("account").email,
+        trellis_auth::seed::ADMIN_EMAIL
+    );
+    // A second start finds the administrator and creates nobody.
+    let again = trellis_auth::seed::ensure_admin(&mesh.config.auth, &mesh.store)
+        .await
+        .expect("seed again");
+    assert_eq!(again, None);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_seeding_leaves_an_install_with_an_administrator_alone() {
+    let mesh = TestMesh::start().await;
+    let (id, _) = admin_account(&mesh, "existing").await;
+    assert!(!id.is_empty());
+    let seeded = trellis_auth::seed::ensure_admin(&mesh.config.auth, &mesh.store)
+        .await
+        .expect("seed");
+    assert_eq!(seeded, None);
+    let err = login(&mut auth(&mesh).await, "admin", "Aa1!whatever")
+        .await
+        .expect_err("no seeded account");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    mesh.shutdown().await;
+}
+
+/// An AuthService client whose calls carry `user_agent`.
+async fn auth_as(mesh: &TestMesh, user_agent: &str) -> AuthServiceClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(mesh.url())
+        .expect("url")
+        .user_agent(user_agent)
+        .expect("user agent")
+        .connect()
+        .await
+        .expect("connect");
+    AuthServiceClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_window_answers_only_the_client_that_rotated() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.refresh_grace = Duration::from_secs(10);
+    })
+    .await;
+    let mut phone = auth_as(&mesh, "trellis-app/2.1 (phone)").await;
+    let mut other = auth_as(&mesh, "curl/8.5").await;
+
+    // The same client, again within the grace window: the same successor.
+    let first = register(&mut phone, "bound").await.tokens.expect("tokens");
+    let a = refresh(&mut phone, &first.refresh_token)
+        .await
+        .expect("rotate");
+    let b = refresh(&mut phone, &first.refresh_token)
+        .await
+        .expect("the same client within the grace window");
+    assert_eq!(
+        (&a.refresh_token, &a.access_token),
+        (&b.refresh_token, &b.access_token)
+    );
+
+    // Another client presenting the spent token gets nothing and ends the
+    // family, successor included.
+    let stolen = refresh(&mut other, &first.refresh_token)
+        .await
+        .expect_err("another client");
+    assert_eq!(stolen.code(), Code::Unauthenticated);
+    assert!(stolen.message().contains("reuse"), "{}", stolen.message());
+    assert_eq!(
+        refresh(&mut phone, &a.refresh_token)
+            .await
+            .expect_err("family ended")
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        who(&mut phone, &a.access_token)
+            .await
+            .expect_err("access ended")
+            .code(),
+        Code::Unauthenticated
+    );
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let reuse: i64 = trellis_store::schema::audit_events::table
+        .filter(trellis_store::schema::audit_events::action.eq("auth.session.reuse_detected"))
+        .filter(trellis_store::schema::audit_events::target_id.eq(&first.session_id))
+        .count()
+        .get_result(&mut conn)
+        .await
+        .expect("audit");
+    assert_eq!(reuse, 1);
+    drop(conn);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_a_second_servers_own_auth_layer() {
+    use trellis_proto::search::v1 as spb;
+    use trellis_proto::user::v1 as upb;
+    // Server 1 serves only search; its authentication layer verifies every
+    // call with its own verifier and revocation feed.
+    let meshes = split(&[
+        &[ServiceName::Auth, ServiceName::User],
+        &[ServiceName::Search],
+    ])
+    .await;
+    let (home, other) = (&meshes[0], &meshes[1]);
+    let mut client = auth(home).await;
+    let leaver = access(&register(&mut client, "leaver").await);
+    let suspect = register(&mut client, "suspect").await;
+    let suspect_token = access(&suspect);
+    let key = client
+        .create_api_key(bearer(
+            pb::CreateApiKeyRequest {
+                name: "remote".into(),
+                scopes: vec!["search:documents:read".into()],
+                ttl: None,
+            },
+            &leaver,
+        ))
+        .await
+        .expect("key")
+        .into_inner();
+    let (_, admin) = admin_account(home, "sheriff").await;
+    let search = trellis_proto::search::v1::search_service_client::SearchServiceClient::new(
+        other.channel().await,
+    );
+    let call = |token: String| {
+        let mut s = search.clone();
+        async move {
+            s.list_collections(bearer(spb::ListCollectionsRequest {}, &token))
+                .await
+                .map(|_| ())
+        }
+    };
+    for t in [&leaver, &suspect_token, &key.secret] {
+        call(t.clone()).await.expect("accepted by the other server");
+    }
+    // Let the other server's subscription settle before revoking.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused_within_a_second = |token: String, what: &'static str| async move {
+        let started = Instant::now();
+        let seen = eventually(Duration::from_secs(1), || {
+            let c = call(token.clone());
+            async move { matches!(c.await, Err(s) if s.code() == Code::Unauthenticated) }
+        })
+        .await;
+        assert!(seen, "{what} not seen by the other server within a second");
+        println!(
+            "{what} seen by the other server after {:?}",
+            started.elapsed()
+        );
+    };
+
+    client
+        .logout(bearer(pb::LogoutRequest {}, &leaver))
+        .await
+        .expect("logout");
+    refused_within_a_second(leaver.clone(), "logout").await;
+    call(key.secret.clone())
+        .await
+        .expect("the key outlives the session");
+    let fresh = login(&mut client, "leaver", PASSWORD)
+        .await
+        .expect("login")
+        .access_token;
+    client
+        .revoke_api_key(bearer(
+            pb::RevokeApiKeyRequest {
+                id: key.api_key.expect("key").id,
+            },
+            &fresh,
+        ))
+        .await
+        .expect("revoke");
+    refused_within_a_second(key.secret.clone(), "key revocation").await;
+
+    upb::user_service_client::UserServiceClient::new(home.channel().await)
+        .suspend_user(bearer(
+            upb::SuspendUserRequest {
+                id: suspect.account.expect("account").id,
+                reason: "test".into(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("suspend");
+    refused_within_a_second(suspect_token, "suspension").await;
+    for m in meshes {
+        m.shutdown().await;
+    }
+}

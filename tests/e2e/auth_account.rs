@@ -10,6 +10,7 @@ use diesel_async::RunQueryDsl;
 use tonic::Code;
 use tonic_types::StatusExt;
 use trellis_proto::auth::v1 as pb;
+use trellis_proto::auth::v1::auth_service_client as auth_client;
 use trellis_store::schema::{audit_events, mail_outbox};
 use trellis_tests::{TestMesh, TestOptions};
 
@@ -292,6 +293,42 @@ async fn password_reset_by_mailed_single_use_token() {
         .await
         .expect_err("sessions ended by the reset");
     assert_eq!(revoked.code(), Code::Unauthenticated);
+
+    // Both halves are in the trail, about the account; only the reset
+    // itself (not the weak attempt or the reuse) counts as a change.
+    let user = reg.account.expect("account").id;
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let rows: Vec<(String, Option<uuid::Uuid>, String, Vec<String>)> = audit_events::table
+        .filter(audit_events::action.like("auth.password.reset%"))
+        .order(audit_events::occurred_at.asc())
+        .select((
+            audit_events::action,
+            audit_events::actor_id,
+            audit_events::target_id,
+            audit_events::changed_fields,
+        ))
+        .load(&mut conn)
+        .await
+        .expect("audit");
+    let uid = uuid::Uuid::parse_str(&user).ok();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "auth.password.reset_requested".into(),
+                None,
+                user.clone(),
+                vec![]
+            ),
+            (
+                "auth.password.reset".into(),
+                uid,
+                user,
+                vec!["password".into()]
+            ),
+        ]
+    );
+    drop(conn);
     mesh.shutdown().await;
 }
 
@@ -481,6 +518,138 @@ async fn security_events_land_in_the_audit_trail() {
         .expect("row");
     assert_eq!(changed.1, user);
     assert_eq!(changed.2, "audit-me-1", "request id recorded");
+    drop(conn);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_tokens_expire_and_need_a_value() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.email_verification_ttl = Duration::from_secs(1)
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    let token = access(&register(&mut client, "tardy").await);
+    let empty = client
+        .verify_email(pb::VerifyEmailRequest {
+            token: String::new(),
+        })
+        .await
+        .expect_err("empty");
+    assert_eq!(
+        (empty.code(), fields(&empty)),
+        (Code::InvalidArgument, vec!["token".to_string()])
+    );
+    let request = |c: &mut auth_client::AuthServiceClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        let t = token.clone();
+        async move {
+            c.request_email_verification(bearer(pb::RequestEmailVerificationRequest {}, &t))
+                .await
+                .expect("requested")
+        }
+    };
+    request(&mut client).await;
+    let stale = mailed_token(&mesh, "tardy@example.com", "email_verification")
+        .await
+        .expect("mailed");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let expired = client
+        .verify_email(pb::VerifyEmailRequest { token: stale })
+        .await
+        .expect_err("expired");
+    assert_eq!(
+        (expired.code(), fields(&expired)),
+        (Code::InvalidArgument, vec!["token".to_string()])
+    );
+    let me = client
+        .who_am_i(bearer(pb::WhoAmIRequest {}, &token))
+        .await
+        .expect("whoami")
+        .into_inner();
+    assert!(!me.account.expect("account").email_verified);
+    // A fresh token, used in time, works.
+    request(&mut client).await;
+    let fresh = mailed_token(&mesh, "tardy@example.com", "email_verification")
+        .await
+        .expect("mailed");
+    client
+        .verify_email(pb::VerifyEmailRequest { token: fresh })
+        .await
+        .expect("verified in time");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_upkeep_needs_credentials() {
+    let mesh = TestMesh::start().await;
+    let mut c = auth(&mesh).await;
+    let codes = [
+        c.logout_all(pb::LogoutAllRequest {}).await.map(|_| ()),
+        c.change_password(pb::ChangePasswordRequest {
+            current_password: PASSWORD.into(),
+            new_password: "N3w!password".into(),
+        })
+        .await
+        .map(|_| ()),
+        c.list_sessions(pb::ListSessionsRequest::default())
+            .await
+            .map(|_| ()),
+        c.revoke_session(pb::RevokeSessionRequest {
+            session_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .map(|_| ()),
+        c.logout(pb::LogoutRequest {}).await.map(|_| ()),
+        c.logout_all(bearer(pb::LogoutAllRequest {}, "not-a-token"))
+            .await
+            .map(|_| ()),
+    ]
+    .map(|r| r.expect_err("no credentials").code());
+    assert_eq!(codes, [Code::Unauthenticated; 6]);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_reset_requests_are_limited_per_ip() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.password_reset_per_ip_per_minute = 2;
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    register(&mut client, "resetter").await;
+    let ask = |email: &'static str| {
+        let mut c = client.clone();
+        async move {
+            c.request_password_reset(pb::RequestPasswordResetRequest {
+                email: email.into(),
+            })
+            .await
+        }
+    };
+    ask("resetter@example.com").await.expect("first");
+    ask("nobody@example.com")
+        .await
+        .expect("unknown addresses count too");
+    let limited = ask("resetter@example.com").await.expect_err("limited");
+    assert_eq!(limited.code(), Code::ResourceExhausted);
+    let delay = limited
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry delay");
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_secs(60),
+        "{delay:?}"
+    );
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let mails: i64 = mail_outbox::table
+        .filter(mail_outbox::to_address.eq("resetter@example.com"))
+        .count()
+        .get_result(&mut conn)
+        .await
+        .expect("count");
+    assert_eq!(mails, 1, "the refused request mailed nothing");
     drop(conn);
     mesh.shutdown().await;
 }

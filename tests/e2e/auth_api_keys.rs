@@ -547,3 +547,135 @@ async fn api_keys_verify_on_another_server_and_revocation_reaches_it() {
         m.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_service_rpcs_need_their_scope_with_an_api_key() {
+    let mesh = TestMesh::start().await;
+    let mut client = auth(&mesh).await;
+    let mut users =
+        trellis_proto::user::v1::user_service_client::UserServiceClient::new(mesh.channel().await);
+    let reg = register(&mut client, "scoped").await;
+    let token = access(&reg);
+    let other_session = crate::auth::login(&mut client, "scoped", crate::auth::PASSWORD)
+        .await
+        .expect("second session")
+        .session_id;
+    let key = |scopes: &'static [&'static str]| {
+        let (mut c, t) = (client.clone(), token.clone());
+        async move {
+            create_key(&mut c, &t, "k", scopes, None)
+                .await
+                .expect("create")
+                .secret
+        }
+    };
+    let chat = key(&["chat:*"]).await;
+    let sessions = key(&["auth:self:sessions"]).await;
+    let password = key(&["auth:self:password"]).await;
+    let email = key(&["auth:self:email"]).await;
+
+    // A key scoped for other work is refused every self-service act.
+    let req = pb::ListSessionsRequest::default();
+    denied(
+        client.list_sessions(bearer(req, &chat)).await,
+        "ListSessions",
+    );
+    let req = pb::RevokeSessionRequest {
+        session_id: other_session.clone(),
+    };
+    denied(
+        client.revoke_session(bearer(req, &chat)).await,
+        "RevokeSession",
+    );
+    let req = pb::LogoutAllRequest {};
+    denied(client.logout_all(bearer(req, &chat)).await, "LogoutAll");
+    let change = |with: &str, new: &str| {
+        bearer(
+            pb::ChangePasswordRequest {
+                current_password: crate::auth::PASSWORD.into(),
+                new_password: new.into(),
+            },
+            with,
+        )
+    };
+    let req = change(&chat, "N3w!password");
+    denied(client.change_password(req).await, "ChangePassword");
+    let req = bearer(pb::RequestEmailVerificationRequest {}, &chat);
+    denied(
+        client.request_email_verification(req).await,
+        "RequestEmailVerification",
+    );
+    let req = trellis_proto::user::v1::CheckPermissionRequest {
+        user_id: String::new(),
+        permission: "chat:sessions:read".into(),
+    };
+    denied(
+        users.check_permission(bearer(req, &chat)).await,
+        "CheckPermission about oneself",
+    );
+    // Nothing happened: both sessions live, the password unchanged.
+    let listed = client
+        .list_sessions(bearer(pb::ListSessionsRequest::default(), &token))
+        .await
+        .expect("list with the session")
+        .into_inner();
+    assert_eq!(listed.sessions.len(), 2);
+
+    // Keys holding the scope may.
+    let listed = client
+        .list_sessions(bearer(pb::ListSessionsRequest::default(), &sessions))
+        .await
+        .expect("list with auth:self:sessions")
+        .into_inner();
+    assert_eq!(listed.sessions.len(), 2);
+    assert!(
+        listed.sessions.iter().all(|s| !s.current),
+        "a key has no session"
+    );
+    client
+        .revoke_session(bearer(
+            pb::RevokeSessionRequest {
+                session_id: other_session.clone(),
+            },
+            &sessions,
+        ))
+        .await
+        .expect("revoke with auth:self:sessions");
+    client
+        .request_email_verification(bearer(pb::RequestEmailVerificationRequest {}, &email))
+        .await
+        .expect("verification mail with auth:self:email");
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let mails: i64 = trellis_store::schema::mail_outbox::table
+        .filter(trellis_store::schema::mail_outbox::to_address.eq("scoped@example.com"))
+        .filter(trellis_store::schema::mail_outbox::purpose.eq("email_verification"))
+        .count()
+        .get_result(&mut conn)
+        .await
+        .expect("outbox");
+    assert_eq!(mails, 1);
+    drop(conn);
+    client
+        .change_password(change(&password, "N3w!password"))
+        .await
+        .expect("change with auth:self:password");
+    crate::auth::login(&mut client, "scoped", "N3w!password")
+        .await
+        .expect("the new password works");
+    client
+        .logout_all(bearer(pb::LogoutAllRequest {}, &sessions))
+        .await
+        .expect("logout-all with auth:self:sessions");
+    let after = who(&mut client, &token).await.expect_err("session ended");
+    assert_eq!(after.code(), Code::Unauthenticated);
+    mesh.shutdown().await;
+}
+
+/// Asserts that a call was refused with PERMISSION_DENIED.
+#[track_caller]
+fn denied<T: std::fmt::Debug>(r: Result<tonic::Response<T>, Status>, what: &str) {
+    match r {
+        Ok(r) => panic!("{what} allowed: {r:?}"),
+        Err(e) => assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}"),
+    }
+}

@@ -463,3 +463,217 @@ async fn disable_totp_needs_the_password_and_a_current_code() {
     );
     mesh.shutdown().await;
 }
+
+/// `req` with `authorization` (when `token` is set) and `x-request-id`.
+fn traced<T>(msg: T, token: Option<&str>, request_id: &str) -> tonic::Request<T> {
+    let mut req = match token {
+        Some(t) => bearer(msg, t),
+        None => tonic::Request::new(msg),
+    };
+    req.metadata_mut()
+        .insert("x-request-id", request_id.parse().expect("ascii"));
+    req
+}
+
+/// The trail as an administrator reads it, newest first.
+pub async fn trail(mesh: &TestMesh, admin: &str) -> Vec<trellis_proto::user::v1::AuditEvent> {
+    let mut users =
+        trellis_proto::user::v1::user_service_client::UserServiceClient::new(mesh.channel().await);
+    users
+        .list_audit_events(bearer(
+            trellis_proto::user::v1::ListAuditEventsRequest {
+                page_size: 100,
+                ..Default::default()
+            },
+            admin,
+        ))
+        .await
+        .expect("audit events")
+        .into_inner()
+        .events
+}
+
+/// The one event of `action` in request `request_id`.
+pub fn event<'a>(
+    trail: &'a [trellis_proto::user::v1::AuditEvent],
+    action: &str,
+    request_id: &str,
+) -> &'a trellis_proto::user::v1::AuditEvent {
+    let found: Vec<_> = trail
+        .iter()
+        .filter(|e| e.action == action && e.request_id == request_id)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{action} in {request_id}: {:?}",
+        trail
+            .iter()
+            .map(|e| (&e.action, &e.request_id))
+            .collect::<Vec<_>>()
+    );
+    found[0]
+}
+
+/// A string field of an event's details.
+pub fn detail(e: &trellis_proto::user::v1::AuditEvent, key: &str) -> Option<String> {
+    use prost_types::value::Kind;
+    match e.details.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        Kind::NumberValue(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_factor_lockout_keys_and_rotation_leave_an_audit_trail() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.lockout_threshold = 3;
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    let reg = register(&mut client, "tess").await;
+    let (tess, token) = (reg.account.clone().expect("account").id, access(&reg));
+    let (admin_id, admin) = crate::auth::admin_account(&mesh, "auditor").await;
+    let (secret, codes, step) = enable_totp(&mut client, &token).await;
+    let base = client.clone();
+    let sign_in = |totp: &str, recovery: &str, rid: &str| {
+        let mut c = base.clone();
+        let req = traced(
+            pb::LoginRequest {
+                login: "tess".into(),
+                password: PASSWORD.into(),
+                totp_code: totp.into(),
+                recovery_code: recovery.into(),
+            },
+            None,
+            rid,
+        );
+        async move { c.login(req).await }
+    };
+    sign_in("", &codes[0], "r-recovery")
+        .await
+        .expect("recovery code");
+    let cur = code_at(&secret, step);
+    let wrong = wrong_code(&[
+        &code_at(&secret, step - 30),
+        &cur,
+        &code_at(&secret, step + 30),
+    ]);
+    sign_in(&wrong, "", "r-bad-totp")
+        .await
+        .expect_err("wrong code");
+    sign_in("", "aaaaa-bbbbb", "r-bad-recovery")
+        .await
+        .expect_err("wrong recovery code");
+    // The third failure, through DisableTotp, locks the account.
+    let refused = client
+        .disable_totp(traced(
+            pb::DisableTotpRequest {
+                password: PASSWORD.into(),
+                code: wrong.clone(),
+            },
+            Some(&token),
+            "r-bad-disable",
+        ))
+        .await
+        .expect_err("wrong code");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let locked = sign_in(&cur, "", "r-locked").await.expect_err("locked");
+    assert_eq!(locked.code(), Code::ResourceExhausted);
+
+    let key = client
+        .create_api_key(traced(
+            pb::CreateApiKeyRequest {
+                name: "deploy".into(),
+                scopes: vec!["chat:*".into()],
+                ttl: None,
+            },
+            Some(&token),
+            "r-key-create",
+        ))
+        .await
+        .expect("key")
+        .into_inner()
+        .api_key
+        .expect("key")
+        .id;
+    client
+        .revoke_api_key(traced(
+            pb::RevokeApiKeyRequest { id: key.clone() },
+            Some(&token),
+            "r-key-revoke",
+        ))
+        .await
+        .expect("revoke");
+    let kid = client
+        .rotate_signing_key(traced(
+            pb::RotateSigningKeyRequest {},
+            Some(&admin),
+            "r-rotate",
+        ))
+        .await
+        .expect("rotate")
+        .into_inner()
+        .kid;
+    let admin = crate::auth::login(&mut client, "auditor", PASSWORD)
+        .await
+        .expect("fresh admin token")
+        .access_token;
+
+    let trail = trail(&mesh, &admin).await;
+    let on_tess = |action: &str, rid: &str| {
+        let e = event(&trail, action, rid);
+        assert_eq!(
+            (
+                e.actor_id.as_str(),
+                e.target_type.as_str(),
+                e.target_id.as_str()
+            ),
+            (tess.as_str(), "user", tess.as_str()),
+            "{e:?}"
+        );
+        assert!(!e.ip_address.is_empty(), "{e:?}");
+        e.clone()
+    };
+    let used = on_tess("auth.totp.recovery_code_used", "r-recovery");
+    assert_eq!(detail(&used, "codes_left").as_deref(), Some("9"));
+    let e = on_tess("auth.login.failed", "r-bad-totp");
+    assert_eq!(detail(&e, "reason").as_deref(), Some("wrong TOTP code"));
+    let e = on_tess("auth.login.failed", "r-bad-recovery");
+    assert_eq!(detail(&e, "reason").as_deref(), Some("wrong recovery code"));
+    let e = on_tess("auth.totp.disable_failed", "r-bad-disable");
+    assert_eq!(detail(&e, "reason").as_deref(), Some("wrong code"));
+    let e = on_tess("auth.account.locked", "r-bad-disable");
+    assert!(detail(&e, "lock_seconds").is_some(), "{e:?}");
+    let e = on_tess("auth.login.failed", "r-locked");
+    assert_eq!(detail(&e, "reason").as_deref(), Some("account locked"));
+    for (action, rid) in [
+        ("auth.api_key.created", "r-key-create"),
+        ("auth.api_key.revoked", "r-key-revoke"),
+    ] {
+        let e = event(&trail, action, rid);
+        assert_eq!(
+            (
+                e.actor_id.as_str(),
+                e.target_type.as_str(),
+                e.target_id.as_str()
+            ),
+            (tess.as_str(), "api_key", key.as_str())
+        );
+    }
+    let e = event(&trail, "auth.signing_key.rotated", "r-rotate");
+    assert_eq!(
+        (
+            e.actor_id.as_str(),
+            e.target_type.as_str(),
+            e.target_id.as_str()
+        ),
+        (admin_id.as_str(), "signing_key", kid.as_str())
+    );
+    let actions: HashSet<&str> = trail.iter().map(|e| e.action.as_str()).collect();
+    for a in ["auth.totp.enrollment_started", "auth.totp.enabled"] {
+        assert!(actions.contains(a), "{a} missing from {actions:?}");
+    }
+    mesh.shutdown().await;
+}

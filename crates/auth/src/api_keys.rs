@@ -36,6 +36,17 @@ pub(crate) const SECRET_PREFIX: &str = "trk_";
 /// Checked so that a key scoped for, say, `chat:*` cannot list or revoke
 /// its owner's other keys.
 const MANAGE: &str = "auth:self:api_keys";
+/// Seeing and ending one's sessions (ListSessions, RevokeSession,
+/// LogoutAll). Like every `auth:self:*` permission, members hold it and a
+/// key holds it only when granted, so a key scoped for `chat:*` cannot end
+/// its owner's sessions or touch their password.
+pub(crate) const SESSIONS: &str = "auth:self:sessions";
+/// ChangePassword.
+pub(crate) const PASSWORD: &str = "auth:self:password";
+/// RequestEmailVerification.
+pub(crate) const EMAIL: &str = "auth:self:email";
+/// EnrollTotp, ConfirmTotp, DisableTotp (which also need a session).
+pub(crate) const TOTP: &str = "auth:self:totp";
 const MAX_NAME: usize = 100;
 const MAX_SCOPES: usize = 50;
 const MAX_SCOPE_LEN: usize = 200;

@@ -15,6 +15,7 @@ use trellis_store::audit::AuditEvent;
 use trellis_store::schema::{auth_one_time_tokens, auth_sessions, users};
 use uuid::Uuid;
 
+use crate::api_keys::{EMAIL, PASSWORD};
 use crate::audit::{Origin, record};
 use crate::error::AuthError;
 use crate::mail::{self, Mail};
@@ -67,6 +68,7 @@ impl AuthSvc {
         mail::send(
             conn,
             Mail {
+                user_id: Some(account.id),
                 to: account.email.clone(),
                 subject: subject.into(),
                 body: format!(
@@ -126,6 +128,7 @@ impl AuthSvc {
         req: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let p = authenticated(&req)?;
+        p.require(PASSWORD)?;
         let origin = Origin::of(&req);
         let r = req.into_inner();
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
@@ -361,6 +364,8 @@ impl AuthSvc {
         req: Request<pb::RequestEmailVerificationRequest>,
     ) -> Result<Response<pb::RequestEmailVerificationResponse>, Status> {
         let p = authenticated(&req)?;
+        p.require(EMAIL)?;
+        let origin = Origin::of(&req);
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         let account = accounts::find(&mut conn, p.user_id)
             .await
@@ -373,6 +378,18 @@ impl AuthSvc {
         }
         self.mail_token(&mut conn, &account, VERIFY, self.cfg.email_verification_ttl)
             .await?;
+        record(
+            &mut conn,
+            &origin,
+            AuditEvent {
+                actor_id: Some(account.id),
+                action: "auth.email.verification_requested",
+                target_type: "user",
+                target_id: account.id.to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
         Ok(Response::new(pb::RequestEmailVerificationResponse {}))
     }
 

@@ -24,6 +24,9 @@ pub enum AuthError {
     Locked(Duration),
     #[error("too many requests")]
     RateLimited(Duration),
+    /// Password hashing is saturated (its queue is full).
+    #[error("busy")]
+    Busy(Duration),
     #[error("not found")]
     NotFound,
     #[error(transparent)]
@@ -65,6 +68,10 @@ impl From<AuthError> for Status {
                     "too many requests from this address; try again in {}s",
                     retry.as_secs().max(1)
                 ),
+                retry,
+            ),
+            AuthError::Busy(retry) => resource_exhausted(
+                "the server is busy checking passwords; try again shortly".to_string(),
                 retry,
             ),
             AuthError::NotFound => Status::not_found("not found"),

@@ -27,6 +27,8 @@ const MAX_ATTEMPTS: i32 = 10;
 /// A message to send.
 #[derive(Debug, Clone)]
 pub struct Mail {
+    /// The account it concerns (its mail goes when the account is purged).
+    pub user_id: Option<Uuid>,
     pub to: String,
     pub subject: String,
     pub body: String,
@@ -39,6 +41,7 @@ pub async fn send(conn: &mut AsyncPgConnection, mail: Mail) -> Result<(), AuthEr
     diesel::insert_into(mail_outbox::table)
         .values((
             mail_outbox::id.eq(trellis_core::id::new_id()),
+            mail_outbox::user_id.eq(mail.user_id),
             mail_outbox::to_address.eq(&mail.to),
             mail_outbox::subject.eq(&mail.subject),
             mail_outbox::body.eq(&mail.body),
@@ -47,6 +50,29 @@ pub async fn send(conn: &mut AsyncPgConnection, mail: Mail) -> Result<(), AuthEr
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Deletes the outbox rows of `user` and any sent to `addresses` (mail
+/// queued before rows named their account), for erasure.
+pub async fn forget(
+    conn: &mut AsyncPgConnection,
+    user: Uuid,
+    addresses: &[String],
+) -> Result<usize, diesel::result::Error> {
+    let lower: Vec<String> = addresses.iter().map(|a| a.to_lowercase()).collect();
+    diesel::delete(
+        mail_outbox::table.filter(
+            mail_outbox::user_id
+                .eq(user)
+                .or(
+                    diesel::dsl::sql::<diesel::sql_types::Bool>("lower(to_address) = ANY(")
+                        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(lower)
+                        .sql(")"),
+                ),
+        ),
+    )
+    .execute(conn)
+    .await
 }
 
 /// Delivers one message; the error text is kept on the outbox row.

@@ -97,13 +97,21 @@ impl Worker {
 
 type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
+/// Hashes waiting per hashing thread before further ones are refused
+/// (RESOURCE_EXHAUSTED with a retry hint) rather than queued: with OWASP
+/// parameters this bounds the wait to roughly two seconds, and the memory
+/// a flood can pin to a few kilobytes per queued request.
+const QUEUE_PER_THREAD: usize = 64;
+/// Retry hint given when the queue is full.
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Nice value of hashing threads: they yield to the request workers.
 const HASH_NICE: i32 = 10;
 
 #[derive(Clone)]
 pub struct PasswordHasher {
     /// Dropping the last clone closes the queue and ends the threads.
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::SyncSender<Job>,
     dummy: Arc<str>,
 }
 
@@ -126,6 +134,15 @@ fn lower_priority() {
 
 impl PasswordHasher {
     pub fn new(cfg: Argon2Config, concurrency: usize) -> Result<PasswordHasher, AuthError> {
+        Self::with_queue(cfg, concurrency, QUEUE_PER_THREAD)
+    }
+
+    /// [`Self::new`] with `per_thread` queued hashes per thread.
+    fn with_queue(
+        cfg: Argon2Config,
+        concurrency: usize,
+        per_thread: usize,
+    ) -> Result<PasswordHasher, AuthError> {
         let params = Params::new(cfg.memory_kib, cfg.iterations, cfg.parallelism, None)
             .map_err(|e| AuthError::Internal(format!("argon2 parameters: {e}")))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
@@ -141,7 +158,7 @@ impl PasswordHasher {
             .hash_password(b"not a real password", &salt)
             .map_err(|e| AuthError::Internal(format!("argon2: {e}")))?
             .to_string();
-        let (jobs, queue) = mpsc::channel::<Job>();
+        let (jobs, queue) = mpsc::sync_channel::<Job>(threads * per_thread);
         let queue = Arc::new(Mutex::new(queue));
         for i in 0..threads {
             let queue = queue.clone();
@@ -176,10 +193,15 @@ impl PasswordHasher {
     ) -> Result<T, AuthError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Box::new(move |worker| {
+            .try_send(Box::new(move |worker| {
                 let _ = tx.send(f(worker));
             }))
-            .map_err(|_| AuthError::Internal("hash pool closed".into()))?;
+            .map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => AuthError::Busy(BUSY_RETRY),
+                mpsc::TrySendError::Disconnected(_) => {
+                    AuthError::Internal("hash pool closed".into())
+                }
+            })?;
         rx.await
             .map_err(|_| AuthError::Internal("hash job lost".into()))
     }
@@ -269,5 +291,45 @@ mod tests {
             .and_then(|v| v.parse().ok())
             .expect("nice field");
         assert_eq!(nice, HASH_NICE);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_with_a_retry_hint() {
+        let h = PasswordHasher::with_queue(cheap(), 1, 2).expect("hasher");
+        // Hold the only thread, then fill the queue of two.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = oneshot::channel();
+        let holder = {
+            let h = h.clone();
+            tokio::spawn(async move {
+                h.blocking(move |_| {
+                    let _ = started_tx.send(());
+                    let _ = held.recv();
+                })
+                .await
+            })
+        };
+        started.await.expect("worker busy");
+        let queued: Vec<_> = (0..2)
+            .map(|_| {
+                let h = h.clone();
+                tokio::spawn(async move { h.hash("Qu3ued!pw".into()).await })
+            })
+            .collect();
+        // Let both reach the queue.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let refused = h.hash("0ne!more".into()).await.expect_err("queue full");
+        assert!(
+            matches!(refused, AuthError::Busy(d) if d == BUSY_RETRY),
+            "{refused:?}"
+        );
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        release.send(()).expect("release");
+        holder.await.expect("join").expect("held job");
+        for q in queued {
+            q.await.expect("join").expect("queued hashes complete");
+        }
+        h.hash("Aft3r!wards".into()).await.expect("room again");
     }
 }

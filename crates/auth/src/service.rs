@@ -75,6 +75,13 @@ pub fn service(
         .max_encoding_message_size(max_message_bytes))
 }
 
+/// Who is refreshing, as far as the server can tell (user agent and
+/// address): the grace window hands a rotated token's successor only to
+/// the client that rotated it.
+fn client_fingerprint(origin: &Origin) -> Vec<u8> {
+    tokens::digest(&format!("{}\0{}", origin.user_agent, origin.ip))
+}
+
 pub(crate) fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
@@ -242,13 +249,43 @@ impl AuthSvc {
         }
     }
 
-    /// Counts a failed login, locking the account once the threshold is
-    /// reached within the window; each lockout doubles the next one.
+    /// Counts a failed login (or second-factor check), locking the account
+    /// once the threshold is reached within the window — each lockout
+    /// doubles the next one — and records the failure (`action`, with
+    /// `reason`) and any lockout in the audit trail.
     pub(crate) async fn record_failure(
         &self,
         conn: &mut AsyncPgConnection,
+        origin: &Origin,
         a: &Account,
+        action: &'static str,
+        reason: &'static str,
     ) -> Result<bool, AuthError> {
+        let locked = self.count_failure(conn, a).await?;
+        let event = |action, reason: &str| AuditEvent {
+            actor_id: Some(a.id),
+            action,
+            target_type: "user",
+            target_id: a.id.to_string(),
+            details: serde_json::json!({ "reason": reason }),
+            ..Default::default()
+        };
+        record(conn, origin, event(action, reason)).await;
+        if let Some(lock) = locked {
+            let mut e = event("auth.account.locked", "too many failed logins");
+            e.details["lock_seconds"] = lock.num_seconds().into();
+            record(conn, origin, e).await;
+        }
+        Ok(locked.is_some())
+    }
+
+    /// The counting half of [`Self::record_failure`]: the lock's length
+    /// when this failure locked the account.
+    async fn count_failure(
+        &self,
+        conn: &mut AsyncPgConnection,
+        a: &Account,
+    ) -> Result<Option<chrono::Duration>, AuthError> {
         let now = Utc::now();
         let in_window = a
             .first_failed_at
@@ -273,7 +310,7 @@ impl AuthSvc {
                 .execute(conn)
                 .await?;
             tracing::warn!(user_id = %a.id, lock_seconds = lock.num_seconds(), "account locked after failed logins");
-            return Ok(true);
+            return Ok(Some(lock));
         } else {
             diesel::update(users::table.filter(users::id.eq(a.id)))
                 .set((
@@ -283,7 +320,7 @@ impl AuthSvc {
                 .execute(conn)
                 .await?;
         }
-        Ok(false)
+        Ok(None)
     }
 
     fn grace_key(&self, hash: &[u8]) -> String {
@@ -291,9 +328,14 @@ impl AuthSvc {
             .key(&format!("auth:grace:{}", URL_SAFE_NO_PAD.encode(hash)))
     }
 
-    async fn do_refresh(&self, presented: &str) -> Result<pb::TokenPair, AuthError> {
+    async fn do_refresh(
+        &self,
+        presented: &str,
+        origin: &Origin,
+    ) -> Result<pb::TokenPair, AuthError> {
         let hash = tokens::digest(presented);
         let grace_key = self.grace_key(&hash);
+        let client = client_fingerprint(origin);
         let grace = chrono_dur(self.cfg.refresh_grace);
         let mut conn = self.store.pg().await?;
         let this = self.clone();
@@ -312,14 +354,17 @@ impl AuthSvc {
                 if let Some(used) = row.used_at {
                     if now - used <= grace {
                         // A concurrent refresh by the same client: hand back
-                        // the successor the first one received.
+                        // the successor the first one received. Anyone else
+                        // presenting the spent token is treated as a thief.
                         let mut r = this.store.redis().await?;
                         let cached: Option<Vec<u8>> = redis::cmd("GET")
                             .arg(&grace_key)
                             .query_async(&mut *r)
                             .await?;
-                        if let Some(pair) =
-                            cached.and_then(|b| pb::TokenPair::decode(b.as_slice()).ok())
+                        if let Some(pair) = cached
+                            .as_deref()
+                            .and_then(|b| b.strip_prefix(client.as_slice()))
+                            .and_then(|b| pb::TokenPair::decode(b).ok())
                         {
                             return Ok(Ok(pair));
                         }
@@ -327,7 +372,7 @@ impl AuthSvc {
                     // Reuse of a spent token: assume theft, end the family.
                     sessions::revoke(conn, row.session_id, row.user_id, "refresh token reuse")
                         .await?;
-                    return Ok(Err(row.session_id));
+                    return Ok(Err((row.session_id, row.user_id)));
                 }
                 let account = accounts::find(conn, row.user_id)
                     .await?
@@ -356,10 +401,12 @@ impl AuthSvc {
                 };
                 // Cached before commit: a concurrent refresh waiting on the
                 // row lock finds it as soon as it can read the spent row.
+                let mut cached = client.clone();
+                cached.extend_from_slice(&pair.encode_to_vec());
                 let mut r = this.store.redis().await?;
                 redis::cmd("SET")
                     .arg(&grace_key)
-                    .arg(pair.encode_to_vec())
+                    .arg(cached)
                     .arg("PX")
                     .arg(this.cfg.refresh_grace.as_millis().max(1) as u64)
                     .query_async::<()>(&mut *r)
@@ -369,11 +416,23 @@ impl AuthSvc {
             .await?;
         match outcome {
             Ok(pair) => Ok(pair),
-            Err(session) => {
+            Err((session, user)) => {
                 tracing::warn!(session_id = %session, "refresh token reused; session revoked");
                 self.revocations
                     .publish(Revocation::Session(session))
                     .await?;
+                record(
+                    &mut conn,
+                    origin,
+                    AuditEvent {
+                        actor_id: Some(user),
+                        action: "auth.session.reuse_detected",
+                        target_type: "session",
+                        target_id: session.to_string(),
+                        ..Default::default()
+                    },
+                )
+                .await;
                 Err(AuthError::Unauthenticated(
                     "refresh token reuse detected; the session has been ended",
                 ))
@@ -498,22 +557,24 @@ impl AuthService for AuthSvc {
         let now = Utc::now();
         if let Some(until) = account.locked_until.filter(|u| *u > now) {
             let left = (until - now).to_std().unwrap_or(Duration::from_secs(1));
-            return Err(AuthError::Locked(left).into());
-        }
-        if !ok {
-            let locked = self.record_failure(&mut conn, &account).await?;
-            tracing::info!(user_id = %account.id, "login failed: wrong password");
             record(
                 &mut conn,
                 &origin,
-                failed(Some(account.id), "wrong password"),
+                failed(Some(account.id), "account locked"),
             )
             .await;
-            if locked {
-                let mut e = failed(Some(account.id), "too many failed logins");
-                e.action = "auth.account.locked";
-                record(&mut conn, &origin, e).await;
-            }
+            return Err(AuthError::Locked(left).into());
+        }
+        if !ok {
+            tracing::info!(user_id = %account.id, "login failed: wrong password");
+            self.record_failure(
+                &mut conn,
+                &origin,
+                &account,
+                "auth.login.failed",
+                "wrong password",
+            )
+            .await?;
             return Err(AuthError::BadCredentials.into());
         }
         if account.status != accounts::ACTIVE {
@@ -526,7 +587,7 @@ impl AuthService for AuthSvc {
             return Err(AuthError::Denied("account is not active").into());
         }
         if account.totp_enabled_at.is_some() {
-            self.check_second_factor(&mut conn, &account, &r.totp_code, &r.recovery_code)
+            self.check_second_factor(&mut conn, &origin, &account, &r.totp_code, &r.recovery_code)
                 .await?;
         }
         if account.failed_logins > 0 || account.lockouts > 0 || account.locked_until.is_some() {
@@ -570,6 +631,7 @@ impl AuthService for AuthSvc {
         &self,
         req: Request<pb::RefreshRequest>,
     ) -> Result<Response<pb::RefreshResponse>, Status> {
+        let origin = Origin::of(&req);
         let from_cookie = cookie(req.metadata().as_ref(), REFRESH_COOKIE);
         let presented = match req.into_inner().refresh_token {
             t if !t.is_empty() => t,
@@ -582,7 +644,7 @@ impl AuthService for AuthSvc {
         if presented.len() > 200 {
             return Err(AuthError::Unauthenticated("invalid refresh token").into());
         }
-        let tokens = self.do_refresh(&presented).await?;
+        let tokens = self.do_refresh(&presented, &origin).await?;
         let mut resp = Response::new(pb::RefreshResponse {
             tokens: Some(tokens.clone()),
         });
@@ -595,12 +657,25 @@ impl AuthService for AuthSvc {
         req: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
         let p = authenticated(&req)?;
+        let origin = Origin::of(&req);
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         if let Some(sid) = p.session_id {
             sessions::revoke(&mut conn, sid, p.user_id, "logout")
                 .await
                 .map_err(AuthError::from)?;
             self.revocations.publish(Revocation::Session(sid)).await?;
+            record(
+                &mut conn,
+                &origin,
+                AuditEvent {
+                    actor_id: Some(p.user_id),
+                    action: "auth.logout",
+                    target_type: "session",
+                    target_id: sid.to_string(),
+                    ..Default::default()
+                },
+            )
+            .await;
         }
         if let CredentialKind::AccessToken { token_id } = &p.credential {
             self.revocations
@@ -617,6 +692,7 @@ impl AuthService for AuthSvc {
         req: Request<pb::LogoutAllRequest>,
     ) -> Result<Response<pb::LogoutAllResponse>, Status> {
         let p = authenticated(&req)?;
+        p.require(crate::api_keys::SESSIONS)?;
         let origin = Origin::of(&req);
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         let version = accounts::bump_token_version(&mut conn, p.user_id)
@@ -759,8 +835,22 @@ impl AuthService for AuthSvc {
     ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
         let p = authenticated(&req)?;
         p.require("auth:keys:rotate")?;
+        let origin = Origin::of(&req);
         let kid = self.keys.rotate().await?;
         tracing::info!(%kid, by = %p.user_id, "signing key rotated");
+        let mut conn = self.store.pg().await.map_err(AuthError::from)?;
+        record(
+            &mut conn,
+            &origin,
+            AuditEvent {
+                actor_id: Some(p.user_id),
+                action: "auth.signing_key.rotated",
+                target_type: "signing_key",
+                target_id: kid.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
         Ok(Response::new(pb::RotateSigningKeyResponse { kid }))
     }
 
@@ -821,5 +911,24 @@ impl AuthService for AuthSvc {
             principal: Some(principal_pb(&p)),
             account,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_tell_clients_apart() {
+        let o = |ua: &str, ip: &str| Origin {
+            user_agent: ua.into(),
+            ip: ip.into(),
+            ..Default::default()
+        };
+        let a = client_fingerprint(&o("app/1", "10.0.0.1"));
+        assert_eq!(a, client_fingerprint(&o("app/1", "10.0.0.1")));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, client_fingerprint(&o("app/1", "10.0.0.2")), "address");
+        assert_ne!(a, client_fingerprint(&o("app/2", "10.0.0.1")), "user agent");
     }
 }

@@ -12,6 +12,7 @@ use trellis_store::audit::AuditEvent;
 use trellis_store::schema::auth_sessions;
 use uuid::Uuid;
 
+use crate::api_keys::SESSIONS;
 use crate::audit::{Origin, record};
 use crate::error::AuthError;
 use crate::revocation::Revocation;
@@ -33,6 +34,7 @@ impl AuthSvc {
         req: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let p = authenticated(&req)?;
+        p.require(SESSIONS)?;
         let r = req.into_inner();
         let mut v = FieldViolations::new();
         let size = page_size(&mut v, r.page_size);
@@ -98,6 +100,7 @@ impl AuthSvc {
         req: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
         let p = authenticated(&req)?;
+        p.require(SESSIONS)?;
         let origin = Origin::of(&req);
         let raw = req.into_inner().session_id;
         let Ok(id) = Uuid::parse_str(&raw) else {

@@ -22,7 +22,7 @@ use trellis_store::audit::AuditEvent;
 use trellis_store::schema::{totp_recovery_codes, users};
 use uuid::Uuid;
 
-use crate::api_keys::require_session;
+use crate::api_keys::{TOTP, require_session};
 use crate::audit::{Origin, record};
 use crate::error::AuthError;
 use crate::service::AuthSvc;
@@ -163,6 +163,8 @@ impl AuthSvc {
     ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
         let p = authenticated(&req)?;
         require_session(&p)?;
+        p.require(TOTP)?;
+        let origin = Origin::of(&req);
         let mut conn = self.store.pg().await.map_err(AuthError::from)?;
         let account = self.live_account(&mut conn, p.user_id).await?;
         if account.totp_enabled_at.is_some() {
@@ -194,6 +196,18 @@ impl AuthSvc {
                 "TOTP is already enabled; disable it before enrolling again",
             ));
         }
+        record(
+            &mut conn,
+            &origin,
+            AuditEvent {
+                actor_id: Some(account.id),
+                action: "auth.totp.enrollment_started",
+                target_type: "user",
+                target_id: account.id.to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
         Ok(Response::new(pb::EnrollTotpResponse {
             secret,
             otpauth_uri,
@@ -206,6 +220,7 @@ impl AuthSvc {
     ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
         let p = authenticated(&req)?;
         require_session(&p)?;
+        p.require(TOTP)?;
         let origin = Origin::of(&req);
         let code = req.into_inner().code.trim().to_string();
         let mut v = FieldViolations::new();
@@ -318,6 +333,7 @@ impl AuthSvc {
     ) -> Result<Response<pb::DisableTotpResponse>, Status> {
         let p = authenticated(&req)?;
         require_session(&p)?;
+        p.require(TOTP)?;
         let origin = Origin::of(&req);
         let r = req.into_inner();
         let code = r.code.trim().to_string();
@@ -346,9 +362,22 @@ impl AuthSvc {
             .hasher
             .verify(r.password, Some(account.password_hash.clone()))
             .await?;
-        if !password_ok || !self.accept_totp(&mut conn, &account, &code).await? {
-            self.record_failure(&mut conn, &account).await?;
+        let code_ok = password_ok && self.accept_totp(&mut conn, &account, &code).await?;
+        if !code_ok {
             tracing::info!(user_id = %account.id, "TOTP disable refused: wrong password or code");
+            let reason = if password_ok {
+                "wrong code"
+            } else {
+                "wrong password"
+            };
+            self.record_failure(
+                &mut conn,
+                &origin,
+                &account,
+                "auth.totp.disable_failed",
+                reason,
+            )
+            .await?;
             return Err(AuthError::BadCredentials.into());
         }
         let user = account.id;
@@ -459,6 +488,7 @@ impl AuthSvc {
     pub(crate) async fn check_second_factor(
         &self,
         conn: &mut AsyncPgConnection,
+        origin: &Origin,
         account: &Account,
         totp_code: &str,
         recovery_code: &str,
@@ -469,19 +499,53 @@ impl AuthSvc {
             // message tells clients to prompt for the code.
             return Err(AuthError::Unauthenticated("second factor required"));
         }
-        let ok = if !recovery_code.is_empty() {
-            self.spend_recovery_code(conn, account.id, recovery_code)
-                .await?
+        let (ok, recovery) = if !recovery_code.is_empty() {
+            (
+                self.spend_recovery_code(conn, account.id, recovery_code)
+                    .await?,
+                true,
+            )
         } else if is_totp_shaped(totp_code) {
-            self.accept_totp(conn, account, totp_code).await?
+            (self.accept_totp(conn, account, totp_code).await?, false)
         } else {
-            self.spend_recovery_code(conn, account.id, totp_code)
-                .await?
+            (
+                self.spend_recovery_code(conn, account.id, totp_code)
+                    .await?,
+                true,
+            )
         };
         if ok {
+            if recovery {
+                let left: i64 = totp_recovery_codes::table
+                    .filter(totp_recovery_codes::user_id.eq(account.id))
+                    .filter(totp_recovery_codes::used_at.is_null())
+                    .count()
+                    .get_result(conn)
+                    .await?;
+                record(
+                    conn,
+                    origin,
+                    AuditEvent {
+                        actor_id: Some(account.id),
+                        action: "auth.totp.recovery_code_used",
+                        target_type: "user",
+                        target_id: account.id.to_string(),
+                        details: serde_json::json!({ "codes_left": left }),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            }
             return Ok(());
         }
-        let locked = self.record_failure(conn, account).await?;
+        let reason = if recovery {
+            "wrong recovery code"
+        } else {
+            "wrong TOTP code"
+        };
+        let locked = self
+            .record_failure(conn, origin, account, "auth.login.failed", reason)
+            .await?;
         tracing::info!(user_id = %account.id, locked, "login failed: wrong second factor");
         Err(AuthError::Unauthenticated("invalid second factor"))
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 
-use crate::layers::authn::Authn;
+use crate::layers::authn::{self, Authn};
 use crate::layers::request_id;
 
 /// How a principal authenticated.
@@ -85,13 +85,20 @@ pub struct CallContext {
 }
 
 impl CallContext {
-    /// The context of an incoming call.
+    /// The context of an incoming call. The credential forwarded is the
+    /// one the authentication layer used: the `authorization` header, or
+    /// else a browser's session cookie, which becomes a bearer token (the
+    /// mesh's own calls carry no cookies, and only this one is needed).
     pub fn from_request<T>(req: &tonic::Request<T>) -> CallContext {
         let md = req.metadata();
+        let authorization = md.get("authorization").cloned().or_else(|| {
+            authn::cookie(md.as_ref(), authn::ACCESS_COOKIE)
+                .and_then(|t| AsciiMetadataValue::try_from(format!("Bearer {t}")).ok())
+        });
         CallContext {
             request_id: md.get(request_id::HEADER).cloned(),
             deadline: req.extensions().get::<Deadline>().map(|d| d.0),
-            authorization: md.get("authorization").cloned(),
+            authorization,
         }
     }
 
@@ -133,5 +140,41 @@ impl CallContext {
             }
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(headers: &[(&'static str, &'static str)]) -> CallContext {
+        let mut req = tonic::Request::new(());
+        for (k, v) in headers {
+            req.metadata_mut()
+                .append(*k, AsciiMetadataValue::from_static(v));
+        }
+        CallContext::from_request(&req)
+    }
+
+    #[test]
+    fn the_credential_used_is_forwarded() {
+        let auth = |c: CallContext| {
+            c.authorization
+                .map(|v| v.to_str().unwrap_or("").to_string())
+        };
+        assert_eq!(
+            auth(ctx(&[("cookie", "a=1; trellis_access=tok.en; b=2")])),
+            Some("Bearer tok.en".into())
+        );
+        assert_eq!(
+            auth(ctx(&[
+                ("authorization", "Bearer header"),
+                ("cookie", "trellis_access=cookie")
+            ])),
+            Some("Bearer header".into()),
+            "the header wins, as in the authentication layer"
+        );
+        assert_eq!(auth(ctx(&[("cookie", "other=1")])), None);
+        assert_eq!(auth(ctx(&[("cookie", "trellis_access=")])), None);
     }
 }

@@ -297,8 +297,14 @@ impl MeshBuilder {
     }
 }
 
+/// CORS rules. Listed origins may send credentials (the session cookie;
+/// the response names the caller's origin, as browsers require); `*` allows
+/// any origin without credentials, because browsers refuse credentials
+/// for a wildcard and a page on any site should not ride on a user's
+/// session.
 fn cors(origins: &[String]) -> CorsLayer {
-    let allow = if origins.iter().any(|o| o == "*") {
+    let any = origins.iter().any(|o| o == "*");
+    let allow = if any {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
@@ -306,6 +312,7 @@ fn cors(origins: &[String]) -> CorsLayer {
     let h = HeaderName::from_static;
     CorsLayer::new()
         .allow_origin(allow)
+        .allow_credentials(!any)
         .allow_methods([Method::POST, Method::GET, Method::OPTIONS])
         .allow_headers([
             h("content-type"),

@@ -48,3 +48,36 @@ pub async fn record(
         .await?;
     Ok(())
 }
+
+/// Pseudonymises the trail about `subject` for an erasure request (see
+/// `docs/architecture.md`, Users): events stay — what happened, when, with
+/// which request id and changed field names — but the subject's id becomes
+/// `pseudonym` (one per erasure, so the events still read as one person's),
+/// details (free text, logins, reasons) are replaced by
+/// `{"subject_erased": true}`, and the IP address goes from events the
+/// subject performed. Anonymous events naming one of `logins` (a failed
+/// login typed with the e-mail or username) lose their details and IP too.
+/// Returns how many events changed.
+pub async fn pseudonymise(
+    conn: &mut AsyncPgConnection,
+    subject: Uuid,
+    pseudonym: Uuid,
+    logins: &[String],
+) -> Result<usize, diesel::result::Error> {
+    use diesel::sql_types::{Array, Text, Uuid as SqlUuid};
+    let logins: Vec<String> = logins.iter().map(|l| l.to_lowercase()).collect();
+    diesel::sql_query(
+        "UPDATE audit_events SET \
+             actor_id = CASE WHEN actor_id = $1 THEN $2 ELSE actor_id END, \
+             target_id = CASE WHEN target_id = $1::text THEN $2::text ELSE target_id END, \
+             ip_address = CASE WHEN actor_id = $1 OR actor_id IS NULL THEN '' ELSE ip_address END, \
+             details = '{\"subject_erased\": true}'::jsonb \
+         WHERE actor_id = $1 OR target_id = $1::text \
+            OR (actor_id IS NULL AND lower(details->>'login') = ANY($3))",
+    )
+    .bind::<SqlUuid, _>(subject)
+    .bind::<SqlUuid, _>(pseudonym)
+    .bind::<Array<Text>, _>(logins)
+    .execute(conn)
+    .await
+}

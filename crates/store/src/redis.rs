@@ -31,3 +31,42 @@ pub async fn ping(pool: &RedisPool) -> Result<(), StoreError> {
     let _: String = ::redis::cmd("PING").query_async(&mut *conn).await?;
     Ok(())
 }
+
+/// Deletes every key of this install containing `needle` (SCAN, not KEYS,
+/// so Redis keeps serving meanwhile); returns how many went. For rare
+/// administrative acts such as erasing a user's counters, not per request.
+pub async fn delete_containing(store: &crate::Store, needle: &str) -> Result<usize, StoreError> {
+    // Glob metacharacters in the needle would widen the match.
+    let escaped: String = needle
+        .chars()
+        .flat_map(|c| match c {
+            '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+            c => vec![c],
+        })
+        .collect();
+    let pattern = store.key(&format!("*{escaped}*"));
+    let mut conn = store.redis().await?;
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut *conn)
+            .await?;
+        if !keys.is_empty() {
+            let n: usize = ::redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut *conn)
+                .await?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}

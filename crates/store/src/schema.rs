@@ -149,6 +149,7 @@ diesel::table! {
         attempts -> Int4,
         next_attempt_at -> Timestamptz,
         last_error -> Nullable<Text>,
+        user_id -> Nullable<Uuid>,
     }
 }
 
@@ -305,6 +306,7 @@ diesel::joinable!(auth_sessions -> users (user_id));
 diesel::joinable!(user_preferences -> users (user_id));
 diesel::joinable!(refresh_tokens -> auth_sessions (session_id));
 diesel::joinable!(auth_one_time_tokens -> users (user_id));
+diesel::joinable!(mail_outbox -> users (user_id));
 diesel::joinable!(totp_recovery_codes -> users (user_id));
 diesel::joinable!(api_keys -> users (user_id));
 diesel::joinable!(llm_usage -> users (user_id));

@@ -331,15 +331,14 @@ impl UserSvc {
         if Self::row(&mut conn, id, true).await?.is_none() {
             return Err(UserError::NotFound.into());
         }
-        // Tokens die first; then the row and, by cascade, everything that
-        // references it (sessions, roles, preferences, keys, tokens…).
+        // Tokens die first; then the account and everything it owns
+        // (see `erasure` for what goes and what is kept).
         trellis_auth::end_user_access(&mut conn, &self.revocations, id, "purged")
             .await
             .map_err(UserError::from)?;
-        diesel::delete(users::table.filter(users::id.eq(id)))
-            .execute(&mut conn)
-            .await
-            .map_err(UserError::from)?;
+        if !crate::erasure::purge(&self.store, &mut conn, id).await? {
+            return Err(UserError::NotFound.into());
+        }
         record(&mut conn, &origin, event(&p, "user.purged", id)).await;
         Ok(Response::new(pb::PurgeUserResponse {}))
     }

@@ -6,6 +6,7 @@
 mod admin;
 mod audit;
 mod convert;
+mod erasure;
 mod error;
 mod list;
 mod profile;

@@ -533,6 +533,11 @@ impl UserSvc {
         if user != p.user_id && !p.can("user:roles:read") {
             return Err(UserError::NotFound.into());
         }
+        // One's own roles are part of one's profile: a key scoped for
+        // other work does not reveal them.
+        if user == p.user_id && !p.can("user:roles:read") {
+            p.require("user:self:read")?;
+        }
         let mut conn = self.store.pg().await.map_err(UserError::from)?;
         Self::row(&mut conn, user, false)
             .await?
