@@ -98,6 +98,20 @@ fn mount(
 ) -> anyhow::Result<(MeshBuilder, Tasks)> {
     let cfg = &deps.config;
     let mut tasks = Tasks::default();
+    // One pool of hashing threads for the process, shared by AuthService
+    // (register, login, password changes) and UserService (CreateUser).
+    let hasher = if enabled
+        .iter()
+        .any(|n| matches!(n, ServiceName::Auth | ServiceName::User))
+    {
+        Some(trellis_auth::PasswordHasher::new(
+            cfg.auth.argon2,
+            cfg.auth.hash_concurrency,
+        )?)
+    } else {
+        None
+    };
+    let hasher = || anyhow::Context::context(hasher.clone(), "password hasher");
     for name in enabled {
         builder = match name {
             ServiceName::System => builder,
@@ -106,6 +120,7 @@ fn mount(
                     &cfg.auth,
                     cfg.server.max_message_bytes,
                     deps.store.clone(),
+                    hasher()?,
                     deps.verifier.clone(),
                     deps.revocations.clone(),
                     deps.pages.clone(),
@@ -114,9 +129,9 @@ fn mount(
             ),
             ServiceName::User => builder.add_service(
                 trellis_user::service(
-                    &cfg.auth,
                     cfg.server.max_message_bytes,
                     deps.store.clone(),
+                    hasher()?,
                     deps.revocations.clone(),
                     deps.pages.clone(),
                 )?,

@@ -65,11 +65,12 @@ pub fn service(
     cfg: &AuthConfig,
     max_message_bytes: usize,
     store: Store,
+    hasher: PasswordHasher,
     verifier: Arc<TokenVerifier>,
     revocations: Arc<Revocations>,
     pages: PageTokens,
 ) -> Result<AuthServiceServer<AuthSvc>, AuthError> {
-    let svc = AuthSvc::new(cfg, store, verifier, revocations, pages)?;
+    let svc = AuthSvc::new(cfg, store, hasher, verifier, revocations, pages);
     Ok(AuthServiceServer::new(svc)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
@@ -112,19 +113,20 @@ impl AuthSvc {
     pub fn new(
         cfg: &AuthConfig,
         store: Store,
+        hasher: PasswordHasher,
         verifier: Arc<TokenVerifier>,
         revocations: Arc<Revocations>,
         pages: PageTokens,
-    ) -> Result<AuthSvc, AuthError> {
-        Ok(AuthSvc {
+    ) -> AuthSvc {
+        AuthSvc {
             pages,
-            hasher: PasswordHasher::new(cfg.argon2, cfg.hash_concurrency)?,
+            hasher,
             keys: KeyRing::new(store.clone(), cfg.access_token_ttl),
             cfg: Arc::new(cfg.clone()),
             store,
             verifier,
             revocations,
-        })
+        }
     }
 
     pub(crate) async fn account_pb(

@@ -8,7 +8,6 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use tonic::{Request, Response, Status};
 use trellis_auth::{PasswordHasher, Revocations};
-use trellis_core::config::AuthConfig;
 use trellis_core::error::FieldViolations;
 use trellis_core::page::PageTokens;
 use trellis_mesh::Principal;
@@ -37,9 +36,9 @@ impl std::fmt::Debug for UserSvc {
 
 /// The generated server around a [`UserSvc`], with message limits applied.
 pub fn service(
-    auth: &AuthConfig,
     max_message_bytes: usize,
     store: Store,
+    hasher: PasswordHasher,
     revocations: Arc<Revocations>,
     pages: PageTokens,
 ) -> Result<UserServiceServer<UserSvc>, UserError> {
@@ -47,7 +46,7 @@ pub fn service(
         store,
         revocations,
         pages,
-        hasher: PasswordHasher::new(auth.argon2, auth.hash_concurrency)?,
+        hasher,
     };
     Ok(UserServiceServer::new(svc)
         .max_decoding_message_size(max_message_bytes)
