@@ -1329,3 +1329,86 @@ async fn revocations_reach_a_second_servers_own_auth_layer() {
         m.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_kids_neither_flood_auth_nor_delay_a_new_key() {
+    use jsonwebtoken::{Algorithm, Header, encode};
+    use trellis_proto::search::v1 as spb;
+    let meshes = split(&[
+        &[ServiceName::Auth, ServiceName::User],
+        &[ServiceName::Search],
+    ])
+    .await;
+    let (home, other) = (&meshes[0], &meshes[1]);
+    let mut client = auth(home).await;
+    let reg = register(&mut client, "flooded").await;
+    let genuine = access(&reg);
+    let search = spb::search_service_client::SearchServiceClient::new(other.channel().await);
+    let call = |token: String| {
+        let mut s = search.clone();
+        async move {
+            s.list_collections(bearer(spb::ListCollectionsRequest {}, &token))
+                .await
+                .map(|_| ())
+        }
+    };
+    call(genuine.clone())
+        .await
+        .expect("the other server knows the key");
+    let jwks_calls = || async {
+        let text = reqwest::get(format!("{}/metrics", home.url()))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .filter(|l| l.starts_with("trellis_grpc_requests_total") && l.contains("GetJwks"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = jwks_calls().await;
+
+    // The key rotates; a token signed with the new key is coming.
+    let (_, admin) = admin_account(home, "rotator").await;
+    client
+        .rotate_signing_key(bearer(pb::RotateSigningKeyRequest {}, &admin))
+        .await
+        .expect("rotate");
+    let (kid, key, _) = server_key(home).await;
+    let claims = claims_of(&genuine);
+    let sign = |kid: &str| {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(kid.to_string());
+        encode(&h, &claims, &key).expect("sign")
+    };
+    // 300 calls, each with its own made-up kid, all at once …
+    let flood: Vec<_> = (0..300)
+        .map(|i| tokio::spawn(call(sign(&format!("made-up-{i}")))))
+        .collect();
+    // … and, among them, the genuine new-key token.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let started = Instant::now();
+    call(sign(&kid))
+        .await
+        .expect("the new key is learnt despite the flood");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "the genuine token waited {waited:?}"
+    );
+    for f in flood {
+        let err = f.await.expect("join").expect_err("made-up kid");
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    // Repeating a made-up kid is refused without asking AuthService again.
+    for _ in 0..20 {
+        let err = call(sign("made-up-7")).await.expect_err("still unknown");
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    let fetches = jwks_calls().await - before;
+    assert!(
+        (1.0..=12.0).contains(&fetches),
+        "{fetches} key fetches for 321 unknown-kid calls"
+    );
+}

@@ -3,8 +3,11 @@
 //! algorithm are refused before any key is touched — with issuer, audience,
 //! expiry and not-before checked. Public keys come from AuthService.GetJwks
 //! through the mesh client and are re-fetched when a token names an unknown
-//! `kid` (at most four times a second). Verified tokens are cached; every use
-//! still consults the in-memory revocation set.
+//! `kid`: one fetch at a time, at most four a second, shared by every call
+//! waiting for it, and a kid still unknown afterwards is refused for a while
+//! without asking again — so a flood of made-up kids neither loads
+//! AuthService nor delays a genuine new key. Verified tokens are cached;
+//! every use still consults the in-memory revocation set.
 //!
 //! API keys (`trk_…`) are opaque: they are verified by AuthService.Introspect
 //! through the mesh client, so any service in any process can accept them
@@ -36,10 +39,12 @@ use crate::tokens::{self, Claims};
 
 /// Longest credential looked at; anything longer is refused unread.
 const MAX_TOKEN: usize = 8 * 1024;
-/// Unknown-kid fetches are spaced at least this far apart; callers wait
-/// their turn, so a flood of made-up kids costs the flooders time, not
-/// AuthService load, and a genuine new key is still learnt at once.
+/// Unknown-kid fetches are spaced at least this far apart.
 const FETCH_SPACING: Duration = Duration::from_millis(250);
+/// How long a kid that AuthService did not publish is refused unasked.
+/// Keys are published before anything is signed with them, so only a
+/// made-up (or long-retired) kid ever lands here.
+const UNKNOWN_KID_TTL: Duration = Duration::from_secs(10);
 /// How long an active API key is taken on trust. Revocations are kept in
 /// the revocation set for longer than this (at least a minute), so a cached
 /// key is never outlived by the news of its revocation.
@@ -48,9 +53,13 @@ pub const API_KEY_CACHE: Duration = Duration::from_secs(30);
 /// UNAVAILABLE rather than left hanging.
 const INTROSPECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A verified access token: its principal (shared by every call that
+/// presents the token) and claims.
+pub type Verified = Arc<(Arc<Principal>, Claims)>;
+
 /// An API key as Introspect described it.
 struct KnownKey {
-    principal: Principal,
+    principal: Arc<Principal>,
     key_id: Uuid,
     expires_at: Option<DateTime<Utc>>,
     /// The owner's version floor when the key was verified: a LogoutAll,
@@ -63,9 +72,13 @@ pub struct TokenVerifier {
     validation: Validation,
     clients: MeshClients,
     keys: RwLock<HashMap<String, Arc<DecodingKey>>>,
+    /// When the last key fetch started; held while fetching, so that
+    /// concurrent callers share one fetch.
     last_fetch: Mutex<Option<Instant>>,
+    /// Kids a fetch did not turn up (see [`UNKNOWN_KID_TTL`]).
+    unknown_kids: Cache<String, ()>,
     revocations: Arc<Revocations>,
-    verified: Cache<String, Arc<(Principal, Claims)>>,
+    verified: Cache<String, Verified>,
     /// Active API keys by the SHA-256 of their secret (secrets themselves
     /// are not kept in memory longer than a call).
     api_keys: Cache<Vec<u8>, Arc<KnownKey>>,
@@ -100,6 +113,10 @@ impl TokenVerifier {
             clients,
             keys: RwLock::new(HashMap::new()),
             last_fetch: Mutex::new(None),
+            unknown_kids: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(UNKNOWN_KID_TTL)
+                .build(),
             revocations,
             verified: Cache::builder()
                 .max_capacity(100_000)
@@ -116,26 +133,33 @@ impl TokenVerifier {
         if let Some(k) = self.keys.read().await.get(kid) {
             return Ok(k.clone());
         }
+        let unknown = || unauthenticated("token signed by an unknown key");
+        if self.unknown_kids.contains_key(kid) {
+            return Err(unknown());
+        }
+        let asked = Instant::now();
         {
             let mut last = self.last_fetch.lock().await;
-            // Another call may have fetched while we waited for the lock.
-            if let Some(k) = self.keys.read().await.get(kid) {
-                return Ok(k.clone());
+            // A fetch that started after this call did may have brought the
+            // key; if it did not, asking again would not either.
+            let fresh = last.is_some_and(|t| t >= asked);
+            if !fresh {
+                if let Some(since) = last.map(|t| t.elapsed())
+                    && since < FETCH_SPACING
+                {
+                    tokio::time::sleep(FETCH_SPACING - since).await;
+                }
+                *last = Some(Instant::now());
+                self.fetch().await?;
             }
-            if let Some(since) = last.map(|t| t.elapsed())
-                && since < FETCH_SPACING
-            {
-                tokio::time::sleep(FETCH_SPACING - since).await;
-            }
-            *last = Some(Instant::now());
-            self.fetch().await?;
         }
-        self.keys
-            .read()
-            .await
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| unauthenticated("token signed by an unknown key"))
+        match self.keys.read().await.get(kid) {
+            Some(k) => Ok(k.clone()),
+            None => {
+                self.unknown_kids.insert(kid.to_string(), ());
+                Err(unknown())
+            }
+        }
     }
 
     async fn fetch(&self) -> Result<(), Status> {
@@ -164,13 +188,13 @@ impl TokenVerifier {
     }
 
     /// Verifies an access token, returning its principal and claims.
-    pub async fn verify(&self, token: &str) -> Result<Arc<(Principal, Claims)>, Status> {
+    pub async fn verify(&self, token: &str) -> Result<Verified, Status> {
         if token.len() > MAX_TOKEN {
             return Err(unauthenticated("token too long"));
         }
         let now = chrono::Utc::now().timestamp();
         if let Some(hit) = self.verified.get(token) {
-            self.still_valid(&hit.1, now)?;
+            self.still_valid(&hit.0, &hit.1, now)?;
             return Ok(hit);
         }
         let header =
@@ -197,7 +221,6 @@ impl TokenVerifier {
             Uuid::parse_str(&claims.sub).map_err(|_| unauthenticated("invalid token subject"))?;
         let session_id =
             Uuid::parse_str(&claims.sid).map_err(|_| unauthenticated("invalid token session"))?;
-        self.still_valid(&claims, now)?;
         let principal = Principal {
             user_id,
             session_id: Some(session_id),
@@ -208,14 +231,15 @@ impl TokenVerifier {
             },
             expires_at: Some(claims.exp),
         };
-        let entry = Arc::new((principal, claims));
+        self.still_valid(&principal, &claims, now)?;
+        let entry = Arc::new((Arc::new(principal), claims));
         self.verified.insert(token.to_string(), entry.clone());
         Ok(entry)
     }
 
     /// Verifies an API key through AuthService.Introspect, returning its
     /// principal (the key's scopes as permissions, no session or roles).
-    pub async fn verify_api_key(&self, secret: &str) -> Result<Principal, Status> {
+    pub async fn verify_api_key(&self, secret: &str) -> Result<Arc<Principal>, Status> {
         if secret.len() > MAX_TOKEN {
             return Err(unauthenticated("token too long"));
         }
@@ -265,14 +289,14 @@ impl TokenVerifier {
             None => None,
         };
         let known = Arc::new(KnownKey {
-            principal: Principal {
+            principal: Arc::new(Principal {
                 user_id,
                 session_id: None,
                 roles: Vec::new(),
                 permissions: p.permissions,
                 credential: CredentialKind::ApiKey { key_id },
                 expires_at: expires_at.map(|t| t.timestamp()),
-            },
+            }),
             key_id,
             expires_at,
             owner_floor,
@@ -294,14 +318,18 @@ impl TokenVerifier {
         Ok(())
     }
 
-    fn still_valid(&self, c: &Claims, now: i64) -> Result<(), Status> {
+    /// Expiry and revocation: checked on every use, cached or not.
+    fn still_valid(&self, p: &Principal, c: &Claims, now: i64) -> Result<(), Status> {
         if c.exp <= now {
             return Err(unauthenticated("token expired"));
         }
-        let (Ok(user), Ok(session)) = (Uuid::parse_str(&c.sub), Uuid::parse_str(&c.sid)) else {
+        let Some(session) = p.session_id else {
             return Err(unauthenticated("invalid token"));
         };
-        if self.revocations.is_revoked(&c.jti, session, user, c.ver) {
+        if self
+            .revocations
+            .is_revoked(&c.jti, session, p.user_id, c.ver)
+        {
             return Err(unauthenticated("token revoked"));
         }
         Ok(())
@@ -309,7 +337,10 @@ impl TokenVerifier {
 }
 
 impl Authenticator for TokenVerifier {
-    fn authenticate<'a>(&'a self, credential: &'a str) -> BoxFuture<'a, Result<Principal, Status>> {
+    fn authenticate<'a>(
+        &'a self,
+        credential: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<Principal>, Status>> {
         Box::pin(async move {
             if credential.starts_with(SECRET_PREFIX) {
                 self.verify_api_key(credential).await

@@ -25,7 +25,7 @@ pub trait Authenticator: Send + Sync + 'static {
     fn authenticate<'a>(
         &'a self,
         credential: &'a str,
-    ) -> BoxFuture<'a, Result<Principal, tonic::Status>>;
+    ) -> BoxFuture<'a, Result<Arc<Principal>, tonic::Status>>;
 }
 
 /// What the layer found, stored in the request extensions when a
@@ -129,7 +129,7 @@ where
         let authenticator = self.authenticator.clone();
         Box::pin(async move {
             let outcome = match authenticator.authenticate(&token).await {
-                Ok(p) => Authn::Verified(Arc::new(p)),
+                Ok(p) => Authn::Verified(p),
                 Err(status) => Authn::Rejected(status),
             };
             req.extensions_mut().insert(outcome);
