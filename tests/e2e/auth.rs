@@ -1412,3 +1412,55 @@ async fn made_up_kids_neither_flood_auth_nor_delay_a_new_key() {
         "{fetches} key fetches for 321 unknown-kid calls"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockouts_do_not_reveal_which_accounts_exist() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.lockout_threshold = 3;
+        c.auth.lockout_base = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    register(&mut client, "existing").await;
+    let answers = |who: &'static str| {
+        let c = client.clone();
+        async move {
+            let mut seen = Vec::new();
+            for _ in 0..5 {
+                let e = c
+                    .clone()
+                    .login(pb::LoginRequest {
+                        login: who.into(),
+                        password: "Wr0ng!pass".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect_err("wrong password");
+                let retry = e.get_error_details().retry_info().is_some();
+                seen.push((e.code(), e.message().to_string(), retry));
+            }
+            seen
+        }
+    };
+    let real = answers("existing").await;
+    let ghost = answers("Nobody-At-All").await;
+    assert_eq!(
+        real.iter().map(|a| a.0).collect::<Vec<_>>(),
+        [
+            Code::Unauthenticated,
+            Code::Unauthenticated,
+            Code::Unauthenticated,
+            Code::ResourceExhausted,
+            Code::ResourceExhausted
+        ],
+        "{real:?}"
+    );
+    assert_eq!(real, ghost, "an unknown login is answered like an account");
+    // The "lock" ends like a real one, and counting starts over.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        answers("nobody-at-all").await,
+        real,
+        "case-insensitive, reset"
+    );
+}

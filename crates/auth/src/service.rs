@@ -554,6 +554,11 @@ impl AuthService for AuthSvc {
         let Some(account) = account else {
             tracing::info!("login failed: unknown account");
             record(&mut conn, &origin, failed(None, "unknown account")).await;
+            // Answered as an account would be, lockout included.
+            if let Some(left) = self.ghost_locked(login).await {
+                return Err(AuthError::Locked(left).into());
+            }
+            self.ghost_failed(login).await;
             return Err(AuthError::BadCredentials.into());
         };
         let now = Utc::now();
