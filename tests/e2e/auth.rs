@@ -717,11 +717,26 @@ async fn introspect_reports_active_and_inactive() {
         .expect("introspect")
         .into_inner();
     assert!(r.active);
+    let user_id = reg.account.as_ref().expect("account").id.clone();
+    assert_eq!(r.principal.expect("principal").user_id, user_id);
+    let now = chrono::Utc::now().timestamp();
+    assert!(r.expire_time.expect("exp").seconds > now);
+    // RFC 7662's fields, from the token's own claims.
+    let c = r.claims.expect("claims");
+    let token_claims = claims_of(&access(&reg));
+    assert_eq!(c.subject, user_id);
     assert_eq!(
-        r.principal.expect("principal").user_id,
-        reg.account.expect("account").id
+        c.session_id,
+        reg.tokens.as_ref().expect("tokens").session_id
     );
-    assert!(r.expire_time.expect("exp").seconds > chrono::Utc::now().timestamp());
+    assert_eq!(c.issuer, "trellis");
+    assert_eq!(c.audience, "trellis");
+    assert_eq!(c.token_id, token_claims["jti"].as_str().expect("jti"));
+    assert_eq!(c.roles, ["member"]);
+    let iat = c.issue_time.expect("iat").seconds;
+    assert!((now - 60..=now).contains(&iat));
+    assert_eq!(c.expire_time.expect("exp").seconds - iat, 15 * 60);
+    assert!(r.scope.split(' ').any(|s| s == "chat:*"), "{}", r.scope);
     let r = client
         .introspect(pb::IntrospectRequest {
             token: "junk".into(),
@@ -729,12 +744,40 @@ async fn introspect_reports_active_and_inactive() {
         .await
         .expect("introspect")
         .into_inner();
-    assert!(!r.active && r.principal.is_none());
+    assert_eq!(
+        r,
+        pb::IntrospectResponse::default(),
+        "inactive: nothing else"
+    );
     let empty = client
         .introspect(pb::IntrospectRequest::default())
         .await
         .expect_err("empty");
     assert_eq!(empty.code(), Code::InvalidArgument);
+    mesh.shutdown().await;
+
+    // Introspection is limited per client address.
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.introspect_per_ip_per_minute = 3;
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    for _ in 0..3 {
+        client
+            .introspect(pb::IntrospectRequest {
+                token: "junk".into(),
+            })
+            .await
+            .expect("within the limit");
+    }
+    let e = client
+        .introspect(pb::IntrospectRequest {
+            token: "junk".into(),
+        })
+        .await
+        .expect_err("over the limit");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.get_error_details().retry_info().is_some());
     mesh.shutdown().await;
 }
 

@@ -865,12 +865,15 @@ impl AuthService for AuthSvc {
         &self,
         req: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        let origin = Origin::of(&req);
         let token = req.into_inner().token;
         if token.is_empty() {
             let mut v = FieldViolations::new();
             v.add("token", "is required");
             return Err(v.into_status());
         }
+        self.limit_ip(&origin, "introspect", self.cfg.introspect_per_ip_per_minute)
+            .await?;
         // API keys are looked up here, not through the verifier: the
         // verifier asks this very RPC about them.
         if token.starts_with(crate::api_keys::SECRET_PREFIX) {
@@ -878,26 +881,38 @@ impl AuthService for AuthSvc {
             return Ok(Response::new(match found {
                 Some((p, expires_at)) => pb::IntrospectResponse {
                     active: true,
+                    scope: p.permissions.join(" "),
                     principal: Some(principal_pb(&p)),
                     expire_time: expires_at.map(ts),
+                    claims: None,
                 },
                 None => pb::IntrospectResponse::default(),
             }));
         }
         Ok(Response::new(match self.verifier.verify(&token).await {
-            Ok(found) => pb::IntrospectResponse {
-                active: true,
-                principal: Some(principal_pb(&found.0)),
-                expire_time: Some(prost_types::Timestamp {
-                    seconds: found.1.exp,
-                    nanos: 0,
-                }),
-            },
-            Err(_) => pb::IntrospectResponse {
-                active: false,
-                principal: None,
-                expire_time: None,
-            },
+            Ok(found) => {
+                let (p, c) = (&found.0, &found.1);
+                let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+                pb::IntrospectResponse {
+                    active: true,
+                    scope: p.permissions.join(" "),
+                    principal: Some(principal_pb(p)),
+                    expire_time: at(c.exp),
+                    claims: Some(pb::TokenClaims {
+                        subject: c.sub.clone(),
+                        session_id: c.sid.clone(),
+                        issuer: c.iss.clone(),
+                        audience: c.aud.clone(),
+                        token_id: c.jti.clone(),
+                        issue_time: at(c.iat),
+                        not_before_time: at(c.nbf),
+                        expire_time: at(c.exp),
+                        token_version: c.ver,
+                        roles: c.roles.clone(),
+                    }),
+                }
+            }
+            Err(_) => pb::IntrospectResponse::default(),
         }))
     }
 

@@ -381,6 +381,10 @@ pub struct AuthConfig {
     pub login_per_ip_per_minute: u32,
     pub register_per_ip_per_minute: u32,
     pub password_reset_per_ip_per_minute: u32,
+    /// Introspect calls per client IP and minute (0 = unlimited). Every
+    /// replica's verifier asks about API keys it has not cached, from its
+    /// own address: size this for the busiest replica.
+    pub introspect_per_ip_per_minute: u32,
     /// Lifetime of mailed password-reset tokens.
     #[serde(with = "humantime_serde")]
     pub password_reset_ttl: Duration,
@@ -406,6 +410,7 @@ impl Default for AuthConfig {
             login_per_ip_per_minute: 30,
             register_per_ip_per_minute: 10,
             password_reset_per_ip_per_minute: 5,
+            introspect_per_ip_per_minute: 6000,
             password_reset_ttl: Duration::from_secs(3600),
             email_verification_ttl: Duration::from_secs(48 * 3600),
         }
