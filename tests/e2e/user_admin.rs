@@ -1431,3 +1431,116 @@ async fn preferences_need_credentials_and_keep_search_filters() {
     );
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deactivation_makes_an_account_inactive_until_reactivated() {
+    let mesh = TestMesh::start().await;
+    let admin = admin_token(&mesh, "keeper").await;
+    let mut a = auth(&mesh).await;
+    let leaver = register(&mut a, "leaver").await;
+    let id = leaver.account.as_ref().expect("account").id.clone();
+    let token = access(&leaver);
+    let member = access(&register(&mut a, "bystander").await);
+    let mut c = users(&mesh).await;
+    let dc = c.clone();
+    let deactivate = |id: &str, token: &str| {
+        let mut c = dc.clone();
+        let req = bearer(pb::DeactivateUserRequest { id: id.into() }, token);
+        async move { c.deactivate_user(req).await }
+    };
+
+    // Members cannot, not even see that the account exists; ids are checked.
+    assert_eq!(
+        deactivate(&id, &member).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let bad = deactivate("nope", &admin).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(fields(&bad), ["id"]);
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_eq!(
+        deactivate(&unknown, &admin).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let admin_id = c
+        .get_me(bearer(pb::GetMeRequest {}, &admin))
+        .await
+        .expect("me")
+        .into_inner()
+        .user
+        .expect("user")
+        .id;
+    assert_eq!(
+        deactivate(&admin_id, &admin).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    let user = deactivate(&id, &admin)
+        .await
+        .expect("deactivated")
+        .into_inner()
+        .user
+        .expect("user");
+    assert_eq!(user.status, pb::UserStatus::Inactive as i32);
+    // Its sessions ended at once and it cannot sign in.
+    let ended = c
+        .get_me(bearer(pb::GetMeRequest {}, &token))
+        .await
+        .expect_err("ended");
+    assert_eq!(ended.code(), Code::Unauthenticated);
+    let login =
+        |a: &mut trellis_proto::auth::v1::auth_service_client::AuthServiceClient<Channel>| {
+            let mut a = a.clone();
+            async move {
+                a.login(apb::LoginRequest {
+                    login: "leaver".into(),
+                    password: PASSWORD.into(),
+                    ..Default::default()
+                })
+                .await
+            }
+        };
+    assert_eq!(
+        login(&mut a).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // The status filter finds it.
+    let inactive = c
+        .list_users(bearer(
+            pb::ListUsersRequest {
+                status: pb::UserStatus::Inactive as i32,
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .expect("list")
+        .into_inner()
+        .users;
+    assert_eq!(
+        inactive.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    // Reactivation restores sign-in.
+    c.reactivate_user(bearer(pb::ReactivateUserRequest { id: id.clone() }, &admin))
+        .await
+        .expect("reactivated");
+    login(&mut a).await.expect("signs in again");
+    // Both acts are in the audit trail.
+    let events = c
+        .list_audit_events(bearer(
+            pb::ListAuditEventsRequest {
+                target_id: id.clone(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .expect("audit")
+        .into_inner()
+        .events;
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert!(actions.contains(&"user.deactivated"), "{actions:?}");
+    assert!(actions.contains(&"user.reactivated"), "{actions:?}");
+    mesh.shutdown().await;
+}

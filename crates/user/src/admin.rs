@@ -228,6 +228,34 @@ impl UserSvc {
         Ok(Response::new(pb::SuspendUserResponse { user: Some(user) }))
     }
 
+    pub(crate) async fn rpc_deactivate_user(
+        &self,
+        req: Request<pb::DeactivateUserRequest>,
+    ) -> Result<Response<pb::DeactivateUserResponse>, Status> {
+        let p = authenticated(&req)?;
+        let origin = Origin::of(&req);
+        let id = parse_id("id", &req.get_ref().id)?;
+        may_touch(&p, "user:users:suspend")?;
+        if id == p.user_id {
+            return Err(UserError::Precondition("you cannot deactivate yourself".into()).into());
+        }
+        let mut conn = self.store.pg().await.map_err(UserError::from)?;
+        if !self
+            .set_status(&mut conn, id, accounts::INACTIVE, None)
+            .await?
+        {
+            return Err(UserError::NotFound.into());
+        }
+        trellis_auth::end_user_access(&mut conn, &self.revocations, id, "deactivated")
+            .await
+            .map_err(UserError::from)?;
+        record(&mut conn, &origin, event(&p, "user.deactivated", id)).await;
+        let user = Self::user(&mut conn, id, false).await?;
+        Ok(Response::new(pb::DeactivateUserResponse {
+            user: Some(user),
+        }))
+    }
+
     pub(crate) async fn rpc_reactivate_user(
         &self,
         req: Request<pb::ReactivateUserRequest>,

@@ -168,6 +168,7 @@ delegate! {
     list_users: ListUsersRequest => ListUsersResponse via rpc_list_users;
     update_user: UpdateUserRequest => UpdateUserResponse via rpc_update_user;
     suspend_user: SuspendUserRequest => SuspendUserResponse via rpc_suspend_user;
+    deactivate_user: DeactivateUserRequest => DeactivateUserResponse via rpc_deactivate_user;
     reactivate_user: ReactivateUserRequest => ReactivateUserResponse via rpc_reactivate_user;
     delete_user: DeleteUserRequest => DeleteUserResponse via rpc_delete_user;
     restore_user: RestoreUserRequest => RestoreUserResponse via rpc_restore_user;
