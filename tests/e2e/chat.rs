@@ -76,7 +76,7 @@ fn take(turn: &mut Turn, e: pb::ChatEvent) -> bool {
             turn.failed = Some(f);
             return true;
         }
-        None => {}
+        Some(Ev::Authenticated(_)) | None => {}
     }
     false
 }
@@ -100,6 +100,95 @@ async fn send_message(
         }
     }
     Ok(turn)
+}
+
+/// A Converse stream: actions in, events out.
+struct Conv {
+    tx: tokio::sync::mpsc::Sender<pb::ConverseRequest>,
+    rx: tonic::Streaming<pb::ConverseResponse>,
+}
+
+impl Conv {
+    async fn open(c: &mut ChatServiceClient<Channel>, token: &str) -> Conv {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let rx = c
+            .converse(bearer(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                token,
+            ))
+            .await
+            .expect("converse")
+            .into_inner();
+        Conv { tx, rx }
+    }
+
+    async fn act(&self, action: pb::converse_request::Action) {
+        self.tx
+            .send(pb::ConverseRequest {
+                action: Some(action),
+            })
+            .await
+            .expect("the stream takes actions");
+    }
+
+    async fn send(&self, s: pb::Send) {
+        self.act(pb::converse_request::Action::Send(s)).await
+    }
+
+    async fn cancel(&self, message_id: &str) {
+        self.act(pb::converse_request::Action::Cancel(pb::Cancel {
+            message_id: message_id.into(),
+        }))
+        .await
+    }
+
+    async fn authenticate(&self, token: &str) {
+        self.act(pb::converse_request::Action::Authenticate(
+            pb::Authenticate {
+                access_token: token.into(),
+            },
+        ))
+        .await
+    }
+
+    /// The next event (a test failure after 15 s without one).
+    async fn next(&mut self) -> Ev {
+        let m = tokio::time::timeout(Duration::from_secs(15), self.rx.message())
+            .await
+            .expect("an event within 15 s")
+            .expect("the stream is healthy")
+            .expect("the stream is open");
+        m.event.expect("event").event.expect("event")
+    }
+
+    /// The events of one turn, up to its final event.
+    async fn turn(&mut self) -> Turn {
+        let mut turn = Turn {
+            offsets_ok: true,
+            ..Default::default()
+        };
+        loop {
+            let e = self.next().await;
+            if take(&mut turn, pb::ChatEvent { event: Some(e) }) {
+                return turn;
+            }
+        }
+    }
+}
+
+/// A new access token for the rig's user (it logs in again).
+async fn fresh_token(mesh: &TestMesh) -> String {
+    crate::auth::login(&mut auth(mesh).await, "llmuser", crate::auth::PASSWORD)
+        .await
+        .expect("login")
+        .access_token
+}
+
+fn failure(e: Ev) -> pb::Failed {
+    match e {
+        Ev::Failed(f) => f,
+        other => panic!("expected a failed event, got {other:?}"),
+    }
 }
 
 async fn messages(
@@ -1230,4 +1319,76 @@ async fn a_slow_reader_stalls_nobody_and_still_gets_every_byte() {
         turn.completed.expect("done").status,
         pb::MessageStatus::Completed as i32
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_converse_stream_outlives_its_access_token_through_authenticate() {
+    let ttl = Duration::from_secs(10);
+    let r = rig(|c| c.auth.access_token_ttl = ttl).await;
+    let expires = tokio::time::Instant::now() + ttl;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    let mut conv = Conv::open(&mut c, &r.token).await;
+    conv.send(send(&s.id, "before", "b")).await;
+    assert_eq!(conv.turn().await.text, "Hello world");
+
+    // The access token the stream was opened with expires: a turn is
+    // refused with UNAUTHENTICATED, stores nothing, and the stream stays.
+    tokio::time::sleep_until(expires + Duration::from_millis(500)).await;
+    conv.send(send(&s.id, "after", "late")).await;
+    let f = failure(conv.next().await);
+    assert_eq!(f.code, Code::Unauthenticated as i32, "{f:?}");
+    assert_eq!(f.client_message_id, "late");
+    assert!(f.message.contains("authenticate"), "{}", f.message);
+    conv.cancel(&uuid::Uuid::now_v7().to_string()).await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::Unauthenticated as i32
+    );
+    assert_eq!(
+        messages(&mut c, &fresh_token(&r.mesh).await, &s.id)
+            .await
+            .len(),
+        2
+    );
+
+    // Another user's token cannot take the stream over; a bad one is
+    // refused; neither replaces the credentials.
+    let other = access(&register(&mut auth(&r.mesh).await, "takeover").await);
+    conv.authenticate(&other).await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::PermissionDenied as i32
+    );
+    conv.authenticate("not-a-token").await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::Unauthenticated as i32
+    );
+    conv.authenticate("").await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::InvalidArgument as i32
+    );
+    conv.send(send(&s.id, "after", "late")).await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::Unauthenticated as i32
+    );
+
+    // A fresh token of the same user: turns work again on the same stream.
+    let fresh = fresh_token(&r.mesh).await;
+    conv.authenticate(&fresh).await;
+    let Ev::Authenticated(a) = conv.next().await else {
+        panic!("authenticated expected")
+    };
+    let exp = a.expire_time.expect("expire time").seconds;
+    assert!(exp > chrono::Utc::now().timestamp(), "{exp}");
+    conv.send(send(&s.id, "after", "late")).await;
+    let turn = conv.turn().await;
+    assert_eq!(turn.text, "Hello world", "{:?}", turn.failed);
+    assert_eq!(turn.accepted.expect("accepted").client_message_id, "late");
+    assert_eq!(messages(&mut c, &fresh, &s.id).await.len(), 4);
+    // The gateway heard the turn with the fresh credentials.
+    assert_eq!(r.primary.hits(), 2);
 }

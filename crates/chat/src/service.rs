@@ -12,11 +12,12 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_core::config::{ChatConfig, LlmConfig};
 use trellis_core::error::FieldViolations;
 use trellis_core::page::PageTokens;
-use trellis_mesh::{CallContext, MeshClients, Principal, authenticated};
+use trellis_mesh::{Authenticator, CallContext, MeshClients, Principal, authenticated};
 use trellis_proto::chat::v1 as pb;
 use trellis_proto::chat::v1::chat_event::Event as Ev;
 use trellis_proto::chat::v1::chat_service_server::{ChatService, ChatServiceServer};
@@ -35,9 +36,20 @@ pub const SESSIONS: &str = "chat:sessions:write";
 pub const READ: &str = "chat:sessions:read";
 pub const SEND: &str = "chat:messages:send";
 
+/// Verifies the credentials a Converse stream acts with, on every action.
+#[derive(Clone)]
+struct Verifier(Arc<dyn Authenticator>);
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ChatSvc {
     engine: Arc<Engine>,
+    verifier: Verifier,
     pages: PageTokens,
     /// Known model aliases (empty when the gateway's models are unknown here).
     models: BTreeSet<String>,
@@ -61,6 +73,7 @@ impl std::fmt::Debug for Built {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn service(
     cfg: &ChatConfig,
     llm: &LlmConfig,
@@ -69,6 +82,7 @@ pub fn service(
     store: Store,
     clients: MeshClients,
     pages: PageTokens,
+    authenticator: Arc<dyn Authenticator>,
 ) -> Built {
     let registry = Arc::new(Registry::default());
     let fanout = Fanout::new(store.clone());
@@ -148,6 +162,7 @@ pub fn service(
     Built {
         server: ChatServiceServer::new(ChatSvc {
             engine,
+            verifier: Verifier(authenticator),
             pages,
             models,
             default_model,
@@ -226,6 +241,20 @@ fn delta(id: Uuid, offset: usize, text: &str) -> pb::ChatEvent {
 }
 
 type Out<T> = mpsc::Sender<Result<T, Status>>;
+
+/// The credentials a Converse stream acts with: those it was opened with
+/// until an `authenticate` replaces them. Re-verified before every action,
+/// so an expired or revoked token stops acting (the stream stays open).
+#[derive(Debug)]
+struct StreamAuth {
+    principal: Arc<Principal>,
+    /// The raw credential, for re-verification.
+    credential: Option<String>,
+    /// Forwarded on the mesh calls of the turns this stream starts.
+    ctx: CallContext,
+}
+
+const REAUTHENTICATE: &str = "send `authenticate` with a fresh access token on this stream";
 
 /// Relays a reply's local events to one client stream. A reader too slow
 /// for the event buffer is caught up from the content so far instead, so
@@ -354,6 +383,71 @@ impl ChatSvc {
             .await
     }
 
+    /// Checks that the stream's credentials still hold (not expired, not
+    /// revoked), refreshing the principal (its permissions may change).
+    async fn reverify(&self, a: &mut StreamAuth) -> Result<(), Status> {
+        let Some(credential) = &a.credential else {
+            return Err(Status::unauthenticated(format!(
+                "the stream has no credentials to act with; {REAUTHENTICATE}"
+            )));
+        };
+        match self.verifier.0.authenticate(credential).await {
+            Ok(p) if p.user_id == a.principal.user_id => {
+                a.principal = Arc::new(p);
+                Ok(())
+            }
+            Ok(_) => Err(Status::unauthenticated(format!(
+                "the stream's credentials changed hands; {REAUTHENTICATE}"
+            ))),
+            Err(s) => Err(Status::unauthenticated(format!(
+                "the stream's credentials are no longer valid ({}); {REAUTHENTICATE}",
+                s.message()
+            ))),
+        }
+    }
+
+    /// Replaces the stream's credentials with `token`, which must be the
+    /// same user's.
+    async fn reauthenticate(
+        &self,
+        a: &mut StreamAuth,
+        token: &str,
+    ) -> Result<pb::Authenticated, Status> {
+        let token = token.trim();
+        let token = token
+            .strip_prefix("Bearer ")
+            .or_else(|| token.strip_prefix("bearer "))
+            .unwrap_or(token)
+            .trim();
+        let header = AsciiMetadataValue::try_from(format!("Bearer {token}")).ok();
+        let (true, Some(header)) = (!token.is_empty(), header) else {
+            return Err(ChatError::field(
+                "authenticate.access_token",
+                "an access token is required",
+            )
+            .into());
+        };
+        let p = self
+            .verifier
+            .0
+            .authenticate(token)
+            .await
+            .map_err(|s| Status::unauthenticated(s.message().to_string()))?;
+        if p.user_id != a.principal.user_id {
+            return Err(Status::permission_denied(
+                "the token belongs to another user; a Converse stream keeps the user who opened it",
+            ));
+        }
+        p.require(SEND)?;
+        let expire_time = p
+            .expires_at
+            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 });
+        a.principal = Arc::new(p);
+        a.credential = Some(token.to_string());
+        a.ctx.authorization = Some(header);
+        Ok(pb::Authenticated { expire_time })
+    }
+
     async fn cancel(&self, p: &Principal, raw: &str) -> Result<bool, ChatError> {
         let id = parse_id("message_id", raw)?;
         let row = {
@@ -479,6 +573,95 @@ impl ChatSvc {
             let last = is_final(&ev);
             if out.send(Ok(wrap(ev))).await.is_err() || last {
                 return Ok(());
+            }
+        }
+    }
+
+    /// One client message of a Converse stream; every outcome is an event
+    /// on the stream, which goes on.
+    async fn converse_action(
+        &self,
+        action: Option<pb::converse_request::Action>,
+        auth: &mut StreamAuth,
+        tx: &Out<pb::ConverseResponse>,
+        relays: &mut tokio::task::JoinSet<()>,
+    ) {
+        use pb::converse_request::Action;
+        let say = |e: pb::ChatEvent| async move {
+            let _ = tx.send(Ok(wrap_converse(e))).await;
+        };
+        match action {
+            Some(Action::Send(s)) => {
+                let cid = s.client_message_id.clone();
+                if let Err(st) = self.reverify(auth).await {
+                    return say(failed(&cid, &st)).await;
+                }
+                if let Err(st) = auth.principal.require(SEND) {
+                    return say(failed(&cid, &st)).await;
+                }
+                match self.turn(&auth.ctx, &auth.principal, s).await {
+                    Ok(TurnStart::New {
+                        accepted,
+                        live,
+                        rx: events,
+                    }) => {
+                        let id =
+                            Uuid::parse_str(&accepted.assistant_message_id).unwrap_or_default();
+                        say(pb::ChatEvent {
+                            event: Some(Ev::Accepted(accepted)),
+                        })
+                        .await;
+                        relays.spawn(forward(events, live, id, tx.clone(), wrap_converse));
+                    }
+                    Ok(TurnStart::Duplicate { accepted }) => {
+                        let id = Uuid::parse_str(&accepted.assistant_message_id).ok();
+                        say(pb::ChatEvent {
+                            event: Some(Ev::Accepted(accepted)),
+                        })
+                        .await;
+                        if let Some(id) = id {
+                            let me = self.clone();
+                            let tx = tx.clone();
+                            relays.spawn(async move {
+                                if let Err(e) =
+                                    me.watch_into(id, 0, tx.clone(), wrap_converse).await
+                                {
+                                    let s: Status = e.into();
+                                    let _ = tx.send(Ok(wrap_converse(failed("", &s)))).await;
+                                }
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        let st: Status = e.into();
+                        say(failed(&cid, &st)).await;
+                    }
+                }
+            }
+            Some(Action::Cancel(c)) => {
+                if let Err(st) = self.reverify(auth).await {
+                    return say(failed("", &st)).await;
+                }
+                if let Err(e) = self.cancel(&auth.principal, &c.message_id).await {
+                    let st: Status = e.into();
+                    say(failed("", &st)).await;
+                }
+            }
+            Some(Action::Authenticate(a)) => match self.reauthenticate(auth, &a.access_token).await
+            {
+                Ok(done) => {
+                    say(pb::ChatEvent {
+                        event: Some(Ev::Authenticated(done)),
+                    })
+                    .await
+                }
+                Err(st) => say(failed("", &st)).await,
+            },
+            None => {
+                let st = Status::invalid_argument(
+                    "a ConverseRequest needs send, cancel or authenticate",
+                );
+                say(failed("", &st)).await;
             }
         }
     }
@@ -855,13 +1038,18 @@ impl ChatService for ChatSvc {
     ) -> Result<Response<Self::ConverseStream>, Status> {
         let p = authenticated(&req)?;
         p.require(SEND)?;
-        let ctx = CallContext::from_request(&req);
+        let auth = StreamAuth {
+            principal: p,
+            credential: trellis_mesh::layers::authn::credential(req.metadata().as_ref()),
+            ctx: CallContext::from_request(&req),
+        };
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(self.cfg().stream_buffer);
         let me = self.clone();
         let guard = StreamGuard::new(&self.engine.metrics.active_streams);
         tokio::spawn(async move {
             let _guard = guard;
+            let mut auth = auth;
             let mut relays = tokio::task::JoinSet::new();
             let mut draining = me.engine.shutting_down.clone();
             loop {
@@ -876,62 +1064,10 @@ impl ChatService for ChatSvc {
                     // relaying the turns in flight, then end.
                     Ok(None) | Err(_) => break,
                 };
-                match action {
-                    Some(pb::converse_request::Action::Send(s)) => {
-                        let cid = s.client_message_id.clone();
-                        match me.turn(&ctx, &p, s).await {
-                            Ok(TurnStart::New {
-                                accepted,
-                                live,
-                                rx: events,
-                            }) => {
-                                let id = Uuid::parse_str(&accepted.assistant_message_id)
-                                    .unwrap_or_default();
-                                let _ = tx
-                                    .send(Ok(wrap_converse(pb::ChatEvent {
-                                        event: Some(Ev::Accepted(accepted)),
-                                    })))
-                                    .await;
-                                relays.spawn(forward(events, live, id, tx.clone(), wrap_converse));
-                            }
-                            Ok(TurnStart::Duplicate { accepted }) => {
-                                let id = Uuid::parse_str(&accepted.assistant_message_id).ok();
-                                let _ = tx
-                                    .send(Ok(wrap_converse(pb::ChatEvent {
-                                        event: Some(Ev::Accepted(accepted)),
-                                    })))
-                                    .await;
-                                if let Some(id) = id {
-                                    let me2 = me.clone();
-                                    let tx2 = tx.clone();
-                                    relays.spawn(async move {
-                                        if let Err(e) =
-                                            me2.watch_into(id, 0, tx2.clone(), wrap_converse).await
-                                        {
-                                            let s: Status = e.into();
-                                            let _ =
-                                                tx2.send(Ok(wrap_converse(failed("", &s)))).await;
-                                        }
-                                    });
-                                }
-                            }
-                            Err(e) => {
-                                let s: Status = e.into();
-                                let _ = tx.send(Ok(wrap_converse(failed(&cid, &s)))).await;
-                            }
-                        }
-                    }
-                    Some(pb::converse_request::Action::Cancel(c)) => {
-                        if let Err(e) = me.cancel(&p, &c.message_id).await {
-                            let s: Status = e.into();
-                            let _ = tx.send(Ok(wrap_converse(failed("", &s)))).await;
-                        }
-                    }
-                    None => {
-                        let s = Status::invalid_argument("a ConverseRequest needs send or cancel");
-                        let _ = tx.send(Ok(wrap_converse(failed("", &s)))).await;
-                    }
-                }
+                // Finished relays need not wait for the end of the stream.
+                while relays.try_join_next().is_some() {}
+                me.converse_action(action, &mut auth, &tx, &mut relays)
+                    .await;
             }
             while relays.join_next().await.is_some() {}
         });
