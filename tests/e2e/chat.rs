@@ -1392,3 +1392,94 @@ async fn a_converse_stream_outlives_its_access_token_through_authenticate() {
     // The gateway heard the turn with the fresh credentials.
     assert_eq!(r.primary.hits(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_replies_whose_replica_is_gone_are_swept() {
+    let r = rig(|c| c.chat.stale_after = Duration::from_millis(300)).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    // The first token takes five sweep thresholds: the reply is alive
+    // (heartbeat) all along, so it completes with its content.
+    r.primary.push([Script::Stream {
+        pieces: vec!["slow".into(), " start".into()],
+        usage: Some((3, 2)),
+        first_delay: Duration::from_millis(1500),
+        gap: Duration::ZERO,
+    }]);
+    let turn = send_message(&mut c, &r.token, send(&s.id, "take your time", ""))
+        .await
+        .expect("turn");
+    assert!(turn.failed.is_none(), "{:?}", turn.failed);
+    assert_eq!(turn.text, "slow start");
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[1].status, pb::MessageStatus::Completed as i32);
+    assert_eq!(stored[1].content, "slow start");
+
+    // A reply left STREAMING by a replica that died (its heartbeat is old)
+    // is swept INTERRUPTED, its partial content kept, and a watcher is told.
+    let orphan = uuid::Uuid::now_v7();
+    {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use trellis_store::schema::chat_messages as m;
+        let mut conn = r.mesh.store.pg().await.expect("pg");
+        diesel::insert_into(m::table)
+            .values((
+                m::id.eq(orphan),
+                m::session_id.eq(uuid::Uuid::parse_str(&s.id).expect("id")),
+                m::user_id.eq(uuid::Uuid::parse_str(&r.user_id).expect("id")),
+                m::role.eq("assistant"),
+                m::content.eq("half an ans"),
+                m::status.eq("streaming"),
+                m::reply_to.eq(uuid::Uuid::parse_str(&stored[0].id).expect("id")),
+                m::model.eq("fast"),
+                m::heartbeat_at.eq(chrono::Utc::now() - chrono::Duration::hours(1)),
+            ))
+            .execute(&mut conn)
+            .await
+            .expect("orphan");
+    }
+    let swept = eventually(Duration::from_secs(5), || {
+        let mut c = c.clone();
+        let (t, sid, id) = (r.token.clone(), s.id.clone(), orphan.to_string());
+        async move { status_of(&mut c, &t, &sid, &id).await == pb::MessageStatus::Interrupted }
+    })
+    .await;
+    assert!(swept, "the orphan is swept");
+    let all = messages(&mut c, &r.token, &s.id).await;
+    let o = all
+        .iter()
+        .find(|m| m.id == orphan.to_string())
+        .expect("orphan");
+    assert_eq!(o.content, "half an ans");
+    let mut watch = c
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: orphan.to_string(),
+                offset: 0,
+            },
+            &r.token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut watched = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while let Some(m) = watch.message().await.expect("event") {
+        if take(&mut watched, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert_eq!(watched.text, "half an ans");
+    assert_eq!(
+        watched.failed.expect("failed").status,
+        pb::MessageStatus::Interrupted as i32
+    );
+    // The live reply completed earlier was never touched.
+    assert_eq!(
+        status_of(&mut c, &r.token, &s.id, &stored[1].id).await,
+        pb::MessageStatus::Completed
+    );
+}

@@ -218,7 +218,12 @@ impl Engine {
         for attempt in 0..5 {
             match self.store.pg().await {
                 Ok(mut conn) => match messages::finalize(&mut conn, job.reply, &ending).await {
-                    Ok(_) => {
+                    Ok(true) => {
+                        stored = true;
+                        break;
+                    }
+                    Ok(false) => {
+                        tracing::info!(reply = %job.reply, "the reply was deleted while it was generated");
                         stored = true;
                         break;
                     }
@@ -229,7 +234,7 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         }
         if !stored {
-            tracing::error!(reply = %job.reply, "reply left STREAMING; the sweeper will mark it INTERRUPTED");
+            tracing::error!(reply = %job.reply, "reply left STREAMING; the sweeper will mark it INTERRUPTED once its heartbeat stops");
         }
         let usage = pb::Usage {
             prompt_tokens: ending.prompt_tokens,

@@ -75,6 +75,11 @@ impl Registry {
         self.lock().remove(&id);
     }
 
+    /// The replies generating here.
+    pub fn ids(&self) -> Vec<Uuid> {
+        self.lock().keys().copied().collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

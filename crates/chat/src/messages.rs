@@ -257,7 +257,23 @@ pub struct Ending {
     pub error: String,
 }
 
-/// Finalises a STREAMING reply (a no-op when something else did first).
+/// Marks replies `ids` (generating on this replica) as alive.
+pub async fn heartbeat(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> Result<(), ChatError> {
+    diesel::update(
+        m::table
+            .filter(m::id.eq_any(ids))
+            .filter(m::status.eq(STREAMING)),
+    )
+    .set(m::heartbeat_at.eq(Utc::now()))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Finalises a reply by the replica that generated it. A reply the
+/// sweeper marked INTERRUPTED while it was still generating (its heartbeat
+/// could not be written) gets its real ending and full content. False when
+/// the reply no longer exists (its session or user was purged).
 pub async fn finalize(
     conn: &mut AsyncPgConnection,
     id: Uuid,
@@ -266,7 +282,7 @@ pub async fn finalize(
     let n = diesel::update(
         m::table
             .filter(m::id.eq(id))
-            .filter(m::status.eq(STREAMING)),
+            .filter(m::status.eq_any([STREAMING, INTERRUPTED])),
     )
     .set((
         m::content.eq(&e.content),
@@ -444,8 +460,8 @@ pub async fn search(
     Ok(q.load(conn).await?)
 }
 
-/// Marks replies left STREAMING by a process that died as INTERRUPTED;
-/// returns their ids.
+/// Marks replies left STREAMING by a replica that is gone (no heartbeat
+/// since `older_than`) as INTERRUPTED; returns their ids.
 pub async fn sweep_stale(
     conn: &mut AsyncPgConnection,
     older_than: DateTime<Utc>,
@@ -453,7 +469,7 @@ pub async fn sweep_stale(
     Ok(diesel::update(
         m::table
             .filter(m::status.eq(STREAMING))
-            .filter(m::updated_at.lt(older_than)),
+            .filter(m::heartbeat_at.lt(older_than)),
     )
     .set((
         m::status.eq(INTERRUPTED),

@@ -102,12 +102,40 @@ pub fn service(
     if store.has_redis() {
         background.push(fanout.spawn_cancel_listener(registry.clone()));
     }
-    // Replies left STREAMING by a replica that died become INTERRUPTED.
+    // Replies generating here are marked alive every quarter of
+    // `stale_after`, whatever phase they are in (waiting for a first token
+    // writes nothing else).
+    let heartbeat = {
+        let engine = engine.clone();
+        let every = cfg.stale_after / 4;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let ids = engine.registry.ids();
+                if ids.is_empty() {
+                    continue;
+                }
+                let beat = match engine.store.pg().await {
+                    Ok(mut conn) => messages::heartbeat(&mut conn, &ids).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = beat {
+                    tracing::warn!(error = %e, "could not mark replies in progress alive");
+                }
+            }
+        })
+    };
+    background.push(heartbeat);
+    // Replies whose replica is gone (no heartbeat for `stale_after`) become
+    // INTERRUPTED, on whichever replica notices first.
     let sweeper = {
         let engine = engine.clone();
-        let stale = (cfg.flush_interval * 40).max(Duration::from_secs(60));
+        let stale = cfg.stale_after;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            let mut tick = tokio::time::interval((stale / 2).min(Duration::from_secs(30)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let cutoff =
@@ -119,6 +147,8 @@ pub fn service(
                     Err(_) => Vec::new(),
                 };
                 for id in swept {
+                    // Still generating here (the heartbeat could not be
+                    // written): its own finalisation corrects the row.
                     if engine.registry.get(id).is_some() {
                         continue;
                     }
