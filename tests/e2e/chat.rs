@@ -1483,3 +1483,167 @@ async fn only_replies_whose_replica_is_gone_are_swept() {
         pb::MessageStatus::Completed
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_deadline_bounds_its_reply_and_the_server_default_does_not() {
+    // The server's default timeout is shorter than the replies: it does
+    // not apply to generations.
+    let r = rig(|c| c.server.default_timeout = Duration::from_secs(1)).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary
+        .push([Script::slow(15, Duration::from_millis(100))]);
+    let turn = send_message(&mut c, &r.token, send(&s.id, "no deadline", ""))
+        .await
+        .expect("turn");
+    assert!(turn.failed.is_none(), "{:?}", turn.failed);
+    assert_eq!(turn.text.len(), "t0 ".len() * 10 + "t10 ".len() * 5);
+
+    // A deadline the client set ends the reply FAILED with
+    // DEADLINE_EXCEEDED, stops the upstream and keeps the partial reply.
+    r.primary
+        .push([Script::slow(40, Duration::from_millis(100))]);
+    let mut req = bearer(
+        pb::SendMessageRequest {
+            send: Some(send(&s.id, "with a deadline", "")),
+        },
+        &r.token,
+    );
+    req.set_timeout(Duration::from_millis(1500));
+    let t = std::time::Instant::now();
+    let mut stream = c.send_message(req).await.expect("send").into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while let Some(m) = stream.message().await.expect("event") {
+        if take(&mut turn, m.event.expect("e")) {
+            break;
+        }
+    }
+    let f = turn.failed.expect("failed");
+    assert_eq!(f.code, Code::DeadlineExceeded as i32, "{f:?}");
+    assert_eq!(f.status, pb::MessageStatus::Failed as i32);
+    assert!(
+        t.elapsed() < Duration::from_millis(3000),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(!turn.text.is_empty() && turn.text.len() < 40 * 4);
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[3].status, pb::MessageStatus::Failed as i32);
+    assert_eq!(stored[3].content, turn.text, "partial content kept");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream was stopped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_preferences_fetch_is_bounded_and_cancellable() {
+    // UserService is a black hole: connections are accepted, never answered.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hole_addr = hole.local_addr().expect("addr");
+    let _hole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let primary = FakeLlm::start(Script::ok(&["Hel", "lo", " world"], Some((12, 3)))).await;
+    let backup = FakeLlm::start(Script::ok(&["b"], None)).await;
+    let services: Vec<ServiceName> = ServiceName::ALL
+        .into_iter()
+        .filter(|s| *s != ServiceName::User)
+        .collect();
+    let mesh = TestMesh::start_with(
+        trellis_tests::TestOptions {
+            services: Some(services),
+            ..Default::default()
+        },
+        |c| {
+            configure(c, &primary, &backup);
+            c.services.user = Some(trellis_core::config::Endpoint {
+                address: format!("http://{hole_addr}"),
+            });
+            c.chat.preferences_timeout = Duration::from_secs(3);
+        },
+    )
+    .await;
+    let token = access(&register(&mut auth(&mesh).await, "prefless").await);
+    let mut c = chat(&mesh).await;
+    let s = new_session(&mut c, &token, "fast").await;
+
+    // Cancelled while the preferences are being fetched: stopped at once.
+    let t = std::time::Instant::now();
+    let mut stream = c
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "cancel me", "")),
+            },
+            &token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let Some(Ev::Accepted(a)) = stream
+        .message()
+        .await
+        .expect("e")
+        .expect("some")
+        .event
+        .expect("e")
+        .event
+    else {
+        panic!("accepted first")
+    };
+    let res = c
+        .cancel_generation(bearer(
+            pb::CancelGenerationRequest {
+                message_id: a.assistant_message_id.clone(),
+            },
+            &token,
+        ))
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert!(res.cancelled);
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while let Some(m) = stream.message().await.expect("event") {
+        if take(&mut turn, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert_eq!(
+        turn.completed.expect("completed").status,
+        pb::MessageStatus::Cancelled as i32
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(primary.hits(), 0, "the model was never asked");
+
+    // Not cancelled: the reply goes ahead without preferences once the
+    // fetch times out.
+    let t = std::time::Instant::now();
+    let turn = send_message(&mut c, &token, send(&s.id, "go ahead", ""))
+        .await
+        .expect("turn");
+    assert_eq!(turn.text, "Hello world", "{:?}", turn.failed);
+    assert!(
+        t.elapsed() >= Duration::from_millis(2900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(primary.hits(), 1);
+    assert_eq!(
+        primary.seen()[0].body["messages"][0]["content"],
+        "Be helpful."
+    );
+}

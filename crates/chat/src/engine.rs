@@ -143,11 +143,9 @@ impl Engine {
             duplicate: false,
         };
         let job = Job {
-            // Replies outlive the request that started them: no deadline.
-            ctx: CallContext {
-                deadline: None,
-                ..ctx
-            },
+            // A deadline the client set bounds the reply; none otherwise
+            // (replies outlive the request that started them).
+            ctx,
             user,
             session,
             user_message,
@@ -177,6 +175,10 @@ impl Engine {
     async fn run(self: Arc<Self>, job: Job, live: Arc<Live>) {
         let t0 = Instant::now();
         let mut stop = live.stop.subscribe();
+        // A stop asked for before this task subscribed still counts.
+        if stop.borrow().is_some() {
+            stop.mark_changed();
+        }
         let mut ending = Ending {
             status: messages::FAILED,
             ..Default::default()
@@ -299,8 +301,39 @@ impl Engine {
             )
             .await?
         };
+        // The client's deadline, if it set one, ends the reply FAILED with
+        // DEADLINE_EXCEEDED (its content so far kept).
+        let deadline = job.ctx.deadline;
+        let expired = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
+        let past_deadline = |ending: &mut Ending, code: &mut Code| {
+            ending.status = messages::FAILED;
+            *code = Code::DeadlineExceeded;
+            ending.error = "the request's deadline passed while the reply was generated; \
+                            the partial reply is kept"
+                .into();
+        };
         let mut system = job.session.system_prompt.clone();
-        if let Some(line) = self.prefs.line(&job.ctx, job.user).await {
+        // Bounded by chat.preferences_timeout; a cancel or shutdown does not
+        // wait for it.
+        let prefs = tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                ending.status = stopped(*stop.borrow());
+                return Ok(());
+            }
+            _ = &mut expired => {
+                past_deadline(ending, code);
+                return Ok(());
+            }
+            line = self.prefs.line(&job.ctx, job.user) => line,
+        };
+        if let Some(line) = prefs {
             if !system.is_empty() {
                 system.push_str("\n\n");
             }
@@ -339,10 +372,19 @@ impl Engine {
                 ending.status = stopped(*stop.borrow());
                 return Ok(());
             }
+            _ = &mut expired => {
+                past_deadline(ending, code);
+                return Ok(());
+            }
             r = client.generate_stream(lpb::GenerateStreamRequest { params: Some(params) }) => r,
         };
+        let passed = || deadline.is_some_and(|d| Instant::now() >= d);
         let mut stream = match opened {
             Ok(r) => r.into_inner(),
+            Err(_) if passed() => {
+                past_deadline(ending, code);
+                return Ok(());
+            }
             Err(s) => {
                 *code = s.code();
                 ending.status = messages::FAILED;
@@ -358,6 +400,10 @@ impl Engine {
                 biased;
                 _ = stop.changed() => {
                     ending.status = stopped(*stop.borrow());
+                    break;
+                }
+                _ = &mut expired => {
+                    past_deadline(ending, code);
                     break;
                 }
                 _ = flush.tick(), if dirty => {
@@ -433,6 +479,10 @@ impl Engine {
                     Ok(None) => {
                         ending.status = messages::FAILED;
                         ending.error = "the model stream ended without a result".into();
+                        break;
+                    }
+                    Err(_) if passed() => {
+                        past_deadline(ending, code);
                         break;
                     }
                     Err(s) => {

@@ -94,7 +94,7 @@ pub fn service(
         clients: clients.clone(),
         registry: registry.clone(),
         fanout: fanout.clone(),
-        prefs: Prefs::new(clients, cfg.preferences_ttl),
+        prefs: Prefs::new(clients, cfg.preferences_ttl, cfg.preferences_timeout),
         metrics: metrics.clone(),
         shutting_down: shutting_down.clone(),
     });
@@ -203,6 +203,23 @@ pub fn service(
         background,
         drain,
         finishing,
+    }
+}
+
+/// The call's context for the generations it starts: the caller's request
+/// id and credentials, and the deadline the client set itself
+/// (`grpc-timeout`). The server's default timeout does not bound
+/// generations: they outlive disconnects.
+fn turn_context<T>(req: &Request<T>) -> CallContext {
+    let client_deadline = req
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(trellis_mesh::layers::deadline::parse_grpc_timeout)
+        .map(|d| std::time::Instant::now() + d);
+    CallContext {
+        deadline: client_deadline,
+        ..CallContext::from_request(req)
     }
 }
 
@@ -1071,7 +1088,7 @@ impl ChatService for ChatSvc {
         let auth = StreamAuth {
             principal: p,
             credential: trellis_mesh::layers::authn::credential(req.metadata().as_ref()),
-            ctx: CallContext::from_request(&req),
+            ctx: turn_context(&req),
         };
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(self.cfg().stream_buffer);
@@ -1112,7 +1129,7 @@ impl ChatService for ChatSvc {
     ) -> Result<Response<Self::SendMessageStream>, Status> {
         let p = authenticated(&req)?;
         p.require(SEND)?;
-        let ctx = CallContext::from_request(&req);
+        let ctx = turn_context(&req);
         let Some(send) = req.into_inner().send else {
             return Err(ChatError::field("send", "is required").into());
         };
@@ -1174,7 +1191,7 @@ impl ChatService for ChatSvc {
     ) -> Result<Response<Self::RegenerateMessageStream>, Status> {
         let p = authenticated(&req)?;
         p.require(SEND)?;
-        let ctx = CallContext::from_request(&req);
+        let ctx = turn_context(&req);
         let id = parse_id("message_id", &req.get_ref().message_id)?;
         let (session, user_row) = {
             let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
