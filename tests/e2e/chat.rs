@@ -13,7 +13,7 @@ use trellis_core::ServiceName;
 use trellis_proto::chat::v1 as pb;
 use trellis_proto::chat::v1::chat_event::Event as Ev;
 use trellis_proto::chat::v1::chat_service_client::ChatServiceClient;
-use trellis_tests::{FakeLlm, Script, TestMesh, split_with};
+use trellis_tests::{FakeLlm, Script, TestMesh, echo_reply, split_with};
 
 use crate::auth::{access, auth, bearer, register, violations};
 use crate::llm::{Rig, configure, rig};
@@ -173,6 +173,45 @@ impl Conv {
                 return turn;
             }
         }
+    }
+}
+
+impl Conv {
+    /// Turns in flight at once on this stream (other sessions), until each
+    /// has its final event: by client message id, events matched to their
+    /// turn by the reply's id.
+    async fn turns(&mut self, n: usize) -> std::collections::HashMap<String, Turn> {
+        let mut by_reply: std::collections::HashMap<String, Turn> = Default::default();
+        let mut done = 0;
+        while done < n {
+            let e = self.next().await;
+            let id = match &e {
+                Ev::Accepted(a) => a.assistant_message_id.clone(),
+                Ev::Delta(d) => d.message_id.clone(),
+                Ev::Citations(c) => c.message_id.clone(),
+                Ev::Completed(c) => c.message_id.clone(),
+                Ev::Failed(f) => f.message_id.clone(),
+                Ev::Authenticated(_) => continue,
+            };
+            let turn = by_reply.entry(id).or_insert_with(|| Turn {
+                offsets_ok: true,
+                ..Default::default()
+            });
+            if take(turn, pb::ChatEvent { event: Some(e) }) {
+                done += 1;
+            }
+        }
+        by_reply
+            .into_values()
+            .map(|t| {
+                let cid = t
+                    .accepted
+                    .as_ref()
+                    .map(|a| a.client_message_id.clone())
+                    .unwrap_or_default();
+                (cid, t)
+            })
+            .collect()
     }
 }
 
@@ -962,32 +1001,197 @@ async fn watch_and_cancel_work_from_another_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_concurrent_conversations_all_complete() {
-    // The pool of a real deployment, not the suite's small default.
+async fn a_hundred_concurrent_conversations_all_get_their_own_reply() {
+    // The pool of a real deployment, not the suite's small default; health
+    // probes patient enough for a loaded test machine.
     let r = rig(|c| {
         c.database.pool_size = 16;
         c.database.acquire_timeout = Duration::from_secs(5);
+        c.server.health_check_interval = Duration::from_secs(2);
     })
     .await;
+    r.primary.set_fallback(Script::Echo {
+        gap: Duration::from_millis(5),
+    });
     let c = chat(&r.mesh).await;
     let mut tasks = Vec::new();
-    for i in 0..100 {
+    // 70 over SendMessage, one conversation each.
+    for i in 0..70 {
         let mut c = c.clone();
         let token = r.token.clone();
         tasks.push(tokio::spawn(async move {
             let s = new_session(&mut c, &token, "fast").await;
-            let turn = send_message(&mut c, &token, send(&s.id, &format!("hello {i}"), ""))
+            let q = format!("question number {i} of the browsers");
+            let turn = send_message(&mut c, &token, send(&s.id, &q, ""))
                 .await
                 .expect("turn");
-            (turn.text, turn.completed.map(|d| d.status), turn.failed)
+            assert!(turn.offsets_ok);
+            vec![(q, turn)]
         }));
     }
-    for t in tasks {
-        let (text, status, failed) = t.await.expect("task");
-        assert_eq!(text, "Hello world", "{failed:?}");
-        assert_eq!(status, Some(pb::MessageStatus::Completed as i32));
+    // 30 over 10 Converse streams, three conversations in flight on each.
+    for i in 0..10 {
+        let mut c = c.clone();
+        let token = r.token.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conv = Conv::open(&mut c, &token).await;
+            let mut questions = Vec::new();
+            for j in 0..3 {
+                let s = new_session(&mut c, &token, "fast").await;
+                let q = format!("stream {i} conversation {j}");
+                conv.send(send(&s.id, &q, &q)).await;
+                questions.push(q);
+            }
+            let mut turns = conv.turns(3).await;
+            questions
+                .into_iter()
+                .map(|q| {
+                    let t = turns.remove(&q).expect("a turn per question");
+                    (q, t)
+                })
+                .collect()
+        }));
     }
+    let mut n = 0;
+    for t in tasks {
+        for (q, turn) in t.await.expect("task") {
+            assert_eq!(turn.text, echo_reply(&q), "{:?}", turn.failed);
+            assert!(turn.offsets_ok, "{q}");
+            assert_eq!(
+                turn.completed.map(|d| d.status),
+                Some(pb::MessageStatus::Completed as i32)
+            );
+            n += 1;
+        }
+    }
+    assert_eq!(n, 100);
     assert_eq!(r.primary.hits(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converse_keeps_turns_apart_refuses_a_busy_session_and_cancels() {
+    let r = rig(|_| {}).await;
+    r.primary.set_fallback(Script::echo());
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    let mut conv = Conv::open(&mut c, &r.token).await;
+    // Many turns, one after another: each its own reply, in order.
+    for i in 0..12 {
+        let q = format!("turn {i}: {}", "abc".repeat(i));
+        conv.send(send(&s.id, &q, &format!("t{i}"))).await;
+        let turn = conv.turn().await;
+        assert_eq!(turn.accepted.expect("a").client_message_id, format!("t{i}"));
+        assert_eq!(turn.text, echo_reply(&q));
+        assert!(turn.offsets_ok);
+    }
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored.len(), 24);
+    for (i, pair) in stored.chunks(2).enumerate() {
+        assert_eq!(pair[1].content, echo_reply(&pair[0].content), "turn {i}");
+        assert_eq!(pair[1].reply_to, pair[0].id);
+    }
+
+    // Turns in three sessions at once on one stream: interleaved events,
+    // each reply whole and its own.
+    r.primary.set_fallback(Script::Echo {
+        gap: Duration::from_millis(10),
+    });
+    let mut questions = Vec::new();
+    for k in 0..3 {
+        let other = new_session(&mut c, &r.token, "fast").await;
+        let q = format!("parallel question {k} with some length to it");
+        conv.send(send(&other.id, &q, &q)).await;
+        questions.push(q);
+    }
+    let turns = conv.turns(3).await;
+    for q in &questions {
+        let t = &turns[q];
+        assert_eq!(t.text, echo_reply(q));
+        assert!(t.offsets_ok);
+    }
+
+    // A second send while the session's reply is generating: an error
+    // event for that send; the first reply goes on undisturbed.
+    r.primary
+        .push([Script::slow(10, Duration::from_millis(60))]);
+    conv.send(send(&s.id, "slow", "first")).await;
+    let Ev::Accepted(first) = conv.next().await else {
+        panic!("accepted")
+    };
+    conv.send(send(&s.id, "meanwhile", "second")).await;
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    let refused = loop {
+        match conv.next().await {
+            Ev::Failed(f) if f.client_message_id == "second" => break f,
+            e => {
+                assert!(!take(&mut turn, pb::ChatEvent { event: Some(e) }));
+            }
+        }
+    };
+    assert_eq!(refused.code, Code::FailedPrecondition as i32);
+    assert!(refused.message_id.is_empty());
+    let rest = conv.turn().await;
+    turn.text.push_str(&rest.text);
+    assert_eq!(turn.text, "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 ");
+    assert_eq!(
+        rest.completed.expect("done").message_id,
+        first.assistant_message_id
+    );
+
+    // `cancel` on the stream stops the reply and keeps what it had.
+    r.primary
+        .push([Script::slow(40, Duration::from_millis(60))]);
+    conv.send(send(&s.id, "long", "long")).await;
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while turn.text.len() < 6 {
+        let e = conv.next().await;
+        take(&mut turn, pb::ChatEvent { event: Some(e) });
+    }
+    let id = turn.accepted.clone().expect("a").assistant_message_id;
+    // Another user's stream can neither cancel it nor send into the session.
+    let other = access(&register(&mut auth(&r.mesh).await, "intruder").await);
+    let mut theirs = Conv::open(&mut c, &other).await;
+    theirs.cancel(&id).await;
+    assert_eq!(failure(theirs.next().await).code, Code::NotFound as i32);
+    theirs.send(send(&s.id, "hijack", "h")).await;
+    let f = failure(theirs.next().await);
+    assert_eq!(
+        (f.code, f.client_message_id.as_str()),
+        (Code::NotFound as i32, "h")
+    );
+    conv.cancel(&id).await;
+    loop {
+        let e = conv.next().await;
+        if take(&mut turn, pb::ChatEvent { event: Some(e) }) {
+            break;
+        }
+    }
+    let done = turn.completed.expect("completed");
+    assert_eq!(done.status, pb::MessageStatus::Cancelled as i32);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream saw the cancel"
+    );
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    let reply = stored.iter().find(|m| m.id == id).expect("reply");
+    assert_eq!(reply.status, pb::MessageStatus::Cancelled as i32);
+    assert_eq!(reply.content, turn.text);
+    assert!(turn.text.len() < 40 * 4);
+    assert!(
+        !stored
+            .iter()
+            .any(|m| m.content == "hijack" || m.content == "meanwhile"),
+        "refused sends stored nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
