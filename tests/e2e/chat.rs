@@ -1851,3 +1851,56 @@ async fn a_slow_preferences_fetch_is_bounded_and_cancellable() {
         "Be helpful."
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_regeneration_the_next_turn_sees_only_the_latest_answer() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary.push([
+        Script::ok(&["first answer"], Some((1, 2))),
+        Script::ok(&["second answer"], Some((1, 2))),
+        Script::ok(&["third answer"], Some((1, 2))),
+    ]);
+    let first = send_message(&mut c, &r.token, send(&s.id, "question A", ""))
+        .await
+        .expect("turn");
+    let first_id = first.accepted.expect("a").assistant_message_id;
+    for _ in 0..2 {
+        let mut regen = c
+            .regenerate_message(bearer(
+                pb::RegenerateMessageRequest {
+                    message_id: first_id.clone(),
+                },
+                &r.token,
+            ))
+            .await
+            .expect("regenerate")
+            .into_inner();
+        while let Some(m) = regen.message().await.expect("event") {
+            if is_final_event(&m.event.expect("e")) {
+                break;
+            }
+        }
+    }
+    send_message(&mut c, &r.token, send(&s.id, "question B", ""))
+        .await
+        .expect("turn");
+    let last = r.primary.seen().pop().expect("request");
+    let contents: Vec<String> = last.body["messages"]
+        .as_array()
+        .expect("m")
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        contents,
+        vec!["Be helpful.", "question A", "third answer", "question B"]
+    );
+    // Every answer is kept.
+    assert_eq!(messages(&mut c, &r.token, &s.id).await.len(), 6);
+}
+
+fn is_final_event(e: &pb::ChatEvent) -> bool {
+    matches!(e.event, Some(Ev::Completed(_)) | Some(Ev::Failed(_)))
+}

@@ -332,14 +332,17 @@ pub async fn by_id(
 }
 
 /// The conversation up to and including `user_message`: the latest
-/// `limit` messages with content, oldest first (replies to that message
-/// itself excluded, so a regeneration does not see the earlier answer).
+/// `limit` messages with content, oldest first. A user turn answered more
+/// than once (regenerated) contributes only its latest answer; replies to
+/// `user_message` itself are left out, so a regeneration does not see the
+/// earlier answer.
 pub async fn history(
     conn: &mut AsyncPgConnection,
     session: Uuid,
     user_message: &MessageRow,
     limit: usize,
 ) -> Result<Vec<MessageRow>, ChatError> {
+    // Twice the limit: superseded answers are dropped below.
     let mut rows: Vec<MessageRow> = m::table
         .filter(m::session_id.eq(session))
         .filter(m::content.ne(""))
@@ -349,10 +352,14 @@ pub async fn history(
                 .or(m::id.eq(user_message.id)),
         )
         .order((m::created_at.desc(), m::id.desc()))
-        .limit(limit as i64 + 1)
+        .limit(2 * limit as i64 + 1)
         .select(MessageRow::as_select())
         .load(conn)
         .await?;
+    // Newest first: the first answer met for a user turn is its latest.
+    let mut answered = std::collections::HashSet::new();
+    rows.retain(|r| r.role != "assistant" || r.reply_to.is_none_or(|u| answered.insert(u)));
+    rows.truncate(limit + 1);
     rows.reverse();
     Ok(rows)
 }
