@@ -1904,3 +1904,185 @@ async fn after_a_regeneration_the_next_turn_sees_only_the_latest_answer() {
 fn is_final_event(e: &pb::ChatEvent) -> bool {
     matches!(e.event, Some(Ev::Completed(_)) | Some(Ev::Failed(_)))
 }
+
+/// Subscribers of reply `id`'s live channel, across every process.
+async fn subscribers(mesh: &TestMesh, id: &str) -> i64 {
+    let channel = mesh.store.key(&format!("chat:msg:{id}"));
+    let mut conn = mesh.store.redis_shared().await.expect("redis");
+    let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channel)
+        .query_async(&mut conn)
+        .await
+        .expect("numsub");
+    counts.first().map(|c| c.1).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_share_one_subscription_and_a_lagging_watcher_catches_up() {
+    let primary = FakeLlm::start(Script::ok(&["Hel", "lo", " world"], Some((12, 3)))).await;
+    let backup = FakeLlm::start(Script::ok(&["b"], None)).await;
+    let all = [
+        ServiceName::Auth,
+        ServiceName::User,
+        ServiceName::Llm,
+        ServiceName::Search,
+        ServiceName::Chat,
+    ];
+    let meshes = split_with(&[&all, &[ServiceName::Chat]], |c| {
+        configure(c, &primary, &backup);
+        c.chat.stream_buffer = 8;
+    })
+    .await;
+    let token = access(&register(&mut auth(&meshes[0]).await, "watchers").await);
+    let mut a = chat(&meshes[0]).await;
+    let mut b = chat(&meshes[1]).await;
+    let s = new_session(&mut a, &token, "fast").await;
+
+    // Five watchers of one reply on server B: one Redis subscription.
+    primary.push([Script::slow(20, Duration::from_millis(60))]);
+    let mut stream = a
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "watch this", "")),
+            },
+            &token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while turn.text.is_empty() {
+        let e = stream.message().await.expect("e").expect("some");
+        take(&mut turn, e.event.expect("e"));
+    }
+    let id = turn.accepted.clone().expect("a").assistant_message_id;
+    let mut watchers = Vec::new();
+    for _ in 0..5 {
+        let mut w = b
+            .watch_message(bearer(
+                pb::WatchMessageRequest {
+                    message_id: id.clone(),
+                    offset: 0,
+                },
+                &token,
+            ))
+            .await
+            .expect("watch")
+            .into_inner();
+        // The first event comes after the subscription: all five are in.
+        let mut t = Turn {
+            offsets_ok: true,
+            ..Default::default()
+        };
+        let e = w.message().await.expect("e").expect("some");
+        take(&mut t, e.event.expect("e"));
+        watchers.push((w, t));
+    }
+    assert_eq!(
+        subscribers(&meshes[1], &id).await,
+        1,
+        "one shared subscription"
+    );
+    for (mut w, mut t) in watchers {
+        while let Some(m) = w.message().await.expect("event") {
+            if take(&mut t, m.event.expect("e")) {
+                break;
+            }
+        }
+        assert_eq!(
+            t.text,
+            "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12 t13 t14 t15 t16 t17 t18 t19 "
+        );
+        assert!(t.offsets_ok);
+    }
+    while stream.message().await.expect("rest").is_some() {}
+    let gone = eventually(Duration::from_secs(3), || {
+        let (m, id) = (&meshes[1], id.clone());
+        async move { subscribers(m, &id).await == 0 }
+    })
+    .await;
+    assert!(gone, "unsubscribed once nobody watches");
+
+    // A watcher that reads nothing while a flood goes by (a tiny HTTP/2
+    // window, a buffer of 8) is not buffered for: it lags, then catches up
+    // from the stored reply, every byte once.
+    let pieces: Vec<String> = (0..3000).map(|i| format!("w{i} ")).collect();
+    let expected: String = pieces.concat();
+    primary.push([Script::Stream {
+        pieces,
+        usage: Some((5, 3000)),
+        first_delay: Duration::from_millis(300),
+        gap: Duration::ZERO,
+    }]);
+    let slow_channel = Channel::from_shared(meshes[1].url())
+        .expect("url")
+        .initial_stream_window_size(Some(2048))
+        .connect()
+        .await
+        .expect("connect");
+    let mut slow_b = ChatServiceClient::new(slow_channel);
+    let (flooded, reply_id) = {
+        // Start the flood, learn its id from the stored messages, watch it.
+        let handle = tokio::spawn({
+            let mut a = a.clone();
+            let token = token.clone();
+            let sid = s.id.clone();
+            async move {
+                send_message(&mut a, &token, send(&sid, "flood", "flood"))
+                    .await
+                    .expect("flood")
+            }
+        });
+        let mut reply = None;
+        while reply.is_none() {
+            let all = messages(&mut a, &token, &s.id).await;
+            reply = all
+                .iter()
+                .find(|m| m.status == pb::MessageStatus::Streaming as i32)
+                .map(|m| m.id.clone());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (handle, reply.expect("reply"))
+    };
+    let mut w = slow_b
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: reply_id.clone(),
+                offset: 0,
+            },
+            &token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(flooded.await.expect("task").text, expected);
+    let sid = s.id.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut a = a.clone();
+            let (t, s, id) = (token.clone(), sid.clone(), reply_id.clone());
+            async move { status_of(&mut a, &t, &s, &id).await == pb::MessageStatus::Completed }
+        })
+        .await
+    );
+    let mut t = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while let Some(m) = w.message().await.expect("event") {
+        if take(&mut t, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert!(t.offsets_ok, "no gap, no overlap");
+    assert_eq!(t.text.len(), expected.len());
+    assert_eq!(t.text, expected);
+    assert_eq!(
+        t.completed.expect("done").status,
+        pb::MessageStatus::Completed as i32
+    );
+}

@@ -20,7 +20,7 @@ use trellis_store::Store;
 use uuid::Uuid;
 
 use crate::error::ChatError;
-use crate::live::{Fanout, Live, Registry, Stop};
+use crate::live::{Fanout, Hub, Live, Registry, Stop};
 use crate::messages::{self, Ending, Inserted, MessageRow};
 use crate::metrics::ChatMetrics;
 use crate::prefs::Prefs;
@@ -58,6 +58,8 @@ pub struct Engine {
     pub clients: MeshClients,
     pub registry: Arc<Registry>,
     pub fanout: Fanout,
+    /// This process's shared pub/sub connection (watchers, cancels).
+    pub hub: Arc<Hub>,
     pub prefs: Prefs,
     pub metrics: ChatMetrics,
     pub shutting_down: watch::Receiver<bool>,

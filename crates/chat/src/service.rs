@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::engine::{Engine, TurnRequest, TurnStart};
 use crate::error::ChatError;
-use crate::live::{Fanout, Live, Registry, Stop};
+use crate::live::{Fanout, Hub, Live, Registry, Stop};
 use crate::messages::{self, MessageRow};
 use crate::metrics::{ChatMetrics, StreamGuard};
 use crate::prefs::Prefs;
@@ -86,6 +86,7 @@ pub fn service(
 ) -> Built {
     let registry = Arc::new(Registry::default());
     let fanout = Fanout::new(store.clone());
+    let hub = Hub::new(fanout.clone(), registry.clone(), cfg.stream_buffer);
     let metrics = ChatMetrics::new();
     let (drain, shutting_down) = watch::channel(false);
     let engine = Arc::new(Engine {
@@ -94,13 +95,14 @@ pub fn service(
         clients: clients.clone(),
         registry: registry.clone(),
         fanout: fanout.clone(),
+        hub: hub.clone(),
         prefs: Prefs::new(clients, cfg.preferences_ttl, cfg.preferences_timeout),
         metrics: metrics.clone(),
         shutting_down: shutting_down.clone(),
     });
     let mut background = Vec::new();
     if store.has_redis() {
-        background.push(fanout.spawn_cancel_listener(registry.clone()));
+        background.push(hub.spawn());
     }
     // Replies generating here are marked alive every quarter of
     // `stale_after`, whatever phase they are in (waiting for a first token
@@ -510,6 +512,37 @@ impl ChatSvc {
         Ok(true)
     }
 
+    /// Sends what the stored reply has beyond byte `sent`, then its final
+    /// event if it is finished. Ok(true) when the reply is finished (or the
+    /// client gone): nothing more to follow.
+    async fn catch_up<T>(
+        &self,
+        id: Uuid,
+        sent: &mut usize,
+        out: &Out<T>,
+        wrap: fn(pb::ChatEvent) -> T,
+    ) -> Result<bool, ChatError> {
+        let row = {
+            let mut conn = self.engine.store.pg().await?;
+            messages::by_id(&mut conn, id)
+                .await?
+                .ok_or(ChatError::NotFound)?
+        };
+        if let Some(text) = row.content.get(*sent..).filter(|t| !t.is_empty()) {
+            if out.send(Ok(wrap(delta(id, *sent, text)))).await.is_err() {
+                return Ok(true);
+            }
+            *sent = row.content.len();
+        }
+        match final_of(&row) {
+            Some(last) => {
+                let _ = out.send(Ok(wrap(last))).await;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Streams reply `id` from byte `offset`: what is stored, then live
     /// events from any replica, until the final event.
     async fn watch_into<T: Send + 'static>(
@@ -520,8 +553,7 @@ impl ChatSvc {
         wrap: fn(pb::ChatEvent) -> T,
     ) -> Result<(), ChatError> {
         // Subscribe first, then read: nothing can fall between.
-        let sub = self.engine.fanout.subscribe(id).await?;
-        let mut sub = Box::pin(sub);
+        let mut sub = self.engine.hub.subscribe(id).await?;
         let row = {
             let mut conn = self.engine.store.pg().await?;
             messages::by_id(&mut conn, id)
@@ -553,28 +585,32 @@ impl ChatSvc {
         }
         loop {
             let next = tokio::select! {
-                e = sub.next() => e,
+                e = sub.recv() => e,
                 _ = out.closed() => return Ok(()),
                 // A reply whose final event was lost (its replica died) is
                 // found final in the database.
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                    let mut conn = self.engine.store.pg().await?;
-                    if let Some(r) = messages::by_id(&mut conn, id).await?
-                        && let Some(last) = final_of(&r)
-                    {
-                        if let Some(text) = r.content.get(sent..).filter(|t| !t.is_empty()) {
-                            let _ = out.send(Ok(wrap(delta(id, sent, text)))).await;
-                        }
-                        let _ = out.send(Ok(wrap(last))).await;
+                    if self.catch_up(id, &mut sent, &out, wrap).await? {
                         return Ok(());
                     }
                     continue;
                 }
             };
-            let Some(ev) = next else {
-                return Err(ChatError::Upstream(Status::unavailable(
-                    "the live feed was interrupted; watch again with the offset received",
-                )));
+            let ev = match next {
+                Ok(ev) => ev,
+                // This watcher fell behind the live feed (its events were
+                // dropped, not buffered): continue from the stored content.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    if self.catch_up(id, &mut sent, &out, wrap).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(ChatError::Upstream(Status::unavailable(
+                        "the live feed was interrupted; watch again with the offset received",
+                    )));
+                }
             };
             let ev = match &ev.event {
                 Some(Ev::Delta(d)) => {
@@ -583,8 +619,9 @@ impl ChatSvc {
                         continue;
                     }
                     if start > sent {
-                        // Published before we subscribed but not yet stored
-                        // when we read: wait for the next flush.
+                        // Published before we subscribed (or while we
+                        // lagged) but not yet stored when we read: wait for
+                        // the next flush.
                         let mut caught = false;
                         for _ in 0..40 {
                             let mut conn = self.engine.store.pg().await?;
