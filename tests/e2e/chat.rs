@@ -2086,3 +2086,172 @@ async fn watchers_share_one_subscription_and_a_lagging_watcher_catches_up() {
         pb::MessageStatus::Completed as i32
     );
 }
+
+/// Moves session `id`'s last activity `ago` into the past.
+async fn age_session(mesh: &TestMesh, id: &str, ago: chrono::Duration) {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use trellis_store::schema::chat_sessions as cs;
+    let mut conn = mesh.store.pg().await.expect("pg");
+    diesel::update(cs::table.filter(cs::id.eq(uuid::Uuid::parse_str(id).expect("id"))))
+        .set(cs::last_activity_at.eq(chrono::Utc::now() - ago))
+        .execute(&mut conn)
+        .await
+        .expect("age");
+}
+
+async fn listed(
+    c: &mut ChatServiceClient<Channel>,
+    token: &str,
+    status: pb::SessionStatus,
+) -> Vec<String> {
+    c.list_sessions(bearer(
+        pb::ListSessionsRequest {
+            status: status as i32,
+            page_size: 100,
+            ..Default::default()
+        },
+        token,
+    ))
+    .await
+    .expect("list")
+    .into_inner()
+    .sessions
+    .into_iter()
+    .map(|s| s.id)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_statuses_follow_activity_and_govern_what_is_allowed() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let idle = new_session(&mut c, &r.token, "fast").await;
+    let busy = new_session(&mut c, &r.token, "fast").await;
+    let old = new_session(&mut c, &r.token, "fast").await;
+    let first = send_message(&mut c, &r.token, send(&old.id, "long ago", ""))
+        .await
+        .expect("turn");
+    let old_reply = first.accepted.expect("a").assistant_message_id;
+    // Idle for more than chat.idle_timeout (24 h): INACTIVE.
+    age_session(&r.mesh, &idle.id, chrono::Duration::hours(25)).await;
+    age_session(&r.mesh, &old.id, chrono::Duration::days(91)).await;
+    assert_eq!(
+        listed(&mut c, &r.token, pb::SessionStatus::Active).await,
+        vec![busy.id.clone()]
+    );
+    assert_eq!(
+        listed(&mut c, &r.token, pb::SessionStatus::Inactive).await,
+        vec![idle.id.clone()]
+    );
+    assert_eq!(
+        listed(&mut c, &r.token, pb::SessionStatus::Expired).await,
+        vec![old.id.clone()]
+    );
+    assert_eq!(
+        listed(&mut c, &r.token, pb::SessionStatus::Unspecified)
+            .await
+            .len(),
+        3
+    );
+    let got = c
+        .get_session(bearer(
+            pb::GetSessionRequest {
+                session_id: idle.id.clone(),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("get")
+        .into_inner()
+        .session
+        .expect("s");
+    assert_eq!(got.status, pb::SessionStatus::Inactive as i32);
+
+    // Sending into an INACTIVE session works and reactivates it.
+    let turn = send_message(&mut c, &r.token, send(&idle.id, "back again", ""))
+        .await
+        .expect("turn");
+    assert_eq!(turn.text, "Hello world");
+    let mut active = listed(&mut c, &r.token, pb::SessionStatus::Active).await;
+    active.sort();
+    let mut want = vec![idle.id.clone(), busy.id.clone()];
+    want.sort();
+    assert_eq!(active, want);
+    assert!(
+        listed(&mut c, &r.token, pb::SessionStatus::Inactive)
+            .await
+            .is_empty()
+    );
+
+    // EXPIRED is read-only: regenerate and update refused, reading and
+    // deleting allowed.
+    let err = c
+        .regenerate_message(bearer(
+            pb::RegenerateMessageRequest {
+                message_id: old_reply.clone(),
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = c
+        .update_session(bearer(
+            pb::UpdateSessionRequest {
+                session: Some(pb::Session {
+                    id: old.id.clone(),
+                    title: "renamed".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["title".into()],
+                }),
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let mut conv = Conv::open(&mut c, &r.token).await;
+    conv.send(send(&old.id, "hello?", "x")).await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::FailedPrecondition as i32
+    );
+    assert_eq!(messages(&mut c, &r.token, &old.id).await.len(), 2);
+    let mut watch = c
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: old_reply,
+                offset: 0,
+            },
+            &r.token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut watched = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while let Some(m) = watch.message().await.expect("e") {
+        if take(&mut watched, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert_eq!(watched.text, "Hello world");
+    c.delete_session(bearer(
+        pb::DeleteSessionRequest {
+            session_id: old.id.clone(),
+        },
+        &r.token,
+    ))
+    .await
+    .expect("an expired session can be deleted");
+    assert!(
+        listed(&mut c, &r.token, pb::SessionStatus::Expired)
+            .await
+            .is_empty()
+    );
+}

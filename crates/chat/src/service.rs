@@ -958,7 +958,13 @@ impl ChatService for ChatSvc {
         }
         v.check()?;
         let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
-        sessions::owned(&mut conn, id, p.user_id).await?;
+        let current = sessions::owned(&mut conn, id, p.user_id).await?;
+        if sessions::status(self.cfg(), current.last_activity_at) == pb::SessionStatus::Expired {
+            return Err(ChatError::Precondition(
+                "the session has expired and is read-only; start a new one".into(),
+            )
+            .into());
+        }
         let now = chrono::Utc::now();
         for path in &paths {
             let target = s::table.filter(s::id.eq(id));
