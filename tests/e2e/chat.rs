@@ -2255,3 +2255,241 @@ async fn session_statuses_follow_activity_and_govern_what_is_allowed() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_chat_rpc_validates_its_input_and_hides_other_users_things() {
+    let (meshes, primary, token) = split_rig().await;
+    let mut a = chat(&meshes[0]).await;
+    let mut b = chat(&meshes[1]).await;
+    let other = access(&register(&mut auth(&meshes[0]).await, "nosy").await);
+    let s = new_session(&mut a, &token, "fast").await;
+    primary.push([Script::slow(30, Duration::from_millis(60))]);
+    let mut stream = a
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "mine", "")),
+            },
+            &token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let Some(Ev::Accepted(acc)) = stream
+        .message()
+        .await
+        .expect("e")
+        .expect("some")
+        .event
+        .expect("e")
+        .event
+    else {
+        panic!("accepted")
+    };
+    let reply = acc.assistant_message_id.clone();
+
+    // Another user, on either server: NOT_FOUND for every id of mine.
+    for c in [&mut a, &mut b] {
+        let err = send_message(c, &other, send(&s.id, "intrude", ""))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+        let err = c
+            .cancel_generation(bearer(
+                pb::CancelGenerationRequest {
+                    message_id: reply.clone(),
+                },
+                &other,
+            ))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+        let err = c
+            .watch_message(bearer(
+                pb::WatchMessageRequest {
+                    message_id: reply.clone(),
+                    offset: 0,
+                },
+                &other,
+            ))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+        let err = c
+            .regenerate_message(bearer(
+                pb::RegenerateMessageRequest {
+                    message_id: acc.user_message_id.clone(),
+                },
+                &other,
+            ))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+        let err = c
+            .get_session(bearer(
+                pb::GetSessionRequest {
+                    session_id: s.id.clone(),
+                },
+                &other,
+            ))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    assert_eq!(
+        status_of(&mut a, &token, &s.id, &reply).await,
+        pb::MessageStatus::Streaming,
+        "nothing the intruder did reached the reply"
+    );
+
+    // Bad input: INVALID_ARGUMENT naming the fields.
+    let err = a
+        .get_session(bearer(
+            pb::GetSessionRequest {
+                session_id: "nope".into(),
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad id");
+    assert_eq!(violations(&err), vec!["session_id"]);
+    let err = a
+        .list_messages(bearer(
+            pb::ListMessagesRequest {
+                session_id: "nope".into(),
+                page_size: -1,
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad list");
+    assert_eq!(violations(&err), vec!["session_id", "page_size"]);
+    let err = a
+        .list_messages(bearer(
+            pb::ListMessagesRequest {
+                session_id: s.id.clone(),
+                page_token: "forged".into(),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad token");
+    assert_eq!(violations(&err), vec!["page_token"]);
+    for (query, session, size, fields) in [
+        ("", "", 0, vec!["query"]),
+        ("ok", "nope", -1, vec!["page_size", "session_id"]),
+        ("bell\u{7}", "", 0, vec!["query"]),
+    ] {
+        let err = a
+            .search_messages(bearer(
+                pb::SearchMessagesRequest {
+                    query: query.into(),
+                    session_id: session.into(),
+                    page_size: size,
+                },
+                &token,
+            ))
+            .await
+            .expect_err("bad search");
+        assert_eq!(violations(&err), fields, "{query:?}");
+    }
+    let err = a
+        .search_messages(bearer(
+            pb::SearchMessagesRequest {
+                query: "q".repeat(1001),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect_err("long");
+    assert_eq!(violations(&err), vec!["query"]);
+    let err = a
+        .cancel_generation(bearer(
+            pb::CancelGenerationRequest {
+                message_id: "12".into(),
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad id");
+    assert_eq!(violations(&err), vec!["message_id"]);
+    let err = a
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: "x".into(),
+                offset: 0,
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad id");
+    assert_eq!(violations(&err), vec!["message_id"]);
+    let err = a
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: reply.clone(),
+                offset: -1,
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad offset");
+    assert_eq!(violations(&err), vec!["offset"]);
+    let err = a
+        .send_message(bearer(pb::SendMessageRequest { send: None }, &token))
+        .await
+        .expect_err("no send");
+    assert_eq!(violations(&err), vec!["send"]);
+    let err = send_message(
+        &mut a,
+        &token,
+        pb::Send {
+            session_id: "bad".into(),
+            content: " ".into(),
+            client_message_id: "c".repeat(129),
+            model: Some("nope".into()),
+            temperature: Some(3.0),
+            max_tokens: Some(-1),
+        },
+    )
+    .await
+    .expect_err("bad send");
+    assert_eq!(
+        violations(&err),
+        vec![
+            "session_id",
+            "content",
+            "client_message_id",
+            "model",
+            "temperature",
+            "max_tokens"
+        ]
+    );
+    let err = a
+        .regenerate_message(bearer(
+            pb::RegenerateMessageRequest {
+                message_id: "".into(),
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad id");
+    assert_eq!(violations(&err), vec!["message_id"]);
+
+    // The reply finishes; now an offset past its end is refused.
+    while stream.message().await.expect("rest").is_some() {}
+    let stored = messages(&mut a, &token, &s.id).await;
+    let err = b
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: reply.clone(),
+                offset: stored[1].content.len() as i64 + 1,
+            },
+            &token,
+        ))
+        .await
+        .expect_err("past the end");
+    assert_eq!(violations(&err), vec!["offset"]);
+}

@@ -1046,8 +1046,11 @@ impl ChatService for ChatSvc {
         let p = authenticated(&req)?;
         p.require(READ)?;
         let r = req.into_inner();
-        let id = parse_id("session_id", &r.session_id)?;
         let mut v = FieldViolations::new();
+        let id = Uuid::parse_str(r.session_id.trim()).unwrap_or_else(|_| {
+            v.add("session_id", "must be an id (UUID)");
+            Uuid::nil()
+        });
         let size = trellis_core::page::page_size(&mut v, r.page_size);
         v.check()?;
         let fingerprint = format!("chat-messages:{}:{}:{}", p.user_id, id, r.newest_first);
