@@ -2493,3 +2493,78 @@ async fn every_chat_rpc_validates_its_input_and_hides_other_users_things() {
         .expect_err("past the end");
     assert_eq!(violations(&err), vec!["offset"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_replies_say_why_keep_what_they_had_and_how_long_to_wait() {
+    let r = rig(|c| c.llm.default_limits.concurrent_streams = 1).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+
+    // Every provider fails before the first token: a failed event with
+    // the gateway's code, the reply stored FAILED with the reason.
+    r.primary.set_fallback(Script::status(500));
+    r.backup.set_fallback(Script::status(500));
+    let turn = send_message(&mut c, &r.token, send(&s.id, "anyone?", ""))
+        .await
+        .expect("turn");
+    let f = turn.failed.expect("failed");
+    assert_eq!(f.code, Code::Unavailable as i32, "{f:?}");
+    assert_eq!(f.status, pb::MessageStatus::Failed as i32);
+    assert!(!f.message.is_empty());
+    assert_eq!(f.message_id, turn.accepted.expect("a").assistant_message_id);
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[1].status, pb::MessageStatus::Failed as i32);
+    assert_eq!(stored[1].error, f.message);
+
+    // The stream is cut after some tokens: FAILED, the partial content kept.
+    r.primary.push([Script::Cut {
+        pieces: vec!["par".into(), "tial".into()],
+    }]);
+    let turn = send_message(&mut c, &r.token, send(&s.id, "try again", ""))
+        .await
+        .expect("turn");
+    let f = turn.failed.expect("failed");
+    assert_ne!(f.code, Code::Ok as i32);
+    assert_eq!(f.status, pb::MessageStatus::Failed as i32);
+    assert_eq!(turn.text, "partial");
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[3].status, pb::MessageStatus::Failed as i32);
+    assert_eq!(stored[3].content, "partial");
+
+    // The user's concurrent generations limit (1): the second reply is
+    // RESOURCE_EXHAUSTED with the gateway's retry delay.
+    r.primary
+        .set_fallback(Script::ok(&["Hel", "lo", " world"], Some((12, 3))));
+    r.primary
+        .push([Script::slow(20, Duration::from_millis(100))]);
+    let other = new_session(&mut c, &r.token, "fast").await;
+    let mut first = c
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "long one", "")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut t = Turn::default();
+    while t.text.is_empty() {
+        let e = first.message().await.expect("e").expect("some");
+        take(&mut t, e.event.expect("e"));
+    }
+    let turn = send_message(&mut c, &r.token, send(&other.id, "me too", "m2"))
+        .await
+        .expect("turn");
+    let f = turn.failed.expect("failed");
+    assert_eq!(f.code, Code::ResourceExhausted as i32, "{f:?}");
+    assert_eq!(f.client_message_id, "m2");
+    let delay = f.retry_delay.expect("retry delay");
+    assert!(delay.seconds > 0 || delay.nanos > 0, "{delay:?}");
+    while first.message().await.expect("rest").is_some() {}
+    // Once the first is done, the same turn goes through.
+    let turn = send_message(&mut c, &r.token, send(&other.id, "me too", "m3"))
+        .await
+        .expect("turn");
+    assert_eq!(turn.text, "Hello world", "{:?}", turn.failed);
+}

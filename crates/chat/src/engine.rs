@@ -85,6 +85,14 @@ fn duration_pb(d: Duration) -> prost_types::Duration {
     }
 }
 
+/// The RetryInfo delay a status carries, if any.
+pub fn retry_delay(s: &tonic::Status) -> Option<prost_types::Duration> {
+    use tonic_types::StatusExt;
+    s.get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .map(duration_pb)
+}
+
 fn event(e: pb::chat_event::Event) -> pb::ChatEvent {
     pb::ChatEvent { event: Some(e) }
 }
@@ -186,6 +194,7 @@ impl Engine {
             ..Default::default()
         };
         let mut code = Code::Unavailable;
+        let mut retry: Option<prost_types::Duration> = None;
         let mut finish_reason = String::new();
         let mut ttft: Option<Duration> = None;
         let outcome = self
@@ -195,6 +204,7 @@ impl Engine {
                 &mut stop,
                 &mut ending,
                 &mut code,
+                &mut retry,
                 &mut finish_reason,
                 &mut ttft,
             )
@@ -203,6 +213,7 @@ impl Engine {
             ending.status = messages::FAILED;
             let status: tonic::Status = e.into();
             code = status.code();
+            retry = retry_delay(&status);
             ending.error = status.message().to_string();
         }
         ending.content = live.content();
@@ -266,6 +277,7 @@ impl Engine {
                 code: code as i32,
                 message: ending.error.clone(),
                 status: messages::status_pb(ending.status) as i32,
+                retry_delay: retry,
             }),
         };
         self.emit(&live, job.reply, event(last)).await;
@@ -280,6 +292,7 @@ impl Engine {
         stop: &mut watch::Receiver<Option<Stop>>,
         ending: &mut Ending,
         code: &mut Code,
+        retry: &mut Option<prost_types::Duration>,
         finish_reason: &mut String,
         ttft: &mut Option<Duration>,
     ) -> Result<(), ChatError> {
@@ -389,6 +402,7 @@ impl Engine {
             }
             Err(s) => {
                 *code = s.code();
+                *retry = retry_delay(&s);
                 ending.status = messages::FAILED;
                 ending.error = s.message().to_string();
                 return Ok(());

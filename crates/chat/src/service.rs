@@ -237,6 +237,7 @@ fn failed(client_message_id: &str, status: &Status) -> pb::ChatEvent {
             code: status.code() as i32,
             message: status.message().to_string(),
             status: pb::MessageStatus::Unspecified as i32,
+            retry_delay: crate::engine::retry_delay(status),
         })),
     }
 }
@@ -274,6 +275,7 @@ fn final_of(r: &MessageRow) -> Option<pb::ChatEvent> {
                 code: tonic::Code::Unavailable as i32,
                 message: r.error.clone(),
                 status: status as i32,
+                retry_delay: None,
             }),
         }),
     })
