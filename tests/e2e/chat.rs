@@ -2568,3 +2568,78 @@ async fn failed_replies_say_why_keep_what_they_had_and_how_long_to_wait() {
         .expect("turn");
     assert_eq!(turn.text, "Hello world", "{:?}", turn.failed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_metrics_count_streams_generations_ttft_and_throughput() {
+    use crate::foundation::metric_value;
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    let scrape = || async {
+        reqwest::get(format!("{}/metrics", r.mesh.url()))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text")
+    };
+    let before = scrape().await;
+    assert_eq!(metric_value(&before, "trellis_chat_generating "), 0.0);
+    assert_eq!(
+        metric_value(&before, "trellis_chat_time_to_first_token_seconds_count"),
+        0.0
+    );
+    r.primary
+        .push([Script::slow(10, Duration::from_millis(100))]);
+    let mut stream = c
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "measure me", "")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while turn.text.is_empty() {
+        let e = stream.message().await.expect("e").expect("some");
+        take(&mut turn, e.event.expect("e"));
+    }
+    let during = scrape().await;
+    assert_eq!(
+        metric_value(&during, "trellis_chat_generating "),
+        1.0,
+        "{during}"
+    );
+    assert_eq!(metric_value(&during, "trellis_chat_active_streams "), 1.0);
+    while let Some(m) = stream.message().await.expect("e") {
+        if take(&mut turn, m.event.expect("e")) {
+            break;
+        }
+    }
+    drop(stream);
+    let settled = eventually(Duration::from_secs(3), || async {
+        let now = scrape().await;
+        metric_value(&now, "trellis_chat_active_streams ") == 0.0
+            && metric_value(&now, "trellis_chat_generating ") == 0.0
+    })
+    .await;
+    assert!(settled, "streams and generations counted down");
+    let after = scrape().await;
+    assert_eq!(
+        metric_value(&after, "trellis_chat_time_to_first_token_seconds_count"),
+        1.0
+    );
+    assert!(metric_value(&after, "trellis_chat_time_to_first_token_seconds_sum") > 0.0);
+    assert_eq!(
+        metric_value(&after, "trellis_chat_tokens_per_second_count"),
+        1.0
+    );
+    // Ten tokens over about 0.9 s after the first: roughly ten per second.
+    let rate = metric_value(&after, "trellis_chat_tokens_per_second_sum");
+    assert!((3.0..=30.0).contains(&rate), "{rate}");
+}
