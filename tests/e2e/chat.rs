@@ -2643,3 +2643,50 @@ async fn chat_metrics_count_streams_generations_ttft_and_throughput() {
     let rate = metric_value(&after, "trellis_chat_tokens_per_second_sum");
     assert!((3.0..=30.0).contains(&rate), "{rate}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_growing_reply_is_stored_as_it_grows() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary
+        .push([Script::slow(30, Duration::from_millis(100))]);
+    let mut stream = c
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "grow", "")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while turn.text.len() < 20 {
+        let e = stream.message().await.expect("e").expect("some");
+        take(&mut turn, e.event.expect("e"));
+    }
+    // Within a flush interval or two (250 ms), the stored reply has what
+    // was streamed, while it is still STREAMING.
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let all = messages(&mut c, &r.token, &s.id).await;
+        assert_eq!(all[1].status, pb::MessageStatus::Streaming as i32);
+        seen.push(all[1].content.clone());
+    }
+    while let Some(m) = stream.message().await.expect("e") {
+        if take(&mut turn, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert!(seen[0].len() >= 20, "{seen:?}");
+    assert!(seen[1].len() > seen[0].len(), "it keeps growing: {seen:?}");
+    for partial in &seen {
+        assert!(turn.text.starts_with(partial.as_str()), "{partial}");
+    }
+    assert!(seen[1].len() < turn.text.len());
+}
