@@ -2690,3 +2690,137 @@ async fn a_growing_reply_is_stored_as_it_grows() {
     }
     assert!(seen[1].len() < turn.text.len());
 }
+
+async fn watch_all(
+    c: &mut ChatServiceClient<Channel>,
+    token: &str,
+    id: &str,
+    offset: i64,
+    prefix: &str,
+) -> Turn {
+    let mut w = c
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: id.into(),
+                offset,
+            },
+            token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut t = Turn {
+        offsets_ok: true,
+        text: prefix.into(),
+        ..Default::default()
+    };
+    while let Some(m) = w.message().await.expect("event") {
+        if take(&mut t, m.event.expect("e")) {
+            break;
+        }
+    }
+    t
+}
+
+fn micros(d: &Option<prost_types::Duration>) -> i64 {
+    let d = d.as_ref().expect("duration");
+    d.seconds * 1_000_000 + i64::from(d.nanos) / 1000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_reply_replays_as_it_was_sent_and_resumes_mid_stream_elsewhere() {
+    let (meshes, primary, token) = split_rig().await;
+    let mut a = chat(&meshes[0]).await;
+    let mut b = chat(&meshes[1]).await;
+    let mut search = crate::search::search_client(&meshes[0]).await;
+    let mut d = crate::search::doc("kb", "1", "Release checklist", "Steps for the release.");
+    d.visibility = trellis_proto::search::v1::Visibility::Shared as i32;
+    crate::search::index(&mut search, &token, vec![d]).await;
+    let rs = a
+        .create_session(bearer(
+            pb::CreateSessionRequest {
+                title: "rag".into(),
+                model: "fast".into(),
+                retrieval: true,
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect("session")
+        .into_inner()
+        .session
+        .expect("s");
+    let live = send_message(&mut a, &token, send(&rs.id, "How does the release go?", ""))
+        .await
+        .expect("turn");
+    assert_eq!(live.citations.len(), 1);
+    let live_done = live.completed.clone().expect("completed");
+    let id = live.accepted.clone().expect("a").assistant_message_id;
+    // Replayed on the other server: the same citations, content and end.
+    let replay = watch_all(&mut b, &token, &id, 0, "").await;
+    assert_eq!(replay.citations, live.citations);
+    assert_eq!(replay.text, live.text);
+    let done = replay.completed.expect("completed");
+    assert_eq!(done.finish_reason, live_done.finish_reason);
+    assert_eq!(done.finish_reason, "stop");
+    assert_eq!(done.usage, live_done.usage);
+    assert!(
+        (micros(&done.time_to_first_token) - micros(&live_done.time_to_first_token)).abs() <= 1
+    );
+    assert!((micros(&done.duration) - micros(&live_done.duration)).abs() <= 1);
+
+    // A failure replays with its real code.
+    let s = new_session(&mut a, &token, "fast").await;
+    primary.push([Script::status(400)]);
+    let failed = send_message(&mut a, &token, send(&s.id, "bad request", ""))
+        .await
+        .expect("turn");
+    let f = failed.failed.expect("failed");
+    assert_eq!(f.code, Code::InvalidArgument as i32, "{f:?}");
+    let replay = watch_all(&mut b, &token, &f.message_id, 0, "").await;
+    let rf = replay.failed.expect("failed");
+    assert_eq!(
+        (rf.code, rf.message.as_str(), rf.status),
+        (f.code, f.message.as_str(), f.status)
+    );
+
+    // Resuming mid-stream on the other server from the bytes received.
+    primary.push([Script::slow(20, Duration::from_millis(60))]);
+    let mut stream = a
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&s.id, "stream it", "")),
+            },
+            &token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut turn = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while turn.text.len() < 9 {
+        let e = stream.message().await.expect("e").expect("some");
+        take(&mut turn, e.event.expect("e"));
+    }
+    let got = turn.text.clone();
+    let id = turn.accepted.clone().expect("a").assistant_message_id;
+    let resumed = watch_all(&mut b, &token, &id, got.len() as i64, &got).await;
+    while let Some(m) = stream.message().await.expect("e") {
+        if take(&mut turn, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert!(resumed.offsets_ok, "continues exactly where the client was");
+    assert_eq!(resumed.text, turn.text);
+    assert_eq!(
+        resumed.text,
+        "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12 t13 t14 t15 t16 t17 t18 t19 "
+    );
+    assert_eq!(
+        resumed.completed.expect("done").status,
+        pb::MessageStatus::Completed as i32
+    );
+}

@@ -218,6 +218,17 @@ impl Engine {
         }
         ending.content = live.content();
         let duration = t0.elapsed();
+        // What a replay of the finished reply needs.
+        if ending.status == messages::CANCELLED {
+            finish_reason = "cancelled".into();
+        }
+        ending.finish_reason = finish_reason.clone();
+        ending.error_code = match ending.status {
+            messages::COMPLETED | messages::CANCELLED => 0,
+            _ => code as i32,
+        };
+        ending.time_to_first_token = ttft;
+        ending.duration = Some(duration);
         if let Some(first) = ttft {
             self.metrics.ttft.observe(first.as_secs_f64());
             let after = duration.saturating_sub(first).as_secs_f64();
@@ -262,11 +273,7 @@ impl Engine {
                     message_id: job.reply.to_string(),
                     status: messages::status_pb(ending.status) as i32,
                     usage: Some(usage),
-                    finish_reason: if ending.status == messages::CANCELLED {
-                        "cancelled".into()
-                    } else {
-                        finish_reason
-                    },
+                    finish_reason,
                     time_to_first_token: ttft.map(duration_pb),
                     duration: Some(duration_pb(duration)),
                 })
@@ -446,6 +453,16 @@ impl Engine {
                                     snippet: c.snippet,
                                 })
                                 .collect();
+                            // Stored at once, so a watcher joining
+                            // mid-reply gets them too.
+                            match self.store.pg().await {
+                                Ok(mut conn) => {
+                                    if let Err(e) = messages::store_citations(&mut conn, job.reply, &ending.citations).await {
+                                        tracing::warn!(error = %e, "could not store a reply's citations");
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "could not store a reply's citations"),
+                            }
                             self.emit(live, job.reply, event(pb::chat_event::Event::Citations(pb::Citations {
                                 message_id: job.reply.to_string(),
                                 citations: ending.citations.clone(),

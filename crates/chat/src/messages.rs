@@ -36,6 +36,11 @@ pub struct MessageRow {
     pub error: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub finish_reason: String,
+    /// The google.rpc.Code a FAILED or INTERRUPTED reply ended with.
+    pub error_code: i32,
+    pub time_to_first_token_micros: Option<i64>,
+    pub duration_micros: Option<i64>,
 }
 
 pub const STREAMING: &str = "streaming";
@@ -255,6 +260,27 @@ pub struct Ending {
     pub cost_micros: i64,
     pub citations: Vec<pb::Citation>,
     pub error: String,
+    pub error_code: i32,
+    pub finish_reason: String,
+    pub time_to_first_token: Option<std::time::Duration>,
+    pub duration: Option<std::time::Duration>,
+}
+
+fn micros(d: Option<std::time::Duration>) -> Option<i64> {
+    d.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Stores a reply's citations as soon as the gateway sends them.
+pub async fn store_citations(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    c: &[pb::Citation],
+) -> Result<(), ChatError> {
+    diesel::update(m::table.filter(m::id.eq(id)))
+        .set(m::citations.eq(citations_json(c)))
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Marks replies `ids` (generating on this replica) as alive.
@@ -293,6 +319,10 @@ pub async fn finalize(
         m::cost_micros.eq(e.cost_micros),
         m::citations.eq(citations_json(&e.citations)),
         m::error.eq(&e.error),
+        m::error_code.eq(e.error_code),
+        m::finish_reason.eq(&e.finish_reason),
+        m::time_to_first_token_micros.eq(micros(e.time_to_first_token)),
+        m::duration_micros.eq(micros(e.duration)),
         m::updated_at.eq(Utc::now()),
     ))
     .execute(conn)
@@ -481,6 +511,7 @@ pub async fn sweep_stale(
     .set((
         m::status.eq(INTERRUPTED),
         m::error.eq("the server generating this reply stopped"),
+        m::error_code.eq(tonic::Code::Unavailable as i32),
         m::updated_at.eq(Utc::now()),
     ))
     .returning(m::id)

@@ -246,7 +246,7 @@ fn is_final(e: &pb::ChatEvent) -> bool {
     matches!(e.event, Some(Ev::Completed(_)) | Some(Ev::Failed(_)))
 }
 
-/// The final event of a stored reply.
+/// The final event of a stored reply, as it was sent live.
 fn final_of(r: &MessageRow) -> Option<pb::ChatEvent> {
     let usage = Some(pb::Usage {
         prompt_tokens: r.prompt_tokens,
@@ -254,6 +254,12 @@ fn final_of(r: &MessageRow) -> Option<pb::ChatEvent> {
         cost_micros: r.cost_micros,
     });
     let status = messages::status_pb(&r.status);
+    let duration = |m: Option<i64>| {
+        m.map(|m| prost_types::Duration {
+            seconds: m.div_euclid(1_000_000),
+            nanos: (m.rem_euclid(1_000_000) * 1000) as i32,
+        })
+    };
     Some(pb::ChatEvent {
         event: Some(match r.status.as_str() {
             messages::STREAMING => return None,
@@ -261,18 +267,18 @@ fn final_of(r: &MessageRow) -> Option<pb::ChatEvent> {
                 message_id: r.id.to_string(),
                 status: status as i32,
                 usage,
-                finish_reason: if r.status == messages::CANCELLED {
-                    "cancelled".into()
-                } else {
-                    "stop".into()
-                },
-                time_to_first_token: None,
-                duration: None,
+                finish_reason: r.finish_reason.clone(),
+                time_to_first_token: duration(r.time_to_first_token_micros),
+                duration: duration(r.duration_micros),
             }),
             _ => Ev::Failed(pb::Failed {
                 message_id: r.id.to_string(),
                 client_message_id: String::new(),
-                code: tonic::Code::Unavailable as i32,
+                code: if r.error_code == 0 {
+                    tonic::Code::Unavailable as i32
+                } else {
+                    r.error_code
+                },
                 message: r.error.clone(),
                 status: status as i32,
                 retry_delay: None,
@@ -562,6 +568,20 @@ impl ChatSvc {
                 .await?
                 .ok_or(ChatError::NotFound)?
         };
+        // In the order they were sent live: citations, content, the end.
+        let citations = messages::citations_of(&row.citations);
+        let mut cited = !citations.is_empty();
+        if cited {
+            let e = pb::ChatEvent {
+                event: Some(Ev::Citations(pb::Citations {
+                    message_id: id.to_string(),
+                    citations,
+                })),
+            };
+            if out.send(Ok(wrap(e))).await.is_err() {
+                return Ok(());
+            }
+        }
         let mut sent = offset;
         if row.content.len() > sent
             && let Some(text) = row.content.get(sent..)
@@ -574,16 +594,6 @@ impl ChatSvc {
         if let Some(last) = final_of(&row) {
             let _ = out.send(Ok(wrap(last))).await;
             return Ok(());
-        }
-        if !messages::citations_of(&row.citations).is_empty() {
-            let _ = out
-                .send(Ok(wrap(pb::ChatEvent {
-                    event: Some(Ev::Citations(pb::Citations {
-                        message_id: id.to_string(),
-                        citations: messages::citations_of(&row.citations),
-                    })),
-                })))
-                .await;
         }
         loop {
             let next = tokio::select! {
@@ -615,6 +625,12 @@ impl ChatSvc {
                 }
             };
             let ev = match &ev.event {
+                // Already replayed from the row.
+                Some(Ev::Citations(_)) if cited => continue,
+                Some(Ev::Citations(_)) => {
+                    cited = true;
+                    ev
+                }
                 Some(Ev::Delta(d)) => {
                     let (start, end) = (d.offset as usize, d.offset as usize + d.text.len());
                     if end <= sent {
