@@ -2824,3 +2824,140 @@ async fn a_finished_reply_replays_as_it_was_sent_and_resumes_mid_stream_elsewher
         pb::MessageStatus::Completed as i32
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_overrides_session_updates_deletion_and_the_preferences_cache() {
+    use crate::foundation::metric_value;
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    // Per-turn overrides reach the upstream and are stored.
+    let turn = send_message(
+        &mut c,
+        &r.token,
+        pb::Send {
+            session_id: s.id.clone(),
+            content: "override".into(),
+            model: Some("solo".into()),
+            temperature: Some(0.25),
+            max_tokens: Some(7),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("turn");
+    assert_eq!(turn.text, "Hello world");
+    let body = r.primary.seen().pop().expect("request").body;
+    assert_eq!(body["temperature"], 0.25, "{body}");
+    assert!(
+        body["max_tokens"] == 7 || body["max_completion_tokens"] == 7,
+        "{body}"
+    );
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[1].model, "solo");
+    // Without overrides: the session's model, no temperature.
+    send_message(&mut c, &r.token, send(&s.id, "plain", ""))
+        .await
+        .expect("turn");
+    let body = r.primary.seen().pop().expect("request").body;
+    assert_eq!(body["model"], "fake-a", "{body}");
+    assert!(
+        body.get("temperature").is_none_or(|t| t.is_null()),
+        "{body}"
+    );
+    assert_eq!(messages(&mut c, &r.token, &s.id).await[3].model, "fast");
+
+    // Preferences were fetched once for all those turns (cached).
+    let scrape = reqwest::get(format!("{}/metrics", r.mesh.url()))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let fetched = metric_value(
+        &scrape,
+        r#"trellis_grpc_requests_total{code="OK",method="GetPreferences",service="trellis.user.v1.UserService"}"#,
+    );
+    assert_eq!(fetched, 1.0, "one UserService call within the cache TTL");
+
+    // A new system prompt and retrieval apply to the next turn.
+    let mut search = crate::search::search_client(&r.mesh).await;
+    let mut d = crate::search::doc("kb", "1", "Vacation policy", "Thirty days of vacation.");
+    d.visibility = trellis_proto::search::v1::Visibility::Shared as i32;
+    crate::search::index(&mut search, &r.token, vec![d]).await;
+    c.update_session(bearer(
+        pb::UpdateSessionRequest {
+            session: Some(pb::Session {
+                id: s.id.clone(),
+                system_prompt: "Be terse.".into(),
+                retrieval: true,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["system_prompt".into(), "retrieval".into()],
+            }),
+        },
+        &r.token,
+    ))
+    .await
+    .expect("update");
+    let turn = send_message(
+        &mut c,
+        &r.token,
+        send(&s.id, "How much vacation do I get?", ""),
+    )
+    .await
+    .expect("turn");
+    assert_eq!(turn.citations.len(), 1, "retrieval is on");
+    let body = r.primary.seen().pop().expect("request").body;
+    let system = body["messages"][0]["content"].as_str().unwrap_or_default();
+    assert!(system.starts_with("Be terse."), "{system}");
+    assert!(!system.contains("Be helpful."), "{system}");
+
+    // Deleting the session stops the reply being generated in it.
+    r.primary
+        .push([Script::slow(50, Duration::from_millis(60))]);
+    let other = new_session(&mut c, &r.token, "fast").await;
+    let mut stream = c
+        .send_message(bearer(
+            pb::SendMessageRequest {
+                send: Some(send(&other.id, "long", "")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let mut t = Turn {
+        offsets_ok: true,
+        ..Default::default()
+    };
+    while t.text.is_empty() {
+        let e = stream.message().await.expect("e").expect("some");
+        take(&mut t, e.event.expect("e"));
+    }
+    c.delete_session(bearer(
+        pb::DeleteSessionRequest {
+            session_id: other.id.clone(),
+        },
+        &r.token,
+    ))
+    .await
+    .expect("delete");
+    while let Some(m) = stream.message().await.expect("e") {
+        if take(&mut t, m.event.expect("e")) {
+            break;
+        }
+    }
+    assert_eq!(
+        t.completed.expect("completed").status,
+        pb::MessageStatus::Cancelled as i32
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream was stopped"
+    );
+}
