@@ -50,7 +50,7 @@ fn send(session: &str, content: &str, cid: &str) -> pb::Send {
 }
 
 /// What one turn produced.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Turn {
     accepted: Option<pb::Accepted>,
     text: String,
@@ -58,6 +58,73 @@ struct Turn {
     citations: Vec<pb::Citation>,
     completed: Option<pb::Completed>,
     failed: Option<pb::Failed>,
+}
+
+impl Default for Turn {
+    fn default() -> Turn {
+        Turn {
+            accepted: None,
+            text: String::new(),
+            offsets_ok: true,
+            citations: Vec::new(),
+            completed: None,
+            failed: None,
+        }
+    }
+}
+
+/// A server stream of chat events (SendMessage, WatchMessage, Regenerate).
+trait Events {
+    fn into_event(self) -> pb::ChatEvent;
+}
+
+macro_rules! events {
+    ($($t:ty),*) => {$(
+        impl Events for $t {
+            fn into_event(self) -> pb::ChatEvent {
+                self.event.expect("every response carries an event")
+            }
+        }
+    )*};
+}
+events!(
+    pb::ConverseResponse,
+    pb::SendMessageResponse,
+    pb::WatchMessageResponse,
+    pb::RegenerateMessageResponse
+);
+
+/// Reads `stream` into `turn` until `done` holds (or the turn ends).
+async fn read_until<T: Events>(
+    stream: &mut tonic::Streaming<T>,
+    turn: &mut Turn,
+    done: impl Fn(&Turn) -> bool,
+) {
+    while !done(turn) {
+        let m = stream
+            .message()
+            .await
+            .expect("the stream is healthy")
+            .expect("the stream is open");
+        if take(turn, m.into_event()) {
+            return;
+        }
+    }
+}
+
+/// The next event of `stream`.
+async fn next_event<T: Events>(stream: &mut tonic::Streaming<T>) -> pb::ChatEvent {
+    stream
+        .message()
+        .await
+        .expect("the stream is healthy")
+        .expect("the stream is open")
+        .into_event()
+}
+
+/// Reads `stream` into `turn` up to the turn's final event.
+async fn finish<T: Events>(stream: &mut tonic::Streaming<T>, turn: &mut Turn) {
+    read_until(stream, turn, |_| false).await
 }
 
 fn take(turn: &mut Turn, e: pb::ChatEvent) -> bool {
@@ -90,10 +157,7 @@ async fn send_message(
         .send_message(bearer(pb::SendMessageRequest { send: Some(s) }, token))
         .await?
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
+    let mut turn = Turn::default();
     while let Some(m) = stream.message().await? {
         if take(&mut turn, m.event.expect("event")) {
             break;
@@ -163,10 +227,7 @@ impl Conv {
 
     /// The events of one turn, up to its final event.
     async fn turn(&mut self) -> Turn {
-        let mut turn = Turn {
-            offsets_ok: true,
-            ..Default::default()
-        };
+        let mut turn = Turn::default();
         loop {
             let e = self.next().await;
             if take(&mut turn, pb::ChatEvent { event: Some(e) }) {
@@ -174,9 +235,7 @@ impl Conv {
             }
         }
     }
-}
 
-impl Conv {
     /// Turns in flight at once on this stream (other sessions), until each
     /// has its final event: by client message id, events matched to their
     /// turn by the reply's id.
@@ -193,10 +252,7 @@ impl Conv {
                 Ev::Failed(f) => f.message_id.clone(),
                 Ev::Authenticated(_) => continue,
             };
-            let turn = by_reply.entry(id).or_insert_with(|| Turn {
-                offsets_ok: true,
-                ..Default::default()
-            });
+            let turn = by_reply.entry(id).or_default();
             if take(turn, pb::ChatEvent { event: Some(e) }) {
                 done += 1;
             }
@@ -453,15 +509,8 @@ async fn converse_carries_many_turns_in_order_with_history() {
         })
         .await
         .expect("send");
-        let mut turn = Turn {
-            offsets_ok: true,
-            ..Default::default()
-        };
-        while let Some(m) = inbound.message().await.expect("event") {
-            if take(&mut turn, m.event.expect("event")) {
-                break;
-            }
-        }
+        let mut turn = Turn::default();
+        finish(&mut inbound, &mut turn).await;
         let accepted = turn.accepted.expect("accepted");
         assert_eq!(accepted.client_message_id, format!("c{i}"));
         assert!(!accepted.duplicate);
@@ -592,15 +641,7 @@ async fn a_second_send_while_generating_is_refused_and_resends_are_idempotent() 
         .await
         .expect("first")
         .into_inner();
-    let accepted = match first
-        .message()
-        .await
-        .expect("event")
-        .expect("some")
-        .event
-        .expect("e")
-        .event
-    {
+    let accepted = match next_event(&mut first).await.event {
         Some(Ev::Accepted(a)) => a,
         other => panic!("{other:?}"),
     };
@@ -650,14 +691,8 @@ async fn cancel_stops_the_upstream_and_keeps_the_partial_reply() {
         .await
         .expect("send")
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.len() < 6 {
-        let e = stream.message().await.expect("event").expect("some");
-        take(&mut turn, e.event.expect("e"));
-    }
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 6).await;
     let id = turn
         .accepted
         .as_ref()
@@ -687,11 +722,7 @@ async fn cancel_stops_the_upstream_and_keeps_the_partial_reply() {
         .expect("cancel")
         .into_inner();
     assert!(res.cancelled);
-    while let Some(e) = stream.message().await.expect("event") {
-        if take(&mut turn, e.event.expect("e")) {
-            break;
-        }
-    }
+    finish(&mut stream, &mut turn).await;
     let done = turn.completed.expect("completed");
     assert_eq!(done.status, pb::MessageStatus::Cancelled as i32);
     assert!(
@@ -733,15 +764,7 @@ async fn a_reply_outlives_its_client_and_can_be_regenerated() {
         .await
         .expect("send")
         .into_inner();
-    let accepted = match stream
-        .message()
-        .await
-        .expect("e")
-        .expect("some")
-        .event
-        .expect("e")
-        .event
-    {
+    let accepted = match next_event(&mut stream).await.event {
         Some(Ev::Accepted(a)) => a,
         other => panic!("{other:?}"),
     };
@@ -770,15 +793,8 @@ async fn a_reply_outlives_its_client_and_can_be_regenerated() {
         .await
         .expect("regenerate")
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = regen.message().await.expect("event") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut turn = Turn::default();
+    finish(&mut regen, &mut turn).await;
     assert_eq!(turn.text, "Hello world");
     let a = turn.accepted.expect("accepted");
     assert_eq!(a.user_message_id, accepted.user_message_id);
@@ -866,22 +882,8 @@ async fn watch_and_cancel_work_from_another_server() {
         .await
         .expect("send")
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.len() < 6 {
-        take(
-            &mut turn,
-            stream
-                .message()
-                .await
-                .expect("e")
-                .expect("some")
-                .event
-                .expect("e"),
-        );
-    }
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 6).await;
     let id = turn
         .accepted
         .as_ref()
@@ -900,15 +902,8 @@ async fn watch_and_cancel_work_from_another_server() {
         .await
         .expect("watch")
         .into_inner();
-    let mut watched = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = watch.message().await.expect("watch event") {
-        if take(&mut watched, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut watched = Turn::default();
+    finish(&mut watch, &mut watched).await;
     assert_eq!(watched.text, "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 ");
     assert!(watched.offsets_ok, "contiguous offsets");
     assert_eq!(
@@ -927,13 +922,7 @@ async fn watch_and_cancel_work_from_another_server() {
         .await
         .expect("resume")
         .into_inner();
-    let first = resumed
-        .message()
-        .await
-        .expect("e")
-        .expect("some")
-        .event
-        .expect("e");
+    let first = next_event(&mut resumed).await;
     let Some(Ev::Delta(d)) = first.event else {
         panic!("{first:?}")
     };
@@ -952,22 +941,8 @@ async fn watch_and_cancel_work_from_another_server() {
         .await
         .expect("send")
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.len() < 3 {
-        take(
-            &mut turn,
-            stream
-                .message()
-                .await
-                .expect("e")
-                .expect("some")
-                .event
-                .expect("e"),
-        );
-    }
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 3).await;
     let id = turn
         .accepted
         .as_ref()
@@ -983,11 +958,7 @@ async fn watch_and_cancel_work_from_another_server() {
         .expect("cancel")
         .into_inner();
     assert!(res.cancelled);
-    while let Some(m) = stream.message().await.expect("event") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    finish(&mut stream, &mut turn).await;
     assert_eq!(
         turn.completed.expect("completed").status,
         pb::MessageStatus::Cancelled as i32
@@ -1119,10 +1090,7 @@ async fn converse_keeps_turns_apart_refuses_a_busy_session_and_cancels() {
         panic!("accepted")
     };
     conv.send(send(&s.id, "meanwhile", "second")).await;
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
+    let mut turn = Turn::default();
     let refused = loop {
         match conv.next().await {
             Ev::Failed(f) if f.client_message_id == "second" => break f,
@@ -1145,10 +1113,7 @@ async fn converse_keeps_turns_apart_refuses_a_busy_session_and_cancels() {
     r.primary
         .push([Script::slow(40, Duration::from_millis(60))]);
     conv.send(send(&s.id, "long", "long")).await;
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
+    let mut turn = Turn::default();
     while turn.text.len() < 6 {
         let e = conv.next().await;
         take(&mut turn, pb::ChatEvent { event: Some(e) });
@@ -1231,13 +1196,7 @@ async fn shutdown_leaves_every_reply_completed_or_interrupted() {
             .into_inner();
         // Wait for the first delta.
         loop {
-            let e = st
-                .message()
-                .await
-                .expect("e")
-                .expect("some")
-                .event
-                .expect("e");
+            let e = next_event(&mut st).await;
             if matches!(e.event, Some(Ev::Delta(_))) {
                 break;
             }
@@ -1248,10 +1207,7 @@ async fn shutdown_leaves_every_reply_completed_or_interrupted() {
     let store = mesh.store.clone();
     stop_tx.send(()).expect("stop");
     for mut st in streams {
-        let mut turn = Turn {
-            offsets_ok: true,
-            ..Default::default()
-        };
+        let mut turn = Turn::default();
         while let Ok(Some(m)) = st.message().await {
             if take(&mut turn, m.event.expect("e")) {
                 break;
@@ -1408,30 +1364,11 @@ async fn search_preferences_retrieval_and_expiry() {
     assert_eq!(stored[1].citations.len(), 1);
 
     // An expired session is read-only.
-    {
-        use diesel::prelude::*;
-        use diesel_async::RunQueryDsl;
-        use trellis_store::schema::chat_sessions as cs;
-        let mut conn = r.mesh.store.pg().await.expect("pg");
-        diesel::update(cs::table.filter(cs::id.eq(uuid::Uuid::parse_str(&s.id).expect("id"))))
-            .set(cs::last_activity_at.eq(chrono::Utc::now() - chrono::Duration::days(365)))
-            .execute(&mut conn)
-            .await
-            .expect("age");
-    }
-    let got = c
-        .get_session(bearer(
-            pb::GetSessionRequest {
-                session_id: s.id.clone(),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("get")
-        .into_inner()
-        .session
-        .expect("s");
-    assert_eq!(got.status, pb::SessionStatus::Expired as i32);
+    age_session(&r.mesh, &s.id, chrono::Duration::days(365)).await;
+    assert_eq!(
+        session_status(&mut c, &r.token, &s.id).await,
+        pb::SessionStatus::Expired as i32
+    );
     let err = send_message(&mut c, &r.token, send(&s.id, "still there?", ""))
         .await
         .expect_err("expired");
@@ -1479,13 +1416,7 @@ async fn a_slow_reader_stalls_nobody_and_still_gets_every_byte() {
         .await
         .expect("send")
         .into_inner();
-    let first = slow
-        .message()
-        .await
-        .expect("e")
-        .expect("some")
-        .event
-        .expect("e");
+    let first = next_event(&mut slow).await;
     assert!(matches!(first.event, Some(Ev::Accepted(_))));
     // While the slow reader reads nothing, another conversation completes.
     let t = std::time::Instant::now();
@@ -1507,15 +1438,8 @@ async fn a_slow_reader_stalls_nobody_and_still_gets_every_byte() {
     .await;
     assert!(stored);
     // Now it reads: caught up from the stored content, every byte once.
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = slow.message().await.expect("event") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut turn = Turn::default();
+    finish(&mut slow, &mut turn).await;
     assert!(turn.offsets_ok, "no gap, no overlap");
     assert_eq!(turn.text.len(), expected.len());
     assert_eq!(turn.text, expected);
@@ -1667,15 +1591,8 @@ async fn only_replies_whose_replica_is_gone_are_swept() {
         .await
         .expect("watch")
         .into_inner();
-    let mut watched = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = watch.message().await.expect("event") {
-        if take(&mut watched, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut watched = Turn::default();
+    finish(&mut watch, &mut watched).await;
     assert_eq!(watched.text, "half an ans");
     assert_eq!(
         watched.failed.expect("failed").status,
@@ -1716,15 +1633,8 @@ async fn a_client_deadline_bounds_its_reply_and_the_server_default_does_not() {
     req.set_timeout(Duration::from_millis(1500));
     let t = std::time::Instant::now();
     let mut stream = c.send_message(req).await.expect("send").into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = stream.message().await.expect("event") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut turn = Turn::default();
+    finish(&mut stream, &mut turn).await;
     let f = turn.failed.expect("failed");
     assert_eq!(f.code, Code::DeadlineExceeded as i32, "{f:?}");
     assert_eq!(f.status, pb::MessageStatus::Failed as i32);
@@ -1795,15 +1705,7 @@ async fn a_slow_preferences_fetch_is_bounded_and_cancellable() {
         .await
         .expect("send")
         .into_inner();
-    let Some(Ev::Accepted(a)) = stream
-        .message()
-        .await
-        .expect("e")
-        .expect("some")
-        .event
-        .expect("e")
-        .event
-    else {
+    let Some(Ev::Accepted(a)) = next_event(&mut stream).await.event else {
         panic!("accepted first")
     };
     let res = c
@@ -1817,15 +1719,8 @@ async fn a_slow_preferences_fetch_is_bounded_and_cancellable() {
         .expect("cancel")
         .into_inner();
     assert!(res.cancelled);
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = stream.message().await.expect("event") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut turn = Turn::default();
+    finish(&mut stream, &mut turn).await;
     assert_eq!(
         turn.completed.expect("completed").status,
         pb::MessageStatus::Cancelled as i32
@@ -1877,11 +1772,7 @@ async fn after_a_regeneration_the_next_turn_sees_only_the_latest_answer() {
             .await
             .expect("regenerate")
             .into_inner();
-        while let Some(m) = regen.message().await.expect("event") {
-            if is_final_event(&m.event.expect("e")) {
-                break;
-            }
-        }
+        finish(&mut regen, &mut Turn::default()).await;
     }
     send_message(&mut c, &r.token, send(&s.id, "question B", ""))
         .await
@@ -1899,10 +1790,6 @@ async fn after_a_regeneration_the_next_turn_sees_only_the_latest_answer() {
     );
     // Every answer is kept.
     assert_eq!(messages(&mut c, &r.token, &s.id).await.len(), 6);
-}
-
-fn is_final_event(e: &pb::ChatEvent) -> bool {
-    matches!(e.event, Some(Ev::Completed(_)) | Some(Ev::Failed(_)))
 }
 
 /// Subscribers of reply `id`'s live channel, across every process.
@@ -1951,14 +1838,8 @@ async fn watchers_share_one_subscription_and_a_lagging_watcher_catches_up() {
         .await
         .expect("send")
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.is_empty() {
-        let e = stream.message().await.expect("e").expect("some");
-        take(&mut turn, e.event.expect("e"));
-    }
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| !t.text.is_empty()).await;
     let id = turn.accepted.clone().expect("a").assistant_message_id;
     let mut watchers = Vec::new();
     for _ in 0..5 {
@@ -1974,12 +1855,8 @@ async fn watchers_share_one_subscription_and_a_lagging_watcher_catches_up() {
             .expect("watch")
             .into_inner();
         // The first event comes after the subscription: all five are in.
-        let mut t = Turn {
-            offsets_ok: true,
-            ..Default::default()
-        };
-        let e = w.message().await.expect("e").expect("some");
-        take(&mut t, e.event.expect("e"));
+        let mut t = Turn::default();
+        take(&mut t, next_event(&mut w).await);
         watchers.push((w, t));
     }
     assert_eq!(
@@ -1988,11 +1865,7 @@ async fn watchers_share_one_subscription_and_a_lagging_watcher_catches_up() {
         "one shared subscription"
     );
     for (mut w, mut t) in watchers {
-        while let Some(m) = w.message().await.expect("event") {
-            if take(&mut t, m.event.expect("e")) {
-                break;
-            }
-        }
+        finish(&mut w, &mut t).await;
         assert_eq!(
             t.text,
             "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12 t13 t14 t15 t16 t17 t18 t19 "
@@ -2069,15 +1942,8 @@ async fn watchers_share_one_subscription_and_a_lagging_watcher_catches_up() {
         })
         .await
     );
-    let mut t = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = w.message().await.expect("event") {
-        if take(&mut t, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut t = Turn::default();
+    finish(&mut w, &mut t).await;
     assert!(t.offsets_ok, "no gap, no overlap");
     assert_eq!(t.text.len(), expected.len());
     assert_eq!(t.text, expected);
@@ -2085,6 +1951,21 @@ async fn watchers_share_one_subscription_and_a_lagging_watcher_catches_up() {
         t.completed.expect("done").status,
         pb::MessageStatus::Completed as i32
     );
+}
+
+async fn session_status(c: &mut ChatServiceClient<Channel>, token: &str, id: &str) -> i32 {
+    c.get_session(bearer(
+        pb::GetSessionRequest {
+            session_id: id.into(),
+        },
+        token,
+    ))
+    .await
+    .expect("get")
+    .into_inner()
+    .session
+    .expect("session")
+    .status
 }
 
 /// Moves session `id`'s last activity `ago` into the past.
@@ -2154,19 +2035,10 @@ async fn session_statuses_follow_activity_and_govern_what_is_allowed() {
             .len(),
         3
     );
-    let got = c
-        .get_session(bearer(
-            pb::GetSessionRequest {
-                session_id: idle.id.clone(),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("get")
-        .into_inner()
-        .session
-        .expect("s");
-    assert_eq!(got.status, pb::SessionStatus::Inactive as i32);
+    assert_eq!(
+        session_status(&mut c, &r.token, &idle.id).await,
+        pb::SessionStatus::Inactive as i32
+    );
 
     // Sending into an INACTIVE session works and reactivates it.
     let turn = send_message(&mut c, &r.token, send(&idle.id, "back again", ""))
@@ -2231,15 +2103,8 @@ async fn session_statuses_follow_activity_and_govern_what_is_allowed() {
         .await
         .expect("watch")
         .into_inner();
-    let mut watched = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = watch.message().await.expect("e") {
-        if take(&mut watched, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut watched = Turn::default();
+    finish(&mut watch, &mut watched).await;
     assert_eq!(watched.text, "Hello world");
     c.delete_session(bearer(
         pb::DeleteSessionRequest {
@@ -2274,15 +2139,7 @@ async fn every_chat_rpc_validates_its_input_and_hides_other_users_things() {
         .await
         .expect("send")
         .into_inner();
-    let Some(Ev::Accepted(acc)) = stream
-        .message()
-        .await
-        .expect("e")
-        .expect("some")
-        .event
-        .expect("e")
-        .event
-    else {
+    let Some(Ev::Accepted(acc)) = next_event(&mut stream).await.event else {
         panic!("accepted")
     };
     let reply = acc.assistant_message_id.clone();
@@ -2549,10 +2406,7 @@ async fn failed_replies_say_why_keep_what_they_had_and_how_long_to_wait() {
         .expect("send")
         .into_inner();
     let mut t = Turn::default();
-    while t.text.is_empty() {
-        let e = first.message().await.expect("e").expect("some");
-        take(&mut t, e.event.expect("e"));
-    }
+    read_until(&mut first, &mut t, |t| !t.text.is_empty()).await;
     let turn = send_message(&mut c, &r.token, send(&other.id, "me too", "m2"))
         .await
         .expect("turn");
@@ -2601,14 +2455,8 @@ async fn chat_metrics_count_streams_generations_ttft_and_throughput() {
         .await
         .expect("send")
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.is_empty() {
-        let e = stream.message().await.expect("e").expect("some");
-        take(&mut turn, e.event.expect("e"));
-    }
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| !t.text.is_empty()).await;
     let during = scrape().await;
     assert_eq!(
         metric_value(&during, "trellis_chat_generating "),
@@ -2616,11 +2464,7 @@ async fn chat_metrics_count_streams_generations_ttft_and_throughput() {
         "{during}"
     );
     assert_eq!(metric_value(&during, "trellis_chat_active_streams "), 1.0);
-    while let Some(m) = stream.message().await.expect("e") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    finish(&mut stream, &mut turn).await;
     drop(stream);
     let settled = eventually(Duration::from_secs(3), || async {
         let now = scrape().await;
@@ -2661,14 +2505,8 @@ async fn a_growing_reply_is_stored_as_it_grows() {
         .await
         .expect("send")
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.len() < 20 {
-        let e = stream.message().await.expect("e").expect("some");
-        take(&mut turn, e.event.expect("e"));
-    }
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 20).await;
     // Within a flush interval or two (250 ms), the stored reply has what
     // was streamed, while it is still STREAMING.
     let mut seen = Vec::new();
@@ -2678,11 +2516,7 @@ async fn a_growing_reply_is_stored_as_it_grows() {
         assert_eq!(all[1].status, pb::MessageStatus::Streaming as i32);
         seen.push(all[1].content.clone());
     }
-    while let Some(m) = stream.message().await.expect("e") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    finish(&mut stream, &mut turn).await;
     assert!(seen[0].len() >= 20, "{seen:?}");
     assert!(seen[1].len() > seen[0].len(), "it keeps growing: {seen:?}");
     for partial in &seen {
@@ -2710,15 +2544,10 @@ async fn watch_all(
         .expect("watch")
         .into_inner();
     let mut t = Turn {
-        offsets_ok: true,
         text: prefix.into(),
         ..Default::default()
     };
-    while let Some(m) = w.message().await.expect("event") {
-        if take(&mut t, m.event.expect("e")) {
-            break;
-        }
-    }
+    finish(&mut w, &mut t).await;
     t
 }
 
@@ -2797,22 +2626,12 @@ async fn a_finished_reply_replays_as_it_was_sent_and_resumes_mid_stream_elsewher
         .await
         .expect("send")
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.len() < 9 {
-        let e = stream.message().await.expect("e").expect("some");
-        take(&mut turn, e.event.expect("e"));
-    }
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 9).await;
     let got = turn.text.clone();
     let id = turn.accepted.clone().expect("a").assistant_message_id;
     let resumed = watch_all(&mut b, &token, &id, got.len() as i64, &got).await;
-    while let Some(m) = stream.message().await.expect("e") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    finish(&mut stream, &mut turn).await;
     assert!(resumed.offsets_ok, "continues exactly where the client was");
     assert_eq!(resumed.text, turn.text);
     assert_eq!(
@@ -2928,14 +2747,8 @@ async fn turn_overrides_session_updates_deletion_and_the_preferences_cache() {
         .await
         .expect("send")
         .into_inner();
-    let mut t = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while t.text.is_empty() {
-        let e = stream.message().await.expect("e").expect("some");
-        take(&mut t, e.event.expect("e"));
-    }
+    let mut t = Turn::default();
+    read_until(&mut stream, &mut t, |t| !t.text.is_empty()).await;
     c.delete_session(bearer(
         pb::DeleteSessionRequest {
             session_id: other.id.clone(),
@@ -2944,11 +2757,7 @@ async fn turn_overrides_session_updates_deletion_and_the_preferences_cache() {
     ))
     .await
     .expect("delete");
-    while let Some(m) = stream.message().await.expect("e") {
-        if take(&mut t, m.event.expect("e")) {
-            break;
-        }
-    }
+    finish(&mut stream, &mut t).await;
     assert_eq!(
         t.completed.expect("completed").status,
         pb::MessageStatus::Cancelled as i32

@@ -85,6 +85,45 @@ fn duration_pb(d: Duration) -> prost_types::Duration {
     }
 }
 
+/// Why a generation ended before its model did.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// Cancelled, or interrupted by shutdown.
+    Stopped(Option<Stop>),
+    /// The client's deadline passed.
+    Deadline,
+}
+
+impl Cut {
+    fn record(self, ending: &mut Ending, code: &mut Code) {
+        match self {
+            Cut::Stopped(Some(Stop::Cancel)) => ending.status = messages::CANCELLED,
+            Cut::Stopped(_) => ending.status = messages::INTERRUPTED,
+            Cut::Deadline => {
+                ending.status = messages::FAILED;
+                *code = Code::DeadlineExceeded;
+                ending.error = "the request's deadline passed while the reply was generated; \
+                                the partial reply is kept"
+                    .into();
+            }
+        }
+    }
+}
+
+/// Runs one phase of a generation unless a stop or the deadline comes first.
+async fn unless_cut<F: Future>(
+    stop: &mut watch::Receiver<Option<Stop>>,
+    expired: std::pin::Pin<&mut impl Future<Output = ()>>,
+    phase: F,
+) -> Result<F::Output, Cut> {
+    tokio::select! {
+        biased;
+        _ = stop.changed() => Err(Cut::Stopped(*stop.borrow())),
+        _ = expired => Err(Cut::Deadline),
+        out = phase => Ok(out),
+    }
+}
+
 /// The RetryInfo delay a status carries, if any.
 pub fn retry_delay(s: &tonic::Status) -> Option<prost_types::Duration> {
     use tonic_types::StatusExt;
@@ -304,10 +343,6 @@ impl Engine {
         ttft: &mut Option<Duration>,
     ) -> Result<(), ChatError> {
         let t0 = Instant::now();
-        let stopped = |s: Option<Stop>| match s {
-            Some(Stop::Cancel) => messages::CANCELLED,
-            _ => messages::INTERRUPTED,
-        };
         // The conversation so far, the session's instructions and the
         // user's preferences.
         let history = {
@@ -333,28 +368,17 @@ impl Engine {
             }
         };
         tokio::pin!(expired);
-        let past_deadline = |ending: &mut Ending, code: &mut Code| {
-            ending.status = messages::FAILED;
-            *code = Code::DeadlineExceeded;
-            ending.error = "the request's deadline passed while the reply was generated; \
-                            the partial reply is kept"
-                .into();
-        };
         let mut system = job.session.system_prompt.clone();
         // Bounded by chat.preferences_timeout; a cancel or shutdown does not
         // wait for it.
-        let prefs = tokio::select! {
-            biased;
-            _ = stop.changed() => {
-                ending.status = stopped(*stop.borrow());
-                return Ok(());
-            }
-            _ = &mut expired => {
-                past_deadline(ending, code);
-                return Ok(());
-            }
-            line = self.prefs.line(&job.ctx, job.user) => line,
-        };
+        let prefs =
+            match unless_cut(stop, expired.as_mut(), self.prefs.line(&job.ctx, job.user)).await {
+                Ok(line) => line,
+                Err(cut) => {
+                    cut.record(ending, code);
+                    return Ok(());
+                }
+            };
         if let Some(line) = prefs {
             if !system.is_empty() {
                 system.push_str("\n\n");
@@ -388,23 +412,21 @@ impl Engine {
             .client(ServiceName::Llm, &job.ctx, LlmServiceClient::new)
             .map_err(ChatError::Upstream)?;
         ending.provider.clear();
-        let opened = tokio::select! {
-            biased;
-            _ = stop.changed() => {
-                ending.status = stopped(*stop.borrow());
+        let request = client.generate_stream(lpb::GenerateStreamRequest {
+            params: Some(params),
+        });
+        let opened = match unless_cut(stop, expired.as_mut(), request).await {
+            Ok(r) => r,
+            Err(cut) => {
+                cut.record(ending, code);
                 return Ok(());
             }
-            _ = &mut expired => {
-                past_deadline(ending, code);
-                return Ok(());
-            }
-            r = client.generate_stream(lpb::GenerateStreamRequest { params: Some(params) }) => r,
         };
         let passed = || deadline.is_some_and(|d| Instant::now() >= d);
         let mut stream = match opened {
             Ok(r) => r.into_inner(),
             Err(_) if passed() => {
-                past_deadline(ending, code);
+                Cut::Deadline.record(ending, code);
                 return Ok(());
             }
             Err(s) => {
@@ -422,11 +444,11 @@ impl Engine {
             tokio::select! {
                 biased;
                 _ = stop.changed() => {
-                    ending.status = stopped(*stop.borrow());
+                    Cut::Stopped(*stop.borrow()).record(ending, code);
                     break;
                 }
                 _ = &mut expired => {
-                    past_deadline(ending, code);
+                    Cut::Deadline.record(ending, code);
                     break;
                 }
                 _ = flush.tick(), if dirty => {
@@ -515,7 +537,7 @@ impl Engine {
                         break;
                     }
                     Err(_) if passed() => {
-                        past_deadline(ending, code);
+                        Cut::Deadline.record(ending, code);
                         break;
                     }
                     Err(s) => {
