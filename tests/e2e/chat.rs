@@ -148,6 +148,18 @@ fn take(turn: &mut Turn, e: pb::ChatEvent) -> bool {
     false
 }
 
+/// Starts a SendMessage turn; its events are left to read.
+async fn open_send(
+    c: &mut ChatServiceClient<Channel>,
+    token: &str,
+    s: pb::Send,
+) -> tonic::Streaming<pb::SendMessageResponse> {
+    c.send_message(bearer(pb::SendMessageRequest { send: Some(s) }, token))
+        .await
+        .expect("send")
+        .into_inner()
+}
+
 async fn send_message(
     c: &mut ChatServiceClient<Channel>,
     token: &str,
@@ -631,16 +643,7 @@ async fn a_second_send_while_generating_is_refused_and_resends_are_idempotent() 
     let s = new_session(&mut c, &r.token, "fast").await;
     r.primary
         .push([Script::slow(6, Duration::from_millis(100))]);
-    let mut first = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "slow one", "k1")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("first")
-        .into_inner();
+    let mut first = open_send(&mut c, &r.token, send(&s.id, "slow one", "k1")).await;
     let accepted = match next_event(&mut first).await.event {
         Some(Ev::Accepted(a)) => a,
         other => panic!("{other:?}"),
@@ -681,16 +684,7 @@ async fn cancel_stops_the_upstream_and_keeps_the_partial_reply() {
     let s = new_session(&mut c, &r.token, "fast").await;
     r.primary
         .push([Script::slow(40, Duration::from_millis(100))]);
-    let mut stream = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "long", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "long", "")).await;
     let mut turn = Turn::default();
     read_until(&mut stream, &mut turn, |t| t.text.len() >= 6).await;
     let id = turn
@@ -754,16 +748,7 @@ async fn a_reply_outlives_its_client_and_can_be_regenerated() {
     let mut c = chat(&r.mesh).await;
     let s = new_session(&mut c, &r.token, "fast").await;
     r.primary.push([Script::slow(8, Duration::from_millis(50))]);
-    let mut stream = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "go on", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "go on", "")).await;
     let accepted = match next_event(&mut stream).await.event {
         Some(Ev::Accepted(a)) => a,
         other => panic!("{other:?}"),
@@ -872,16 +857,7 @@ async fn watch_and_cancel_work_from_another_server() {
     let mut b = chat(&meshes[1]).await;
     let s = new_session(&mut a, &token, "fast").await;
     primary.push([Script::slow(10, Duration::from_millis(80))]);
-    let mut stream = a
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "tell me", "")),
-            },
-            &token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut a, &token, send(&s.id, "tell me", "")).await;
     let mut turn = Turn::default();
     read_until(&mut stream, &mut turn, |t| t.text.len() >= 6).await;
     let id = turn
@@ -931,16 +907,7 @@ async fn watch_and_cancel_work_from_another_server() {
 
     // Cancel on B stops a generation running on A.
     primary.push([Script::slow(50, Duration::from_millis(80))]);
-    let mut stream = a
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "again", "")),
-            },
-            &token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut a, &token, send(&s.id, "again", "")).await;
     let mut turn = Turn::default();
     read_until(&mut stream, &mut turn, |t| t.text.len() >= 3).await;
     let id = turn
@@ -1184,16 +1151,7 @@ async fn shutdown_leaves_every_reply_completed_or_interrupted() {
     let mut sessions = Vec::new();
     for _ in 0..3 {
         let s = new_session(&mut c, &token, "fast").await;
-        let mut st = c
-            .send_message(bearer(
-                pb::SendMessageRequest {
-                    send: Some(send(&s.id, "long", "")),
-                },
-                &token,
-            ))
-            .await
-            .expect("send")
-            .into_inner();
+        let mut st = open_send(&mut c, &token, send(&s.id, "long", "")).await;
         // Wait for the first delta.
         loop {
             let e = next_event(&mut st).await;
@@ -1406,16 +1364,7 @@ async fn a_slow_reader_stalls_nobody_and_still_gets_every_byte() {
         first_delay: Duration::ZERO,
         gap: Duration::ZERO,
     }]);
-    let mut slow = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&slow_session.id, "flood me", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut slow = open_send(&mut c, &r.token, send(&slow_session.id, "flood me", "")).await;
     let first = next_event(&mut slow).await;
     assert!(matches!(first.event, Some(Ev::Accepted(_))));
     // While the slow reader reads nothing, another conversation completes.
@@ -1695,16 +1644,7 @@ async fn a_slow_preferences_fetch_is_bounded_and_cancellable() {
 
     // Cancelled while the preferences are being fetched: stopped at once.
     let t = std::time::Instant::now();
-    let mut stream = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "cancel me", "")),
-            },
-            &token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut c, &token, send(&s.id, "cancel me", "")).await;
     let Some(Ev::Accepted(a)) = next_event(&mut stream).await.event else {
         panic!("accepted first")
     };
@@ -1828,16 +1768,7 @@ async fn watchers_share_one_subscription_and_a_lagging_watcher_catches_up() {
 
     // Five watchers of one reply on server B: one Redis subscription.
     primary.push([Script::slow(20, Duration::from_millis(60))]);
-    let mut stream = a
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "watch this", "")),
-            },
-            &token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut a, &token, send(&s.id, "watch this", "")).await;
     let mut turn = Turn::default();
     read_until(&mut stream, &mut turn, |t| !t.text.is_empty()).await;
     let id = turn.accepted.clone().expect("a").assistant_message_id;
@@ -2129,16 +2060,7 @@ async fn every_chat_rpc_validates_its_input_and_hides_other_users_things() {
     let other = access(&register(&mut auth(&meshes[0]).await, "nosy").await);
     let s = new_session(&mut a, &token, "fast").await;
     primary.push([Script::slow(30, Duration::from_millis(60))]);
-    let mut stream = a
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "mine", "")),
-            },
-            &token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut a, &token, send(&s.id, "mine", "")).await;
     let Some(Ev::Accepted(acc)) = next_event(&mut stream).await.event else {
         panic!("accepted")
     };
@@ -2395,16 +2317,7 @@ async fn failed_replies_say_why_keep_what_they_had_and_how_long_to_wait() {
     r.primary
         .push([Script::slow(20, Duration::from_millis(100))]);
     let other = new_session(&mut c, &r.token, "fast").await;
-    let mut first = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "long one", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut first = open_send(&mut c, &r.token, send(&s.id, "long one", "")).await;
     let mut t = Turn::default();
     read_until(&mut first, &mut t, |t| !t.text.is_empty()).await;
     let turn = send_message(&mut c, &r.token, send(&other.id, "me too", "m2"))
@@ -2445,16 +2358,7 @@ async fn chat_metrics_count_streams_generations_ttft_and_throughput() {
     );
     r.primary
         .push([Script::slow(10, Duration::from_millis(100))]);
-    let mut stream = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "measure me", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "measure me", "")).await;
     let mut turn = Turn::default();
     read_until(&mut stream, &mut turn, |t| !t.text.is_empty()).await;
     let during = scrape().await;
@@ -2495,16 +2399,7 @@ async fn a_growing_reply_is_stored_as_it_grows() {
     let s = new_session(&mut c, &r.token, "fast").await;
     r.primary
         .push([Script::slow(30, Duration::from_millis(100))]);
-    let mut stream = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "grow", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "grow", "")).await;
     let mut turn = Turn::default();
     read_until(&mut stream, &mut turn, |t| t.text.len() >= 20).await;
     // Within a flush interval or two (250 ms), the stored reply has what
@@ -2616,16 +2511,7 @@ async fn a_finished_reply_replays_as_it_was_sent_and_resumes_mid_stream_elsewher
 
     // Resuming mid-stream on the other server from the bytes received.
     primary.push([Script::slow(20, Duration::from_millis(60))]);
-    let mut stream = a
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "stream it", "")),
-            },
-            &token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut a, &token, send(&s.id, "stream it", "")).await;
     let mut turn = Turn::default();
     read_until(&mut stream, &mut turn, |t| t.text.len() >= 9).await;
     let got = turn.text.clone();
@@ -2737,16 +2623,7 @@ async fn turn_overrides_session_updates_deletion_and_the_preferences_cache() {
     r.primary
         .push([Script::slow(50, Duration::from_millis(60))]);
     let other = new_session(&mut c, &r.token, "fast").await;
-    let mut stream = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&other.id, "long", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
+    let mut stream = open_send(&mut c, &r.token, send(&other.id, "long", "")).await;
     let mut t = Turn::default();
     read_until(&mut stream, &mut t, |t| !t.text.is_empty()).await;
     c.delete_session(bearer(
