@@ -114,7 +114,7 @@ impl Registry {
 /// Publishing and subscribing across replicas.
 #[derive(Debug, Clone)]
 pub struct Fanout {
-    pub store: Store,
+    store: Store,
 }
 
 impl Fanout {
