@@ -1476,16 +1476,25 @@ async fn only_replies_whose_replica_is_gone_are_swept() {
     let mut c = chat(&r.mesh).await;
     let s = new_session(&mut c, &r.token, "fast").await;
     // The first token takes five sweep thresholds: the reply is alive
-    // (heartbeat) all along, so it completes with its content.
+    // (heartbeat) all along — never swept — and completes with its content.
     r.primary.push([Script::Stream {
         pieces: vec!["slow".into(), " start".into()],
         usage: Some((3, 2)),
         first_delay: Duration::from_millis(1500),
         gap: Duration::ZERO,
     }]);
-    let turn = send_message(&mut c, &r.token, send(&s.id, "take your time", ""))
-        .await
-        .expect("turn");
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "take your time", "")).await;
+    let Some(Ev::Accepted(a)) = next_event(&mut stream).await.event else {
+        panic!("accepted first")
+    };
+    let waiting = std::time::Instant::now();
+    while waiting.elapsed() < Duration::from_millis(1200) {
+        let now = status_of(&mut c, &r.token, &s.id, &a.assistant_message_id).await;
+        assert_eq!(now, pb::MessageStatus::Streaming, "swept while alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut turn = Turn::default();
+    finish(&mut stream, &mut turn).await;
     assert!(turn.failed.is_none(), "{:?}", turn.failed);
     assert_eq!(turn.text, "slow start");
     let stored = messages(&mut c, &r.token, &s.id).await;
