@@ -13,7 +13,7 @@ use trellis_core::ServiceName;
 use trellis_proto::chat::v1 as pb;
 use trellis_proto::chat::v1::chat_event::Event as Ev;
 use trellis_proto::chat::v1::chat_service_client::ChatServiceClient;
-use trellis_tests::{FakeLlm, Script, TestMesh, split_with};
+use trellis_tests::{FakeLlm, Script, TestMesh, echo_reply, split_with};
 
 use crate::auth::{access, auth, bearer, register, violations};
 use crate::llm::{Rig, configure, rig};
@@ -50,7 +50,7 @@ fn send(session: &str, content: &str, cid: &str) -> pb::Send {
 }
 
 /// What one turn produced.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Turn {
     accepted: Option<pb::Accepted>,
     text: String,
@@ -58,6 +58,73 @@ struct Turn {
     citations: Vec<pb::Citation>,
     completed: Option<pb::Completed>,
     failed: Option<pb::Failed>,
+}
+
+impl Default for Turn {
+    fn default() -> Turn {
+        Turn {
+            accepted: None,
+            text: String::new(),
+            offsets_ok: true,
+            citations: Vec::new(),
+            completed: None,
+            failed: None,
+        }
+    }
+}
+
+/// A server stream of chat events (SendMessage, WatchMessage, Regenerate).
+trait Events {
+    fn into_event(self) -> pb::ChatEvent;
+}
+
+macro_rules! events {
+    ($($t:ty),*) => {$(
+        impl Events for $t {
+            fn into_event(self) -> pb::ChatEvent {
+                self.event.expect("every response carries an event")
+            }
+        }
+    )*};
+}
+events!(
+    pb::ConverseResponse,
+    pb::SendMessageResponse,
+    pb::WatchMessageResponse,
+    pb::RegenerateMessageResponse
+);
+
+/// Reads `stream` into `turn` until `done` holds (or the turn ends).
+async fn read_until<T: Events>(
+    stream: &mut tonic::Streaming<T>,
+    turn: &mut Turn,
+    done: impl Fn(&Turn) -> bool,
+) {
+    while !done(turn) {
+        let m = stream
+            .message()
+            .await
+            .expect("the stream is healthy")
+            .expect("the stream is open");
+        if take(turn, m.into_event()) {
+            return;
+        }
+    }
+}
+
+/// The next event of `stream`.
+async fn next_event<T: Events>(stream: &mut tonic::Streaming<T>) -> pb::ChatEvent {
+    stream
+        .message()
+        .await
+        .expect("the stream is healthy")
+        .expect("the stream is open")
+        .into_event()
+}
+
+/// Reads `stream` into `turn` up to the turn's final event.
+async fn finish<T: Events>(stream: &mut tonic::Streaming<T>, turn: &mut Turn) {
+    read_until(stream, turn, |_| false).await
 }
 
 fn take(turn: &mut Turn, e: pb::ChatEvent) -> bool {
@@ -76,9 +143,21 @@ fn take(turn: &mut Turn, e: pb::ChatEvent) -> bool {
             turn.failed = Some(f);
             return true;
         }
-        None => {}
+        Some(Ev::Authenticated(_)) | None => {}
     }
     false
+}
+
+/// Starts a SendMessage turn; its events are left to read.
+async fn open_send(
+    c: &mut ChatServiceClient<Channel>,
+    token: &str,
+    s: pb::Send,
+) -> tonic::Streaming<pb::SendMessageResponse> {
+    c.send_message(bearer(pb::SendMessageRequest { send: Some(s) }, token))
+        .await
+        .expect("send")
+        .into_inner()
 }
 
 async fn send_message(
@@ -90,16 +169,133 @@ async fn send_message(
         .send_message(bearer(pb::SendMessageRequest { send: Some(s) }, token))
         .await?
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
+    let mut turn = Turn::default();
     while let Some(m) = stream.message().await? {
         if take(&mut turn, m.event.expect("event")) {
             break;
         }
     }
     Ok(turn)
+}
+
+/// A Converse stream: actions in, events out.
+struct Conv {
+    tx: tokio::sync::mpsc::Sender<pb::ConverseRequest>,
+    rx: tonic::Streaming<pb::ConverseResponse>,
+}
+
+impl Conv {
+    async fn open(c: &mut ChatServiceClient<Channel>, token: &str) -> Conv {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let rx = c
+            .converse(bearer(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                token,
+            ))
+            .await
+            .expect("converse")
+            .into_inner();
+        Conv { tx, rx }
+    }
+
+    async fn act(&self, action: pb::converse_request::Action) {
+        self.tx
+            .send(pb::ConverseRequest {
+                action: Some(action),
+            })
+            .await
+            .expect("the stream takes actions");
+    }
+
+    async fn send(&self, s: pb::Send) {
+        self.act(pb::converse_request::Action::Send(s)).await
+    }
+
+    async fn cancel(&self, message_id: &str) {
+        self.act(pb::converse_request::Action::Cancel(pb::Cancel {
+            message_id: message_id.into(),
+        }))
+        .await
+    }
+
+    async fn authenticate(&self, token: &str) {
+        self.act(pb::converse_request::Action::Authenticate(
+            pb::Authenticate {
+                access_token: token.into(),
+            },
+        ))
+        .await
+    }
+
+    /// The next event (a test failure after 15 s without one).
+    async fn next(&mut self) -> Ev {
+        let m = tokio::time::timeout(Duration::from_secs(15), self.rx.message())
+            .await
+            .expect("an event within 15 s")
+            .expect("the stream is healthy")
+            .expect("the stream is open");
+        m.event.expect("event").event.expect("event")
+    }
+
+    /// The events of one turn, up to its final event.
+    async fn turn(&mut self) -> Turn {
+        let mut turn = Turn::default();
+        loop {
+            let e = self.next().await;
+            if take(&mut turn, pb::ChatEvent { event: Some(e) }) {
+                return turn;
+            }
+        }
+    }
+
+    /// Turns in flight at once on this stream (other sessions), until each
+    /// has its final event: by client message id, events matched to their
+    /// turn by the reply's id.
+    async fn turns(&mut self, n: usize) -> std::collections::HashMap<String, Turn> {
+        let mut by_reply: std::collections::HashMap<String, Turn> = Default::default();
+        let mut done = 0;
+        while done < n {
+            let e = self.next().await;
+            let id = match &e {
+                Ev::Accepted(a) => a.assistant_message_id.clone(),
+                Ev::Delta(d) => d.message_id.clone(),
+                Ev::Citations(c) => c.message_id.clone(),
+                Ev::Completed(c) => c.message_id.clone(),
+                Ev::Failed(f) => f.message_id.clone(),
+                Ev::Authenticated(_) => continue,
+            };
+            let turn = by_reply.entry(id).or_default();
+            if take(turn, pb::ChatEvent { event: Some(e) }) {
+                done += 1;
+            }
+        }
+        by_reply
+            .into_values()
+            .map(|t| {
+                let cid = t
+                    .accepted
+                    .as_ref()
+                    .map(|a| a.client_message_id.clone())
+                    .unwrap_or_default();
+                (cid, t)
+            })
+            .collect()
+    }
+}
+
+/// A new access token for the rig's user (it logs in again).
+async fn fresh_token(mesh: &TestMesh) -> String {
+    crate::auth::login(&mut auth(mesh).await, "llmuser", crate::auth::PASSWORD)
+        .await
+        .expect("login")
+        .access_token
+}
+
+fn failure(e: Ev) -> pb::Failed {
+    match e {
+        Ev::Failed(f) => f,
+        other => panic!("expected a failed event, got {other:?}"),
+    }
 }
 
 async fn messages(
@@ -325,15 +521,8 @@ async fn converse_carries_many_turns_in_order_with_history() {
         })
         .await
         .expect("send");
-        let mut turn = Turn {
-            offsets_ok: true,
-            ..Default::default()
-        };
-        while let Some(m) = inbound.message().await.expect("event") {
-            if take(&mut turn, m.event.expect("event")) {
-                break;
-            }
-        }
+        let mut turn = Turn::default();
+        finish(&mut inbound, &mut turn).await;
         let accepted = turn.accepted.expect("accepted");
         assert_eq!(accepted.client_message_id, format!("c{i}"));
         assert!(!accepted.duplicate);
@@ -454,25 +643,8 @@ async fn a_second_send_while_generating_is_refused_and_resends_are_idempotent() 
     let s = new_session(&mut c, &r.token, "fast").await;
     r.primary
         .push([Script::slow(6, Duration::from_millis(100))]);
-    let mut first = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "slow one", "k1")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("first")
-        .into_inner();
-    let accepted = match first
-        .message()
-        .await
-        .expect("event")
-        .expect("some")
-        .event
-        .expect("e")
-        .event
-    {
+    let mut first = open_send(&mut c, &r.token, send(&s.id, "slow one", "k1")).await;
+    let accepted = match next_event(&mut first).await.event {
         Some(Ev::Accepted(a)) => a,
         other => panic!("{other:?}"),
     };
@@ -512,24 +684,9 @@ async fn cancel_stops_the_upstream_and_keeps_the_partial_reply() {
     let s = new_session(&mut c, &r.token, "fast").await;
     r.primary
         .push([Script::slow(40, Duration::from_millis(100))]);
-    let mut stream = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "long", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.len() < 6 {
-        let e = stream.message().await.expect("event").expect("some");
-        take(&mut turn, e.event.expect("e"));
-    }
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "long", "")).await;
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 6).await;
     let id = turn
         .accepted
         .as_ref()
@@ -559,11 +716,7 @@ async fn cancel_stops_the_upstream_and_keeps_the_partial_reply() {
         .expect("cancel")
         .into_inner();
     assert!(res.cancelled);
-    while let Some(e) = stream.message().await.expect("event") {
-        if take(&mut turn, e.event.expect("e")) {
-            break;
-        }
-    }
+    finish(&mut stream, &mut turn).await;
     let done = turn.completed.expect("completed");
     assert_eq!(done.status, pb::MessageStatus::Cancelled as i32);
     assert!(
@@ -595,25 +748,8 @@ async fn a_reply_outlives_its_client_and_can_be_regenerated() {
     let mut c = chat(&r.mesh).await;
     let s = new_session(&mut c, &r.token, "fast").await;
     r.primary.push([Script::slow(8, Duration::from_millis(50))]);
-    let mut stream = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "go on", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
-    let accepted = match stream
-        .message()
-        .await
-        .expect("e")
-        .expect("some")
-        .event
-        .expect("e")
-        .event
-    {
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "go on", "")).await;
+    let accepted = match next_event(&mut stream).await.event {
         Some(Ev::Accepted(a)) => a,
         other => panic!("{other:?}"),
     };
@@ -642,15 +778,8 @@ async fn a_reply_outlives_its_client_and_can_be_regenerated() {
         .await
         .expect("regenerate")
         .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = regen.message().await.expect("event") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut turn = Turn::default();
+    finish(&mut regen, &mut turn).await;
     assert_eq!(turn.text, "Hello world");
     let a = turn.accepted.expect("accepted");
     assert_eq!(a.user_message_id, accepted.user_message_id);
@@ -728,32 +857,9 @@ async fn watch_and_cancel_work_from_another_server() {
     let mut b = chat(&meshes[1]).await;
     let s = new_session(&mut a, &token, "fast").await;
     primary.push([Script::slow(10, Duration::from_millis(80))]);
-    let mut stream = a
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "tell me", "")),
-            },
-            &token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.len() < 6 {
-        take(
-            &mut turn,
-            stream
-                .message()
-                .await
-                .expect("e")
-                .expect("some")
-                .event
-                .expect("e"),
-        );
-    }
+    let mut stream = open_send(&mut a, &token, send(&s.id, "tell me", "")).await;
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 6).await;
     let id = turn
         .accepted
         .as_ref()
@@ -772,15 +878,8 @@ async fn watch_and_cancel_work_from_another_server() {
         .await
         .expect("watch")
         .into_inner();
-    let mut watched = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = watch.message().await.expect("watch event") {
-        if take(&mut watched, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut watched = Turn::default();
+    finish(&mut watch, &mut watched).await;
     assert_eq!(watched.text, "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 ");
     assert!(watched.offsets_ok, "contiguous offsets");
     assert_eq!(
@@ -799,13 +898,7 @@ async fn watch_and_cancel_work_from_another_server() {
         .await
         .expect("resume")
         .into_inner();
-    let first = resumed
-        .message()
-        .await
-        .expect("e")
-        .expect("some")
-        .event
-        .expect("e");
+    let first = next_event(&mut resumed).await;
     let Some(Ev::Delta(d)) = first.event else {
         panic!("{first:?}")
     };
@@ -814,32 +907,9 @@ async fn watch_and_cancel_work_from_another_server() {
 
     // Cancel on B stops a generation running on A.
     primary.push([Script::slow(50, Duration::from_millis(80))]);
-    let mut stream = a
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&s.id, "again", "")),
-            },
-            &token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while turn.text.len() < 3 {
-        take(
-            &mut turn,
-            stream
-                .message()
-                .await
-                .expect("e")
-                .expect("some")
-                .event
-                .expect("e"),
-        );
-    }
+    let mut stream = open_send(&mut a, &token, send(&s.id, "again", "")).await;
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 3).await;
     let id = turn
         .accepted
         .as_ref()
@@ -855,11 +925,7 @@ async fn watch_and_cancel_work_from_another_server() {
         .expect("cancel")
         .into_inner();
     assert!(res.cancelled);
-    while let Some(m) = stream.message().await.expect("event") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    finish(&mut stream, &mut turn).await;
     assert_eq!(
         turn.completed.expect("completed").status,
         pb::MessageStatus::Cancelled as i32
@@ -873,32 +939,191 @@ async fn watch_and_cancel_work_from_another_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_concurrent_conversations_all_complete() {
-    // The pool of a real deployment, not the suite's small default.
+async fn a_hundred_concurrent_conversations_all_get_their_own_reply() {
+    // The pool of a real deployment, not the suite's small default; health
+    // probes patient enough for a loaded test machine.
     let r = rig(|c| {
         c.database.pool_size = 16;
         c.database.acquire_timeout = Duration::from_secs(5);
+        c.server.health_check_interval = Duration::from_secs(2);
     })
     .await;
+    r.primary.set_fallback(Script::Echo {
+        gap: Duration::from_millis(5),
+    });
     let c = chat(&r.mesh).await;
     let mut tasks = Vec::new();
-    for i in 0..100 {
+    // 70 over SendMessage, one conversation each.
+    for i in 0..70 {
         let mut c = c.clone();
         let token = r.token.clone();
         tasks.push(tokio::spawn(async move {
             let s = new_session(&mut c, &token, "fast").await;
-            let turn = send_message(&mut c, &token, send(&s.id, &format!("hello {i}"), ""))
+            let q = format!("question number {i} of the browsers");
+            let turn = send_message(&mut c, &token, send(&s.id, &q, ""))
                 .await
                 .expect("turn");
-            (turn.text, turn.completed.map(|d| d.status), turn.failed)
+            assert!(turn.offsets_ok);
+            vec![(q, turn)]
         }));
     }
-    for t in tasks {
-        let (text, status, failed) = t.await.expect("task");
-        assert_eq!(text, "Hello world", "{failed:?}");
-        assert_eq!(status, Some(pb::MessageStatus::Completed as i32));
+    // 30 over 10 Converse streams, three conversations in flight on each.
+    for i in 0..10 {
+        let mut c = c.clone();
+        let token = r.token.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conv = Conv::open(&mut c, &token).await;
+            let mut questions = Vec::new();
+            for j in 0..3 {
+                let s = new_session(&mut c, &token, "fast").await;
+                let q = format!("stream {i} conversation {j}");
+                conv.send(send(&s.id, &q, &q)).await;
+                questions.push(q);
+            }
+            let mut turns = conv.turns(3).await;
+            questions
+                .into_iter()
+                .map(|q| {
+                    let t = turns.remove(&q).expect("a turn per question");
+                    (q, t)
+                })
+                .collect()
+        }));
     }
+    let mut n = 0;
+    for t in tasks {
+        for (q, turn) in t.await.expect("task") {
+            assert_eq!(turn.text, echo_reply(&q), "{:?}", turn.failed);
+            assert!(turn.offsets_ok, "{q}");
+            assert_eq!(
+                turn.completed.map(|d| d.status),
+                Some(pb::MessageStatus::Completed as i32)
+            );
+            n += 1;
+        }
+    }
+    assert_eq!(n, 100);
     assert_eq!(r.primary.hits(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converse_keeps_turns_apart_refuses_a_busy_session_and_cancels() {
+    let r = rig(|_| {}).await;
+    r.primary.set_fallback(Script::echo());
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    let mut conv = Conv::open(&mut c, &r.token).await;
+    // Many turns, one after another: each its own reply, in order.
+    for i in 0..12 {
+        let q = format!("turn {i}: {}", "abc".repeat(i));
+        conv.send(send(&s.id, &q, &format!("t{i}"))).await;
+        let turn = conv.turn().await;
+        assert_eq!(turn.accepted.expect("a").client_message_id, format!("t{i}"));
+        assert_eq!(turn.text, echo_reply(&q));
+        assert!(turn.offsets_ok);
+    }
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored.len(), 24);
+    for (i, pair) in stored.chunks(2).enumerate() {
+        assert_eq!(pair[1].content, echo_reply(&pair[0].content), "turn {i}");
+        assert_eq!(pair[1].reply_to, pair[0].id);
+    }
+
+    // Turns in three sessions at once on one stream: interleaved events,
+    // each reply whole and its own.
+    r.primary.set_fallback(Script::Echo {
+        gap: Duration::from_millis(10),
+    });
+    let mut questions = Vec::new();
+    for k in 0..3 {
+        let other = new_session(&mut c, &r.token, "fast").await;
+        let q = format!("parallel question {k} with some length to it");
+        conv.send(send(&other.id, &q, &q)).await;
+        questions.push(q);
+    }
+    let turns = conv.turns(3).await;
+    for q in &questions {
+        let t = &turns[q];
+        assert_eq!(t.text, echo_reply(q));
+        assert!(t.offsets_ok);
+    }
+
+    // A second send while the session's reply is generating: an error
+    // event for that send; the first reply goes on undisturbed.
+    r.primary
+        .push([Script::slow(10, Duration::from_millis(60))]);
+    conv.send(send(&s.id, "slow", "first")).await;
+    let Ev::Accepted(first) = conv.next().await else {
+        panic!("accepted")
+    };
+    conv.send(send(&s.id, "meanwhile", "second")).await;
+    let mut turn = Turn::default();
+    let refused = loop {
+        match conv.next().await {
+            Ev::Failed(f) if f.client_message_id == "second" => break f,
+            e => {
+                assert!(!take(&mut turn, pb::ChatEvent { event: Some(e) }));
+            }
+        }
+    };
+    assert_eq!(refused.code, Code::FailedPrecondition as i32);
+    assert!(refused.message_id.is_empty());
+    let rest = conv.turn().await;
+    turn.text.push_str(&rest.text);
+    assert_eq!(turn.text, "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 ");
+    assert_eq!(
+        rest.completed.expect("done").message_id,
+        first.assistant_message_id
+    );
+
+    // `cancel` on the stream stops the reply and keeps what it had.
+    r.primary
+        .push([Script::slow(40, Duration::from_millis(60))]);
+    conv.send(send(&s.id, "long", "long")).await;
+    let mut turn = Turn::default();
+    while turn.text.len() < 6 {
+        let e = conv.next().await;
+        take(&mut turn, pb::ChatEvent { event: Some(e) });
+    }
+    let id = turn.accepted.clone().expect("a").assistant_message_id;
+    // Another user's stream can neither cancel it nor send into the session.
+    let other = access(&register(&mut auth(&r.mesh).await, "intruder").await);
+    let mut theirs = Conv::open(&mut c, &other).await;
+    theirs.cancel(&id).await;
+    assert_eq!(failure(theirs.next().await).code, Code::NotFound as i32);
+    theirs.send(send(&s.id, "hijack", "h")).await;
+    let f = failure(theirs.next().await);
+    assert_eq!(
+        (f.code, f.client_message_id.as_str()),
+        (Code::NotFound as i32, "h")
+    );
+    conv.cancel(&id).await;
+    loop {
+        let e = conv.next().await;
+        if take(&mut turn, pb::ChatEvent { event: Some(e) }) {
+            break;
+        }
+    }
+    let done = turn.completed.expect("completed");
+    assert_eq!(done.status, pb::MessageStatus::Cancelled as i32);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream saw the cancel"
+    );
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    let reply = stored.iter().find(|m| m.id == id).expect("reply");
+    assert_eq!(reply.status, pb::MessageStatus::Cancelled as i32);
+    assert_eq!(reply.content, turn.text);
+    assert!(turn.text.len() < 40 * 4);
+    assert!(
+        !stored
+            .iter()
+            .any(|m| m.content == "hijack" || m.content == "meanwhile"),
+        "refused sends stored nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -926,25 +1151,10 @@ async fn shutdown_leaves_every_reply_completed_or_interrupted() {
     let mut sessions = Vec::new();
     for _ in 0..3 {
         let s = new_session(&mut c, &token, "fast").await;
-        let mut st = c
-            .send_message(bearer(
-                pb::SendMessageRequest {
-                    send: Some(send(&s.id, "long", "")),
-                },
-                &token,
-            ))
-            .await
-            .expect("send")
-            .into_inner();
+        let mut st = open_send(&mut c, &token, send(&s.id, "long", "")).await;
         // Wait for the first delta.
         loop {
-            let e = st
-                .message()
-                .await
-                .expect("e")
-                .expect("some")
-                .event
-                .expect("e");
+            let e = next_event(&mut st).await;
             if matches!(e.event, Some(Ev::Delta(_))) {
                 break;
             }
@@ -955,10 +1165,7 @@ async fn shutdown_leaves_every_reply_completed_or_interrupted() {
     let store = mesh.store.clone();
     stop_tx.send(()).expect("stop");
     for mut st in streams {
-        let mut turn = Turn {
-            offsets_ok: true,
-            ..Default::default()
-        };
+        let mut turn = Turn::default();
         while let Ok(Some(m)) = st.message().await {
             if take(&mut turn, m.event.expect("e")) {
                 break;
@@ -1115,30 +1322,11 @@ async fn search_preferences_retrieval_and_expiry() {
     assert_eq!(stored[1].citations.len(), 1);
 
     // An expired session is read-only.
-    {
-        use diesel::prelude::*;
-        use diesel_async::RunQueryDsl;
-        use trellis_store::schema::chat_sessions as cs;
-        let mut conn = r.mesh.store.pg().await.expect("pg");
-        diesel::update(cs::table.filter(cs::id.eq(uuid::Uuid::parse_str(&s.id).expect("id"))))
-            .set(cs::last_activity_at.eq(chrono::Utc::now() - chrono::Duration::days(365)))
-            .execute(&mut conn)
-            .await
-            .expect("age");
-    }
-    let got = c
-        .get_session(bearer(
-            pb::GetSessionRequest {
-                session_id: s.id.clone(),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("get")
-        .into_inner()
-        .session
-        .expect("s");
-    assert_eq!(got.status, pb::SessionStatus::Expired as i32);
+    age_session(&r.mesh, &s.id, chrono::Duration::days(365)).await;
+    assert_eq!(
+        session_status(&mut c, &r.token, &s.id).await,
+        pb::SessionStatus::Expired as i32
+    );
     let err = send_message(&mut c, &r.token, send(&s.id, "still there?", ""))
         .await
         .expect_err("expired");
@@ -1176,23 +1364,8 @@ async fn a_slow_reader_stalls_nobody_and_still_gets_every_byte() {
         first_delay: Duration::ZERO,
         gap: Duration::ZERO,
     }]);
-    let mut slow = c
-        .send_message(bearer(
-            pb::SendMessageRequest {
-                send: Some(send(&slow_session.id, "flood me", "")),
-            },
-            &r.token,
-        ))
-        .await
-        .expect("send")
-        .into_inner();
-    let first = slow
-        .message()
-        .await
-        .expect("e")
-        .expect("some")
-        .event
-        .expect("e");
+    let mut slow = open_send(&mut c, &r.token, send(&slow_session.id, "flood me", "")).await;
+    let first = next_event(&mut slow).await;
     assert!(matches!(first.event, Some(Ev::Accepted(_))));
     // While the slow reader reads nothing, another conversation completes.
     let t = std::time::Instant::now();
@@ -1214,21 +1387,1273 @@ async fn a_slow_reader_stalls_nobody_and_still_gets_every_byte() {
     .await;
     assert!(stored);
     // Now it reads: caught up from the stored content, every byte once.
-    let mut turn = Turn {
-        offsets_ok: true,
-        ..Default::default()
-    };
-    while let Some(m) = slow.message().await.expect("event") {
-        if take(&mut turn, m.event.expect("e")) {
-            break;
-        }
-    }
+    let mut turn = Turn::default();
+    finish(&mut slow, &mut turn).await;
     assert!(turn.offsets_ok, "no gap, no overlap");
     assert_eq!(turn.text.len(), expected.len());
     assert_eq!(turn.text, expected);
     assert_eq!(
         turn.completed.expect("done").status,
         pb::MessageStatus::Completed as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_converse_stream_outlives_its_access_token_through_authenticate() {
+    let ttl = Duration::from_secs(10);
+    let r = rig(|c| c.auth.access_token_ttl = ttl).await;
+    let expires = tokio::time::Instant::now() + ttl;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    let mut conv = Conv::open(&mut c, &r.token).await;
+    conv.send(send(&s.id, "before", "b")).await;
+    assert_eq!(conv.turn().await.text, "Hello world");
+
+    // The access token the stream was opened with expires: a turn is
+    // refused with UNAUTHENTICATED, stores nothing, and the stream stays.
+    tokio::time::sleep_until(expires + Duration::from_millis(500)).await;
+    conv.send(send(&s.id, "after", "late")).await;
+    let f = failure(conv.next().await);
+    assert_eq!(f.code, Code::Unauthenticated as i32, "{f:?}");
+    assert_eq!(f.client_message_id, "late");
+    assert!(f.message.contains("authenticate"), "{}", f.message);
+    conv.cancel(&uuid::Uuid::now_v7().to_string()).await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::Unauthenticated as i32
+    );
+    assert_eq!(
+        messages(&mut c, &fresh_token(&r.mesh).await, &s.id)
+            .await
+            .len(),
+        2
+    );
+
+    // Another user's token cannot take the stream over; a bad one is
+    // refused; neither replaces the credentials.
+    let other = access(&register(&mut auth(&r.mesh).await, "takeover").await);
+    conv.authenticate(&other).await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::PermissionDenied as i32
+    );
+    conv.authenticate("not-a-token").await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::Unauthenticated as i32
+    );
+    conv.authenticate("").await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::InvalidArgument as i32
+    );
+    conv.send(send(&s.id, "after", "late")).await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::Unauthenticated as i32
+    );
+
+    // A fresh token of the same user: turns work again on the same stream.
+    let fresh = fresh_token(&r.mesh).await;
+    conv.authenticate(&fresh).await;
+    let Ev::Authenticated(a) = conv.next().await else {
+        panic!("authenticated expected")
+    };
+    let exp = a.expire_time.expect("expire time").seconds;
+    assert!(exp > chrono::Utc::now().timestamp(), "{exp}");
+    conv.send(send(&s.id, "after", "late")).await;
+    let turn = conv.turn().await;
+    assert_eq!(turn.text, "Hello world", "{:?}", turn.failed);
+    assert_eq!(turn.accepted.expect("accepted").client_message_id, "late");
+    assert_eq!(messages(&mut c, &fresh, &s.id).await.len(), 4);
+    // The gateway heard the turn with the fresh credentials.
+    assert_eq!(r.primary.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_replies_whose_replica_is_gone_are_swept() {
+    let r = rig(|c| c.chat.stale_after = Duration::from_millis(300)).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    // The first token takes five sweep thresholds: the reply is alive
+    // (heartbeat) all along — never swept — and completes with its content.
+    r.primary.push([Script::Stream {
+        pieces: vec!["slow".into(), " start".into()],
+        usage: Some((3, 2)),
+        first_delay: Duration::from_millis(1500),
+        gap: Duration::ZERO,
+    }]);
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "take your time", "")).await;
+    let Some(Ev::Accepted(a)) = next_event(&mut stream).await.event else {
+        panic!("accepted first")
+    };
+    let waiting = std::time::Instant::now();
+    while waiting.elapsed() < Duration::from_millis(1200) {
+        let now = status_of(&mut c, &r.token, &s.id, &a.assistant_message_id).await;
+        assert_eq!(now, pb::MessageStatus::Streaming, "swept while alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut turn = Turn::default();
+    finish(&mut stream, &mut turn).await;
+    assert!(turn.failed.is_none(), "{:?}", turn.failed);
+    assert_eq!(turn.text, "slow start");
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[1].status, pb::MessageStatus::Completed as i32);
+    assert_eq!(stored[1].content, "slow start");
+
+    // A reply left STREAMING by a replica that died (its heartbeat is old)
+    // is swept INTERRUPTED, its partial content kept, and a watcher is told.
+    let orphan = uuid::Uuid::now_v7();
+    {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use trellis_store::schema::chat_messages as m;
+        let mut conn = r.mesh.store.pg().await.expect("pg");
+        diesel::insert_into(m::table)
+            .values((
+                m::id.eq(orphan),
+                m::session_id.eq(uuid::Uuid::parse_str(&s.id).expect("id")),
+                m::user_id.eq(uuid::Uuid::parse_str(&r.user_id).expect("id")),
+                m::role.eq("assistant"),
+                m::content.eq("half an ans"),
+                m::status.eq("streaming"),
+                m::reply_to.eq(uuid::Uuid::parse_str(&stored[0].id).expect("id")),
+                m::model.eq("fast"),
+                m::heartbeat_at.eq(chrono::Utc::now() - chrono::Duration::hours(1)),
+            ))
+            .execute(&mut conn)
+            .await
+            .expect("orphan");
+    }
+    let swept = eventually(Duration::from_secs(5), || {
+        let mut c = c.clone();
+        let (t, sid, id) = (r.token.clone(), s.id.clone(), orphan.to_string());
+        async move { status_of(&mut c, &t, &sid, &id).await == pb::MessageStatus::Interrupted }
+    })
+    .await;
+    assert!(swept, "the orphan is swept");
+    let all = messages(&mut c, &r.token, &s.id).await;
+    let o = all
+        .iter()
+        .find(|m| m.id == orphan.to_string())
+        .expect("orphan");
+    assert_eq!(o.content, "half an ans");
+    let mut watch = c
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: orphan.to_string(),
+                offset: 0,
+            },
+            &r.token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut watched = Turn::default();
+    finish(&mut watch, &mut watched).await;
+    assert_eq!(watched.text, "half an ans");
+    assert_eq!(
+        watched.failed.expect("failed").status,
+        pb::MessageStatus::Interrupted as i32
+    );
+    // The live reply completed earlier was never touched.
+    assert_eq!(
+        status_of(&mut c, &r.token, &s.id, &stored[1].id).await,
+        pb::MessageStatus::Completed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_deadline_bounds_its_reply_and_the_server_default_does_not() {
+    // The server's default timeout is shorter than the replies: it does
+    // not apply to generations.
+    let r = rig(|c| c.server.default_timeout = Duration::from_secs(1)).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary
+        .push([Script::slow(15, Duration::from_millis(100))]);
+    let turn = send_message(&mut c, &r.token, send(&s.id, "no deadline", ""))
+        .await
+        .expect("turn");
+    assert!(turn.failed.is_none(), "{:?}", turn.failed);
+    assert_eq!(turn.text.len(), "t0 ".len() * 10 + "t10 ".len() * 5);
+
+    // A deadline the client set ends the reply FAILED with
+    // DEADLINE_EXCEEDED, stops the upstream and keeps the partial reply.
+    r.primary
+        .push([Script::slow(40, Duration::from_millis(100))]);
+    let mut req = bearer(
+        pb::SendMessageRequest {
+            send: Some(send(&s.id, "with a deadline", "")),
+        },
+        &r.token,
+    );
+    req.set_timeout(Duration::from_millis(1500));
+    let t = std::time::Instant::now();
+    let mut stream = c.send_message(req).await.expect("send").into_inner();
+    let mut turn = Turn::default();
+    finish(&mut stream, &mut turn).await;
+    let f = turn.failed.expect("failed");
+    assert_eq!(f.code, Code::DeadlineExceeded as i32, "{f:?}");
+    assert_eq!(f.status, pb::MessageStatus::Failed as i32);
+    assert!(
+        t.elapsed() < Duration::from_millis(3000),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(!turn.text.is_empty() && turn.text.len() < 40 * 4);
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[3].status, pb::MessageStatus::Failed as i32);
+    assert_eq!(stored[3].content, turn.text, "partial content kept");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream was stopped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_preferences_fetch_is_bounded_and_cancellable() {
+    // UserService is a black hole: connections are accepted, never answered.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hole_addr = hole.local_addr().expect("addr");
+    let _hole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let primary = FakeLlm::start(Script::ok(&["Hel", "lo", " world"], Some((12, 3)))).await;
+    let backup = FakeLlm::start(Script::ok(&["b"], None)).await;
+    let services: Vec<ServiceName> = ServiceName::ALL
+        .into_iter()
+        .filter(|s| *s != ServiceName::User)
+        .collect();
+    let mesh = TestMesh::start_with(
+        trellis_tests::TestOptions {
+            services: Some(services),
+            ..Default::default()
+        },
+        |c| {
+            configure(c, &primary, &backup);
+            c.services.user = Some(trellis_core::config::Endpoint {
+                address: format!("http://{hole_addr}"),
+            });
+            c.chat.preferences_timeout = Duration::from_secs(3);
+        },
+    )
+    .await;
+    let token = access(&register(&mut auth(&mesh).await, "prefless").await);
+    let mut c = chat(&mesh).await;
+    let s = new_session(&mut c, &token, "fast").await;
+
+    // Cancelled while the preferences are being fetched: stopped at once.
+    let t = std::time::Instant::now();
+    let mut stream = open_send(&mut c, &token, send(&s.id, "cancel me", "")).await;
+    let Some(Ev::Accepted(a)) = next_event(&mut stream).await.event else {
+        panic!("accepted first")
+    };
+    let res = c
+        .cancel_generation(bearer(
+            pb::CancelGenerationRequest {
+                message_id: a.assistant_message_id.clone(),
+            },
+            &token,
+        ))
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert!(res.cancelled);
+    let mut turn = Turn::default();
+    finish(&mut stream, &mut turn).await;
+    assert_eq!(
+        turn.completed.expect("completed").status,
+        pb::MessageStatus::Cancelled as i32
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(primary.hits(), 0, "the model was never asked");
+
+    // Not cancelled: the reply goes ahead without preferences once the
+    // fetch times out.
+    let t = std::time::Instant::now();
+    let turn = send_message(&mut c, &token, send(&s.id, "go ahead", ""))
+        .await
+        .expect("turn");
+    assert_eq!(turn.text, "Hello world", "{:?}", turn.failed);
+    assert!(
+        t.elapsed() >= Duration::from_millis(2900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(primary.hits(), 1);
+    assert_eq!(
+        primary.seen()[0].body["messages"][0]["content"],
+        "Be helpful."
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_regeneration_the_next_turn_sees_only_the_latest_answer() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary.push([
+        Script::ok(&["first answer"], Some((1, 2))),
+        Script::ok(&["second answer"], Some((1, 2))),
+        Script::ok(&["third answer"], Some((1, 2))),
+    ]);
+    let first = send_message(&mut c, &r.token, send(&s.id, "question A", ""))
+        .await
+        .expect("turn");
+    let first_id = first.accepted.expect("a").assistant_message_id;
+    for _ in 0..2 {
+        let mut regen = c
+            .regenerate_message(bearer(
+                pb::RegenerateMessageRequest {
+                    message_id: first_id.clone(),
+                },
+                &r.token,
+            ))
+            .await
+            .expect("regenerate")
+            .into_inner();
+        finish(&mut regen, &mut Turn::default()).await;
+    }
+    send_message(&mut c, &r.token, send(&s.id, "question B", ""))
+        .await
+        .expect("turn");
+    let last = r.primary.seen().pop().expect("request");
+    let contents: Vec<String> = last.body["messages"]
+        .as_array()
+        .expect("m")
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        contents,
+        vec!["Be helpful.", "question A", "third answer", "question B"]
+    );
+    // Every answer is kept.
+    assert_eq!(messages(&mut c, &r.token, &s.id).await.len(), 6);
+}
+
+/// Subscribers of reply `id`'s live channel, across every process.
+async fn subscribers(mesh: &TestMesh, id: &str) -> i64 {
+    let channel = mesh.store.key(&format!("chat:msg:{id}"));
+    let mut conn = mesh.store.redis_shared().await.expect("redis");
+    let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channel)
+        .query_async(&mut conn)
+        .await
+        .expect("numsub");
+    counts.first().map(|c| c.1).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_share_one_subscription_and_a_lagging_watcher_catches_up() {
+    let primary = FakeLlm::start(Script::ok(&["Hel", "lo", " world"], Some((12, 3)))).await;
+    let backup = FakeLlm::start(Script::ok(&["b"], None)).await;
+    let all = [
+        ServiceName::Auth,
+        ServiceName::User,
+        ServiceName::Llm,
+        ServiceName::Search,
+        ServiceName::Chat,
+    ];
+    let meshes = split_with(&[&all, &[ServiceName::Chat]], |c| {
+        configure(c, &primary, &backup);
+        c.chat.stream_buffer = 8;
+    })
+    .await;
+    let token = access(&register(&mut auth(&meshes[0]).await, "watchers").await);
+    let mut a = chat(&meshes[0]).await;
+    let mut b = chat(&meshes[1]).await;
+    let s = new_session(&mut a, &token, "fast").await;
+
+    // Five watchers of one reply on server B: one Redis subscription.
+    primary.push([Script::slow(20, Duration::from_millis(60))]);
+    let mut stream = open_send(&mut a, &token, send(&s.id, "watch this", "")).await;
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| !t.text.is_empty()).await;
+    let id = turn.accepted.clone().expect("a").assistant_message_id;
+    let mut watchers = Vec::new();
+    for _ in 0..5 {
+        let mut w = b
+            .watch_message(bearer(
+                pb::WatchMessageRequest {
+                    message_id: id.clone(),
+                    offset: 0,
+                },
+                &token,
+            ))
+            .await
+            .expect("watch")
+            .into_inner();
+        // The first event comes after the subscription: all five are in.
+        let mut t = Turn::default();
+        take(&mut t, next_event(&mut w).await);
+        watchers.push((w, t));
+    }
+    assert_eq!(
+        subscribers(&meshes[1], &id).await,
+        1,
+        "one shared subscription"
+    );
+    for (mut w, mut t) in watchers {
+        finish(&mut w, &mut t).await;
+        assert_eq!(
+            t.text,
+            "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12 t13 t14 t15 t16 t17 t18 t19 "
+        );
+        assert!(t.offsets_ok);
+    }
+    while stream.message().await.expect("rest").is_some() {}
+    let gone = eventually(Duration::from_secs(3), || {
+        let (m, id) = (&meshes[1], id.clone());
+        async move { subscribers(m, &id).await == 0 }
+    })
+    .await;
+    assert!(gone, "unsubscribed once nobody watches");
+
+    // A watcher that reads nothing while a flood goes by (a tiny HTTP/2
+    // window, a buffer of 8) is not buffered for: it lags, then catches up
+    // from the stored reply, every byte once.
+    let pieces: Vec<String> = (0..3000).map(|i| format!("w{i} ")).collect();
+    let expected: String = pieces.concat();
+    primary.push([Script::Stream {
+        pieces,
+        usage: Some((5, 3000)),
+        first_delay: Duration::from_millis(300),
+        gap: Duration::ZERO,
+    }]);
+    let slow_channel = Channel::from_shared(meshes[1].url())
+        .expect("url")
+        .initial_stream_window_size(Some(2048))
+        .connect()
+        .await
+        .expect("connect");
+    let mut slow_b = ChatServiceClient::new(slow_channel);
+    let (flooded, reply_id) = {
+        // Start the flood, learn its id from the stored messages, watch it.
+        let handle = tokio::spawn({
+            let mut a = a.clone();
+            let token = token.clone();
+            let sid = s.id.clone();
+            async move {
+                send_message(&mut a, &token, send(&sid, "flood", "flood"))
+                    .await
+                    .expect("flood")
+            }
+        });
+        let mut reply = None;
+        while reply.is_none() {
+            let all = messages(&mut a, &token, &s.id).await;
+            reply = all
+                .iter()
+                .find(|m| m.status == pb::MessageStatus::Streaming as i32)
+                .map(|m| m.id.clone());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (handle, reply.expect("reply"))
+    };
+    let mut w = slow_b
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: reply_id.clone(),
+                offset: 0,
+            },
+            &token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(flooded.await.expect("task").text, expected);
+    let sid = s.id.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut a = a.clone();
+            let (t, s, id) = (token.clone(), sid.clone(), reply_id.clone());
+            async move { status_of(&mut a, &t, &s, &id).await == pb::MessageStatus::Completed }
+        })
+        .await
+    );
+    let mut t = Turn::default();
+    finish(&mut w, &mut t).await;
+    assert!(t.offsets_ok, "no gap, no overlap");
+    assert_eq!(t.text.len(), expected.len());
+    assert_eq!(t.text, expected);
+    assert_eq!(
+        t.completed.expect("done").status,
+        pb::MessageStatus::Completed as i32
+    );
+}
+
+async fn session_status(c: &mut ChatServiceClient<Channel>, token: &str, id: &str) -> i32 {
+    c.get_session(bearer(
+        pb::GetSessionRequest {
+            session_id: id.into(),
+        },
+        token,
+    ))
+    .await
+    .expect("get")
+    .into_inner()
+    .session
+    .expect("session")
+    .status
+}
+
+/// Moves session `id`'s last activity `ago` into the past.
+async fn age_session(mesh: &TestMesh, id: &str, ago: chrono::Duration) {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use trellis_store::schema::chat_sessions as cs;
+    let mut conn = mesh.store.pg().await.expect("pg");
+    diesel::update(cs::table.filter(cs::id.eq(uuid::Uuid::parse_str(id).expect("id"))))
+        .set(cs::last_activity_at.eq(chrono::Utc::now() - ago))
+        .execute(&mut conn)
+        .await
+        .expect("age");
+}
+
+async fn listed(
+    c: &mut ChatServiceClient<Channel>,
+    token: &str,
+    status: pb::SessionStatus,
+) -> Vec<String> {
+    c.list_sessions(bearer(
+        pb::ListSessionsRequest {
+            status: status as i32,
+            page_size: 100,
+            ..Default::default()
+        },
+        token,
+    ))
+    .await
+    .expect("list")
+    .into_inner()
+    .sessions
+    .into_iter()
+    .map(|s| s.id)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_statuses_follow_activity_and_govern_what_is_allowed() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let idle = new_session(&mut c, &r.token, "fast").await;
+    let busy = new_session(&mut c, &r.token, "fast").await;
+    let old = new_session(&mut c, &r.token, "fast").await;
+    let first = send_message(&mut c, &r.token, send(&old.id, "long ago", ""))
+        .await
+        .expect("turn");
+    let old_reply = first.accepted.expect("a").assistant_message_id;
+    // Idle for more than chat.idle_timeout (24 h): INACTIVE.
+    age_session(&r.mesh, &idle.id, chrono::Duration::hours(25)).await;
+    age_session(&r.mesh, &old.id, chrono::Duration::days(91)).await;
+    assert_eq!(
+        listed(&mut c, &r.token, pb::SessionStatus::Active).await,
+        vec![busy.id.clone()]
+    );
+    assert_eq!(
+        listed(&mut c, &r.token, pb::SessionStatus::Inactive).await,
+        vec![idle.id.clone()]
+    );
+    assert_eq!(
+        listed(&mut c, &r.token, pb::SessionStatus::Expired).await,
+        vec![old.id.clone()]
+    );
+    assert_eq!(
+        listed(&mut c, &r.token, pb::SessionStatus::Unspecified)
+            .await
+            .len(),
+        3
+    );
+    assert_eq!(
+        session_status(&mut c, &r.token, &idle.id).await,
+        pb::SessionStatus::Inactive as i32
+    );
+
+    // Sending into an INACTIVE session works and reactivates it.
+    let turn = send_message(&mut c, &r.token, send(&idle.id, "back again", ""))
+        .await
+        .expect("turn");
+    assert_eq!(turn.text, "Hello world");
+    let mut active = listed(&mut c, &r.token, pb::SessionStatus::Active).await;
+    active.sort();
+    let mut want = vec![idle.id.clone(), busy.id.clone()];
+    want.sort();
+    assert_eq!(active, want);
+    assert!(
+        listed(&mut c, &r.token, pb::SessionStatus::Inactive)
+            .await
+            .is_empty()
+    );
+
+    // EXPIRED is read-only: regenerate and update refused, reading and
+    // deleting allowed.
+    let err = c
+        .regenerate_message(bearer(
+            pb::RegenerateMessageRequest {
+                message_id: old_reply.clone(),
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = c
+        .update_session(bearer(
+            pb::UpdateSessionRequest {
+                session: Some(pb::Session {
+                    id: old.id.clone(),
+                    title: "renamed".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["title".into()],
+                }),
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let mut conv = Conv::open(&mut c, &r.token).await;
+    conv.send(send(&old.id, "hello?", "x")).await;
+    assert_eq!(
+        failure(conv.next().await).code,
+        Code::FailedPrecondition as i32
+    );
+    assert_eq!(messages(&mut c, &r.token, &old.id).await.len(), 2);
+    let mut watch = c
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: old_reply,
+                offset: 0,
+            },
+            &r.token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut watched = Turn::default();
+    finish(&mut watch, &mut watched).await;
+    assert_eq!(watched.text, "Hello world");
+    c.delete_session(bearer(
+        pb::DeleteSessionRequest {
+            session_id: old.id.clone(),
+        },
+        &r.token,
+    ))
+    .await
+    .expect("an expired session can be deleted");
+    assert!(
+        listed(&mut c, &r.token, pb::SessionStatus::Expired)
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_chat_rpc_validates_its_input_and_hides_other_users_things() {
+    let (meshes, primary, token) = split_rig().await;
+    let mut a = chat(&meshes[0]).await;
+    let mut b = chat(&meshes[1]).await;
+    let other = access(&register(&mut auth(&meshes[0]).await, "nosy").await);
+    let s = new_session(&mut a, &token, "fast").await;
+    primary.push([Script::slow(30, Duration::from_millis(60))]);
+    let mut stream = open_send(&mut a, &token, send(&s.id, "mine", "")).await;
+    let Some(Ev::Accepted(acc)) = next_event(&mut stream).await.event else {
+        panic!("accepted")
+    };
+    let reply = acc.assistant_message_id.clone();
+
+    // Another user, on either server: NOT_FOUND for every id of mine.
+    for c in [&mut a, &mut b] {
+        let err = send_message(c, &other, send(&s.id, "intrude", ""))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+        let err = c
+            .cancel_generation(bearer(
+                pb::CancelGenerationRequest {
+                    message_id: reply.clone(),
+                },
+                &other,
+            ))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+        let err = c
+            .watch_message(bearer(
+                pb::WatchMessageRequest {
+                    message_id: reply.clone(),
+                    offset: 0,
+                },
+                &other,
+            ))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+        let err = c
+            .regenerate_message(bearer(
+                pb::RegenerateMessageRequest {
+                    message_id: acc.user_message_id.clone(),
+                },
+                &other,
+            ))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+        let err = c
+            .get_session(bearer(
+                pb::GetSessionRequest {
+                    session_id: s.id.clone(),
+                },
+                &other,
+            ))
+            .await
+            .expect_err("idor");
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    assert_eq!(
+        status_of(&mut a, &token, &s.id, &reply).await,
+        pb::MessageStatus::Streaming,
+        "nothing the intruder did reached the reply"
+    );
+
+    // Bad input: INVALID_ARGUMENT naming the fields.
+    let err = a
+        .get_session(bearer(
+            pb::GetSessionRequest {
+                session_id: "nope".into(),
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad id");
+    assert_eq!(violations(&err), vec!["session_id"]);
+    let err = a
+        .list_messages(bearer(
+            pb::ListMessagesRequest {
+                session_id: "nope".into(),
+                page_size: -1,
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad list");
+    assert_eq!(violations(&err), vec!["session_id", "page_size"]);
+    let err = a
+        .list_messages(bearer(
+            pb::ListMessagesRequest {
+                session_id: s.id.clone(),
+                page_token: "forged".into(),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad token");
+    assert_eq!(violations(&err), vec!["page_token"]);
+    for (query, session, size, fields) in [
+        ("", "", 0, vec!["query"]),
+        ("ok", "nope", -1, vec!["page_size", "session_id"]),
+        ("bell\u{7}", "", 0, vec!["query"]),
+    ] {
+        let err = a
+            .search_messages(bearer(
+                pb::SearchMessagesRequest {
+                    query: query.into(),
+                    session_id: session.into(),
+                    page_size: size,
+                },
+                &token,
+            ))
+            .await
+            .expect_err("bad search");
+        assert_eq!(violations(&err), fields, "{query:?}");
+    }
+    let err = a
+        .search_messages(bearer(
+            pb::SearchMessagesRequest {
+                query: "q".repeat(1001),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect_err("long");
+    assert_eq!(violations(&err), vec!["query"]);
+    let err = a
+        .cancel_generation(bearer(
+            pb::CancelGenerationRequest {
+                message_id: "12".into(),
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad id");
+    assert_eq!(violations(&err), vec!["message_id"]);
+    let err = a
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: "x".into(),
+                offset: 0,
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad id");
+    assert_eq!(violations(&err), vec!["message_id"]);
+    let err = a
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: reply.clone(),
+                offset: -1,
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad offset");
+    assert_eq!(violations(&err), vec!["offset"]);
+    let err = a
+        .send_message(bearer(pb::SendMessageRequest { send: None }, &token))
+        .await
+        .expect_err("no send");
+    assert_eq!(violations(&err), vec!["send"]);
+    let err = send_message(
+        &mut a,
+        &token,
+        pb::Send {
+            session_id: "bad".into(),
+            content: " ".into(),
+            client_message_id: "c".repeat(129),
+            model: Some("nope".into()),
+            temperature: Some(3.0),
+            max_tokens: Some(-1),
+        },
+    )
+    .await
+    .expect_err("bad send");
+    assert_eq!(
+        violations(&err),
+        vec![
+            "session_id",
+            "content",
+            "client_message_id",
+            "model",
+            "temperature",
+            "max_tokens"
+        ]
+    );
+    let err = a
+        .regenerate_message(bearer(
+            pb::RegenerateMessageRequest {
+                message_id: "".into(),
+            },
+            &token,
+        ))
+        .await
+        .expect_err("bad id");
+    assert_eq!(violations(&err), vec!["message_id"]);
+
+    // The reply finishes; now an offset past its end is refused.
+    while stream.message().await.expect("rest").is_some() {}
+    let stored = messages(&mut a, &token, &s.id).await;
+    let err = b
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: reply.clone(),
+                offset: stored[1].content.len() as i64 + 1,
+            },
+            &token,
+        ))
+        .await
+        .expect_err("past the end");
+    assert_eq!(violations(&err), vec!["offset"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_replies_say_why_keep_what_they_had_and_how_long_to_wait() {
+    let r = rig(|c| c.llm.default_limits.concurrent_streams = 1).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+
+    // Every provider fails before the first token: a failed event with
+    // the gateway's code, the reply stored FAILED with the reason.
+    r.primary.set_fallback(Script::status(500));
+    r.backup.set_fallback(Script::status(500));
+    let turn = send_message(&mut c, &r.token, send(&s.id, "anyone?", ""))
+        .await
+        .expect("turn");
+    let f = turn.failed.expect("failed");
+    assert_eq!(f.code, Code::Unavailable as i32, "{f:?}");
+    assert_eq!(f.status, pb::MessageStatus::Failed as i32);
+    assert!(!f.message.is_empty());
+    assert_eq!(f.message_id, turn.accepted.expect("a").assistant_message_id);
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[1].status, pb::MessageStatus::Failed as i32);
+    assert_eq!(stored[1].error, f.message);
+
+    // The stream is cut after some tokens: FAILED, the partial content kept.
+    r.primary.push([Script::Cut {
+        pieces: vec!["par".into(), "tial".into()],
+    }]);
+    let turn = send_message(&mut c, &r.token, send(&s.id, "try again", ""))
+        .await
+        .expect("turn");
+    let f = turn.failed.expect("failed");
+    assert_ne!(f.code, Code::Ok as i32);
+    assert_eq!(f.status, pb::MessageStatus::Failed as i32);
+    assert_eq!(turn.text, "partial");
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[3].status, pb::MessageStatus::Failed as i32);
+    assert_eq!(stored[3].content, "partial");
+
+    // The user's concurrent generations limit (1): the second reply is
+    // RESOURCE_EXHAUSTED with the gateway's retry delay.
+    r.primary
+        .set_fallback(Script::ok(&["Hel", "lo", " world"], Some((12, 3))));
+    r.primary
+        .push([Script::slow(20, Duration::from_millis(100))]);
+    let other = new_session(&mut c, &r.token, "fast").await;
+    let mut first = open_send(&mut c, &r.token, send(&s.id, "long one", "")).await;
+    let mut t = Turn::default();
+    read_until(&mut first, &mut t, |t| !t.text.is_empty()).await;
+    let turn = send_message(&mut c, &r.token, send(&other.id, "me too", "m2"))
+        .await
+        .expect("turn");
+    let f = turn.failed.expect("failed");
+    assert_eq!(f.code, Code::ResourceExhausted as i32, "{f:?}");
+    assert_eq!(f.client_message_id, "m2");
+    let delay = f.retry_delay.expect("retry delay");
+    assert!(delay.seconds > 0 || delay.nanos > 0, "{delay:?}");
+    while first.message().await.expect("rest").is_some() {}
+    // Once the first is done, the same turn goes through.
+    let turn = send_message(&mut c, &r.token, send(&other.id, "me too", "m3"))
+        .await
+        .expect("turn");
+    assert_eq!(turn.text, "Hello world", "{:?}", turn.failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_metrics_count_streams_generations_ttft_and_throughput() {
+    use crate::foundation::metric_value;
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    let scrape = || async {
+        reqwest::get(format!("{}/metrics", r.mesh.url()))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text")
+    };
+    let before = scrape().await;
+    assert_eq!(metric_value(&before, "trellis_chat_generating "), 0.0);
+    assert_eq!(
+        metric_value(&before, "trellis_chat_time_to_first_token_seconds_count"),
+        0.0
+    );
+    r.primary
+        .push([Script::slow(10, Duration::from_millis(100))]);
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "measure me", "")).await;
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| !t.text.is_empty()).await;
+    let during = scrape().await;
+    assert_eq!(
+        metric_value(&during, "trellis_chat_generating "),
+        1.0,
+        "{during}"
+    );
+    assert_eq!(metric_value(&during, "trellis_chat_active_streams "), 1.0);
+    finish(&mut stream, &mut turn).await;
+    drop(stream);
+    let settled = eventually(Duration::from_secs(3), || async {
+        let now = scrape().await;
+        metric_value(&now, "trellis_chat_active_streams ") == 0.0
+            && metric_value(&now, "trellis_chat_generating ") == 0.0
+    })
+    .await;
+    assert!(settled, "streams and generations counted down");
+    let after = scrape().await;
+    assert_eq!(
+        metric_value(&after, "trellis_chat_time_to_first_token_seconds_count"),
+        1.0
+    );
+    assert!(metric_value(&after, "trellis_chat_time_to_first_token_seconds_sum") > 0.0);
+    assert_eq!(
+        metric_value(&after, "trellis_chat_tokens_per_second_count"),
+        1.0
+    );
+    // Ten tokens over about 0.9 s after the first: roughly ten per second.
+    let rate = metric_value(&after, "trellis_chat_tokens_per_second_sum");
+    assert!((3.0..=30.0).contains(&rate), "{rate}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_growing_reply_is_stored_as_it_grows() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary
+        .push([Script::slow(30, Duration::from_millis(100))]);
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "grow", "")).await;
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 20).await;
+    // Within a flush interval or two (250 ms), the stored reply has what
+    // was streamed, while it is still STREAMING.
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let all = messages(&mut c, &r.token, &s.id).await;
+        assert_eq!(all[1].status, pb::MessageStatus::Streaming as i32);
+        seen.push(all[1].content.clone());
+    }
+    finish(&mut stream, &mut turn).await;
+    assert!(seen[0].len() >= 20, "{seen:?}");
+    assert!(seen[1].len() > seen[0].len(), "it keeps growing: {seen:?}");
+    for partial in &seen {
+        assert!(turn.text.starts_with(partial.as_str()), "{partial}");
+    }
+    assert!(seen[1].len() < turn.text.len());
+}
+
+async fn watch_all(
+    c: &mut ChatServiceClient<Channel>,
+    token: &str,
+    id: &str,
+    offset: i64,
+    prefix: &str,
+) -> Turn {
+    let mut w = c
+        .watch_message(bearer(
+            pb::WatchMessageRequest {
+                message_id: id.into(),
+                offset,
+            },
+            token,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut t = Turn {
+        text: prefix.into(),
+        ..Default::default()
+    };
+    finish(&mut w, &mut t).await;
+    t
+}
+
+fn micros(d: &Option<prost_types::Duration>) -> i64 {
+    let d = d.as_ref().expect("duration");
+    d.seconds * 1_000_000 + i64::from(d.nanos) / 1000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_reply_replays_as_it_was_sent_and_resumes_mid_stream_elsewhere() {
+    let (meshes, primary, token) = split_rig().await;
+    let mut a = chat(&meshes[0]).await;
+    let mut b = chat(&meshes[1]).await;
+    let mut search = crate::search::search_client(&meshes[0]).await;
+    let mut d = crate::search::doc("kb", "1", "Release checklist", "Steps for the release.");
+    d.visibility = trellis_proto::search::v1::Visibility::Shared as i32;
+    crate::search::index(&mut search, &token, vec![d]).await;
+    let rs = a
+        .create_session(bearer(
+            pb::CreateSessionRequest {
+                title: "rag".into(),
+                model: "fast".into(),
+                retrieval: true,
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect("session")
+        .into_inner()
+        .session
+        .expect("s");
+    let live = send_message(&mut a, &token, send(&rs.id, "How does the release go?", ""))
+        .await
+        .expect("turn");
+    assert_eq!(live.citations.len(), 1);
+    let live_done = live.completed.clone().expect("completed");
+    let id = live.accepted.clone().expect("a").assistant_message_id;
+    // Replayed on the other server: the same citations, content and end.
+    let replay = watch_all(&mut b, &token, &id, 0, "").await;
+    assert_eq!(replay.citations, live.citations);
+    assert_eq!(replay.text, live.text);
+    let done = replay.completed.expect("completed");
+    assert_eq!(done.finish_reason, live_done.finish_reason);
+    assert_eq!(done.finish_reason, "stop");
+    assert_eq!(done.usage, live_done.usage);
+    assert!(
+        (micros(&done.time_to_first_token) - micros(&live_done.time_to_first_token)).abs() <= 1
+    );
+    assert!((micros(&done.duration) - micros(&live_done.duration)).abs() <= 1);
+
+    // A failure replays with its real code.
+    let s = new_session(&mut a, &token, "fast").await;
+    primary.push([Script::status(400)]);
+    let failed = send_message(&mut a, &token, send(&s.id, "bad request", ""))
+        .await
+        .expect("turn");
+    let f = failed.failed.expect("failed");
+    assert_eq!(f.code, Code::InvalidArgument as i32, "{f:?}");
+    let replay = watch_all(&mut b, &token, &f.message_id, 0, "").await;
+    let rf = replay.failed.expect("failed");
+    assert_eq!(
+        (rf.code, rf.message.as_str(), rf.status),
+        (f.code, f.message.as_str(), f.status)
+    );
+
+    // Resuming mid-stream on the other server from the bytes received.
+    primary.push([Script::slow(20, Duration::from_millis(60))]);
+    let mut stream = open_send(&mut a, &token, send(&s.id, "stream it", "")).await;
+    let mut turn = Turn::default();
+    read_until(&mut stream, &mut turn, |t| t.text.len() >= 9).await;
+    let got = turn.text.clone();
+    let id = turn.accepted.clone().expect("a").assistant_message_id;
+    let resumed = watch_all(&mut b, &token, &id, got.len() as i64, &got).await;
+    finish(&mut stream, &mut turn).await;
+    assert!(resumed.offsets_ok, "continues exactly where the client was");
+    assert_eq!(resumed.text, turn.text);
+    assert_eq!(
+        resumed.text,
+        "t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12 t13 t14 t15 t16 t17 t18 t19 "
+    );
+    assert_eq!(
+        resumed.completed.expect("done").status,
+        pb::MessageStatus::Completed as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_overrides_session_updates_deletion_and_the_preferences_cache() {
+    use crate::foundation::metric_value;
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    // Per-turn overrides reach the upstream and are stored.
+    let turn = send_message(
+        &mut c,
+        &r.token,
+        pb::Send {
+            session_id: s.id.clone(),
+            content: "override".into(),
+            model: Some("solo".into()),
+            temperature: Some(0.25),
+            max_tokens: Some(7),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("turn");
+    assert_eq!(turn.text, "Hello world");
+    let body = r.primary.seen().pop().expect("request").body;
+    assert_eq!(body["temperature"], 0.25, "{body}");
+    assert!(
+        body["max_tokens"] == 7 || body["max_completion_tokens"] == 7,
+        "{body}"
+    );
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored[1].model, "solo");
+    // Without overrides: the session's model, no temperature.
+    send_message(&mut c, &r.token, send(&s.id, "plain", ""))
+        .await
+        .expect("turn");
+    let body = r.primary.seen().pop().expect("request").body;
+    assert_eq!(body["model"], "fake-a", "{body}");
+    assert!(
+        body.get("temperature").is_none_or(|t| t.is_null()),
+        "{body}"
+    );
+    assert_eq!(messages(&mut c, &r.token, &s.id).await[3].model, "fast");
+
+    // Preferences were fetched once for all those turns (cached).
+    let scrape = reqwest::get(format!("{}/metrics", r.mesh.url()))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let fetched = metric_value(
+        &scrape,
+        r#"trellis_grpc_requests_total{code="OK",method="GetPreferences",service="trellis.user.v1.UserService"}"#,
+    );
+    assert_eq!(fetched, 1.0, "one UserService call within the cache TTL");
+
+    // A new system prompt and retrieval apply to the next turn.
+    let mut search = crate::search::search_client(&r.mesh).await;
+    let mut d = crate::search::doc("kb", "1", "Vacation policy", "Thirty days of vacation.");
+    d.visibility = trellis_proto::search::v1::Visibility::Shared as i32;
+    crate::search::index(&mut search, &r.token, vec![d]).await;
+    c.update_session(bearer(
+        pb::UpdateSessionRequest {
+            session: Some(pb::Session {
+                id: s.id.clone(),
+                system_prompt: "Be terse.".into(),
+                retrieval: true,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["system_prompt".into(), "retrieval".into()],
+            }),
+        },
+        &r.token,
+    ))
+    .await
+    .expect("update");
+    let turn = send_message(
+        &mut c,
+        &r.token,
+        send(&s.id, "How much vacation do I get?", ""),
+    )
+    .await
+    .expect("turn");
+    assert_eq!(turn.citations.len(), 1, "retrieval is on");
+    let body = r.primary.seen().pop().expect("request").body;
+    let system = body["messages"][0]["content"].as_str().unwrap_or_default();
+    assert!(system.starts_with("Be terse."), "{system}");
+    assert!(!system.contains("Be helpful."), "{system}");
+
+    // Deleting the session stops the reply being generated in it.
+    r.primary
+        .push([Script::slow(50, Duration::from_millis(60))]);
+    let other = new_session(&mut c, &r.token, "fast").await;
+    let mut stream = open_send(&mut c, &r.token, send(&other.id, "long", "")).await;
+    let mut t = Turn::default();
+    read_until(&mut stream, &mut t, |t| !t.text.is_empty()).await;
+    c.delete_session(bearer(
+        pb::DeleteSessionRequest {
+            session_id: other.id.clone(),
+        },
+        &r.token,
+    ))
+    .await
+    .expect("delete");
+    finish(&mut stream, &mut t).await;
+    assert_eq!(
+        t.completed.expect("completed").status,
+        pb::MessageStatus::Cancelled as i32
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream was stopped"
     );
 }
 

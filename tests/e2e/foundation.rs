@@ -354,7 +354,7 @@ async fn request_id_is_echoed_or_generated() {
     mesh.shutdown().await;
 }
 
-fn metric_value(text: &str, prefix: &str) -> f64 {
+pub fn metric_value(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))

@@ -40,6 +40,15 @@ pub enum Script {
     Malformed,
     /// Headers, then only SSE keep-alive comments, forever.
     Hang,
+    /// A normal stream answering [`echo_reply`] of the request's last user
+    /// message, three characters per delta, `gap` apart: replies differ per
+    /// question, so mixed-up or reordered replies show.
+    Echo { gap: Duration },
+}
+
+/// What [`Script::Echo`] answers to `question`.
+pub fn echo_reply(question: &str) -> String {
+    format!("echo: {}", question.chars().rev().collect::<String>())
 }
 
 impl Script {
@@ -60,6 +69,13 @@ impl Script {
             usage: Some((10, n as u32)),
             first_delay: Duration::ZERO,
             gap,
+        }
+    }
+
+    /// [`Script::Echo`] without pauses.
+    pub fn echo() -> Script {
+        Script::Echo {
+            gap: Duration::ZERO,
         }
     }
 
@@ -204,6 +220,23 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             .body(Body::from_stream(stream))
             .expect("response")
     };
+    let script = match script {
+        Script::Echo { gap } => {
+            let question = body["messages"]
+                .as_array()
+                .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default();
+            let reply: Vec<char> = echo_reply(question).chars().collect();
+            Script::Stream {
+                pieces: reply.chunks(3).map(|c| c.iter().collect()).collect(),
+                usage: Some((question.len() as u32, reply.len() as u32)),
+                first_delay: Duration::ZERO,
+                gap,
+            }
+        }
+        other => other,
+    };
     match script {
         Script::Status { code, retry_after } => {
             let mut r = Response::builder().status(StatusCode::from_u16(code).expect("status"));
@@ -277,6 +310,7 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             ];
             sse(futures::stream::iter(items).boxed())
         }
+        Script::Echo { .. } => unreachable!("echo is a stream, resolved above"),
         Script::Hang => {
             let watch = Watch {
                 shared: shared.clone(),

@@ -9,7 +9,7 @@ pub mod fake_web;
 pub mod infra;
 pub mod mesh;
 
-pub use fake_llm::{FakeLlm, Script};
+pub use fake_llm::{FakeLlm, Script, echo_reply};
 pub use fake_web::{FakeWeb, WebScript};
 pub use infra::{Infra, infra};
 pub use mesh::{TestMesh, TestOptions, split, split_with};

@@ -167,6 +167,7 @@ fn mount(
                     deps.store.clone(),
                     deps.clients.clone(),
                     deps.pages.clone(),
+                    deps.verifier.clone(),
                 );
                 tasks.background.extend(built.background);
                 tasks.finishing.push(built.finishing);

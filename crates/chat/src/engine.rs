@@ -20,7 +20,7 @@ use trellis_store::Store;
 use uuid::Uuid;
 
 use crate::error::ChatError;
-use crate::live::{Fanout, Live, Registry, Stop};
+use crate::live::{Fanout, Hub, Live, Registry, Stop};
 use crate::messages::{self, Ending, Inserted, MessageRow};
 use crate::metrics::ChatMetrics;
 use crate::prefs::Prefs;
@@ -58,6 +58,8 @@ pub struct Engine {
     pub clients: MeshClients,
     pub registry: Arc<Registry>,
     pub fanout: Fanout,
+    /// This process's shared pub/sub connection (watchers, cancels).
+    pub hub: Arc<Hub>,
     pub prefs: Prefs,
     pub metrics: ChatMetrics,
     pub shutting_down: watch::Receiver<bool>,
@@ -81,6 +83,53 @@ fn duration_pb(d: Duration) -> prost_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
     }
+}
+
+/// Why a generation ended before its model did.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// Cancelled, or interrupted by shutdown.
+    Stopped(Option<Stop>),
+    /// The client's deadline passed.
+    Deadline,
+}
+
+impl Cut {
+    fn record(self, ending: &mut Ending, code: &mut Code) {
+        match self {
+            Cut::Stopped(Some(Stop::Cancel)) => ending.status = messages::CANCELLED,
+            Cut::Stopped(_) => ending.status = messages::INTERRUPTED,
+            Cut::Deadline => {
+                ending.status = messages::FAILED;
+                *code = Code::DeadlineExceeded;
+                ending.error = "the request's deadline passed while the reply was generated; \
+                                the partial reply is kept"
+                    .into();
+            }
+        }
+    }
+}
+
+/// Runs one phase of a generation unless a stop or the deadline comes first.
+async fn unless_cut<F: Future>(
+    stop: &mut watch::Receiver<Option<Stop>>,
+    expired: std::pin::Pin<&mut impl Future<Output = ()>>,
+    phase: F,
+) -> Result<F::Output, Cut> {
+    tokio::select! {
+        biased;
+        _ = stop.changed() => Err(Cut::Stopped(*stop.borrow())),
+        _ = expired => Err(Cut::Deadline),
+        out = phase => Ok(out),
+    }
+}
+
+/// The RetryInfo delay a status carries, if any.
+pub fn retry_delay(s: &tonic::Status) -> Option<prost_types::Duration> {
+    use tonic_types::StatusExt;
+    s.get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .map(duration_pb)
 }
 
 fn event(e: pb::chat_event::Event) -> pb::ChatEvent {
@@ -143,11 +192,9 @@ impl Engine {
             duplicate: false,
         };
         let job = Job {
-            // Replies outlive the request that started them: no deadline.
-            ctx: CallContext {
-                deadline: None,
-                ..ctx
-            },
+            // A deadline the client set bounds the reply; none otherwise
+            // (replies outlive the request that started them).
+            ctx,
             user,
             session,
             user_message,
@@ -177,11 +224,16 @@ impl Engine {
     async fn run(self: Arc<Self>, job: Job, live: Arc<Live>) {
         let t0 = Instant::now();
         let mut stop = live.stop.subscribe();
+        // A stop asked for before this task subscribed still counts.
+        if stop.borrow().is_some() {
+            stop.mark_changed();
+        }
         let mut ending = Ending {
             status: messages::FAILED,
             ..Default::default()
         };
         let mut code = Code::Unavailable;
+        let mut retry: Option<prost_types::Duration> = None;
         let mut finish_reason = String::new();
         let mut ttft: Option<Duration> = None;
         let outcome = self
@@ -191,6 +243,7 @@ impl Engine {
                 &mut stop,
                 &mut ending,
                 &mut code,
+                &mut retry,
                 &mut finish_reason,
                 &mut ttft,
             )
@@ -199,10 +252,22 @@ impl Engine {
             ending.status = messages::FAILED;
             let status: tonic::Status = e.into();
             code = status.code();
+            retry = retry_delay(&status);
             ending.error = status.message().to_string();
         }
         ending.content = live.content();
         let duration = t0.elapsed();
+        // What a replay of the finished reply needs.
+        if ending.status == messages::CANCELLED {
+            finish_reason = "cancelled".into();
+        }
+        ending.finish_reason = finish_reason.clone();
+        ending.error_code = match ending.status {
+            messages::COMPLETED | messages::CANCELLED => 0,
+            _ => code as i32,
+        };
+        ending.time_to_first_token = ttft;
+        ending.duration = Some(duration);
         if let Some(first) = ttft {
             self.metrics.ttft.observe(first.as_secs_f64());
             let after = duration.saturating_sub(first).as_secs_f64();
@@ -218,7 +283,12 @@ impl Engine {
         for attempt in 0..5 {
             match self.store.pg().await {
                 Ok(mut conn) => match messages::finalize(&mut conn, job.reply, &ending).await {
-                    Ok(_) => {
+                    Ok(true) => {
+                        stored = true;
+                        break;
+                    }
+                    Ok(false) => {
+                        tracing::info!(reply = %job.reply, "the reply was deleted while it was generated");
                         stored = true;
                         break;
                     }
@@ -229,7 +299,7 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         }
         if !stored {
-            tracing::error!(reply = %job.reply, "reply left STREAMING; the sweeper will mark it INTERRUPTED");
+            tracing::error!(reply = %job.reply, "reply left STREAMING; the sweeper will mark it INTERRUPTED once its heartbeat stops");
         }
         let usage = pb::Usage {
             prompt_tokens: ending.prompt_tokens,
@@ -242,11 +312,7 @@ impl Engine {
                     message_id: job.reply.to_string(),
                     status: messages::status_pb(ending.status) as i32,
                     usage: Some(usage),
-                    finish_reason: if ending.status == messages::CANCELLED {
-                        "cancelled".into()
-                    } else {
-                        finish_reason
-                    },
+                    finish_reason,
                     time_to_first_token: ttft.map(duration_pb),
                     duration: Some(duration_pb(duration)),
                 })
@@ -257,6 +323,7 @@ impl Engine {
                 code: code as i32,
                 message: ending.error.clone(),
                 status: messages::status_pb(ending.status) as i32,
+                retry_delay: retry,
             }),
         };
         self.emit(&live, job.reply, event(last)).await;
@@ -271,14 +338,11 @@ impl Engine {
         stop: &mut watch::Receiver<Option<Stop>>,
         ending: &mut Ending,
         code: &mut Code,
+        retry: &mut Option<prost_types::Duration>,
         finish_reason: &mut String,
         ttft: &mut Option<Duration>,
     ) -> Result<(), ChatError> {
         let t0 = Instant::now();
-        let stopped = |s: Option<Stop>| match s {
-            Some(Stop::Cancel) => messages::CANCELLED,
-            _ => messages::INTERRUPTED,
-        };
         // The conversation so far, the session's instructions and the
         // user's preferences.
         let history = {
@@ -294,8 +358,28 @@ impl Engine {
             )
             .await?
         };
+        // The client's deadline, if it set one, ends the reply FAILED with
+        // DEADLINE_EXCEEDED (its content so far kept).
+        let deadline = job.ctx.deadline;
+        let expired = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
         let mut system = job.session.system_prompt.clone();
-        if let Some(line) = self.prefs.line(&job.ctx, job.user).await {
+        // Bounded by chat.preferences_timeout; a cancel or shutdown does not
+        // wait for it.
+        let prefs =
+            match unless_cut(stop, expired.as_mut(), self.prefs.line(&job.ctx, job.user)).await {
+                Ok(line) => line,
+                Err(cut) => {
+                    cut.record(ending, code);
+                    return Ok(());
+                }
+            };
+        if let Some(line) = prefs {
             if !system.is_empty() {
                 system.push_str("\n\n");
             }
@@ -328,18 +412,26 @@ impl Engine {
             .client(ServiceName::Llm, &job.ctx, LlmServiceClient::new)
             .map_err(ChatError::Upstream)?;
         ending.provider.clear();
-        let opened = tokio::select! {
-            biased;
-            _ = stop.changed() => {
-                ending.status = stopped(*stop.borrow());
+        let request = client.generate_stream(lpb::GenerateStreamRequest {
+            params: Some(params),
+        });
+        let opened = match unless_cut(stop, expired.as_mut(), request).await {
+            Ok(r) => r,
+            Err(cut) => {
+                cut.record(ending, code);
                 return Ok(());
             }
-            r = client.generate_stream(lpb::GenerateStreamRequest { params: Some(params) }) => r,
         };
+        let passed = || deadline.is_some_and(|d| Instant::now() >= d);
         let mut stream = match opened {
             Ok(r) => r.into_inner(),
+            Err(_) if passed() => {
+                Cut::Deadline.record(ending, code);
+                return Ok(());
+            }
             Err(s) => {
                 *code = s.code();
+                *retry = retry_delay(&s);
                 ending.status = messages::FAILED;
                 ending.error = s.message().to_string();
                 return Ok(());
@@ -352,7 +444,11 @@ impl Engine {
             tokio::select! {
                 biased;
                 _ = stop.changed() => {
-                    ending.status = stopped(*stop.borrow());
+                    Cut::Stopped(*stop.borrow()).record(ending, code);
+                    break;
+                }
+                _ = &mut expired => {
+                    Cut::Deadline.record(ending, code);
                     break;
                 }
                 _ = flush.tick(), if dirty => {
@@ -379,6 +475,16 @@ impl Engine {
                                     snippet: c.snippet,
                                 })
                                 .collect();
+                            // Stored at once, so a watcher joining
+                            // mid-reply gets them too.
+                            match self.store.pg().await {
+                                Ok(mut conn) => {
+                                    if let Err(e) = messages::store_citations(&mut conn, job.reply, &ending.citations).await {
+                                        tracing::warn!(error = %e, "could not store a reply's citations");
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "could not store a reply's citations"),
+                            }
                             self.emit(live, job.reply, event(pb::chat_event::Event::Citations(pb::Citations {
                                 message_id: job.reply.to_string(),
                                 citations: ending.citations.clone(),
@@ -428,6 +534,10 @@ impl Engine {
                     Ok(None) => {
                         ending.status = messages::FAILED;
                         ending.error = "the model stream ended without a result".into();
+                        break;
+                    }
+                    Err(_) if passed() => {
+                        Cut::Deadline.record(ending, code);
                         break;
                     }
                     Err(s) => {

@@ -2,7 +2,10 @@
 //! event broadcast for the streams that started them, a stop switch), and
 //! the Redis fan-out that lets any replica watch or cancel a reply: events
 //! of message M are published on `<prefix>chat:msg:M`, cancellations on
-//! `<prefix>chat:cancel`.
+//! `<prefix>chat:cancel`. Each process follows both through one shared
+//! pub/sub connection (the [`Hub`]), with a bounded broadcast per watched
+//! reply: a watcher that falls behind is told it lagged and catches up from
+//! the stored content.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,6 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use prost::Message as _;
+use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{broadcast, watch};
 use trellis_proto::chat::v1 as pb;
 use trellis_store::Store;
@@ -73,6 +77,11 @@ impl Registry {
 
     pub fn remove(&self, id: Uuid) {
         self.lock().remove(&id);
+    }
+
+    /// The replies generating here.
+    pub fn ids(&self) -> Vec<Uuid> {
+        self.lock().keys().copied().collect()
     }
 
     pub fn len(&self) -> usize {
@@ -151,47 +160,192 @@ impl Fanout {
         self.publish_bytes(self.cancel_channel(), id.to_string().into_bytes())
             .await
     }
+}
 
-    /// A subscription to reply `id`'s events.
-    pub async fn subscribe(
-        &self,
-        id: Uuid,
-    ) -> Result<impl futures::Stream<Item = pb::ChatEvent> + Send + use<>, ChatError> {
-        let mut pubsub = self.store.redis_client()?.get_async_pubsub().await?;
-        pubsub.subscribe(self.message_channel(id)).await?;
-        Ok(pubsub.into_on_message().filter_map(|msg| async move {
-            let bytes: Vec<u8> = msg.get_payload().ok()?;
-            pb::ChatEvent::decode(bytes.as_slice()).ok()
-        }))
+/// This process's one pub/sub connection: the cancel feed and every
+/// watched reply's channel, subscribed while someone watches it.
+#[derive(Debug)]
+pub struct Hub {
+    fanout: Fanout,
+    registry: Arc<Registry>,
+    cancel_channel: String,
+    buffer: usize,
+    /// None while disconnected. Held across (un)subscribe commands, so
+    /// they are ordered with the map below.
+    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    up: watch::Sender<bool>,
+    channels: Mutex<HashMap<String, broadcast::Sender<pb::ChatEvent>>>,
+}
+
+/// Reply events from the [`Hub`]; unsubscribes when the last watcher of
+/// the reply drops its subscription.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Hub>,
+    channel: String,
+    rx: Option<broadcast::Receiver<pb::ChatEvent>>,
+}
+
+impl Subscription {
+    /// The next event; `Lagged` when this watcher fell behind (catch up
+    /// from the stored content).
+    pub async fn recv(&mut self) -> Result<pb::ChatEvent, broadcast::error::RecvError> {
+        match self.rx.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.rx = None;
+        let idle = {
+            let mut map = self.hub.lock_channels();
+            match map.get(&self.channel) {
+                Some(tx) if tx.receiver_count() == 0 => {
+                    map.remove(&self.channel);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !idle {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let hub = self.hub.clone();
+        let channel = std::mem::take(&mut self.channel);
+        rt.spawn(async move {
+            let mut sink = hub.sink.lock().await;
+            // Watched again meanwhile: keep the subscription.
+            let wanted = hub.lock_channels().contains_key(&channel);
+            if let (false, Some(sink)) = (wanted, sink.as_mut()) {
+                let _ = sink.unsubscribe(&channel).await;
+            }
+        });
+    }
+}
+
+impl Hub {
+    pub fn new(fanout: Fanout, registry: Arc<Registry>, buffer: usize) -> Arc<Hub> {
+        Arc::new(Hub {
+            cancel_channel: fanout.cancel_channel(),
+            fanout,
+            registry,
+            buffer: buffer.max(16),
+            sink: tokio::sync::Mutex::new(None),
+            up: watch::channel(false).0,
+            channels: Mutex::new(HashMap::new()),
+        })
     }
 
-    /// Follows cancellations published anywhere and stops the matching
-    /// local replies; reconnects after errors.
-    pub fn spawn_cancel_listener(&self, registry: Arc<Registry>) -> tokio::task::JoinHandle<()> {
+    fn lock_channels(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<pb::ChatEvent>>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the connection up (reconnecting after errors, re-subscribing
+    /// what is watched) and dispatches what arrives.
+    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(e) = me.listen_cancels(&registry).await {
-                    tracing::warn!(error = %e, "chat cancel feed interrupted; reconnecting");
+                match me.connect().await {
+                    Ok(mut stream) => {
+                        while let Some(msg) = stream.next().await {
+                            me.dispatch(&msg);
+                        }
+                        tracing::warn!("chat live feed interrupted; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "chat live feed unavailable; retrying"),
                 }
+                *me.sink.lock().await = None;
+                me.up.send_replace(false);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })
     }
 
-    async fn listen_cancels(&self, registry: &Registry) -> Result<(), ChatError> {
-        let mut pubsub = self.store.redis_client()?.get_async_pubsub().await?;
-        pubsub.subscribe(self.cancel_channel()).await?;
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
+    async fn connect(&self) -> Result<PubSubStream, ChatError> {
+        let pubsub = self.fanout.store.redis_client()?.get_async_pubsub().await?;
+        let (mut sink, stream) = pubsub.split();
+        let mut held = self.sink.lock().await;
+        sink.subscribe(&self.cancel_channel).await?;
+        let watched: Vec<String> = self.lock_channels().keys().cloned().collect();
+        if !watched.is_empty() {
+            sink.subscribe(&watched).await?;
+        }
+        *held = Some(sink);
+        self.up.send_replace(true);
+        Ok(stream)
+    }
+
+    fn dispatch(&self, msg: &redis::Msg) {
+        let channel = msg.get_channel_name();
+        if channel == self.cancel_channel {
             if let Some(id) = msg
                 .get_payload::<String>()
                 .ok()
                 .and_then(|s| Uuid::parse_str(&s).ok())
             {
-                registry.stop(id, Stop::Cancel);
+                self.registry.stop(id, Stop::Cancel);
             }
+            return;
         }
-        Ok(())
+        let Some(event) = msg
+            .get_payload::<Vec<u8>>()
+            .ok()
+            .and_then(|b| pb::ChatEvent::decode(b.as_slice()).ok())
+        else {
+            return;
+        };
+        if let Some(tx) = self.lock_channels().get(channel) {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// Follows reply `id`'s events; subscribed (confirmed by Redis) when
+    /// this returns, so nothing published afterwards is missed.
+    pub async fn subscribe(self: &Arc<Self>, id: Uuid) -> Result<Subscription, ChatError> {
+        let unavailable = || ChatError::Upstream(trellis_core::error::unavailable("redis"));
+        if !self.fanout.store.has_redis() {
+            return Err(unavailable());
+        }
+        let mut up = self.up.subscribe();
+        let connected = tokio::time::timeout(Duration::from_secs(2), up.wait_for(|u| *u))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !connected {
+            return Err(unavailable());
+        }
+        let channel = self.fanout.message_channel(id);
+        let mut held = self.sink.lock().await;
+        let Some(sink) = held.as_mut() else {
+            return Err(unavailable());
+        };
+        let (rx, fresh) = {
+            let mut map = self.lock_channels();
+            match map.get(&channel) {
+                Some(tx) => (tx.subscribe(), false),
+                None => {
+                    let (tx, rx) = broadcast::channel(self.buffer);
+                    map.insert(channel.clone(), tx);
+                    (rx, true)
+                }
+            }
+        };
+        let sub = Subscription {
+            hub: self.clone(),
+            channel,
+            rx: Some(rx),
+        };
+        if fresh {
+            sink.subscribe(&sub.channel).await?;
+        }
+        Ok(sub)
     }
 }

@@ -36,6 +36,11 @@ pub struct MessageRow {
     pub error: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub finish_reason: String,
+    /// The google.rpc.Code a FAILED or INTERRUPTED reply ended with.
+    pub error_code: i32,
+    pub time_to_first_token_micros: Option<i64>,
+    pub duration_micros: Option<i64>,
 }
 
 pub const STREAMING: &str = "streaming";
@@ -255,9 +260,46 @@ pub struct Ending {
     pub cost_micros: i64,
     pub citations: Vec<pb::Citation>,
     pub error: String,
+    pub error_code: i32,
+    pub finish_reason: String,
+    pub time_to_first_token: Option<std::time::Duration>,
+    pub duration: Option<std::time::Duration>,
 }
 
-/// Finalises a STREAMING reply (a no-op when something else did first).
+fn micros(d: Option<std::time::Duration>) -> Option<i64> {
+    d.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Stores a reply's citations as soon as the gateway sends them.
+pub async fn store_citations(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    c: &[pb::Citation],
+) -> Result<(), ChatError> {
+    diesel::update(m::table.filter(m::id.eq(id)))
+        .set(m::citations.eq(citations_json(c)))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Marks replies `ids` (generating on this replica) as alive.
+pub async fn heartbeat(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> Result<(), ChatError> {
+    diesel::update(
+        m::table
+            .filter(m::id.eq_any(ids))
+            .filter(m::status.eq(STREAMING)),
+    )
+    .set(m::heartbeat_at.eq(Utc::now()))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Finalises a reply by the replica that generated it. A reply the
+/// sweeper marked INTERRUPTED while it was still generating (its heartbeat
+/// could not be written) gets its real ending and full content. False when
+/// the reply no longer exists (its session or user was purged).
 pub async fn finalize(
     conn: &mut AsyncPgConnection,
     id: Uuid,
@@ -266,7 +308,7 @@ pub async fn finalize(
     let n = diesel::update(
         m::table
             .filter(m::id.eq(id))
-            .filter(m::status.eq(STREAMING)),
+            .filter(m::status.eq_any([STREAMING, INTERRUPTED])),
     )
     .set((
         m::content.eq(&e.content),
@@ -277,6 +319,10 @@ pub async fn finalize(
         m::cost_micros.eq(e.cost_micros),
         m::citations.eq(citations_json(&e.citations)),
         m::error.eq(&e.error),
+        m::error_code.eq(e.error_code),
+        m::finish_reason.eq(&e.finish_reason),
+        m::time_to_first_token_micros.eq(micros(e.time_to_first_token)),
+        m::duration_micros.eq(micros(e.duration)),
         m::updated_at.eq(Utc::now()),
     ))
     .execute(conn)
@@ -316,14 +362,17 @@ pub async fn by_id(
 }
 
 /// The conversation up to and including `user_message`: the latest
-/// `limit` messages with content, oldest first (replies to that message
-/// itself excluded, so a regeneration does not see the earlier answer).
+/// `limit` messages with content, oldest first. A user turn answered more
+/// than once (regenerated) contributes only its latest answer; replies to
+/// `user_message` itself are left out, so a regeneration does not see the
+/// earlier answer.
 pub async fn history(
     conn: &mut AsyncPgConnection,
     session: Uuid,
     user_message: &MessageRow,
     limit: usize,
 ) -> Result<Vec<MessageRow>, ChatError> {
+    // Twice the limit: superseded answers are dropped below.
     let mut rows: Vec<MessageRow> = m::table
         .filter(m::session_id.eq(session))
         .filter(m::content.ne(""))
@@ -333,10 +382,14 @@ pub async fn history(
                 .or(m::id.eq(user_message.id)),
         )
         .order((m::created_at.desc(), m::id.desc()))
-        .limit(limit as i64 + 1)
+        .limit(2 * limit as i64 + 1)
         .select(MessageRow::as_select())
         .load(conn)
         .await?;
+    // Newest first: the first answer met for a user turn is its latest.
+    let mut answered = std::collections::HashSet::new();
+    rows.retain(|r| r.role != "assistant" || r.reply_to.is_none_or(|u| answered.insert(u)));
+    rows.truncate(limit + 1);
     rows.reverse();
     Ok(rows)
 }
@@ -444,8 +497,8 @@ pub async fn search(
     Ok(q.load(conn).await?)
 }
 
-/// Marks replies left STREAMING by a process that died as INTERRUPTED;
-/// returns their ids.
+/// Marks replies left STREAMING by a replica that is gone (no heartbeat
+/// since `older_than`) as INTERRUPTED; returns their ids.
 pub async fn sweep_stale(
     conn: &mut AsyncPgConnection,
     older_than: DateTime<Utc>,
@@ -453,11 +506,12 @@ pub async fn sweep_stale(
     Ok(diesel::update(
         m::table
             .filter(m::status.eq(STREAMING))
-            .filter(m::updated_at.lt(older_than)),
+            .filter(m::heartbeat_at.lt(older_than)),
     )
     .set((
         m::status.eq(INTERRUPTED),
         m::error.eq("the server generating this reply stopped"),
+        m::error_code.eq(tonic::Code::Unavailable as i32),
         m::updated_at.eq(Utc::now()),
     ))
     .returning(m::id)

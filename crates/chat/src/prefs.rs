@@ -1,12 +1,13 @@
 //! The user's preferences as a line of the system prompt, fetched from
-//! UserService over the mesh with the user's own credentials and cached
-//! per user for `chat.preferences_ttl`. A failure means no preferences,
-//! never a failed reply.
+//! UserService over the mesh with the user's own credentials, bounded by
+//! `chat.preferences_timeout`, and cached per user (moka) for
+//! `chat.preferences_ttl`. A failure or timeout means no preferences for
+//! that turn (not cached), never a failed reply.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use moka::sync::Cache;
+use tonic::Code;
 use trellis_core::ServiceName;
 use trellis_mesh::{CallContext, MeshClients};
 use trellis_proto::user::v1 as upb;
@@ -16,8 +17,8 @@ use uuid::Uuid;
 #[derive(Debug)]
 pub struct Prefs {
     clients: MeshClients,
-    ttl: Duration,
-    cache: Mutex<HashMap<Uuid, (Instant, Option<String>)>>,
+    timeout: Duration,
+    cache: Cache<Uuid, Option<String>>,
 }
 
 /// The preferences as an instruction, if there is anything to say.
@@ -51,43 +52,47 @@ pub fn describe(p: &upb::Preferences) -> Option<String> {
 }
 
 impl Prefs {
-    pub fn new(clients: MeshClients, ttl: Duration) -> Prefs {
+    pub fn new(clients: MeshClients, ttl: Duration, timeout: Duration) -> Prefs {
         Prefs {
             clients,
-            ttl,
-            cache: Mutex::new(HashMap::new()),
+            timeout,
+            cache: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl)
+                .build(),
         }
     }
 
     pub async fn line(&self, ctx: &CallContext, user: Uuid) -> Option<String> {
-        if let Some((at, v)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&user)
-            && at.elapsed() < self.ttl
-        {
-            return v.clone();
+        if let Some(hit) = self.cache.get(&user) {
+            return hit;
         }
-        let fetched = async {
+        let limit = Instant::now() + self.timeout;
+        let ctx = CallContext {
+            deadline: Some(ctx.deadline.map_or(limit, |d| d.min(limit))),
+            ..ctx.clone()
+        };
+        let fetched = tokio::time::timeout(self.timeout, async {
             let mut c = self
                 .clients
-                .client(ServiceName::User, ctx, UserServiceClient::new)
-                .ok()?;
-            let r = c
-                .get_preferences(upb::GetPreferencesRequest {})
-                .await
-                .map_err(|s| tracing::debug!(error = %s, "no preferences for the chat context"))
-                .ok()?;
-            r.into_inner().preferences
-        }
+                .client(ServiceName::User, &ctx, UserServiceClient::new)?;
+            c.get_preferences(upb::GetPreferencesRequest {}).await
+        })
         .await;
-        let line = fetched.as_ref().and_then(describe);
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() > 100_000 {
-            cache.clear();
-        }
-        cache.insert(user, (Instant::now(), line.clone()));
+        let line = match fetched {
+            Ok(Ok(r)) => r.into_inner().preferences.as_ref().and_then(describe),
+            // Definitive answers for this user: nothing to add.
+            Ok(Err(s)) if matches!(s.code(), Code::NotFound | Code::PermissionDenied) => None,
+            Ok(Err(s)) => {
+                tracing::debug!(error = %s, "no preferences for the chat context");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?self.timeout, "preferences took too long; replying without them");
+                return None;
+            }
+        };
+        self.cache.insert(user, line.clone());
         line
     }
 }

@@ -8,15 +8,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_core::config::{ChatConfig, LlmConfig};
 use trellis_core::error::FieldViolations;
 use trellis_core::page::PageTokens;
-use trellis_mesh::{CallContext, MeshClients, Principal, authenticated};
+use trellis_mesh::{Authenticator, CallContext, MeshClients, Principal, authenticated};
 use trellis_proto::chat::v1 as pb;
 use trellis_proto::chat::v1::chat_event::Event as Ev;
 use trellis_proto::chat::v1::chat_service_server::{ChatService, ChatServiceServer};
@@ -25,7 +26,7 @@ use uuid::Uuid;
 
 use crate::engine::{Engine, TurnRequest, TurnStart};
 use crate::error::ChatError;
-use crate::live::{Fanout, Live, Registry, Stop};
+use crate::live::{Fanout, Hub, Live, Registry, Stop};
 use crate::messages::{self, MessageRow};
 use crate::metrics::{ChatMetrics, StreamGuard};
 use crate::prefs::Prefs;
@@ -35,9 +36,20 @@ pub const SESSIONS: &str = "chat:sessions:write";
 pub const READ: &str = "chat:sessions:read";
 pub const SEND: &str = "chat:messages:send";
 
+/// Verifies the credentials a Converse stream acts with, on every action.
+#[derive(Clone)]
+struct Verifier(Arc<dyn Authenticator>);
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ChatSvc {
     engine: Arc<Engine>,
+    verifier: Verifier,
     pages: PageTokens,
     /// Known model aliases (empty when the gateway's models are unknown here).
     models: BTreeSet<String>,
@@ -61,6 +73,7 @@ impl std::fmt::Debug for Built {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn service(
     cfg: &ChatConfig,
     llm: &LlmConfig,
@@ -69,9 +82,11 @@ pub fn service(
     store: Store,
     clients: MeshClients,
     pages: PageTokens,
+    authenticator: Arc<dyn Authenticator>,
 ) -> Built {
     let registry = Arc::new(Registry::default());
     let fanout = Fanout::new(store.clone());
+    let hub = Hub::new(fanout.clone(), registry.clone(), cfg.stream_buffer);
     let metrics = ChatMetrics::new();
     let (drain, shutting_down) = watch::channel(false);
     let engine = Arc::new(Engine {
@@ -80,20 +95,49 @@ pub fn service(
         clients: clients.clone(),
         registry: registry.clone(),
         fanout: fanout.clone(),
-        prefs: Prefs::new(clients, cfg.preferences_ttl),
+        hub: hub.clone(),
+        prefs: Prefs::new(clients, cfg.preferences_ttl, cfg.preferences_timeout),
         metrics: metrics.clone(),
         shutting_down: shutting_down.clone(),
     });
     let mut background = Vec::new();
     if store.has_redis() {
-        background.push(fanout.spawn_cancel_listener(registry.clone()));
+        background.push(hub.spawn());
     }
-    // Replies left STREAMING by a replica that died become INTERRUPTED.
+    // Replies generating here are marked alive every quarter of
+    // `stale_after`, whatever phase they are in (waiting for a first token
+    // writes nothing else).
+    let heartbeat = {
+        let engine = engine.clone();
+        let every = cfg.stale_after / 4;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let ids = engine.registry.ids();
+                if ids.is_empty() {
+                    continue;
+                }
+                let beat = match engine.store.pg().await {
+                    Ok(mut conn) => messages::heartbeat(&mut conn, &ids).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = beat {
+                    tracing::warn!(error = %e, "could not mark replies in progress alive");
+                }
+            }
+        })
+    };
+    background.push(heartbeat);
+    // Replies whose replica is gone (no heartbeat for `stale_after`) become
+    // INTERRUPTED, on whichever replica notices first.
     let sweeper = {
         let engine = engine.clone();
-        let stale = (cfg.flush_interval * 40).max(Duration::from_secs(60));
+        let stale = cfg.stale_after;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            let mut tick = tokio::time::interval((stale / 2).min(Duration::from_secs(30)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let cutoff =
@@ -105,6 +149,8 @@ pub fn service(
                     Err(_) => Vec::new(),
                 };
                 for id in swept {
+                    // Still generating here (the heartbeat could not be
+                    // written): its own finalisation corrects the row.
                     if engine.registry.get(id).is_some() {
                         continue;
                     }
@@ -148,6 +194,7 @@ pub fn service(
     Built {
         server: ChatServiceServer::new(ChatSvc {
             engine,
+            verifier: Verifier(authenticator),
             pages,
             models,
             default_model,
@@ -158,6 +205,23 @@ pub fn service(
         background,
         drain,
         finishing,
+    }
+}
+
+/// The call's context for the generations it starts: the caller's request
+/// id and credentials, and the deadline the client set itself
+/// (`grpc-timeout`). The server's default timeout does not bound
+/// generations: they outlive disconnects.
+fn turn_context<T>(req: &Request<T>) -> CallContext {
+    let client_deadline = req
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(trellis_mesh::layers::deadline::parse_grpc_timeout)
+        .map(|d| std::time::Instant::now() + d);
+    CallContext {
+        deadline: client_deadline,
+        ..CallContext::from_request(req)
     }
 }
 
@@ -173,6 +237,7 @@ fn failed(client_message_id: &str, status: &Status) -> pb::ChatEvent {
             code: status.code() as i32,
             message: status.message().to_string(),
             status: pb::MessageStatus::Unspecified as i32,
+            retry_delay: crate::engine::retry_delay(status),
         })),
     }
 }
@@ -181,7 +246,7 @@ fn is_final(e: &pb::ChatEvent) -> bool {
     matches!(e.event, Some(Ev::Completed(_)) | Some(Ev::Failed(_)))
 }
 
-/// The final event of a stored reply.
+/// The final event of a stored reply, as it was sent live.
 fn final_of(r: &MessageRow) -> Option<pb::ChatEvent> {
     let usage = Some(pb::Usage {
         prompt_tokens: r.prompt_tokens,
@@ -189,6 +254,12 @@ fn final_of(r: &MessageRow) -> Option<pb::ChatEvent> {
         cost_micros: r.cost_micros,
     });
     let status = messages::status_pb(&r.status);
+    let duration = |m: Option<i64>| {
+        m.map(|m| prost_types::Duration {
+            seconds: m.div_euclid(1_000_000),
+            nanos: (m.rem_euclid(1_000_000) * 1000) as i32,
+        })
+    };
     Some(pb::ChatEvent {
         event: Some(match r.status.as_str() {
             messages::STREAMING => return None,
@@ -196,20 +267,21 @@ fn final_of(r: &MessageRow) -> Option<pb::ChatEvent> {
                 message_id: r.id.to_string(),
                 status: status as i32,
                 usage,
-                finish_reason: if r.status == messages::CANCELLED {
-                    "cancelled".into()
-                } else {
-                    "stop".into()
-                },
-                time_to_first_token: None,
-                duration: None,
+                finish_reason: r.finish_reason.clone(),
+                time_to_first_token: duration(r.time_to_first_token_micros),
+                duration: duration(r.duration_micros),
             }),
             _ => Ev::Failed(pb::Failed {
                 message_id: r.id.to_string(),
                 client_message_id: String::new(),
-                code: tonic::Code::Unavailable as i32,
+                code: if r.error_code == 0 {
+                    tonic::Code::Unavailable as i32
+                } else {
+                    r.error_code
+                },
                 message: r.error.clone(),
                 status: status as i32,
+                retry_delay: None,
             }),
         }),
     })
@@ -226,6 +298,20 @@ fn delta(id: Uuid, offset: usize, text: &str) -> pb::ChatEvent {
 }
 
 type Out<T> = mpsc::Sender<Result<T, Status>>;
+
+/// The credentials a Converse stream acts with: those it was opened with
+/// until an `authenticate` replaces them. Re-verified before every action,
+/// so an expired or revoked token stops acting (the stream stays open).
+#[derive(Debug)]
+struct StreamAuth {
+    principal: Arc<Principal>,
+    /// The raw credential, for re-verification.
+    credential: Option<String>,
+    /// Forwarded on the mesh calls of the turns this stream starts.
+    ctx: CallContext,
+}
+
+const REAUTHENTICATE: &str = "send `authenticate` with a fresh access token on this stream";
 
 /// Relays a reply's local events to one client stream. A reader too slow
 /// for the event buffer is caught up from the content so far instead, so
@@ -354,6 +440,71 @@ impl ChatSvc {
             .await
     }
 
+    /// Checks that the stream's credentials still hold (not expired, not
+    /// revoked), refreshing the principal (its permissions may change).
+    async fn reverify(&self, a: &mut StreamAuth) -> Result<(), Status> {
+        let Some(credential) = &a.credential else {
+            return Err(Status::unauthenticated(format!(
+                "the stream has no credentials to act with; {REAUTHENTICATE}"
+            )));
+        };
+        match self.verifier.0.authenticate(credential).await {
+            Ok(p) if p.user_id == a.principal.user_id => {
+                a.principal = p;
+                Ok(())
+            }
+            Ok(_) => Err(Status::unauthenticated(format!(
+                "the stream's credentials changed hands; {REAUTHENTICATE}"
+            ))),
+            Err(s) => Err(Status::unauthenticated(format!(
+                "the stream's credentials are no longer valid ({}); {REAUTHENTICATE}",
+                s.message()
+            ))),
+        }
+    }
+
+    /// Replaces the stream's credentials with `token`, which must be the
+    /// same user's.
+    async fn reauthenticate(
+        &self,
+        a: &mut StreamAuth,
+        token: &str,
+    ) -> Result<pb::Authenticated, Status> {
+        let token = token.trim();
+        let token = token
+            .strip_prefix("Bearer ")
+            .or_else(|| token.strip_prefix("bearer "))
+            .unwrap_or(token)
+            .trim();
+        let header = AsciiMetadataValue::try_from(format!("Bearer {token}")).ok();
+        let (true, Some(header)) = (!token.is_empty(), header) else {
+            return Err(ChatError::field(
+                "authenticate.access_token",
+                "an access token is required",
+            )
+            .into());
+        };
+        let p = self
+            .verifier
+            .0
+            .authenticate(token)
+            .await
+            .map_err(|s| Status::unauthenticated(s.message().to_string()))?;
+        if p.user_id != a.principal.user_id {
+            return Err(Status::permission_denied(
+                "the token belongs to another user; a Converse stream keeps the user who opened it",
+            ));
+        }
+        p.require(SEND)?;
+        let expire_time = p
+            .expires_at
+            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 });
+        a.principal = p;
+        a.credential = Some(token.to_string());
+        a.ctx.authorization = Some(header);
+        Ok(pb::Authenticated { expire_time })
+    }
+
     async fn cancel(&self, p: &Principal, raw: &str) -> Result<bool, ChatError> {
         let id = parse_id("message_id", raw)?;
         let row = {
@@ -369,6 +520,37 @@ impl ChatSvc {
         Ok(true)
     }
 
+    /// Sends what the stored reply has beyond byte `sent`, then its final
+    /// event if it is finished. Ok(true) when the reply is finished (or the
+    /// client gone): nothing more to follow.
+    async fn catch_up<T>(
+        &self,
+        id: Uuid,
+        sent: &mut usize,
+        out: &Out<T>,
+        wrap: fn(pb::ChatEvent) -> T,
+    ) -> Result<bool, ChatError> {
+        let row = {
+            let mut conn = self.engine.store.pg().await?;
+            messages::by_id(&mut conn, id)
+                .await?
+                .ok_or(ChatError::NotFound)?
+        };
+        if let Some(text) = row.content.get(*sent..).filter(|t| !t.is_empty()) {
+            if out.send(Ok(wrap(delta(id, *sent, text)))).await.is_err() {
+                return Ok(true);
+            }
+            *sent = row.content.len();
+        }
+        match final_of(&row) {
+            Some(last) => {
+                let _ = out.send(Ok(wrap(last))).await;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Streams reply `id` from byte `offset`: what is stored, then live
     /// events from any replica, until the final event.
     async fn watch_into<T: Send + 'static>(
@@ -379,14 +561,27 @@ impl ChatSvc {
         wrap: fn(pb::ChatEvent) -> T,
     ) -> Result<(), ChatError> {
         // Subscribe first, then read: nothing can fall between.
-        let sub = self.engine.fanout.subscribe(id).await?;
-        let mut sub = Box::pin(sub);
+        let mut sub = self.engine.hub.subscribe(id).await?;
         let row = {
             let mut conn = self.engine.store.pg().await?;
             messages::by_id(&mut conn, id)
                 .await?
                 .ok_or(ChatError::NotFound)?
         };
+        // In the order they were sent live: citations, content, the end.
+        let citations = messages::citations_of(&row.citations);
+        let mut cited = !citations.is_empty();
+        if cited {
+            let e = pb::ChatEvent {
+                event: Some(Ev::Citations(pb::Citations {
+                    message_id: id.to_string(),
+                    citations,
+                })),
+            };
+            if out.send(Ok(wrap(e))).await.is_err() {
+                return Ok(());
+            }
+        }
         let mut sent = offset;
         if row.content.len() > sent
             && let Some(text) = row.content.get(sent..)
@@ -400,50 +595,51 @@ impl ChatSvc {
             let _ = out.send(Ok(wrap(last))).await;
             return Ok(());
         }
-        if !messages::citations_of(&row.citations).is_empty() {
-            let _ = out
-                .send(Ok(wrap(pb::ChatEvent {
-                    event: Some(Ev::Citations(pb::Citations {
-                        message_id: id.to_string(),
-                        citations: messages::citations_of(&row.citations),
-                    })),
-                })))
-                .await;
-        }
         loop {
             let next = tokio::select! {
-                e = sub.next() => e,
+                e = sub.recv() => e,
                 _ = out.closed() => return Ok(()),
                 // A reply whose final event was lost (its replica died) is
                 // found final in the database.
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                    let mut conn = self.engine.store.pg().await?;
-                    if let Some(r) = messages::by_id(&mut conn, id).await?
-                        && let Some(last) = final_of(&r)
-                    {
-                        if let Some(text) = r.content.get(sent..).filter(|t| !t.is_empty()) {
-                            let _ = out.send(Ok(wrap(delta(id, sent, text)))).await;
-                        }
-                        let _ = out.send(Ok(wrap(last))).await;
+                    if self.catch_up(id, &mut sent, &out, wrap).await? {
                         return Ok(());
                     }
                     continue;
                 }
             };
-            let Some(ev) = next else {
-                return Err(ChatError::Upstream(Status::unavailable(
-                    "the live feed was interrupted; watch again with the offset received",
-                )));
+            let ev = match next {
+                Ok(ev) => ev,
+                // This watcher fell behind the live feed (its events were
+                // dropped, not buffered): continue from the stored content.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    if self.catch_up(id, &mut sent, &out, wrap).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(ChatError::Upstream(Status::unavailable(
+                        "the live feed was interrupted; watch again with the offset received",
+                    )));
+                }
             };
             let ev = match &ev.event {
+                // Already replayed from the row.
+                Some(Ev::Citations(_)) if cited => continue,
+                Some(Ev::Citations(_)) => {
+                    cited = true;
+                    ev
+                }
                 Some(Ev::Delta(d)) => {
                     let (start, end) = (d.offset as usize, d.offset as usize + d.text.len());
                     if end <= sent {
                         continue;
                     }
                     if start > sent {
-                        // Published before we subscribed but not yet stored
-                        // when we read: wait for the next flush.
+                        // Published before we subscribed (or while we
+                        // lagged) but not yet stored when we read: wait for
+                        // the next flush.
                         let mut caught = false;
                         for _ in 0..40 {
                             let mut conn = self.engine.store.pg().await?;
@@ -479,6 +675,95 @@ impl ChatSvc {
             let last = is_final(&ev);
             if out.send(Ok(wrap(ev))).await.is_err() || last {
                 return Ok(());
+            }
+        }
+    }
+
+    /// One client message of a Converse stream; every outcome is an event
+    /// on the stream, which goes on.
+    async fn converse_action(
+        &self,
+        action: Option<pb::converse_request::Action>,
+        auth: &mut StreamAuth,
+        tx: &Out<pb::ConverseResponse>,
+        relays: &mut tokio::task::JoinSet<()>,
+    ) {
+        use pb::converse_request::Action;
+        let say = |e: pb::ChatEvent| async move {
+            let _ = tx.send(Ok(wrap_converse(e))).await;
+        };
+        match action {
+            Some(Action::Send(s)) => {
+                let cid = s.client_message_id.clone();
+                if let Err(st) = self.reverify(auth).await {
+                    return say(failed(&cid, &st)).await;
+                }
+                if let Err(st) = auth.principal.require(SEND) {
+                    return say(failed(&cid, &st)).await;
+                }
+                match self.turn(&auth.ctx, &auth.principal, s).await {
+                    Ok(TurnStart::New {
+                        accepted,
+                        live,
+                        rx: events,
+                    }) => {
+                        let id =
+                            Uuid::parse_str(&accepted.assistant_message_id).unwrap_or_default();
+                        say(pb::ChatEvent {
+                            event: Some(Ev::Accepted(accepted)),
+                        })
+                        .await;
+                        relays.spawn(forward(events, live, id, tx.clone(), wrap_converse));
+                    }
+                    Ok(TurnStart::Duplicate { accepted }) => {
+                        let id = Uuid::parse_str(&accepted.assistant_message_id).ok();
+                        say(pb::ChatEvent {
+                            event: Some(Ev::Accepted(accepted)),
+                        })
+                        .await;
+                        if let Some(id) = id {
+                            let me = self.clone();
+                            let tx = tx.clone();
+                            relays.spawn(async move {
+                                if let Err(e) =
+                                    me.watch_into(id, 0, tx.clone(), wrap_converse).await
+                                {
+                                    let s: Status = e.into();
+                                    let _ = tx.send(Ok(wrap_converse(failed("", &s)))).await;
+                                }
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        let st: Status = e.into();
+                        say(failed(&cid, &st)).await;
+                    }
+                }
+            }
+            Some(Action::Cancel(c)) => {
+                if let Err(st) = self.reverify(auth).await {
+                    return say(failed("", &st)).await;
+                }
+                if let Err(e) = self.cancel(&auth.principal, &c.message_id).await {
+                    let st: Status = e.into();
+                    say(failed("", &st)).await;
+                }
+            }
+            Some(Action::Authenticate(a)) => match self.reauthenticate(auth, &a.access_token).await
+            {
+                Ok(done) => {
+                    say(pb::ChatEvent {
+                        event: Some(Ev::Authenticated(done)),
+                    })
+                    .await
+                }
+                Err(st) => say(failed("", &st)).await,
+            },
+            None => {
+                let st = Status::invalid_argument(
+                    "a ConverseRequest needs send, cancel or authenticate",
+                );
+                say(failed("", &st)).await;
             }
         }
     }
@@ -691,7 +976,13 @@ impl ChatService for ChatSvc {
         }
         v.check()?;
         let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;
-        sessions::owned(&mut conn, id, p.user_id).await?;
+        let current = sessions::owned(&mut conn, id, p.user_id).await?;
+        if sessions::status(self.cfg(), current.last_activity_at) == pb::SessionStatus::Expired {
+            return Err(ChatError::Precondition(
+                "the session has expired and is read-only; start a new one".into(),
+            )
+            .into());
+        }
         let now = chrono::Utc::now();
         for path in &paths {
             let target = s::table.filter(s::id.eq(id));
@@ -773,8 +1064,11 @@ impl ChatService for ChatSvc {
         let p = authenticated(&req)?;
         p.require(READ)?;
         let r = req.into_inner();
-        let id = parse_id("session_id", &r.session_id)?;
         let mut v = FieldViolations::new();
+        let id = Uuid::parse_str(r.session_id.trim()).unwrap_or_else(|_| {
+            v.add("session_id", "must be an id (UUID)");
+            Uuid::nil()
+        });
         let size = trellis_core::page::page_size(&mut v, r.page_size);
         v.check()?;
         let fingerprint = format!("chat-messages:{}:{}:{}", p.user_id, id, r.newest_first);
@@ -855,13 +1149,18 @@ impl ChatService for ChatSvc {
     ) -> Result<Response<Self::ConverseStream>, Status> {
         let p = authenticated(&req)?;
         p.require(SEND)?;
-        let ctx = CallContext::from_request(&req);
+        let auth = StreamAuth {
+            principal: p,
+            credential: trellis_mesh::layers::authn::credential(req.metadata().as_ref()),
+            ctx: turn_context(&req),
+        };
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(self.cfg().stream_buffer);
         let me = self.clone();
         let guard = StreamGuard::new(&self.engine.metrics.active_streams);
         tokio::spawn(async move {
             let _guard = guard;
+            let mut auth = auth;
             let mut relays = tokio::task::JoinSet::new();
             let mut draining = me.engine.shutting_down.clone();
             loop {
@@ -876,62 +1175,10 @@ impl ChatService for ChatSvc {
                     // relaying the turns in flight, then end.
                     Ok(None) | Err(_) => break,
                 };
-                match action {
-                    Some(pb::converse_request::Action::Send(s)) => {
-                        let cid = s.client_message_id.clone();
-                        match me.turn(&ctx, &p, s).await {
-                            Ok(TurnStart::New {
-                                accepted,
-                                live,
-                                rx: events,
-                            }) => {
-                                let id = Uuid::parse_str(&accepted.assistant_message_id)
-                                    .unwrap_or_default();
-                                let _ = tx
-                                    .send(Ok(wrap_converse(pb::ChatEvent {
-                                        event: Some(Ev::Accepted(accepted)),
-                                    })))
-                                    .await;
-                                relays.spawn(forward(events, live, id, tx.clone(), wrap_converse));
-                            }
-                            Ok(TurnStart::Duplicate { accepted }) => {
-                                let id = Uuid::parse_str(&accepted.assistant_message_id).ok();
-                                let _ = tx
-                                    .send(Ok(wrap_converse(pb::ChatEvent {
-                                        event: Some(Ev::Accepted(accepted)),
-                                    })))
-                                    .await;
-                                if let Some(id) = id {
-                                    let me2 = me.clone();
-                                    let tx2 = tx.clone();
-                                    relays.spawn(async move {
-                                        if let Err(e) =
-                                            me2.watch_into(id, 0, tx2.clone(), wrap_converse).await
-                                        {
-                                            let s: Status = e.into();
-                                            let _ =
-                                                tx2.send(Ok(wrap_converse(failed("", &s)))).await;
-                                        }
-                                    });
-                                }
-                            }
-                            Err(e) => {
-                                let s: Status = e.into();
-                                let _ = tx.send(Ok(wrap_converse(failed(&cid, &s)))).await;
-                            }
-                        }
-                    }
-                    Some(pb::converse_request::Action::Cancel(c)) => {
-                        if let Err(e) = me.cancel(&p, &c.message_id).await {
-                            let s: Status = e.into();
-                            let _ = tx.send(Ok(wrap_converse(failed("", &s)))).await;
-                        }
-                    }
-                    None => {
-                        let s = Status::invalid_argument("a ConverseRequest needs send or cancel");
-                        let _ = tx.send(Ok(wrap_converse(failed("", &s)))).await;
-                    }
-                }
+                // Finished relays need not wait for the end of the stream.
+                while relays.try_join_next().is_some() {}
+                me.converse_action(action, &mut auth, &tx, &mut relays)
+                    .await;
             }
             while relays.join_next().await.is_some() {}
         });
@@ -946,7 +1193,7 @@ impl ChatService for ChatSvc {
     ) -> Result<Response<Self::SendMessageStream>, Status> {
         let p = authenticated(&req)?;
         p.require(SEND)?;
-        let ctx = CallContext::from_request(&req);
+        let ctx = turn_context(&req);
         let Some(send) = req.into_inner().send else {
             return Err(ChatError::field("send", "is required").into());
         };
@@ -1008,7 +1255,7 @@ impl ChatService for ChatSvc {
     ) -> Result<Response<Self::RegenerateMessageStream>, Status> {
         let p = authenticated(&req)?;
         p.require(SEND)?;
-        let ctx = CallContext::from_request(&req);
+        let ctx = turn_context(&req);
         let id = parse_id("message_id", &req.get_ref().message_id)?;
         let (session, user_row) = {
             let mut conn = self.engine.store.pg().await.map_err(ChatError::from)?;

@@ -686,6 +686,14 @@ pub struct ChatConfig {
     /// How long a user's preferences are cached.
     #[serde(with = "humantime_serde")]
     pub preferences_ttl: Duration,
+    /// How long fetching a user's preferences may take before the reply
+    /// goes ahead without them.
+    #[serde(with = "humantime_serde")]
+    pub preferences_timeout: Duration,
+    /// A STREAMING reply whose replica has not written its heartbeat for
+    /// this long is marked INTERRUPTED (replicas beat every quarter of it).
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
 }
 
 impl Default for ChatConfig {
@@ -699,6 +707,8 @@ impl Default for ChatConfig {
             history_messages: 200,
             stream_buffer: 64,
             preferences_ttl: Duration::from_secs(60),
+            preferences_timeout: Duration::from_secs(2),
+            stale_after: Duration::from_secs(60),
         }
     }
 }
@@ -1157,6 +1167,12 @@ impl Config {
                 "chat.stream_buffer",
                 "stream_buffer 4-100000, history_messages at most 10000",
             ));
+        }
+        if ch.stale_after < Duration::from_millis(100) {
+            return Err(invalid("chat.stale_after", "must be at least 100ms"));
+        }
+        if ch.preferences_timeout.is_zero() {
+            return Err(invalid("chat.preferences_timeout", "must be above zero"));
         }
         if !ch.default_model.is_empty() && !l.models.contains_key(&ch.default_model) {
             return Err(invalid(

@@ -297,6 +297,11 @@ diesel::table! {
         error -> Text,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        heartbeat_at -> Timestamptz,
+        finish_reason -> Text,
+        error_code -> Int4,
+        time_to_first_token_micros -> Nullable<Int8>,
+        duration_micros -> Nullable<Int8>,
     }
 }
 
