@@ -1451,15 +1451,18 @@ async fn deactivation_makes_an_account_inactive_until_reactivated() {
 
     // Members cannot, not even see that the account exists; ids are checked.
     assert_eq!(
-        deactivate(&id, &member).await.unwrap_err().code(),
+        deactivate(&id, &member).await.expect_err("refused").code(),
         Code::NotFound
     );
-    let bad = deactivate("nope", &admin).await.unwrap_err();
+    let bad = deactivate("nope", &admin).await.expect_err("refused");
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert_eq!(fields(&bad), ["id"]);
     let unknown = uuid::Uuid::now_v7().to_string();
     assert_eq!(
-        deactivate(&unknown, &admin).await.unwrap_err().code(),
+        deactivate(&unknown, &admin)
+            .await
+            .expect_err("refused")
+            .code(),
         Code::NotFound
     );
     let admin_id = c
@@ -1471,7 +1474,10 @@ async fn deactivation_makes_an_account_inactive_until_reactivated() {
         .expect("user")
         .id;
     assert_eq!(
-        deactivate(&admin_id, &admin).await.unwrap_err().code(),
+        deactivate(&admin_id, &admin)
+            .await
+            .expect_err("refused")
+            .code(),
         Code::FailedPrecondition
     );
 
@@ -1501,7 +1507,7 @@ async fn deactivation_makes_an_account_inactive_until_reactivated() {
             }
         };
     assert_eq!(
-        login(&mut a).await.unwrap_err().code(),
+        login(&mut a).await.expect_err("refused").code(),
         Code::PermissionDenied
     );
     // The status filter finds it.
