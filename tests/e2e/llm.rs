@@ -14,6 +14,7 @@ use trellis_core::config::{LimitsConfig, ModelConfig, ProviderConfig};
 use trellis_proto::llm::v1 as pb;
 use trellis_proto::llm::v1::generate_stream_response::Event;
 use trellis_proto::llm::v1::llm_service_client::LlmServiceClient;
+use trellis_tests::fake_llm::{Blackhole, refused_base_url};
 use trellis_tests::{FakeLlm, Script, TestMesh, TestOptions};
 
 use crate::auth::{access, admin_account, auth, bearer, register, violations};
@@ -134,6 +135,16 @@ pub async fn stream(
         }
     }
     Ok(out)
+}
+
+/// The mesh's Prometheus text.
+async fn metrics_of(mesh: &TestMesh) -> String {
+    reqwest::get(format!("{}/metrics", mesh.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }
 
 async fn usage_of(
@@ -1051,4 +1062,142 @@ async fn retrieval_grounds_the_prompt_and_streams_citations_first() {
         .into_inner();
     assert_eq!(g.citations.len(), 1);
     assert_eq!(g.citations[0].title, "Expense policy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_provider_fails_over_and_counts_against_its_breaker() {
+    let hole = Blackhole::start().await;
+    let r = rig(|c| {
+        let p = c.llm.providers.get_mut("primary").expect("primary");
+        p.base_url = hole.base_url();
+        p.connect_timeout = Duration::from_millis(300);
+        p.max_retries = 2;
+        c.llm.breaker_failures = 2;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    for round in 1..=2 {
+        let t = Instant::now();
+        let out = stream(&mut c, &r.token, params("fast", "hi"))
+            .await
+            .expect("the backup answers");
+        assert_eq!(out.completed.expect("completed").provider, "backup");
+        // One connect timeout, not retried (it already cost its time).
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(r.backup.hits(), round);
+    }
+    let m = metrics_of(&r.mesh).await;
+    assert!(
+        m.contains(
+            "trellis_llm_failovers_total{provider=\"primary\",reason=\"connect_timeout\"} 2"
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "trellis_llm_upstream_duration_seconds_count{outcome=\"connect_timeout\",provider=\"primary\"} 2"
+        ),
+        "{m}"
+    );
+    // Two consecutive failures opened the breaker: the provider is skipped.
+    assert!(
+        m.contains("trellis_llm_breaker_state{provider=\"primary\"} 1"),
+        "{m}"
+    );
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("open");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("circuit open"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_then_fails_over() {
+    let refused = refused_base_url().await;
+    let r = rig(|c| {
+        let p = c.llm.providers.get_mut("primary").expect("primary");
+        p.base_url = refused;
+        p.max_retries = 1;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("the backup answers");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+    let m = metrics_of(&r.mesh).await;
+    assert!(
+        m.contains(
+            "trellis_llm_upstream_duration_seconds_count{outcome=\"connect\",provider=\"primary\"} 2"
+        ),
+        "tried twice: {m}"
+    );
+    assert!(
+        m.contains("trellis_llm_failovers_total{provider=\"primary\",reason=\"connect\"} 1"),
+        "{m}"
+    );
+    // Alone, the model is UNAVAILABLE and says why.
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("connection failed"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_timeout_bounds_the_whole_call() {
+    let r = rig(|c| {
+        c.llm
+            .providers
+            .get_mut("primary")
+            .expect("primary")
+            .total_timeout = Duration::from_millis(700);
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    // Mid-stream: the stream ends with DEADLINE_EXCEEDED and what was
+    // produced is billed; no failover after the first token.
+    r.primary
+        .push([Script::slow(50, Duration::from_millis(100))]);
+    let t = Instant::now();
+    let out = stream(&mut c, &r.token, params("fast", "long story"))
+        .await
+        .expect("stream");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(
+        (2..50).contains(&out.deltas.len()),
+        "{} deltas",
+        out.deltas.len()
+    );
+    assert!(out.completed.is_none());
+    let failed = out.failed.expect("failed event");
+    assert_eq!(failed.code, Code::DeadlineExceeded as i32, "{failed:?}");
+    let usage = failed.usage.expect("partial usage");
+    assert!(usage.estimated);
+    assert!(usage.completion_tokens >= out.deltas.len() as i32);
+    assert_eq!(r.backup.hits(), 0);
+    let rows = wait_rows(&r.mesh, 1).await;
+    assert_eq!(rows[0].6, "failed");
+    assert_eq!(rows[0].3, usage.completion_tokens);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream connection was closed"
+    );
+
+    // Before the first token it bounds the wait even when the first-token
+    // timeout (5s here) is longer: the provider is failed over.
+    r.primary.push([Script::Hang]);
+    let t = Instant::now();
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }

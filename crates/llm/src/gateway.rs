@@ -207,16 +207,19 @@ impl Gateway {
         Ok(rx)
     }
 
-    /// The longest a call of `job` may run: its lease must outlive it.
+    /// The longest a call of `job` may run (every attempt on every route,
+    /// with the waits between retries): its lease must outlive it.
     fn lease_time(&self, job: &Job) -> Duration {
-        let longest = job
+        let routes: Duration = job
             .model
             .parsed_routes(&job.alias)
             .filter_map(|(p, _)| self.providers.get(p))
-            .map(|p| p.config.total_timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(300));
-        longest * (job.model.routes.len() as u32).max(1) + Duration::from_secs(5)
+            .map(|p| {
+                let attempts = p.config.max_retries + 1;
+                p.config.total_timeout * attempts + self.config.retry_max * p.config.max_retries
+            })
+            .sum();
+        routes.max(Duration::from_secs(1)) + Duration::from_secs(5)
     }
 
     async fn run(self: Arc<Self>, job: Job, lease: Lease, tx: EventSender) {
@@ -269,12 +272,13 @@ impl Gateway {
                 ending = Ending::Cancelled;
             }
         }
-        let total_deadline = {
-            let by_provider = s.sent_at + s.provider.config.total_timeout;
-            match job.total_deadline {
-                Some(d) => d.min(by_provider),
-                None => by_provider,
-            }
+        // The provider's total_timeout runs from its request (so it covers
+        // the wait for the first token too); the caller's own deadline may
+        // be shorter.
+        let by_provider = s.sent_at + s.provider.config.total_timeout;
+        let total_deadline = match job.total_deadline {
+            Some(d) => d.min(by_provider),
+            None => by_provider,
         };
         while ending == Ending::Ok {
             let next = tokio::select! {
@@ -357,8 +361,14 @@ impl Gateway {
         match &failure {
             Some(f) => {
                 tracing::warn!(provider = %provider, error = %f, "upstream stream failed after its first token");
-                s.provider.breaker.failure();
-                self.breaker_gauge(&s.provider);
+                // The caller's own deadline running out is not the
+                // provider's fault.
+                let callers_deadline =
+                    matches!(f, Failure::Deadline) && total_deadline < by_provider;
+                if !callers_deadline {
+                    s.provider.breaker.failure();
+                    self.breaker_gauge(&s.provider);
+                }
                 let code = if matches!(f, Failure::Deadline) {
                     Code::DeadlineExceeded
                 } else {
@@ -598,7 +608,13 @@ impl Gateway {
             let mut attempt = 0;
             loop {
                 let sent_at = Instant::now();
-                let provider_first = sent_at + provider.config.first_token_timeout;
+                // `total_timeout` bounds the whole attempt, its wait for
+                // the first token included.
+                let provider_first = sent_at
+                    + provider
+                        .config
+                        .first_token_timeout
+                        .min(provider.config.total_timeout);
                 let first_deadline = provider_first.min(job.first_deadline);
                 let result = tokio::time::timeout_at(first_deadline.into(), async {
                     let mut stream = provider.open(&request).await?;

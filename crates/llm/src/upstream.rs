@@ -81,8 +81,12 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, OpenAIError>> + S
 /// What went wrong with one attempt.
 #[derive(Debug, Clone)]
 pub enum Failure {
-    /// Could not connect, or the connection broke before an answer.
+    /// Could not connect (refused, reset, DNS), or the connection broke
+    /// before an answer.
     Connect(String),
+    /// No connection within the provider's `connect_timeout` (a host that
+    /// is down or unreachable drops the handshake rather than refusing it).
+    ConnectTimeout,
     /// The upstream answered with an error status.
     Status {
         code: u16,
@@ -109,15 +113,23 @@ impl Failure {
         )
     }
 
-    /// Whether trying this provider again soon may help.
+    /// Whether trying this provider again soon may help: an overloaded or
+    /// failing server (429, 5xx) or a refused or broken connection (a
+    /// restarting server). Timeouts already spent the caller's time and
+    /// fail over at once.
     pub fn retryable_here(&self) -> bool {
-        matches!(self, Failure::Status { code, .. } if *code == 429 || *code >= 500)
+        match self {
+            Failure::Status { code, .. } => *code == 429 || *code >= 500,
+            Failure::Connect(_) => true,
+            _ => false,
+        }
     }
 
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
             Failure::Connect(_) => "connect",
+            Failure::ConnectTimeout => "connect_timeout",
             Failure::Status { code: 429, .. } => "rate_limited",
             Failure::Status { code, .. } if *code >= 500 => "server_error",
             Failure::Status { .. } => "refused",
@@ -132,6 +144,7 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Connect(m) => write!(f, "connection failed: {m}"),
+            Failure::ConnectTimeout => f.write_str("no connection within the connect timeout"),
             Failure::Status { code, message, .. } => write!(f, "HTTP {code}: {message}"),
             Failure::FirstTokenTimeout => f.write_str("no first token in time"),
             Failure::Deadline => f.write_str("timed out"),
@@ -250,13 +263,10 @@ pub fn classify(e: OpenAIError) -> Failure {
             },
             Err(other) => Failure::Connect(other.to_string()),
         },
-        OpenAIError::Reqwest(r) => {
-            if r.is_timeout() {
-                Failure::Deadline
-            } else {
-                Failure::Connect(without_url(&r))
-            }
-        }
+        // The only timeout our client sets is the connect timeout: a
+        // provider that cannot be reached, to fail over from.
+        OpenAIError::Reqwest(r) if r.is_timeout() => Failure::ConnectTimeout,
+        OpenAIError::Reqwest(r) => Failure::Connect(without_url(&r)),
         OpenAIError::ApiError(a) => Failure::Status {
             code: a.status_code.as_u16(),
             retry_after: None,
@@ -395,5 +405,9 @@ mod tests {
         };
         assert!(!f.retryable_here() && f.is_rejection());
         assert!(!Failure::FirstTokenTimeout.retryable_here());
+        assert!(!Failure::ConnectTimeout.retryable_here());
+        assert!(!Failure::ConnectTimeout.is_rejection());
+        assert!(Failure::Connect("refused".into()).retryable_here());
+        assert_eq!(Failure::ConnectTimeout.reason(), "connect_timeout");
     }
 }
