@@ -1201,3 +1201,59 @@ async fn the_total_timeout_bounds_the_whole_call() {
     assert_eq!(out.completed.expect("completed").provider, "backup");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunk_or_an_error_object_after_the_first_token_ends_the_stream() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    r.primary.push([Script::MalformedAfter {
+        pieces: vec!["partial".into(), " text".into()],
+    }]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.deltas.concat(), "partial text");
+    assert!(out.completed.is_none());
+    let failed = out.failed.expect("failed event");
+    assert_eq!(failed.code, Code::Unavailable as i32);
+    assert!(failed.message.contains("malformed"), "{}", failed.message);
+    let usage = failed.usage.expect("partial usage");
+    assert_eq!((usage.completion_tokens, usage.estimated), (2, true));
+    assert_eq!(r.backup.hits(), 0, "no failover after the first token");
+
+    r.primary.push([Script::ErrorAfter {
+        pieces: vec!["half".into()],
+        message: "model overloaded".into(),
+    }]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.deltas.concat(), "half");
+    let failed = out.failed.expect("failed event");
+    assert_eq!(failed.code, Code::Unavailable as i32);
+    assert!(
+        failed.message.contains("model overloaded"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(failed.usage.expect("usage").completion_tokens, 1);
+    assert_eq!(r.backup.hits(), 0);
+    let rows = wait_rows(&r.mesh, 2).await;
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.1.as_str(), r.3, r.6.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("primary", 2, "failed"), ("primary", 1, "failed")]
+    );
+
+    // The same error object before any token fails over.
+    r.primary.push([Script::ErrorAfter {
+        pieces: vec![],
+        message: "model overloaded".into(),
+    }]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+    assert_eq!(out.deltas.concat(), "from backup");
+}
