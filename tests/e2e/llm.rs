@@ -506,6 +506,15 @@ async fn the_breaker_opens_after_failures_and_recovers_after_cooldown() {
         .expect_err("open");
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("circuit open"), "{}", err.message());
+    let retry = err
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay);
+    assert_eq!(
+        retry,
+        Some(Duration::from_secs(1)),
+        "the cool-down, at least 1s"
+    );
     assert_eq!(r.primary.hits(), 2);
     // ... and a model with a fallback goes straight to it.
     let out = stream(&mut c, &r.token, params("fast", "hi"))
@@ -1256,4 +1265,80 @@ async fn a_malformed_chunk_or_an_error_object_after_the_first_token_ends_the_str
         .expect("stream");
     assert_eq!(out.completed.expect("completed").provider, "backup");
     assert_eq!(out.deltas.concat(), "from backup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_on_the_same_provider_with_back_off() {
+    let r = rig(|c| {
+        c.llm
+            .providers
+            .get_mut("primary")
+            .expect("primary")
+            .max_retries = 1;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    r.primary.push([Script::status(500)]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "primary");
+    assert_eq!(out.deltas.concat(), "Hello world");
+    assert_eq!((r.primary.hits(), r.backup.hits()), (2, 0));
+    let m = metrics_of(&r.mesh).await;
+    assert!(
+        m.contains(
+            "trellis_llm_upstream_duration_seconds_count{outcome=\"server_error\",provider=\"primary\"} 1"
+        ),
+        "{m}"
+    );
+    assert!(!m.contains("trellis_llm_failovers_total{"), "{m}");
+
+    // Retry-After as an HTTP date is honoured too.
+    let at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    r.primary.push([Script::Status {
+        code: 429,
+        retry_after: Some(at.format("%a, %d %b %Y %H:%M:%S GMT").to_string()),
+    }]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "primary");
+    let seen = r.primary.seen();
+    assert_eq!(seen.len(), 4);
+    let waited = seen[3].at - seen[2].at;
+    assert!(
+        (Duration::from_millis(900)..Duration::from_millis(2500)).contains(&waited),
+        "retried after {waited:?}"
+    );
+
+    // Both tries refused, with a Retry-After beyond llm.retry_max: the
+    // caller is told when to come back.
+    r.primary.push([
+        Script::Status {
+            code: 429,
+            retry_after: Some("1".into()),
+        },
+        Script::Status {
+            code: 429,
+            retry_after: Some("30".into()),
+        },
+    ]);
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("rate limited");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("HTTP 429"), "{}", err.message());
+    let retry = err
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay);
+    assert_eq!(retry, Some(Duration::from_secs(30)));
+    // A plain failure carries no RetryInfo.
+    r.primary.push([Script::status(502), Script::status(502)]);
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("failing");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.get_error_details().retry_info().is_none());
 }

@@ -105,6 +105,15 @@ impl Breaker {
         }
     }
 
+    /// How long an open breaker keeps turning calls away (zero once a
+    /// probe may go; None when closed or probing).
+    pub fn retry_in(&self) -> Option<Duration> {
+        match *self.lock() {
+            Inner::Open { until } => Some(until.saturating_duration_since(Instant::now())),
+            _ => None,
+        }
+    }
+
     pub fn state(&self) -> State {
         match *self.lock() {
             Inner::Closed { .. } => State::Closed,

@@ -577,12 +577,25 @@ impl Gateway {
         let mut failures: Vec<String> = Vec::new();
         let mut skipped: Vec<&str> = Vec::new();
         let mut last: Option<Failure> = None;
+        // When trying again may help: the soonest `Retry-After` of the
+        // providers that refused, or the soonest end of an open breaker.
+        let mut retry_hint: Option<Duration> = None;
+        let mut hint = |d: Duration| {
+            retry_hint = Some(retry_hint.map_or(d, |h: Duration| h.min(d)));
+        };
         for (name, upstream_model) in job.model.parsed_routes(&job.alias) {
             let Some(provider) = self.providers.get(name) else {
                 continue;
             };
             let Some(admit) = provider.breaker.admit() else {
                 skipped.push(name);
+                // Half-open: a probe is under way and decides soon.
+                hint(
+                    provider
+                        .breaker
+                        .retry_in()
+                        .unwrap_or(Duration::from_secs(1)),
+                );
                 continue;
             };
             self.breaker_gauge(provider);
@@ -716,17 +729,30 @@ impl Gateway {
                     .with_label_values(&[name, failure.reason()])
                     .inc();
                 failures.push(format!("{name}: {failure}"));
+                if let Failure::Status {
+                    retry_after: Some(ra),
+                    ..
+                } = &failure
+                {
+                    hint(*ra);
+                }
                 last = Some(failure);
                 break;
             }
         }
+        // RetryInfo never asks for less than a second.
+        let retry_hint = retry_hint.map(|h| h.max(Duration::from_secs(1)));
         if failures.is_empty() && !skipped.is_empty() {
-            return Err(LlmError::Unavailable(format!(
-                "every provider of model {} is failing (circuit open: {}); retry in {}s",
-                job.alias,
-                skipped.join(", "),
-                self.config.breaker_cooldown.as_secs().max(1)
-            )));
+            let retry_after = retry_hint.unwrap_or(self.config.breaker_cooldown);
+            return Err(LlmError::UnavailableFor {
+                message: format!(
+                    "every provider of model {} is failing (circuit open: {}); retry in {}s",
+                    job.alias,
+                    skipped.join(", "),
+                    retry_after.as_secs_f64().ceil() as u64
+                ),
+                retry_after,
+            });
         }
         if matches!(last, Some(Failure::FirstTokenTimeout))
             && failures.len() == 1
@@ -746,7 +772,13 @@ impl Gateway {
         if !skipped.is_empty() {
             msg.push_str(&format!(" (circuit open: {})", skipped.join(", ")));
         }
-        Err(LlmError::Unavailable(msg))
+        Err(match retry_hint {
+            Some(retry_after) => LlmError::UnavailableFor {
+                message: msg,
+                retry_after,
+            },
+            None => LlmError::Unavailable(msg),
+        })
     }
 }
 
