@@ -650,7 +650,8 @@ async fn requests_per_minute_and_concurrent_streams_are_enforced() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     let (quota, retry) = quota_of(&err);
     assert_eq!(quota, "concurrent_streams");
-    assert!(retry.is_some());
+    assert_eq!(retry, Some(Duration::from_secs(1)));
+    assert_eq!(quota_description(&err), "at most 1 generations at once");
     while slow.message().await.expect("slow").is_some() {}
     // Slot free again (the lease is given back when the stream ends).
     assert!(
@@ -671,6 +672,7 @@ async fn requests_per_minute_and_concurrent_streams_are_enforced() {
         .expect_err("rpm");
     let (quota, retry) = quota_of(&err);
     assert_eq!(quota, "requests_per_minute");
+    assert_eq!(quota_description(&err), "at most 3 requests per minute");
     let retry = retry.expect("retry info");
     assert!(retry <= Duration::from_secs(61), "{retry:?}");
     let limits = c
@@ -687,62 +689,167 @@ async fn requests_per_minute_and_concurrent_streams_are_enforced() {
     assert!(rpm.reset_time.is_some());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_and_cost_budgets_are_enforced_after_they_are_used_up() {
-    let r = rig(|c| {
-        c.llm.default_limits.tokens_per_day = 10;
-    })
-    .await;
-    let mut c = llm(&r.mesh).await;
-    // The first call is allowed (under budget when it starts) and uses 15.
-    stream(&mut c, &r.token, params("fast", "one"))
-        .await
-        .expect("first");
-    let refused = eventually(Duration::from_secs(2), || {
-        let mut c = c.clone();
-        let t = r.token.clone();
-        async move {
-            matches!(stream(&mut c, &t, params("fast", "two")).await,
-                Err(e) if e.code() == Code::ResourceExhausted && quota_of(&e).0 == "tokens_per_day")
-        }
-    })
-    .await;
-    assert!(refused);
-    let limits = c
-        .get_limits(bearer(pb::GetLimitsRequest {}, &r.token))
+fn quota_description(status: &Status) -> String {
+    status
+        .get_error_details()
+        .quota_failure()
+        .and_then(|q| q.violations.first().map(|v| v.description.clone()))
+        .unwrap_or_default()
+}
+
+async fn limit_of(c: &mut LlmServiceClient<Channel>, token: &str, name: &str) -> pb::Limit {
+    c.get_limits(bearer(pb::GetLimitsRequest {}, token))
         .await
         .expect("limits")
         .into_inner()
-        .limits;
-    let tok = limits
-        .iter()
-        .find(|l| l.name == "tokens_per_day")
-        .expect("tokens");
-    assert_eq!((tok.limit, tok.remaining), (10, 0));
+        .limits
+        .into_iter()
+        .find(|l| l.name == name)
+        .unwrap_or_else(|| panic!("no limit {name}"))
+}
 
+/// Runs `n` GenerateStream calls at once.
+async fn at_once(
+    c: &LlmServiceClient<Channel>,
+    token: &str,
+    p: &pb::GenerateParams,
+    n: usize,
+) -> Vec<Result<Outcome, Status>> {
+    futures::future::join_all((0..n).map(|_| {
+        let mut c = c.clone();
+        let p = p.clone();
+        async move { stream(&mut c, token, p).await }
+    }))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_cost_budgets_reserve_each_calls_worst_case_up_front() {
+    // Tokens: each call reserves prompt + max_tokens, so of five calls at
+    // once only those that fit the day's budget together are admitted.
     let r = rig(|c| {
-        c.llm.default_limits.cost_micros_per_month = 5;
+        c.llm.default_limits.tokens_per_day = 100;
     })
     .await;
+    // Slow enough that all five overlap; reports 10 + 3 tokens.
+    r.primary
+        .set_fallback(Script::slow(3, Duration::from_millis(300)));
     let mut c = llm(&r.mesh).await;
-    stream(&mut c, &r.token, params("fast", "one"))
+    let mut p = params("fast", "one");
+    p.max_tokens = 20;
+    let prompt = c
+        .count_tokens(bearer(
+            pb::CountTokensRequest {
+                params: Some(p.clone()),
+            },
+            &r.token,
+        ))
         .await
-        .expect("first");
-    let refused = eventually(Duration::from_secs(2), || {
+        .expect("count")
+        .into_inner()
+        .prompt_tokens;
+    let worst = prompt + 20;
+    assert!(worst * 2 <= 100 && worst * 3 > 100, "worst case {worst}");
+    let results = at_once(&c, &r.token, &p, 5).await;
+    let refused: Vec<&Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(results.len() - refused.len(), 2, "{refused:?}");
+    for err in refused {
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        let (quota, retry) = quota_of(err);
+        assert_eq!(quota, "tokens_per_day");
+        let retry = retry.expect("retry info");
+        assert!(
+            (Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&retry),
+            "until the day ends: {retry:?}"
+        );
+        let d = quota_description(err);
+        assert!(
+            d.contains(&format!("may use {worst} tokens")) && d.contains("of 100 tokens per day"),
+            "{d}"
+        );
+    }
+    for ok in results.iter().filter_map(|r| r.as_ref().ok()) {
+        assert!(ok.completed.is_some(), "{ok:?}");
+    }
+    assert_eq!(r.primary.hits(), 2);
+    // Settled to what was used: 2 × 13.
+    let settled = eventually(Duration::from_secs(2), || {
+        let mut c = c.clone();
+        let t = r.token.clone();
+        async move { limit_of(&mut c, &t, "tokens_per_day").await.remaining == 74 }
+    })
+    .await;
+    assert!(
+        settled,
+        "{:?}",
+        limit_of(&mut c, &r.token, "tokens_per_day").await
+    );
+    // A call whose worst case exceeds what is left is refused outright.
+    p.max_tokens = 200;
+    let err = stream(&mut c, &r.token, p.clone())
+        .await
+        .expect_err("too big");
+    assert_eq!(quota_of(&err).0, "tokens_per_day");
+    assert!(
+        quota_description(&err).contains("but 74 of 100"),
+        "{}",
+        quota_description(&err)
+    );
+    assert_eq!(r.primary.hits(), 2);
+
+    // Cost: the worst case at the model's prices (1 µ$ per prompt token,
+    // 2 per completion token).
+    let r = rig(|c| {
+        c.llm.default_limits.cost_micros_per_month = 150;
+    })
+    .await;
+    r.primary
+        .set_fallback(Script::slow(3, Duration::from_millis(300)));
+    let mut c = llm(&r.mesh).await;
+    let mut p = params("fast", "one");
+    p.max_tokens = 20;
+    let worst_cost = prompt + 2 * 20;
+    assert!(
+        worst_cost * 2 <= 150 && worst_cost * 3 > 150,
+        "{worst_cost}"
+    );
+    let results = at_once(&c, &r.token, &p, 4).await;
+    let refused: Vec<&Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(results.len() - refused.len(), 2, "{refused:?}");
+    for err in refused {
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        let (quota, retry) = quota_of(err);
+        assert_eq!(quota, "cost_micros_per_month");
+        let retry = retry.expect("retry info");
+        assert!(
+            (Duration::from_secs(1)..=Duration::from_secs(31 * 86_400)).contains(&retry),
+            "until the month ends: {retry:?}"
+        );
+        assert!(
+            quota_description(err).contains(&format!("may cost {worst_cost} micro-dollars")),
+            "{}",
+            quota_description(err)
+        );
+    }
+    // Settled: 2 × (10 + 2 × 3) µ$ used of 150, readable through GetLimits.
+    let settled = eventually(Duration::from_secs(2), || {
         let mut c = c.clone();
         let t = r.token.clone();
         async move {
-            matches!(stream(&mut c, &t, params("fast", "two")).await,
-                Err(e) if e.code() == Code::ResourceExhausted && quota_of(&e).0 == "cost_micros_per_month")
+            let l = limit_of(&mut c, &t, "cost_micros_per_month").await;
+            (l.limit, l.remaining) == (150, 118)
         }
     })
     .await;
-    assert!(refused);
+    let cost = limit_of(&mut c, &r.token, "cost_micros_per_month").await;
+    assert!(settled, "{cost:?}");
+    assert!(cost.reset_time.is_some());
+    let rows = wait_rows(&r.mesh, 2).await;
+    assert_eq!(rows.iter().map(|r| r.5).sum::<i64>(), 32);
     // Admins are unlimited by default.
     let (_, admin) = admin_account(&r.mesh, "boss").await;
-    stream(&mut c, &admin, params("fast", "admin"))
-        .await
-        .expect("admin unlimited");
+    let results = at_once(&c, &admin, &p, 4).await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use crate::breaker::Breaker;
 use crate::cache::{self, Cached};
 use crate::error::LlmError;
-use crate::limits::{Lease, Limiter};
+use crate::limits::{Estimate, Lease, Limiter};
 use crate::metrics::LlmMetrics;
 use crate::prompt::{self, Turn};
 use crate::upstream::{Chunk, ChunkStream, Failure, Provider, StreamOptions, WireUsage};
@@ -194,12 +194,27 @@ impl Gateway {
     /// kept the generation from starting.
     pub async fn begin(
         self: &Arc<Self>,
-        job: Job,
+        mut job: Job,
     ) -> Result<mpsc::Receiver<Result<Event, Status>>, LlmError> {
         let lease_for = self.lease_time(&job);
+        // A limited budget reserves the call's worst case: its prompt and
+        // every completion token it may ask for (counted once, kept for
+        // the accounting).
+        let estimate = if job.limits.tokens_per_day > 0 || job.limits.cost_micros_per_month > 0 {
+            let prompt_tokens = job.prompt_tokens() as u64;
+            job.prompt_tokens = Some(prompt_tokens as usize);
+            let completion = u64::from(job.max_tokens);
+            Estimate {
+                tokens: prompt_tokens + completion,
+                cost_micros: micros_cost(prompt_tokens, job.model.prompt_price_per_million)
+                    + micros_cost(completion, job.model.completion_price_per_million),
+            }
+        } else {
+            Estimate::default()
+        };
         let lease = self
             .limiter
-            .acquire(job.user, &job.limits, lease_for)
+            .acquire(job.user, &job.limits, lease_for, estimate)
             .await?;
         let (tx, rx) = mpsc::channel(32);
         let gw = self.clone();
