@@ -147,6 +147,13 @@ async fn metrics_of(mesh: &TestMesh) -> String {
         .expect("text")
 }
 
+/// The value of one sample in Prometheus text.
+fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} in {text}"))
+}
+
 async fn usage_of(
     c: &mut LlmServiceClient<Channel>,
     token: &str,
@@ -399,8 +406,20 @@ async fn a_slow_first_token_fails_over() {
     let out = stream(&mut c, &r.token, params("fast", "hi"))
         .await
         .expect("stream");
-    assert_eq!(out.completed.expect("completed").provider, "backup");
+    let done = out.completed.expect("completed");
+    assert_eq!(done.provider, "backup");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // The caller's time to first token includes the wait on the primary;
+    // the backup's own metric does not.
+    let ttft = done.time_to_first_token.expect("ttft");
+    let ttft = Duration::new(ttft.seconds as u64, ttft.nanos as u32);
+    assert!(ttft >= Duration::from_millis(300), "{ttft:?}");
+    let m = metrics_of(&r.mesh).await;
+    let backup_ttft = metric_value(
+        &m,
+        "trellis_llm_time_to_first_token_seconds_sum{provider=\"backup\"}",
+    );
+    assert!(backup_ttft < 0.3, "{backup_ttft}");
     // The hung stream was abandoned, not left open.
     assert!(
         eventually(Duration::from_secs(2), || async {

@@ -49,6 +49,9 @@ pub struct Job {
     pub first_deadline: Instant,
     /// Until the last token: the client's own deadline, if it sent one.
     pub total_deadline: Option<Instant>,
+    /// When the RPC arrived: the caller's time to first token and duration
+    /// count from here (retrieval, retries and failover included).
+    pub received: Instant,
 }
 
 impl Job {
@@ -152,8 +155,10 @@ struct Started {
     acc: Acc,
     /// Text of the first chunk(s), not yet sent.
     first: Option<String>,
+    /// When the winning attempt's request was sent.
     sent_at: Instant,
-    ttft: Duration,
+    /// When its first token arrived.
+    first_at: Instant,
 }
 
 /// Ends a half-open probe that was dropped mid-flight.
@@ -238,7 +243,7 @@ impl Gateway {
     }
 
     async fn run(self: Arc<Self>, job: Job, lease: Lease, tx: EventSender) {
-        let t0 = Instant::now();
+        let t0 = job.received;
         let cache_key = job
             .cache
             .then(|| cache::key(&self.store, &job.alias, job.max_tokens, &job.turns));
@@ -405,7 +410,7 @@ impl Gateway {
                         finish_reason: finish.clone(),
                         provider: provider.clone(),
                         upstream_model: upstream_model.clone(),
-                        time_to_first_token: Some(duration_pb(s.ttft)),
+                        time_to_first_token: Some(duration_pb(s.first_at - t0)),
                         duration: Some(duration_pb(t0.elapsed())),
                         cached: false,
                     })))
@@ -445,7 +450,7 @@ impl Gateway {
             prompt_tokens,
             completion_tokens,
             estimated,
-            Some(s.ttft),
+            Some(s.first_at - t0),
             t0,
         )
         .await;
@@ -667,7 +672,10 @@ impl Gateway {
                 .await;
                 let failure = match result {
                     Ok(Ok((stream, acc, first))) => {
-                        let ttft = sent_at.elapsed();
+                        let first_at = Instant::now();
+                        // The metric is the provider's own (this attempt);
+                        // the caller's TTFT counts from the RPC.
+                        let ttft = first_at - sent_at;
                         provider.breaker.success();
                         guard.armed = false;
                         self.breaker_gauge(provider);
@@ -682,7 +690,7 @@ impl Gateway {
                             acc,
                             first,
                             sent_at,
-                            ttft,
+                            first_at,
                         });
                     }
                     Ok(Err(f)) => f,

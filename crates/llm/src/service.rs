@@ -251,6 +251,7 @@ impl LlmSvc {
         principal: &Principal,
         params: Option<pb::GenerateParams>,
     ) -> Result<Job, LlmError> {
+        let received = Instant::now();
         let c = self.check(params)?;
         let citations = match &c.retrieval {
             Some(options) => {
@@ -313,6 +314,7 @@ impl LlmSvc {
             citations,
             first_deadline,
             total_deadline: client_deadline(req),
+            received,
         })
     }
 }
