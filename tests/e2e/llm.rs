@@ -307,6 +307,22 @@ async fn a_stream_delivers_deltas_in_order_then_usage_and_is_accounted() {
         metrics.contains("trellis_llm_time_to_first_token_seconds_count{provider=\"primary\"} 2")
     );
     assert!(metrics.contains("trellis_llm_breaker_state{provider=\"primary\"} 0"));
+    // Two calls of 12 prompt + 3 completion tokens at 1 and 2 µ$ each.
+    assert!(
+        metrics.contains("trellis_llm_cost_micros_total{provider=\"primary\"} 36"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "trellis_llm_upstream_duration_seconds_count{outcome=\"ok\",provider=\"primary\"} 2"
+        ),
+        "{metrics}"
+    );
+    let took = metric_value(
+        &metrics,
+        "trellis_llm_upstream_duration_seconds_sum{outcome=\"ok\",provider=\"primary\"}",
+    );
+    assert!(took > 0.0 && took < 5.0, "{took}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,10 +571,25 @@ async fn the_breaker_opens_after_failures_and_recovers_after_cooldown() {
     // After the cooldown one probe goes through; its success closes it.
     r.primary.set_fallback(Script::ok(&["back"], Some((1, 1))));
     tokio::time::sleep(Duration::from_millis(600)).await;
+    // The gauge is read at scrape time: half-open before any call.
+    let m = metrics_of(&r.mesh).await;
+    assert!(
+        m.contains("trellis_llm_breaker_state{provider=\"primary\"} 2"),
+        "{m}"
+    );
     let out = stream(&mut c, &r.token, params("solo", "hi"))
         .await
         .expect("probe");
     assert_eq!(out.deltas.concat(), "back");
+    let m = metrics_of(&r.mesh).await;
+    assert!(
+        m.contains("trellis_llm_breaker_state{provider=\"primary\"} 0"),
+        "closed again: {m}"
+    );
+    assert!(
+        m.contains("trellis_llm_breaker_state{provider=\"backup\"} 0"),
+        "{m}"
+    );
     let out = stream(&mut c, &r.token, params("solo", "hi"))
         .await
         .expect("closed");

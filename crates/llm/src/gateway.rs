@@ -387,7 +387,6 @@ impl Gateway {
                     matches!(f, Failure::Deadline) && total_deadline < by_provider;
                 if !callers_deadline {
                     s.provider.breaker.failure();
-                    self.breaker_gauge(&s.provider);
                 }
                 let code = if matches!(f, Failure::Deadline) {
                     Code::DeadlineExceeded
@@ -584,13 +583,6 @@ impl Gateway {
         }
     }
 
-    fn breaker_gauge(&self, p: &Provider) {
-        self.metrics
-            .breaker
-            .with_label_values(&[p.name.as_str()])
-            .set(p.breaker.state().gauge());
-    }
-
     /// Tries the model's providers in order until one produces a first
     /// token.
     async fn start(&self, job: &Job) -> Result<Started, LlmError> {
@@ -618,7 +610,6 @@ impl Gateway {
                 );
                 continue;
             };
-            self.breaker_gauge(provider);
             let mut guard = ProbeGuard {
                 breaker: &provider.breaker,
                 armed: admit.probe,
@@ -678,7 +669,6 @@ impl Gateway {
                         let ttft = first_at - sent_at;
                         provider.breaker.success();
                         guard.armed = false;
-                        self.breaker_gauge(provider);
                         self.metrics
                             .ttft
                             .with_label_values(&[name])
@@ -746,7 +736,6 @@ impl Gateway {
                 }
                 provider.breaker.failure();
                 guard.armed = false;
-                self.breaker_gauge(provider);
                 self.metrics
                     .failovers
                     .with_label_values(&[name, failure.reason()])

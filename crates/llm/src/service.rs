@@ -69,15 +69,19 @@ pub fn service(
 ) -> Result<Built, LlmError> {
     let mut providers = HashMap::new();
     for (name, p) in &config.providers {
-        let breaker = Breaker::new(config.breaker_failures, config.breaker_cooldown);
+        let breaker = Arc::new(Breaker::new(
+            config.breaker_failures,
+            config.breaker_cooldown,
+        ));
         let provider = Provider::new(name, p, breaker)
             .map_err(|e| LlmError::Setup(format!("provider {name}: {e}")))?;
         providers.insert(name.clone(), Arc::new(provider));
     }
     let metrics = LlmMetrics::new();
-    for name in providers.keys() {
-        metrics.breaker.with_label_values(&[name.as_str()]).set(0);
-    }
+    let breakers = providers
+        .iter()
+        .map(|(name, p)| (name.clone(), p.breaker.clone()))
+        .collect();
     let (recorder, usage_writer) = Recorder::spawn(store.clone());
     let gw = Arc::new(Gateway {
         config: config.clone(),
@@ -91,7 +95,7 @@ pub fn service(
         server: LlmServiceServer::new(LlmSvc { gw, clients })
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes),
-        collectors: metrics.collectors(),
+        collectors: metrics.collectors(breakers),
         usage_writer,
     })
 }

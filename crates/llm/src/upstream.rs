@@ -303,7 +303,7 @@ fn without_url(e: &reqwest::Error) -> String {
 pub struct Provider {
     pub name: String,
     pub config: ProviderConfig,
-    pub breaker: Breaker,
+    pub breaker: Arc<Breaker>,
     client: Client<OpenAIConfig>,
 }
 
@@ -322,7 +322,7 @@ impl Provider {
     pub fn new(
         name: &str,
         config: &ProviderConfig,
-        breaker: Breaker,
+        breaker: Arc<Breaker>,
     ) -> Result<Provider, reqwest::Error> {
         // reqwest is built without a TLS crypto provider of its own; ring
         // is the process default (another crate may have installed one).
