@@ -1499,3 +1499,160 @@ async fn server_errors_are_retried_on_the_same_provider_with_back_off() {
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.get_error_details().retry_info().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_answers_expire_after_the_cache_ttl() {
+    let r = rig(|c| {
+        c.llm.cache_ttl = Duration::from_millis(400);
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    let mut p = params("fast", "cache me briefly");
+    p.temperature = Some(0.0);
+    p.cache = true;
+    let first = stream(&mut c, &r.token, p.clone()).await.expect("first");
+    assert!(!first.completed.expect("done").cached);
+    let second = stream(&mut c, &r.token, p.clone()).await.expect("second");
+    assert!(second.completed.expect("done").cached);
+    assert_eq!(r.primary.hits(), 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let third = stream(&mut c, &r.token, p.clone()).await.expect("third");
+    let done = third.completed.expect("done");
+    assert!(!done.cached, "expired: asked upstream again");
+    assert!(done.usage.expect("usage").cost_micros > 0, "and billed");
+    assert_eq!(r.primary.hits(), 2);
+    // ... and cached again from then on.
+    let fourth = stream(&mut c, &r.token, p).await.expect("fourth");
+    assert!(fourth.completed.expect("done").cached);
+    assert_eq!(r.primary.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_needs_credentials_and_the_right_permission() {
+    use trellis_proto::auth::v1 as apb;
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let p = || Some(params("fast", "hi"));
+    let codes = |results: Vec<Result<(), Status>>| {
+        results
+            .into_iter()
+            .map(|r| r.err().map(|e| e.code()))
+            .collect::<Vec<_>>()
+    };
+    // Anonymous: every RPC is UNAUTHENTICATED.
+    let anonymous = codes(vec![
+        c.generate_stream(pb::GenerateStreamRequest { params: p() })
+            .await
+            .map(drop),
+        c.count_tokens(pb::CountTokensRequest { params: p() })
+            .await
+            .map(drop),
+        c.get_usage(pb::GetUsageRequest::default()).await.map(drop),
+        c.get_limits(pb::GetLimitsRequest {}).await.map(drop),
+    ]);
+    assert_eq!(anonymous, vec![Some(Code::Unauthenticated); 4]);
+
+    // An API key scoped to reading usage may not generate.
+    let a = auth(&r.mesh).await;
+    let key = |scopes: &[&str]| {
+        let mut a = a.clone();
+        let t = r.token.clone();
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        async move {
+            a.create_api_key(bearer(
+                apb::CreateApiKeyRequest {
+                    name: scopes.join(" "),
+                    scopes,
+                    ttl: None,
+                },
+                &t,
+            ))
+            .await
+            .expect("api key")
+            .into_inner()
+            .secret
+        }
+    };
+    let usage_only = key(&["llm:usage:read"]).await;
+    let denied = codes(vec![
+        c.generate(bearer(pb::GenerateRequest { params: p() }, &usage_only))
+            .await
+            .map(drop),
+        c.generate_stream(bearer(
+            pb::GenerateStreamRequest { params: p() },
+            &usage_only,
+        ))
+        .await
+        .map(drop),
+        c.count_tokens(bearer(pb::CountTokensRequest { params: p() }, &usage_only))
+            .await
+            .map(drop),
+        c.get_limits(bearer(pb::GetLimitsRequest {}, &usage_only))
+            .await
+            .map(drop),
+        c.list_models(bearer(pb::ListModelsRequest {}, &usage_only))
+            .await
+            .map(drop),
+    ]);
+    assert_eq!(denied, vec![Some(Code::PermissionDenied); 5]);
+    assert_eq!(r.primary.hits(), 0);
+    usage_of(&mut c, &usage_only, "")
+        .await
+        .expect("reads own usage");
+
+    // A generate-only key generates but may not read usage.
+    let generate_only = key(&["llm:generate:call"]).await;
+    stream(&mut c, &generate_only, params("fast", "hi"))
+        .await
+        .expect("generates");
+    let err = usage_of(&mut c, &generate_only, "")
+        .await
+        .expect_err("no usage scope");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(r.primary.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_counts_exactly_and_says_whether_the_request_fits() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let count = |p: pb::GenerateParams| {
+        let mut c = c.clone();
+        let t = r.token.clone();
+        async move {
+            c.count_tokens(bearer(pb::CountTokensRequest { params: Some(p) }, &t))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let mut p = params("fast", "The quick brown fox jumps over the lazy dog.");
+    p.system_prompt.clear();
+    // o200k_base: 10 tokens of text, 4 per message, 3 priming the reply.
+    let n = count(p.clone()).await.expect("count");
+    assert_eq!((n.prompt_tokens, n.fits), (17, true));
+    p.messages.push(pb::Message {
+        role: pb::Role::Assistant as i32,
+        content: "hello".into(),
+    });
+    assert_eq!(count(p.clone()).await.expect("count").prompt_tokens, 22);
+    // Fits exactly when prompt + max_tokens is the context window (4096).
+    p.max_tokens = 4096 - 22;
+    assert!(count(p.clone()).await.expect("count").fits);
+    p.max_tokens += 1;
+    assert!(!count(p.clone()).await.expect("count").fits);
+    // The same validation as Generate; nothing reaches the upstream.
+    let err = count(params("nope", "hi"))
+        .await
+        .expect_err("unknown model");
+    assert_eq!(violations(&err), vec!["params.model"]);
+    let mut bad = params("fast", "hi");
+    bad.max_tokens = 4096;
+    let err = count(bad).await.expect_err("max_tokens");
+    assert_eq!(violations(&err), vec!["params.max_tokens"]);
+    let err = c
+        .count_tokens(bearer(pb::CountTokensRequest { params: None }, &r.token))
+        .await
+        .expect_err("no params");
+    assert_eq!(violations(&err), vec!["params"]);
+    assert_eq!(r.primary.hits(), 0);
+}
