@@ -1656,3 +1656,78 @@ async fn count_tokens_counts_exactly_and_says_whether_the_request_fits() {
     assert_eq!(violations(&err), vec!["params"]);
     assert_eq!(r.primary.hits(), 0);
 }
+
+/// Drops the pending `call` once `fake` has received its `nth` request
+/// (and a little more has happened upstream); false if it ended first.
+async fn gone_once_upstream_has_it<F: std::future::Future>(
+    call: F,
+    fake: &FakeLlm,
+    nth: usize,
+) -> bool {
+    let reached = async {
+        while fake.hits() < nth {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    tokio::select! {
+        _ = call => false,
+        _ = tokio::time::timeout(Duration::from_secs(10), reached) => true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_before_the_first_token_or_a_unary_call_reaches_the_upstream() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    // Before the first token (the upstream sends only keep-alives): the
+    // RPC has not even answered yet.
+    r.primary.push([Script::Hang]);
+    let call = c.generate_stream(bearer(
+        pb::GenerateStreamRequest {
+            params: Some(params("fast", "never mind")),
+        },
+        &r.token,
+    ));
+    assert!(
+        gone_once_upstream_has_it(call, &r.primary, 1).await,
+        "still waiting for the first token"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the fake upstream saw its connection close"
+    );
+    let rows = wait_rows(&r.mesh, 1).await;
+    let (model, provider, prompt, completion, estimated, cost, status, _) = &rows[0];
+    assert_eq!(
+        (model.as_str(), provider.as_str(), status.as_str()),
+        ("fast", "primary", "cancelled")
+    );
+    assert!(*prompt > 0 && *estimated, "the prompt was sent: {rows:?}");
+    assert_eq!((*completion, *cost), (0, i64::from(*prompt)));
+    assert_eq!(r.backup.hits(), 0);
+
+    // A unary Generate whose caller goes away.
+    r.primary
+        .push([Script::slow(50, Duration::from_millis(100))]);
+    let call = c.generate(bearer(
+        pb::GenerateRequest {
+            params: Some(params("fast", "long story")),
+        },
+        &r.token,
+    ));
+    assert!(gone_once_upstream_has_it(call, &r.primary, 2).await);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 2
+        })
+        .await,
+        "the upstream of the unary call was closed"
+    );
+    let rows = wait_rows(&r.mesh, 2).await;
+    assert_eq!(rows[1].6, "cancelled");
+    assert!((1..50).contains(&rows[1].3), "{:?}", rows[1]);
+}

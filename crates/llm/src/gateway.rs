@@ -161,6 +161,18 @@ struct Started {
     first_at: Instant,
 }
 
+/// The provider and upstream model whose attempt is under way, if any (to
+/// account a call cancelled before its first token).
+#[derive(Debug, Default)]
+struct InFlight(std::sync::Mutex<Option<(String, String)>>);
+
+impl InFlight {
+    fn set(&self, attempt: Option<(&str, &str)>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            attempt.map(|(p, m)| (p.to_string(), m.to_string()));
+    }
+}
+
 /// Ends a half-open probe that was dropped mid-flight.
 struct ProbeGuard<'a> {
     breaker: &'a Breaker,
@@ -254,24 +266,41 @@ impl Gateway {
             return;
         }
 
+        let in_flight = InFlight::default();
         let started = tokio::select! {
             biased;
             _ = tx.closed() => Err(None),
-            r = self.start(&job) => r.map_err(Some),
+            r = self.start(&job, &in_flight) => r.map_err(Some),
         };
         let mut s = match started {
             Ok(s) => s,
-            Err(e) => {
-                let ending = if e.is_some() {
-                    Ending::Failed
-                } else {
-                    Ending::Cancelled
-                };
-                if let Some(e) = e {
-                    let _ = tx.send(Err(e.into())).await;
-                }
-                self.account(&job, &lease, ending, None, 0, 0, false, None, t0)
+            Err(Some(e)) => {
+                let _ = tx.send(Err(e.into())).await;
+                self.account(&job, &lease, Ending::Failed, None, 0, 0, false, None, t0)
                     .await;
+                return;
+            }
+            Err(None) => {
+                // Cancelled before the first token. A provider that had the
+                // request may bill its prompt: record (and charge) that.
+                let asked = in_flight.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let prompt_tokens = if asked.is_some() {
+                    job.prompt_tokens() as u64
+                } else {
+                    0
+                };
+                self.account(
+                    &job,
+                    &lease,
+                    Ending::Cancelled,
+                    asked.as_ref().map(|(p, m)| (p.as_str(), m.as_str())),
+                    prompt_tokens,
+                    0,
+                    true,
+                    None,
+                    t0,
+                )
+                .await;
                 return;
             }
         };
@@ -585,7 +614,7 @@ impl Gateway {
 
     /// Tries the model's providers in order until one produces a first
     /// token.
-    async fn start(&self, job: &Job) -> Result<Started, LlmError> {
+    async fn start(&self, job: &Job, in_flight: &InFlight) -> Result<Started, LlmError> {
         let mut failures: Vec<String> = Vec::new();
         let mut skipped: Vec<&str> = Vec::new();
         let mut last: Option<Failure> = None;
@@ -631,6 +660,7 @@ impl Gateway {
             };
             let mut attempt = 0;
             loop {
+                in_flight.set(Some((name, upstream_model)));
                 let sent_at = Instant::now();
                 // `total_timeout` bounds the whole attempt, its wait for
                 // the first token included.
@@ -661,6 +691,7 @@ impl Gateway {
                     }
                 })
                 .await;
+                in_flight.set(None);
                 let failure = match result {
                     Ok(Ok((stream, acc, first))) => {
                         let first_at = Instant::now();

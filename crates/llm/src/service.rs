@@ -67,6 +67,8 @@ pub fn service(
     store: Store,
     clients: MeshClients,
 ) -> Result<Built, LlmError> {
+    // Building the tokenizer takes a while; not in the first call's time.
+    std::thread::spawn(|| prompt::count_text("warm up"));
     let mut providers = HashMap::new();
     for (name, p) in &config.providers {
         let breaker = Arc::new(Breaker::new(
