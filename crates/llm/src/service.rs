@@ -285,7 +285,7 @@ impl LlmSvc {
                 LlmError::field(
                     "params.messages",
                     format!(
-                        "the system prompt and the latest user message need {} tokens; model {} leaves {} after max_tokens {}",
+                        "the system prompt, system messages and the latest user message need {} tokens; model {} leaves {} after max_tokens {}",
                         e.required, c.alias, e.budget, c.max_tokens
                     ),
                 )
