@@ -1731,3 +1731,103 @@ async fn cancelling_before_the_first_token_or_a_unary_call_reaches_the_upstream(
     assert_eq!(rows[1].6, "cancelled");
     assert!((1..50).contains(&rows[1].3), "{:?}", rows[1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_usage_reports_the_window_asked_for() {
+    use diesel_async::RunQueryDsl;
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    for model in ["fast", "fast", "solo"] {
+        stream(&mut c, &r.token, params(model, "hi"))
+            .await
+            .expect("stream");
+    }
+    wait_rows(&r.mesh, 3).await;
+    // Backdate the first call by 40 days and the second by 3.
+    let mut conn = r.mesh.store.pg().await.expect("pg");
+    for (nth, days) in [(0, 40), (1, 3)] {
+        diesel::sql_query(format!(
+            "UPDATE llm_usage SET created_at = now() - interval '{days} days' \
+             WHERE id = (SELECT id FROM llm_usage ORDER BY id OFFSET {nth} LIMIT 1)"
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("backdate");
+    }
+    drop(conn);
+    let now = chrono::Utc::now();
+    let ts = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    };
+    let day = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d").to_string();
+    let ago = |d: i64| now - chrono::Duration::days(d);
+    let window = |start: Option<prost_types::Timestamp>, end: Option<prost_types::Timestamp>| {
+        let mut c = c.clone();
+        let t = r.token.clone();
+        async move {
+            c.get_usage(bearer(
+                pb::GetUsageRequest {
+                    start_time: start,
+                    end_time: end,
+                    user_id: String::new(),
+                },
+                &t,
+            ))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    let summary = |u: &pb::GetUsageResponse| {
+        u.buckets
+            .iter()
+            .map(|b| (b.day.clone(), b.model.clone(), b.requests))
+            .collect::<Vec<_>>()
+    };
+    // Default: the last 30 days.
+    let u = window(None, None).await.expect("default");
+    assert_eq!(
+        summary(&u),
+        vec![
+            (day(ago(3)), "fast".into(), 1),
+            (day(now), "solo".into(), 1)
+        ]
+    );
+    assert_eq!(u.total.expect("total").requests, 2);
+    // An old window.
+    let u = window(Some(ts(ago(45))), Some(ts(ago(35))))
+        .await
+        .expect("old");
+    assert_eq!(summary(&u), vec![(day(ago(40)), "fast".into(), 1)]);
+    let total = u.total.expect("total");
+    assert_eq!((total.prompt_tokens, total.completion_tokens), (12, 3));
+    // Only an end: the 30 days before it.
+    let u = window(None, Some(ts(ago(2)))).await.expect("end only");
+    assert_eq!(summary(&u), vec![(day(ago(3)), "fast".into(), 1)]);
+    // Only a start: until now.
+    let u = window(Some(ts(now - chrono::Duration::hours(1))), None)
+        .await
+        .expect("start only");
+    assert_eq!(summary(&u), vec![(day(now), "solo".into(), 1)]);
+    // A window before anything happened is empty, not an error.
+    let u = window(Some(ts(ago(100))), Some(ts(ago(90))))
+        .await
+        .expect("empty");
+    assert!(u.buckets.is_empty());
+    assert_eq!(u.total.expect("total").requests, 0);
+    // Bad windows.
+    let err = window(Some(ts(ago(500))), None)
+        .await
+        .expect_err("too long");
+    assert_eq!(violations(&err), vec!["start_time"]);
+    let err = window(
+        None,
+        Some(prost_types::Timestamp {
+            seconds: 1,
+            nanos: -1,
+        }),
+    )
+    .await
+    .expect_err("invalid");
+    assert_eq!(violations(&err), vec!["end_time"]);
+}
