@@ -1831,3 +1831,62 @@ async fn get_usage_reports_the_window_asked_for() {
     .expect_err("invalid");
     assert_eq!(violations(&err), vec!["end_time"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_that_refuse_stream_options_are_asked_without_them() {
+    let r = rig(|c| {
+        c.llm
+            .providers
+            .get_mut("backup")
+            .expect("backup")
+            .include_usage = false;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    r.primary.set_fallback(Script::RejectsStreamOptions {
+        pieces: vec!["old".into(), " server".into()],
+    });
+    let out = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect("asked again without");
+    assert_eq!(out.deltas.concat(), "old server");
+    let done = out.completed.expect("completed");
+    assert_eq!(done.provider, "primary");
+    assert!(done.usage.expect("usage").estimated);
+    let seen = r.primary.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].body["stream_options"]["include_usage"], true);
+    assert!(
+        seen[1].body.get("stream_options").is_none(),
+        "{:?}",
+        seen[1].body
+    );
+    // Remembered: not sent to that provider again.
+    stream(&mut c, &r.token, params("solo", "again"))
+        .await
+        .expect("stream");
+    let seen = r.primary.seen();
+    assert_eq!(seen.len(), 3);
+    assert!(seen[2].body.get("stream_options").is_none());
+
+    // A provider configured with include_usage = false never gets them.
+    r.primary.push([Script::status(500)]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("backup");
+    let done = out.completed.expect("completed");
+    assert_eq!(done.provider, "backup");
+    assert!(
+        done.usage.expect("usage").estimated,
+        "no usage was asked for"
+    );
+    assert!(r.backup.seen()[0].body.get("stream_options").is_none());
+
+    // Any other 400 is still the request's fault: no failover.
+    r.primary.push([Script::status(400)]);
+    let err = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(r.backup.hits(), 1);
+}

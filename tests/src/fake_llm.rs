@@ -49,6 +49,9 @@ pub enum Script {
         pieces: Vec<String>,
         message: String,
     },
+    /// An older server: 400 to a request with `stream_options`, else a
+    /// normal stream of `pieces` without a usage report.
+    RejectsStreamOptions { pieces: Vec<String> },
 }
 
 impl Script {
@@ -205,6 +208,26 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         .expect("lock")
         .pop_front()
         .unwrap_or_else(|| shared.fallback.lock().expect("lock").clone());
+    let script = match script {
+        Script::RejectsStreamOptions { .. } if body.get("stream_options").is_some() => {
+            let e = serde_json::json!({"error": {
+                "message": "Unrecognized request argument supplied: stream_options",
+                "type": "invalid_request_error",
+            }});
+            return Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .header("content-type", "application/json")
+                .body(Body::from(e.to_string()))
+                .expect("response");
+        }
+        Script::RejectsStreamOptions { pieces } => Script::Stream {
+            pieces,
+            usage: None,
+            first_delay: Duration::ZERO,
+            gap: Duration::ZERO,
+        },
+        other => other,
+    };
     let model = body["model"].as_str().unwrap_or("fake").to_string();
     let wants_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
     let sse = |stream: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>| {
@@ -305,6 +328,7 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             items.push(Ok(Bytes::from("data: [DONE]\n\n")));
             sse(futures::stream::iter(items).boxed())
         }
+        Script::RejectsStreamOptions { .. } => unreachable!("rewritten above"),
         Script::Hang => {
             let watch = Watch {
                 shared: shared.clone(),

@@ -26,7 +26,7 @@ use crate::error::LlmError;
 use crate::limits::{Estimate, Lease, Limiter};
 use crate::metrics::LlmMetrics;
 use crate::prompt::{self, Turn};
-use crate::upstream::{Chunk, ChunkStream, Failure, Provider, StreamOptions, WireUsage};
+use crate::upstream::{Chunk, ChunkStream, Failure, Provider, WireUsage};
 use crate::usage::{Recorder, UsageRow};
 
 /// A validated generation request.
@@ -654,9 +654,7 @@ impl Gateway {
                 max_tokens: Some(job.max_tokens),
                 temperature: job.temperature,
                 stream: true,
-                stream_options: StreamOptions {
-                    include_usage: true,
-                },
+                stream_options: provider.stream_options(),
             };
             let mut attempt = 0;
             loop {

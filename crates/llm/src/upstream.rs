@@ -32,7 +32,9 @@ pub struct ChatRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
     pub stream: bool,
-    pub stream_options: StreamOptions,
+    /// None for providers that do not take it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -111,6 +113,12 @@ impl Failure {
                 ..
             }
         )
+    }
+
+    /// Whether the upstream refused `stream_options` itself (servers that
+    /// predate it answer 400 naming the field).
+    pub fn rejects_stream_options(&self) -> bool {
+        matches!(self, Failure::Status { code: 400 | 422, message, .. } if message.contains("stream_options"))
     }
 
     /// Whether trying this provider again soon may help: an overloaded or
@@ -305,6 +313,8 @@ pub struct Provider {
     pub config: ProviderConfig,
     pub breaker: Arc<Breaker>,
     client: Client<OpenAIConfig>,
+    /// Set once the provider refused `stream_options`.
+    no_stream_options: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Provider {
@@ -344,17 +354,49 @@ impl Provider {
             config: config.clone(),
             breaker,
             client,
+            no_stream_options: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The `stream_options` to send this provider.
+    pub fn stream_options(&self) -> Option<StreamOptions> {
+        (self.config.include_usage
+            && !self
+                .no_stream_options
+                .load(std::sync::atomic::Ordering::Relaxed))
+        .then_some(StreamOptions {
+            include_usage: true,
         })
     }
 
     /// Sends `request` and returns its chunk stream once the response
-    /// headers arrived.
+    /// headers arrived. A provider that refuses `stream_options` is asked
+    /// again at once without it, and not sent it again.
     pub async fn open(&self, request: &ChatRequest) -> Result<ChunkStream, Failure> {
-        self.client
+        let mut request = std::borrow::Cow::Borrowed(request);
+        if request.stream_options.is_some() && self.stream_options().is_none() {
+            request.to_mut().stream_options = None;
+        }
+        let first = self
+            .client
             .chat()
-            .create_stream_byot::<&ChatRequest, Chunk>(request)
+            .create_stream_byot::<&ChatRequest, Chunk>(&request)
             .await
-            .map_err(classify)
+            .map_err(classify);
+        match first {
+            Err(f) if request.stream_options.is_some() && f.rejects_stream_options() => {
+                tracing::warn!(provider = %self.name, "the provider refuses stream_options: asking without (tokens will be estimated)");
+                self.no_stream_options
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                request.to_mut().stream_options = None;
+                self.client
+                    .chat()
+                    .create_stream_byot::<&ChatRequest, Chunk>(&request)
+                    .await
+                    .map_err(classify)
+            }
+            other => other,
+        }
     }
 }
 
@@ -430,5 +472,17 @@ mod tests {
         assert!(!Failure::ConnectTimeout.is_rejection());
         assert!(Failure::Connect("refused".into()).retryable_here());
         assert_eq!(Failure::ConnectTimeout.reason(), "connect_timeout");
+        let f = Failure::Status {
+            code: 400,
+            retry_after: None,
+            message: "Unrecognized request argument supplied: stream_options".into(),
+        };
+        assert!(f.rejects_stream_options() && f.is_rejection());
+        let f = Failure::Status {
+            code: 400,
+            retry_after: None,
+            message: "max_tokens is too large".into(),
+        };
+        assert!(!f.rejects_stream_options());
     }
 }
