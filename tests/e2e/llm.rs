@@ -147,6 +147,11 @@ async fn metrics_of(mesh: &TestMesh) -> String {
         .expect("text")
 }
 
+/// Asserts that Prometheus text has `sample` (name, labels and value).
+fn assert_sample(text: &str, sample: &str) {
+    assert!(text.lines().any(|l| l == sample), "no {sample} in:\n{text}");
+}
+
 /// The value of one sample in Prometheus text.
 fn metric_value(text: &str, sample: &str) -> f64 {
     text.lines()
@@ -293,30 +298,27 @@ async fn a_stream_delivers_deltas_in_order_then_usage_and_is_accounted() {
     wait_rows(&r.mesh, 2).await;
 
     // Metrics know the provider.
-    let metrics = reqwest::get(format!("{}/metrics", r.mesh.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains("trellis_llm_tokens_total{kind=\"completion\",provider=\"primary\"} 6"),
-        "{metrics}"
+    let metrics = metrics_of(&r.mesh).await;
+    assert_sample(
+        &metrics,
+        "trellis_llm_tokens_total{kind=\"completion\",provider=\"primary\"} 6",
     );
-    assert!(
-        metrics.contains("trellis_llm_time_to_first_token_seconds_count{provider=\"primary\"} 2")
+    assert_sample(
+        &metrics,
+        "trellis_llm_time_to_first_token_seconds_count{provider=\"primary\"} 2",
     );
-    assert!(metrics.contains("trellis_llm_breaker_state{provider=\"primary\"} 0"));
+    assert_sample(
+        &metrics,
+        "trellis_llm_breaker_state{provider=\"primary\"} 0",
+    );
     // Two calls of 12 prompt + 3 completion tokens at 1 and 2 µ$ each.
-    assert!(
-        metrics.contains("trellis_llm_cost_micros_total{provider=\"primary\"} 36"),
-        "{metrics}"
+    assert_sample(
+        &metrics,
+        "trellis_llm_cost_micros_total{provider=\"primary\"} 36",
     );
-    assert!(
-        metrics.contains(
-            "trellis_llm_upstream_duration_seconds_count{outcome=\"ok\",provider=\"primary\"} 2"
-        ),
-        "{metrics}"
+    assert_sample(
+        &metrics,
+        "trellis_llm_upstream_duration_seconds_count{outcome=\"ok\",provider=\"primary\"} 2",
     );
     let took = metric_value(
         &metrics,
@@ -341,17 +343,10 @@ async fn a_server_error_fails_over_to_the_next_provider() {
     assert_eq!(r.backup.hits(), 1);
     assert_eq!(r.backup.seen()[0].body["model"], "fake-b");
     assert_eq!(r.backup.seen()[0].authorization, None);
-    let metrics = reqwest::get(format!("{}/metrics", r.mesh.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains(
-            "trellis_llm_failovers_total{provider=\"primary\",reason=\"server_error\"} 1"
-        ),
-        "{metrics}"
+    let metrics = metrics_of(&r.mesh).await;
+    assert_sample(
+        &metrics,
+        "trellis_llm_failovers_total{provider=\"primary\",reason=\"server_error\"} 1",
     );
 
     // With no provider left the call is UNAVAILABLE, naming what failed.
@@ -557,15 +552,10 @@ async fn the_breaker_opens_after_failures_and_recovers_after_cooldown() {
         .expect("backup");
     assert_eq!(out.completed.expect("completed").provider, "backup");
     assert_eq!(r.primary.hits(), 2);
-    let metrics = reqwest::get(format!("{}/metrics", r.mesh.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains("trellis_llm_breaker_state{provider=\"primary\"} 1"),
-        "{metrics}"
+    let metrics = metrics_of(&r.mesh).await;
+    assert_sample(
+        &metrics,
+        "trellis_llm_breaker_state{provider=\"primary\"} 1",
     );
 
     // After the cooldown one probe goes through; its success closes it.
@@ -573,23 +563,14 @@ async fn the_breaker_opens_after_failures_and_recovers_after_cooldown() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     // The gauge is read at scrape time: half-open before any call.
     let m = metrics_of(&r.mesh).await;
-    assert!(
-        m.contains("trellis_llm_breaker_state{provider=\"primary\"} 2"),
-        "{m}"
-    );
+    assert_sample(&m, "trellis_llm_breaker_state{provider=\"primary\"} 2");
     let out = stream(&mut c, &r.token, params("solo", "hi"))
         .await
         .expect("probe");
     assert_eq!(out.deltas.concat(), "back");
     let m = metrics_of(&r.mesh).await;
-    assert!(
-        m.contains("trellis_llm_breaker_state{provider=\"primary\"} 0"),
-        "closed again: {m}"
-    );
-    assert!(
-        m.contains("trellis_llm_breaker_state{provider=\"backup\"} 0"),
-        "{m}"
-    );
+    assert_sample(&m, "trellis_llm_breaker_state{provider=\"primary\"} 0");
+    assert_sample(&m, "trellis_llm_breaker_state{provider=\"backup\"} 0");
     let out = stream(&mut c, &r.token, params("solo", "hi"))
         .await
         .expect("closed");
@@ -773,6 +754,30 @@ async fn at_once(
     .await
 }
 
+/// The refusals among `results`, each RESOURCE_EXHAUSTED on `quota` with
+/// a RetryInfo between 1s and `longest`: their descriptions. The calls
+/// that were admitted completed.
+fn refusals(results: &[Result<Outcome, Status>], quota: &str, longest: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in results {
+        match r {
+            Ok(ok) => assert!(ok.completed.is_some(), "{ok:?}"),
+            Err(err) => {
+                assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+                let (subject, retry) = quota_of(err);
+                assert_eq!(subject, quota);
+                let retry = retry.expect("retry info");
+                assert!(
+                    (Duration::from_secs(1)..=longest).contains(&retry),
+                    "until the window ends: {retry:?}"
+                );
+                out.push(quota_description(err));
+            }
+        }
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_and_cost_budgets_reserve_each_calls_worst_case_up_front() {
     // Tokens: each call reserves prompt + max_tokens, so of five calls at
@@ -801,25 +806,13 @@ async fn token_and_cost_budgets_reserve_each_calls_worst_case_up_front() {
     let worst = prompt + 20;
     assert!(worst * 2 <= 100 && worst * 3 > 100, "worst case {worst}");
     let results = at_once(&c, &r.token, &p, 5).await;
-    let refused: Vec<&Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert_eq!(results.len() - refused.len(), 2, "{refused:?}");
-    for err in refused {
-        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-        let (quota, retry) = quota_of(err);
-        assert_eq!(quota, "tokens_per_day");
-        let retry = retry.expect("retry info");
-        assert!(
-            (Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&retry),
-            "until the day ends: {retry:?}"
-        );
-        let d = quota_description(err);
+    let refused = refusals(&results, "tokens_per_day", Duration::from_secs(86_400));
+    assert_eq!(refused.len(), 3, "two of five admitted: {results:?}");
+    for d in refused {
         assert!(
             d.contains(&format!("may use {worst} tokens")) && d.contains("of 100 tokens per day"),
             "{d}"
         );
-    }
-    for ok in results.iter().filter_map(|r| r.as_ref().ok()) {
-        assert!(ok.completed.is_some(), "{ok:?}");
     }
     assert_eq!(r.primary.hits(), 2);
     // Settled to what was used: 2 × 13.
@@ -864,21 +857,16 @@ async fn token_and_cost_budgets_reserve_each_calls_worst_case_up_front() {
         "{worst_cost}"
     );
     let results = at_once(&c, &r.token, &p, 4).await;
-    let refused: Vec<&Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert_eq!(results.len() - refused.len(), 2, "{refused:?}");
-    for err in refused {
-        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-        let (quota, retry) = quota_of(err);
-        assert_eq!(quota, "cost_micros_per_month");
-        let retry = retry.expect("retry info");
+    let refused = refusals(
+        &results,
+        "cost_micros_per_month",
+        Duration::from_secs(31 * 86_400),
+    );
+    assert_eq!(refused.len(), 2, "two of four admitted: {results:?}");
+    for d in refused {
         assert!(
-            (Duration::from_secs(1)..=Duration::from_secs(31 * 86_400)).contains(&retry),
-            "until the month ends: {retry:?}"
-        );
-        assert!(
-            quota_description(err).contains(&format!("may cost {worst_cost} micro-dollars")),
-            "{}",
-            quota_description(err)
+            d.contains(&format!("may cost {worst_cost} micro-dollars")),
+            "{d}"
         );
     }
     // Settled: 2 × (10 + 2 × 3) µ$ used of 150, readable through GetLimits.
@@ -1253,23 +1241,16 @@ async fn an_unreachable_provider_fails_over_and_counts_against_its_breaker() {
         assert_eq!(r.backup.hits(), round);
     }
     let m = metrics_of(&r.mesh).await;
-    assert!(
-        m.contains(
-            "trellis_llm_failovers_total{provider=\"primary\",reason=\"connect_timeout\"} 2"
-        ),
-        "{m}"
+    assert_sample(
+        &m,
+        "trellis_llm_failovers_total{provider=\"primary\",reason=\"connect_timeout\"} 2",
     );
-    assert!(
-        m.contains(
-            "trellis_llm_upstream_duration_seconds_count{outcome=\"connect_timeout\",provider=\"primary\"} 2"
-        ),
-        "{m}"
+    assert_sample(
+        &m,
+        "trellis_llm_upstream_duration_seconds_count{outcome=\"connect_timeout\",provider=\"primary\"} 2",
     );
     // Two consecutive failures opened the breaker: the provider is skipped.
-    assert!(
-        m.contains("trellis_llm_breaker_state{provider=\"primary\"} 1"),
-        "{m}"
-    );
+    assert_sample(&m, "trellis_llm_breaker_state{provider=\"primary\"} 1");
     let err = stream(&mut c, &r.token, params("solo", "hi"))
         .await
         .expect_err("open");
@@ -1292,15 +1273,13 @@ async fn a_refused_connection_is_retried_then_fails_over() {
         .expect("the backup answers");
     assert_eq!(out.completed.expect("completed").provider, "backup");
     let m = metrics_of(&r.mesh).await;
-    assert!(
-        m.contains(
-            "trellis_llm_upstream_duration_seconds_count{outcome=\"connect\",provider=\"primary\"} 2"
-        ),
-        "tried twice: {m}"
+    assert_sample(
+        &m,
+        "trellis_llm_upstream_duration_seconds_count{outcome=\"connect\",provider=\"primary\"} 2",
     );
-    assert!(
-        m.contains("trellis_llm_failovers_total{provider=\"primary\",reason=\"connect\"} 1"),
-        "{m}"
+    assert_sample(
+        &m,
+        "trellis_llm_failovers_total{provider=\"primary\",reason=\"connect\"} 1",
     );
     // Alone, the model is UNAVAILABLE and says why.
     let err = stream(&mut c, &r.token, params("solo", "hi"))
@@ -1443,11 +1422,9 @@ async fn server_errors_are_retried_on_the_same_provider_with_back_off() {
     assert_eq!(out.deltas.concat(), "Hello world");
     assert_eq!((r.primary.hits(), r.backup.hits()), (2, 0));
     let m = metrics_of(&r.mesh).await;
-    assert!(
-        m.contains(
-            "trellis_llm_upstream_duration_seconds_count{outcome=\"server_error\",provider=\"primary\"} 1"
-        ),
-        "{m}"
+    assert_sample(
+        &m,
+        "trellis_llm_upstream_duration_seconds_count{outcome=\"server_error\",provider=\"primary\"} 1",
     );
     assert!(!m.contains("trellis_llm_failovers_total{"), "{m}");
 
