@@ -1867,3 +1867,43 @@ async fn providers_that_refuse_stream_options_are_asked_without_them() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(r.backup.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_reserves_its_exact_token_count() {
+    let r = rig(|c| {
+        c.llm.default_limits.tokens_per_day = 5000;
+        c.llm.models.get_mut("fast").expect("fast").context_window = 65_536;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    // ~20 KB: fits the window by its bytes, so only the reservation counts
+    // its tokens (off the async workers).
+    let mut p = params("fast", &"lorem ipsum dolor ".repeat(1200));
+    p.max_tokens = 2000;
+    let prompt = c
+        .count_tokens(bearer(
+            pb::CountTokensRequest {
+                params: Some(p.clone()),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("count")
+        .into_inner()
+        .prompt_tokens;
+    assert!(prompt + 2000 > 5000, "{prompt}");
+    let err = stream(&mut c, &r.token, p.clone())
+        .await
+        .expect_err("over budget");
+    assert_eq!(quota_of(&err).0, "tokens_per_day");
+    let d = quota_description(&err);
+    assert!(
+        d.contains(&format!("may use {} tokens", prompt + 2000)),
+        "{d}"
+    );
+    assert_eq!(r.primary.hits(), 0);
+    // With room for it, it runs.
+    p.max_tokens = 5000 - prompt;
+    stream(&mut c, &r.token, p).await.expect("fits exactly");
+    assert_eq!(r.primary.hits(), 1);
+}

@@ -218,8 +218,20 @@ impl Gateway {
         // every completion token it may ask for (counted once, kept for
         // the accounting).
         let estimate = if job.limits.tokens_per_day > 0 || job.limits.cost_micros_per_month > 0 {
-            let prompt_tokens = job.prompt_tokens() as u64;
-            job.prompt_tokens = Some(prompt_tokens as usize);
+            let prompt_tokens = match job.prompt_tokens {
+                Some(n) => n,
+                // A long prompt takes milliseconds to tokenize: not on the
+                // async workers.
+                None if prompt::bytes(&job.turns) > 16 * 1024 => {
+                    let turns = job.turns.clone();
+                    tokio::task::spawn_blocking(move || prompt::count_prompt(&turns))
+                        .await
+                        .unwrap_or_else(|_| prompt::bytes(&job.turns))
+                }
+                None => prompt::count_prompt(&job.turns),
+            };
+            job.prompt_tokens = Some(prompt_tokens);
+            let prompt_tokens = prompt_tokens as u64;
             let completion = u64::from(job.max_tokens);
             Estimate {
                 tokens: prompt_tokens + completion,

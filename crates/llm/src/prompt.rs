@@ -42,6 +42,11 @@ pub fn count_prompt(turns: &[Turn]) -> usize {
         + REPLY_PRIMING
 }
 
+/// The prompt's text in bytes.
+pub fn bytes(turns: &[Turn]) -> usize {
+    turns.iter().map(|t| t.content.len()).sum()
+}
+
 /// An upper bound of [`count_prompt`] without tokenizing.
 fn bytes_bound(turns: &[Turn]) -> usize {
     turns
