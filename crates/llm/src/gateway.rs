@@ -220,15 +220,11 @@ impl Gateway {
         let estimate = if job.limits.tokens_per_day > 0 || job.limits.cost_micros_per_month > 0 {
             let prompt_tokens = match job.prompt_tokens {
                 Some(n) => n,
-                // A long prompt takes milliseconds to tokenize: not on the
-                // async workers.
-                None if prompt::bytes(&job.turns) > 16 * 1024 => {
+                None => {
                     let turns = job.turns.clone();
-                    tokio::task::spawn_blocking(move || prompt::count_prompt(&turns))
+                    prompt::off_workers(prompt::bytes(&turns), move || prompt::count_prompt(&turns))
                         .await
-                        .unwrap_or_else(|_| prompt::bytes(&job.turns))
                 }
-                None => prompt::count_prompt(&job.turns),
             };
             job.prompt_tokens = Some(prompt_tokens);
             let prompt_tokens = prompt_tokens as u64;

@@ -47,6 +47,25 @@ pub fn bytes(turns: &[Turn]) -> usize {
     turns.iter().map(|t| t.content.len()).sum()
 }
 
+/// Text above this many bytes takes the tokenizer milliseconds.
+const HEAVY_BYTES: usize = 16 * 1024;
+
+/// Runs tokenizer work `f` over `bytes` of text: inline when it is quick,
+/// else on the blocking pool, so that a long prompt does not stall the
+/// async workers serving other calls.
+pub async fn off_workers<T: Send + 'static>(
+    bytes: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    if bytes <= HEAVY_BYTES {
+        return f();
+    }
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// An upper bound of [`count_prompt`] without tokenizing.
 fn bytes_bound(turns: &[Turn]) -> usize {
     turns

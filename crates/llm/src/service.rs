@@ -280,8 +280,12 @@ impl LlmSvc {
         };
         let system = crate::retrieval::ground(&c.system, &citations);
         let budget = (c.model.context_window - c.max_tokens) as usize;
-        let (turns, dropped, counted) =
-            prompt::assemble(&system, c.messages, budget).map_err(|e| {
+        let bytes = system.len() + c.messages.iter().map(|m| m.content.len()).sum::<usize>();
+        let (turns, dropped, counted) = prompt::off_workers(bytes, move || {
+            prompt::assemble(&system, c.messages, budget)
+        })
+        .await
+        .map_err(|e| {
                 LlmError::field(
                     "params.messages",
                     format!(
@@ -446,7 +450,8 @@ impl LlmService for LlmSvc {
             });
         }
         turns.extend(c.messages);
-        let tokens = prompt::count_prompt(&turns);
+        let tokens =
+            prompt::off_workers(prompt::bytes(&turns), move || prompt::count_prompt(&turns)).await;
         let fits = tokens + c.max_tokens as usize <= c.model.context_window as usize;
         Ok(Response::new(pb::CountTokensResponse {
             prompt_tokens: tokens.min(i32::MAX as usize) as i32,
