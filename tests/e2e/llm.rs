@@ -14,6 +14,7 @@ use trellis_core::config::{LimitsConfig, ModelConfig, ProviderConfig};
 use trellis_proto::llm::v1 as pb;
 use trellis_proto::llm::v1::generate_stream_response::Event;
 use trellis_proto::llm::v1::llm_service_client::LlmServiceClient;
+use trellis_tests::fake_llm::{Blackhole, refused_base_url};
 use trellis_tests::{FakeLlm, Script, TestMesh, TestOptions};
 
 use crate::auth::{access, admin_account, auth, bearer, register, violations};
@@ -134,6 +135,28 @@ pub async fn stream(
         }
     }
     Ok(out)
+}
+
+/// The mesh's Prometheus text.
+async fn metrics_of(mesh: &TestMesh) -> String {
+    reqwest::get(format!("{}/metrics", mesh.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+/// Asserts that Prometheus text has `sample` (name, labels and value).
+fn assert_sample(text: &str, sample: &str) {
+    assert!(text.lines().any(|l| l == sample), "no {sample} in:\n{text}");
+}
+
+/// The value of one sample in Prometheus text.
+fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} in {text}"))
 }
 
 async fn usage_of(
@@ -275,20 +298,33 @@ async fn a_stream_delivers_deltas_in_order_then_usage_and_is_accounted() {
     wait_rows(&r.mesh, 2).await;
 
     // Metrics know the provider.
-    let metrics = reqwest::get(format!("{}/metrics", r.mesh.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains("trellis_llm_tokens_total{kind=\"completion\",provider=\"primary\"} 6"),
-        "{metrics}"
+    let metrics = metrics_of(&r.mesh).await;
+    assert_sample(
+        &metrics,
+        "trellis_llm_tokens_total{kind=\"completion\",provider=\"primary\"} 6",
     );
-    assert!(
-        metrics.contains("trellis_llm_time_to_first_token_seconds_count{provider=\"primary\"} 2")
+    assert_sample(
+        &metrics,
+        "trellis_llm_time_to_first_token_seconds_count{provider=\"primary\"} 2",
     );
-    assert!(metrics.contains("trellis_llm_breaker_state{provider=\"primary\"} 0"));
+    assert_sample(
+        &metrics,
+        "trellis_llm_breaker_state{provider=\"primary\"} 0",
+    );
+    // Two calls of 12 prompt + 3 completion tokens at 1 and 2 µ$ each.
+    assert_sample(
+        &metrics,
+        "trellis_llm_cost_micros_total{provider=\"primary\"} 36",
+    );
+    assert_sample(
+        &metrics,
+        "trellis_llm_upstream_duration_seconds_count{outcome=\"ok\",provider=\"primary\"} 2",
+    );
+    let took = metric_value(
+        &metrics,
+        "trellis_llm_upstream_duration_seconds_sum{outcome=\"ok\",provider=\"primary\"}",
+    );
+    assert!(took > 0.0 && took < 5.0, "{took}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,17 +343,10 @@ async fn a_server_error_fails_over_to_the_next_provider() {
     assert_eq!(r.backup.hits(), 1);
     assert_eq!(r.backup.seen()[0].body["model"], "fake-b");
     assert_eq!(r.backup.seen()[0].authorization, None);
-    let metrics = reqwest::get(format!("{}/metrics", r.mesh.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains(
-            "trellis_llm_failovers_total{provider=\"primary\",reason=\"server_error\"} 1"
-        ),
-        "{metrics}"
+    let metrics = metrics_of(&r.mesh).await;
+    assert_sample(
+        &metrics,
+        "trellis_llm_failovers_total{provider=\"primary\",reason=\"server_error\"} 1",
     );
 
     // With no provider left the call is UNAVAILABLE, naming what failed.
@@ -388,8 +417,20 @@ async fn a_slow_first_token_fails_over() {
     let out = stream(&mut c, &r.token, params("fast", "hi"))
         .await
         .expect("stream");
-    assert_eq!(out.completed.expect("completed").provider, "backup");
+    let done = out.completed.expect("completed");
+    assert_eq!(done.provider, "backup");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // The caller's time to first token includes the wait on the primary;
+    // the backup's own metric does not.
+    let ttft = done.time_to_first_token.expect("ttft");
+    let ttft = Duration::new(ttft.seconds as u64, ttft.nanos as u32);
+    assert!(ttft >= Duration::from_millis(300), "{ttft:?}");
+    let m = metrics_of(&r.mesh).await;
+    let backup_ttft = metric_value(
+        &m,
+        "trellis_llm_time_to_first_token_seconds_sum{provider=\"backup\"}",
+    );
+    assert!(backup_ttft < 0.3, "{backup_ttft}");
     // The hung stream was abandoned, not left open.
     assert!(
         eventually(Duration::from_secs(2), || async {
@@ -495,6 +536,15 @@ async fn the_breaker_opens_after_failures_and_recovers_after_cooldown() {
         .expect_err("open");
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("circuit open"), "{}", err.message());
+    let retry = err
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay);
+    assert_eq!(
+        retry,
+        Some(Duration::from_secs(1)),
+        "the cool-down, at least 1s"
+    );
     assert_eq!(r.primary.hits(), 2);
     // ... and a model with a fallback goes straight to it.
     let out = stream(&mut c, &r.token, params("fast", "hi"))
@@ -502,24 +552,25 @@ async fn the_breaker_opens_after_failures_and_recovers_after_cooldown() {
         .expect("backup");
     assert_eq!(out.completed.expect("completed").provider, "backup");
     assert_eq!(r.primary.hits(), 2);
-    let metrics = reqwest::get(format!("{}/metrics", r.mesh.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains("trellis_llm_breaker_state{provider=\"primary\"} 1"),
-        "{metrics}"
+    let metrics = metrics_of(&r.mesh).await;
+    assert_sample(
+        &metrics,
+        "trellis_llm_breaker_state{provider=\"primary\"} 1",
     );
 
     // After the cooldown one probe goes through; its success closes it.
     r.primary.set_fallback(Script::ok(&["back"], Some((1, 1))));
     tokio::time::sleep(Duration::from_millis(600)).await;
+    // The gauge is read at scrape time: half-open before any call.
+    let m = metrics_of(&r.mesh).await;
+    assert_sample(&m, "trellis_llm_breaker_state{provider=\"primary\"} 2");
     let out = stream(&mut c, &r.token, params("solo", "hi"))
         .await
         .expect("probe");
     assert_eq!(out.deltas.concat(), "back");
+    let m = metrics_of(&r.mesh).await;
+    assert_sample(&m, "trellis_llm_breaker_state{provider=\"primary\"} 0");
+    assert_sample(&m, "trellis_llm_breaker_state{provider=\"backup\"} 0");
     let out = stream(&mut c, &r.token, params("solo", "hi"))
         .await
         .expect("closed");
@@ -630,7 +681,8 @@ async fn requests_per_minute_and_concurrent_streams_are_enforced() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     let (quota, retry) = quota_of(&err);
     assert_eq!(quota, "concurrent_streams");
-    assert!(retry.is_some());
+    assert_eq!(retry, Some(Duration::from_secs(1)));
+    assert_eq!(quota_description(&err), "at most 1 generations at once");
     while slow.message().await.expect("slow").is_some() {}
     // Slot free again (the lease is given back when the stream ends).
     assert!(
@@ -651,6 +703,7 @@ async fn requests_per_minute_and_concurrent_streams_are_enforced() {
         .expect_err("rpm");
     let (quota, retry) = quota_of(&err);
     assert_eq!(quota, "requests_per_minute");
+    assert_eq!(quota_description(&err), "at most 3 requests per minute");
     let retry = retry.expect("retry info");
     assert!(retry <= Duration::from_secs(61), "{retry:?}");
     let limits = c
@@ -667,62 +720,174 @@ async fn requests_per_minute_and_concurrent_streams_are_enforced() {
     assert!(rpm.reset_time.is_some());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_and_cost_budgets_are_enforced_after_they_are_used_up() {
-    let r = rig(|c| {
-        c.llm.default_limits.tokens_per_day = 10;
-    })
-    .await;
-    let mut c = llm(&r.mesh).await;
-    // The first call is allowed (under budget when it starts) and uses 15.
-    stream(&mut c, &r.token, params("fast", "one"))
-        .await
-        .expect("first");
-    let refused = eventually(Duration::from_secs(2), || {
-        let mut c = c.clone();
-        let t = r.token.clone();
-        async move {
-            matches!(stream(&mut c, &t, params("fast", "two")).await,
-                Err(e) if e.code() == Code::ResourceExhausted && quota_of(&e).0 == "tokens_per_day")
-        }
-    })
-    .await;
-    assert!(refused);
-    let limits = c
-        .get_limits(bearer(pb::GetLimitsRequest {}, &r.token))
+fn quota_description(status: &Status) -> String {
+    status
+        .get_error_details()
+        .quota_failure()
+        .and_then(|q| q.violations.first().map(|v| v.description.clone()))
+        .unwrap_or_default()
+}
+
+async fn limit_of(c: &mut LlmServiceClient<Channel>, token: &str, name: &str) -> pb::Limit {
+    c.get_limits(bearer(pb::GetLimitsRequest {}, token))
         .await
         .expect("limits")
         .into_inner()
-        .limits;
-    let tok = limits
-        .iter()
-        .find(|l| l.name == "tokens_per_day")
-        .expect("tokens");
-    assert_eq!((tok.limit, tok.remaining), (10, 0));
+        .limits
+        .into_iter()
+        .find(|l| l.name == name)
+        .unwrap_or_else(|| panic!("no limit {name}"))
+}
 
+/// Runs `n` GenerateStream calls at once.
+async fn at_once(
+    c: &LlmServiceClient<Channel>,
+    token: &str,
+    p: &pb::GenerateParams,
+    n: usize,
+) -> Vec<Result<Outcome, Status>> {
+    futures::future::join_all((0..n).map(|_| {
+        let mut c = c.clone();
+        let p = p.clone();
+        async move { stream(&mut c, token, p).await }
+    }))
+    .await
+}
+
+/// The refusals among `results`, each RESOURCE_EXHAUSTED on `quota` with
+/// a RetryInfo between 1s and `longest`: their descriptions. The calls
+/// that were admitted completed.
+fn refusals(results: &[Result<Outcome, Status>], quota: &str, longest: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in results {
+        match r {
+            Ok(ok) => assert!(ok.completed.is_some(), "{ok:?}"),
+            Err(err) => {
+                assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+                let (subject, retry) = quota_of(err);
+                assert_eq!(subject, quota);
+                let retry = retry.expect("retry info");
+                assert!(
+                    (Duration::from_secs(1)..=longest).contains(&retry),
+                    "until the window ends: {retry:?}"
+                );
+                out.push(quota_description(err));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_cost_budgets_reserve_each_calls_worst_case_up_front() {
+    // Tokens: each call reserves prompt + max_tokens, so of five calls at
+    // once only those that fit the day's budget together are admitted.
     let r = rig(|c| {
-        c.llm.default_limits.cost_micros_per_month = 5;
+        c.llm.default_limits.tokens_per_day = 100;
     })
     .await;
+    // Slow enough (2.5s) that all five overlap; reports 10 + 3 tokens.
+    r.primary
+        .set_fallback(Script::slow(3, Duration::from_millis(500)));
     let mut c = llm(&r.mesh).await;
-    stream(&mut c, &r.token, params("fast", "one"))
+    let mut p = params("fast", "one");
+    p.max_tokens = 20;
+    let prompt = c
+        .count_tokens(bearer(
+            pb::CountTokensRequest {
+                params: Some(p.clone()),
+            },
+            &r.token,
+        ))
         .await
-        .expect("first");
-    let refused = eventually(Duration::from_secs(2), || {
+        .expect("count")
+        .into_inner()
+        .prompt_tokens;
+    let worst = prompt + 20;
+    assert!(worst * 2 <= 100 && worst * 3 > 100, "worst case {worst}");
+    let results = at_once(&c, &r.token, &p, 5).await;
+    let refused = refusals(&results, "tokens_per_day", Duration::from_secs(86_400));
+    assert_eq!(refused.len(), 3, "two of five admitted: {results:?}");
+    for d in refused {
+        assert!(
+            d.contains(&format!("may use {worst} tokens")) && d.contains("of 100 tokens per day"),
+            "{d}"
+        );
+    }
+    assert_eq!(r.primary.hits(), 2);
+    // Settled to what was used: 2 × 13.
+    let settled = eventually(Duration::from_secs(2), || {
+        let mut c = c.clone();
+        let t = r.token.clone();
+        async move { limit_of(&mut c, &t, "tokens_per_day").await.remaining == 74 }
+    })
+    .await;
+    assert!(
+        settled,
+        "{:?}",
+        limit_of(&mut c, &r.token, "tokens_per_day").await
+    );
+    // A call whose worst case exceeds what is left is refused outright.
+    p.max_tokens = 200;
+    let err = stream(&mut c, &r.token, p.clone())
+        .await
+        .expect_err("too big");
+    assert_eq!(quota_of(&err).0, "tokens_per_day");
+    assert!(
+        quota_description(&err).contains("but 74 of 100"),
+        "{}",
+        quota_description(&err)
+    );
+    assert_eq!(r.primary.hits(), 2);
+
+    // Cost: the worst case at the model's prices (1 µ$ per prompt token,
+    // 2 per completion token).
+    let r = rig(|c| {
+        c.llm.default_limits.cost_micros_per_month = 150;
+    })
+    .await;
+    r.primary
+        .set_fallback(Script::slow(3, Duration::from_millis(500)));
+    let mut c = llm(&r.mesh).await;
+    let mut p = params("fast", "one");
+    p.max_tokens = 20;
+    let worst_cost = prompt + 2 * 20;
+    assert!(
+        worst_cost * 2 <= 150 && worst_cost * 3 > 150,
+        "{worst_cost}"
+    );
+    let results = at_once(&c, &r.token, &p, 4).await;
+    let refused = refusals(
+        &results,
+        "cost_micros_per_month",
+        Duration::from_secs(31 * 86_400),
+    );
+    assert_eq!(refused.len(), 2, "two of four admitted: {results:?}");
+    for d in refused {
+        assert!(
+            d.contains(&format!("may cost {worst_cost} micro-dollars")),
+            "{d}"
+        );
+    }
+    // Settled: 2 × (10 + 2 × 3) µ$ used of 150, readable through GetLimits.
+    let settled = eventually(Duration::from_secs(2), || {
         let mut c = c.clone();
         let t = r.token.clone();
         async move {
-            matches!(stream(&mut c, &t, params("fast", "two")).await,
-                Err(e) if e.code() == Code::ResourceExhausted && quota_of(&e).0 == "cost_micros_per_month")
+            let l = limit_of(&mut c, &t, "cost_micros_per_month").await;
+            (l.limit, l.remaining) == (150, 118)
         }
     })
     .await;
-    assert!(refused);
+    let cost = limit_of(&mut c, &r.token, "cost_micros_per_month").await;
+    assert!(settled, "{cost:?}");
+    assert!(cost.reset_time.is_some());
+    let rows = wait_rows(&r.mesh, 2).await;
+    assert_eq!(rows.iter().map(|r| r.5).sum::<i64>(), 32);
     // Admins are unlimited by default.
     let (_, admin) = admin_account(&r.mesh, "boss").await;
-    stream(&mut c, &admin, params("fast", "admin"))
-        .await
-        .expect("admin unlimited");
+    let results = at_once(&c, &admin, &p, 4).await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1051,6 +1216,701 @@ async fn retrieval_grounds_the_prompt_and_streams_citations_first() {
         .into_inner();
     assert_eq!(g.citations.len(), 1);
     assert_eq!(g.citations[0].title, "Expense policy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_provider_fails_over_and_counts_against_its_breaker() {
+    let hole = Blackhole::start().await;
+    let r = rig(|c| {
+        let p = c.llm.providers.get_mut("primary").expect("primary");
+        p.base_url = hole.base_url();
+        p.connect_timeout = Duration::from_millis(300);
+        p.max_retries = 2;
+        c.llm.breaker_failures = 2;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    for round in 1..=2 {
+        let t = Instant::now();
+        let out = stream(&mut c, &r.token, params("fast", "hi"))
+            .await
+            .expect("the backup answers");
+        assert_eq!(out.completed.expect("completed").provider, "backup");
+        // One connect timeout, not retried (it already cost its time).
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert_eq!(r.backup.hits(), round);
+    }
+    let m = metrics_of(&r.mesh).await;
+    assert_sample(
+        &m,
+        "trellis_llm_failovers_total{provider=\"primary\",reason=\"connect_timeout\"} 2",
+    );
+    assert_sample(
+        &m,
+        "trellis_llm_upstream_duration_seconds_count{outcome=\"connect_timeout\",provider=\"primary\"} 2",
+    );
+    // Two consecutive failures opened the breaker: the provider is skipped.
+    assert_sample(&m, "trellis_llm_breaker_state{provider=\"primary\"} 1");
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("open");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("circuit open"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_then_fails_over() {
+    let refused = refused_base_url().await;
+    let r = rig(|c| {
+        let p = c.llm.providers.get_mut("primary").expect("primary");
+        p.base_url = refused;
+        p.max_retries = 1;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("the backup answers");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+    let m = metrics_of(&r.mesh).await;
+    assert_sample(
+        &m,
+        "trellis_llm_upstream_duration_seconds_count{outcome=\"connect\",provider=\"primary\"} 2",
+    );
+    assert_sample(
+        &m,
+        "trellis_llm_failovers_total{provider=\"primary\",reason=\"connect\"} 1",
+    );
+    // Alone, the model is UNAVAILABLE and says why.
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("connection failed"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_timeout_bounds_the_whole_call() {
+    let r = rig(|c| {
+        c.llm
+            .providers
+            .get_mut("primary")
+            .expect("primary")
+            .total_timeout = Duration::from_millis(700);
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    // Mid-stream: the stream ends with DEADLINE_EXCEEDED and what was
+    // produced is billed; no failover after the first token.
+    r.primary
+        .push([Script::slow(50, Duration::from_millis(100))]);
+    let t = Instant::now();
+    let out = stream(&mut c, &r.token, params("fast", "long story"))
+        .await
+        .expect("stream");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(
+        (2..50).contains(&out.deltas.len()),
+        "{} deltas",
+        out.deltas.len()
+    );
+    assert!(out.completed.is_none());
+    let failed = out.failed.expect("failed event");
+    assert_eq!(failed.code, Code::DeadlineExceeded as i32, "{failed:?}");
+    let usage = failed.usage.expect("partial usage");
+    assert!(usage.estimated);
+    assert!(usage.completion_tokens >= out.deltas.len() as i32);
+    assert_eq!(r.backup.hits(), 0);
+    let rows = wait_rows(&r.mesh, 1).await;
+    assert_eq!(rows[0].6, "failed");
+    assert_eq!(rows[0].3, usage.completion_tokens);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream connection was closed"
+    );
+
+    // Before the first token it bounds the wait even when the first-token
+    // timeout (5s here) is longer: the provider is failed over.
+    r.primary.push([Script::Hang]);
+    let t = Instant::now();
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+    assert!(
+        t.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunk_or_an_error_object_after_the_first_token_ends_the_stream() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    r.primary.push([Script::MalformedAfter {
+        pieces: vec!["partial".into(), " text".into()],
+    }]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.deltas.concat(), "partial text");
+    assert!(out.completed.is_none());
+    let failed = out.failed.expect("failed event");
+    assert_eq!(failed.code, Code::Unavailable as i32);
+    assert!(failed.message.contains("malformed"), "{}", failed.message);
+    let usage = failed.usage.expect("partial usage");
+    assert_eq!((usage.completion_tokens, usage.estimated), (2, true));
+    assert_eq!(r.backup.hits(), 0, "no failover after the first token");
+
+    r.primary.push([Script::ErrorAfter {
+        pieces: vec!["half".into()],
+        message: "model overloaded".into(),
+    }]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.deltas.concat(), "half");
+    let failed = out.failed.expect("failed event");
+    assert_eq!(failed.code, Code::Unavailable as i32);
+    assert!(
+        failed.message.contains("model overloaded"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(failed.usage.expect("usage").completion_tokens, 1);
+    assert_eq!(r.backup.hits(), 0);
+    let rows = wait_rows(&r.mesh, 2).await;
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.1.as_str(), r.3, r.6.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("primary", 2, "failed"), ("primary", 1, "failed")]
+    );
+
+    // The same error object before any token fails over.
+    r.primary.push([Script::ErrorAfter {
+        pieces: vec![],
+        message: "model overloaded".into(),
+    }]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "backup");
+    assert_eq!(out.deltas.concat(), "from backup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_on_the_same_provider_with_back_off() {
+    let r = rig(|c| {
+        c.llm
+            .providers
+            .get_mut("primary")
+            .expect("primary")
+            .max_retries = 1;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    r.primary.push([Script::status(500)]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "primary");
+    assert_eq!(out.deltas.concat(), "Hello world");
+    assert_eq!((r.primary.hits(), r.backup.hits()), (2, 0));
+    let m = metrics_of(&r.mesh).await;
+    assert_sample(
+        &m,
+        "trellis_llm_upstream_duration_seconds_count{outcome=\"server_error\",provider=\"primary\"} 1",
+    );
+    assert!(!m.contains("trellis_llm_failovers_total{"), "{m}");
+
+    // Retry-After as an HTTP date is honoured too (whole seconds: 3-4s
+    // from now, less the time until the gateway reads it).
+    let at = chrono::Utc::now() + chrono::Duration::seconds(4);
+    r.primary.push([Script::Status {
+        code: 429,
+        retry_after: Some(at.format("%a, %d %b %Y %H:%M:%S GMT").to_string()),
+    }]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("stream");
+    assert_eq!(out.completed.expect("completed").provider, "primary");
+    let seen = r.primary.seen();
+    assert_eq!(seen.len(), 4);
+    let waited = seen[3].at - seen[2].at;
+    assert!(
+        (Duration::from_millis(1500)..Duration::from_millis(4500)).contains(&waited),
+        "retried after {waited:?}"
+    );
+
+    // Both tries refused, with a Retry-After beyond llm.retry_max: the
+    // caller is told when to come back.
+    r.primary.push([
+        Script::Status {
+            code: 429,
+            retry_after: Some("1".into()),
+        },
+        Script::Status {
+            code: 429,
+            retry_after: Some("30".into()),
+        },
+    ]);
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("rate limited");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("HTTP 429"), "{}", err.message());
+    let retry = err
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay);
+    assert_eq!(retry, Some(Duration::from_secs(30)));
+    // A plain failure carries no RetryInfo.
+    r.primary.push([Script::status(502), Script::status(502)]);
+    let err = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect_err("failing");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.get_error_details().retry_info().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_answers_expire_after_the_cache_ttl() {
+    let r = rig(|c| {
+        c.llm.cache_ttl = Duration::from_secs(1);
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    let mut p = params("fast", "cache me briefly");
+    p.temperature = Some(0.0);
+    p.cache = true;
+    let first = stream(&mut c, &r.token, p.clone()).await.expect("first");
+    assert!(!first.completed.expect("done").cached);
+    let second = stream(&mut c, &r.token, p.clone()).await.expect("second");
+    assert!(second.completed.expect("done").cached);
+    assert_eq!(r.primary.hits(), 1);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let third = stream(&mut c, &r.token, p.clone()).await.expect("third");
+    let done = third.completed.expect("done");
+    assert!(!done.cached, "expired: asked upstream again");
+    assert!(done.usage.expect("usage").cost_micros > 0, "and billed");
+    assert_eq!(r.primary.hits(), 2);
+    // ... and cached again from then on.
+    let fourth = stream(&mut c, &r.token, p).await.expect("fourth");
+    assert!(fourth.completed.expect("done").cached);
+    assert_eq!(r.primary.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_needs_credentials_and_the_right_permission() {
+    use trellis_proto::auth::v1 as apb;
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let p = || Some(params("fast", "hi"));
+    let codes = |results: Vec<Result<(), Status>>| {
+        results
+            .into_iter()
+            .map(|r| r.err().map(|e| e.code()))
+            .collect::<Vec<_>>()
+    };
+    // Anonymous: every RPC is UNAUTHENTICATED.
+    let anonymous = codes(vec![
+        c.generate_stream(pb::GenerateStreamRequest { params: p() })
+            .await
+            .map(drop),
+        c.count_tokens(pb::CountTokensRequest { params: p() })
+            .await
+            .map(drop),
+        c.get_usage(pb::GetUsageRequest::default()).await.map(drop),
+        c.get_limits(pb::GetLimitsRequest {}).await.map(drop),
+    ]);
+    assert_eq!(anonymous, vec![Some(Code::Unauthenticated); 4]);
+
+    // An API key scoped to reading usage may not generate.
+    let a = auth(&r.mesh).await;
+    let key = |scopes: &[&str]| {
+        let mut a = a.clone();
+        let t = r.token.clone();
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        async move {
+            a.create_api_key(bearer(
+                apb::CreateApiKeyRequest {
+                    name: scopes.join(" "),
+                    scopes,
+                    ttl: None,
+                },
+                &t,
+            ))
+            .await
+            .expect("api key")
+            .into_inner()
+            .secret
+        }
+    };
+    let usage_only = key(&["llm:usage:read"]).await;
+    let denied = codes(vec![
+        c.generate(bearer(pb::GenerateRequest { params: p() }, &usage_only))
+            .await
+            .map(drop),
+        c.generate_stream(bearer(
+            pb::GenerateStreamRequest { params: p() },
+            &usage_only,
+        ))
+        .await
+        .map(drop),
+        c.count_tokens(bearer(pb::CountTokensRequest { params: p() }, &usage_only))
+            .await
+            .map(drop),
+        c.get_limits(bearer(pb::GetLimitsRequest {}, &usage_only))
+            .await
+            .map(drop),
+        c.list_models(bearer(pb::ListModelsRequest {}, &usage_only))
+            .await
+            .map(drop),
+    ]);
+    assert_eq!(denied, vec![Some(Code::PermissionDenied); 5]);
+    assert_eq!(r.primary.hits(), 0);
+    usage_of(&mut c, &usage_only, "")
+        .await
+        .expect("reads own usage");
+
+    // A generate-only key generates but may not read usage.
+    let generate_only = key(&["llm:generate:call"]).await;
+    stream(&mut c, &generate_only, params("fast", "hi"))
+        .await
+        .expect("generates");
+    let err = usage_of(&mut c, &generate_only, "")
+        .await
+        .expect_err("no usage scope");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(r.primary.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_counts_exactly_and_says_whether_the_request_fits() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    let count = |p: pb::GenerateParams| {
+        let mut c = c.clone();
+        let t = r.token.clone();
+        async move {
+            c.count_tokens(bearer(pb::CountTokensRequest { params: Some(p) }, &t))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let mut p = params("fast", "The quick brown fox jumps over the lazy dog.");
+    p.system_prompt.clear();
+    // o200k_base: 10 tokens of text, 4 per message, 3 priming the reply.
+    let n = count(p.clone()).await.expect("count");
+    assert_eq!((n.prompt_tokens, n.fits), (17, true));
+    p.messages.push(pb::Message {
+        role: pb::Role::Assistant as i32,
+        content: "hello".into(),
+    });
+    assert_eq!(count(p.clone()).await.expect("count").prompt_tokens, 22);
+    // Fits exactly when prompt + max_tokens is the context window (4096).
+    p.max_tokens = 4096 - 22;
+    assert!(count(p.clone()).await.expect("count").fits);
+    p.max_tokens += 1;
+    assert!(!count(p.clone()).await.expect("count").fits);
+    // The same validation as Generate; nothing reaches the upstream.
+    let err = count(params("nope", "hi"))
+        .await
+        .expect_err("unknown model");
+    assert_eq!(violations(&err), vec!["params.model"]);
+    let mut bad = params("fast", "hi");
+    bad.max_tokens = 4096;
+    let err = count(bad).await.expect_err("max_tokens");
+    assert_eq!(violations(&err), vec!["params.max_tokens"]);
+    let err = c
+        .count_tokens(bearer(pb::CountTokensRequest { params: None }, &r.token))
+        .await
+        .expect_err("no params");
+    assert_eq!(violations(&err), vec!["params"]);
+    assert_eq!(r.primary.hits(), 0);
+}
+
+/// Drops the pending `call` once `fake` has received its `nth` request
+/// (and a little more has happened upstream); false if it ended first.
+async fn gone_once_upstream_has_it<F: std::future::Future>(
+    call: F,
+    fake: &FakeLlm,
+    nth: usize,
+) -> bool {
+    let reached = async {
+        while fake.hits() < nth {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    tokio::select! {
+        _ = call => false,
+        _ = tokio::time::timeout(Duration::from_secs(10), reached) => true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_before_the_first_token_or_a_unary_call_reaches_the_upstream() {
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    // Before the first token (the upstream sends only keep-alives): the
+    // RPC has not even answered yet.
+    r.primary.push([Script::Hang]);
+    let call = c.generate_stream(bearer(
+        pb::GenerateStreamRequest {
+            params: Some(params("fast", "never mind")),
+        },
+        &r.token,
+    ));
+    assert!(
+        gone_once_upstream_has_it(call, &r.primary, 1).await,
+        "still waiting for the first token"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 1
+        })
+        .await,
+        "the fake upstream saw its connection close"
+    );
+    let rows = wait_rows(&r.mesh, 1).await;
+    let (model, provider, prompt, completion, estimated, cost, status, _) = &rows[0];
+    assert_eq!(
+        (model.as_str(), provider.as_str(), status.as_str()),
+        ("fast", "primary", "cancelled")
+    );
+    assert!(*prompt > 0 && *estimated, "the prompt was sent: {rows:?}");
+    assert_eq!((*completion, *cost), (0, i64::from(*prompt)));
+    assert_eq!(r.backup.hits(), 0);
+
+    // A unary Generate whose caller goes away.
+    r.primary
+        .push([Script::slow(50, Duration::from_millis(100))]);
+    let call = c.generate(bearer(
+        pb::GenerateRequest {
+            params: Some(params("fast", "long story")),
+        },
+        &r.token,
+    ));
+    assert!(gone_once_upstream_has_it(call, &r.primary, 2).await);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            r.primary.abandoned() == 2
+        })
+        .await,
+        "the upstream of the unary call was closed"
+    );
+    let rows = wait_rows(&r.mesh, 2).await;
+    assert_eq!(rows[1].6, "cancelled");
+    assert!((1..50).contains(&rows[1].3), "{:?}", rows[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_usage_reports_the_window_asked_for() {
+    use diesel_async::RunQueryDsl;
+    let r = rig(|_| {}).await;
+    let mut c = llm(&r.mesh).await;
+    for model in ["fast", "fast", "solo"] {
+        stream(&mut c, &r.token, params(model, "hi"))
+            .await
+            .expect("stream");
+    }
+    wait_rows(&r.mesh, 3).await;
+    // Backdate the first call by 40 days and the second by 3.
+    let mut conn = r.mesh.store.pg().await.expect("pg");
+    for (nth, days) in [(0, 40), (1, 3)] {
+        diesel::sql_query(format!(
+            "UPDATE llm_usage SET created_at = now() - interval '{days} days' \
+             WHERE id = (SELECT id FROM llm_usage ORDER BY id OFFSET {nth} LIMIT 1)"
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("backdate");
+    }
+    drop(conn);
+    let now = chrono::Utc::now();
+    let ts = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    };
+    let day = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d").to_string();
+    let ago = |d: i64| now - chrono::Duration::days(d);
+    let window = |start: Option<prost_types::Timestamp>, end: Option<prost_types::Timestamp>| {
+        let mut c = c.clone();
+        let t = r.token.clone();
+        async move {
+            c.get_usage(bearer(
+                pb::GetUsageRequest {
+                    start_time: start,
+                    end_time: end,
+                    user_id: String::new(),
+                },
+                &t,
+            ))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    let summary = |u: &pb::GetUsageResponse| {
+        u.buckets
+            .iter()
+            .map(|b| (b.day.clone(), b.model.clone(), b.requests))
+            .collect::<Vec<_>>()
+    };
+    // Default: the last 30 days.
+    let u = window(None, None).await.expect("default");
+    assert_eq!(
+        summary(&u),
+        vec![
+            (day(ago(3)), "fast".into(), 1),
+            (day(now), "solo".into(), 1)
+        ]
+    );
+    assert_eq!(u.total.expect("total").requests, 2);
+    // An old window.
+    let u = window(Some(ts(ago(45))), Some(ts(ago(35))))
+        .await
+        .expect("old");
+    assert_eq!(summary(&u), vec![(day(ago(40)), "fast".into(), 1)]);
+    let total = u.total.expect("total");
+    assert_eq!((total.prompt_tokens, total.completion_tokens), (12, 3));
+    // Only an end: the 30 days before it.
+    let u = window(None, Some(ts(ago(2)))).await.expect("end only");
+    assert_eq!(summary(&u), vec![(day(ago(3)), "fast".into(), 1)]);
+    // Only a start: until now.
+    let u = window(Some(ts(now - chrono::Duration::hours(1))), None)
+        .await
+        .expect("start only");
+    assert_eq!(summary(&u), vec![(day(now), "solo".into(), 1)]);
+    // A window before anything happened is empty, not an error.
+    let u = window(Some(ts(ago(100))), Some(ts(ago(90))))
+        .await
+        .expect("empty");
+    assert!(u.buckets.is_empty());
+    assert_eq!(u.total.expect("total").requests, 0);
+    // Bad windows.
+    let err = window(Some(ts(ago(500))), None)
+        .await
+        .expect_err("too long");
+    assert_eq!(violations(&err), vec!["start_time"]);
+    let err = window(
+        None,
+        Some(prost_types::Timestamp {
+            seconds: 1,
+            nanos: -1,
+        }),
+    )
+    .await
+    .expect_err("invalid");
+    assert_eq!(violations(&err), vec!["end_time"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_that_refuse_stream_options_are_asked_without_them() {
+    let r = rig(|c| {
+        c.llm
+            .providers
+            .get_mut("backup")
+            .expect("backup")
+            .include_usage = false;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    r.primary.set_fallback(Script::RejectsStreamOptions {
+        pieces: vec!["old".into(), " server".into()],
+    });
+    let out = stream(&mut c, &r.token, params("solo", "hi"))
+        .await
+        .expect("asked again without");
+    assert_eq!(out.deltas.concat(), "old server");
+    let done = out.completed.expect("completed");
+    assert_eq!(done.provider, "primary");
+    assert!(done.usage.expect("usage").estimated);
+    let seen = r.primary.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].body["stream_options"]["include_usage"], true);
+    assert!(
+        seen[1].body.get("stream_options").is_none(),
+        "{:?}",
+        seen[1].body
+    );
+    // Remembered: not sent to that provider again.
+    stream(&mut c, &r.token, params("solo", "again"))
+        .await
+        .expect("stream");
+    let seen = r.primary.seen();
+    assert_eq!(seen.len(), 3);
+    assert!(seen[2].body.get("stream_options").is_none());
+
+    // A provider configured with include_usage = false never gets them.
+    r.primary.push([Script::status(500)]);
+    let out = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect("backup");
+    let done = out.completed.expect("completed");
+    assert_eq!(done.provider, "backup");
+    assert!(
+        done.usage.expect("usage").estimated,
+        "no usage was asked for"
+    );
+    assert!(r.backup.seen()[0].body.get("stream_options").is_none());
+
+    // Any other 400 is still the request's fault: no failover.
+    r.primary.push([Script::status(400)]);
+    let err = stream(&mut c, &r.token, params("fast", "hi"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(r.backup.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_reserves_its_exact_token_count() {
+    let r = rig(|c| {
+        c.llm.default_limits.tokens_per_day = 5000;
+        c.llm.models.get_mut("fast").expect("fast").context_window = 65_536;
+    })
+    .await;
+    let mut c = llm(&r.mesh).await;
+    // ~20 KB: fits the window by its bytes, so only the reservation counts
+    // its tokens (off the async workers).
+    let mut p = params("fast", &"lorem ipsum dolor ".repeat(1200));
+    p.max_tokens = 2000;
+    let prompt = c
+        .count_tokens(bearer(
+            pb::CountTokensRequest {
+                params: Some(p.clone()),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("count")
+        .into_inner()
+        .prompt_tokens;
+    assert!(prompt + 2000 > 5000, "{prompt}");
+    let err = stream(&mut c, &r.token, p.clone())
+        .await
+        .expect_err("over budget");
+    assert_eq!(quota_of(&err).0, "tokens_per_day");
+    let d = quota_description(&err);
+    assert!(
+        d.contains(&format!("may use {} tokens", prompt + 2000)),
+        "{d}"
+    );
+    assert_eq!(r.primary.hits(), 0);
+    // With room for it, it runs.
+    p.max_tokens = 5000 - prompt;
+    stream(&mut c, &r.token, p).await.expect("fits exactly");
+    assert_eq!(r.primary.hits(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

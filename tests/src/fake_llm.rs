@@ -40,6 +40,18 @@ pub enum Script {
     Malformed,
     /// Headers, then only SSE keep-alive comments, forever.
     Hang,
+    /// Sends `pieces`, then a chunk that is not JSON, then `[DONE]`.
+    MalformedAfter { pieces: Vec<String> },
+    /// Sends `pieces`, then an in-stream `{"error": {...}}` object with
+    /// `message` (as OpenRouter and vLLM report failures mid-stream), then
+    /// `[DONE]`.
+    ErrorAfter {
+        pieces: Vec<String>,
+        message: String,
+    },
+    /// An older server: 400 to a request with `stream_options`, else a
+    /// normal stream of `pieces` without a usage report.
+    RejectsStreamOptions { pieces: Vec<String> },
     /// A normal stream answering [`echo_reply`] of the request's last user
     /// message, three characters per delta, `gap` apart: replies differ per
     /// question, so mixed-up or reordered replies show.
@@ -212,6 +224,26 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         .expect("lock")
         .pop_front()
         .unwrap_or_else(|| shared.fallback.lock().expect("lock").clone());
+    let script = match script {
+        Script::RejectsStreamOptions { .. } if body.get("stream_options").is_some() => {
+            let e = serde_json::json!({"error": {
+                "message": "Unrecognized request argument supplied: stream_options",
+                "type": "invalid_request_error",
+            }});
+            return Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .header("content-type", "application/json")
+                .body(Body::from(e.to_string()))
+                .expect("response");
+        }
+        Script::RejectsStreamOptions { pieces } => Script::Stream {
+            pieces,
+            usage: None,
+            first_delay: Duration::ZERO,
+            gap: Duration::ZERO,
+        },
+        other => other,
+    };
     let model = body["model"].as_str().unwrap_or("fake").to_string();
     let wants_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
     let sse = |stream: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>| {
@@ -311,6 +343,26 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             sse(futures::stream::iter(items).boxed())
         }
         Script::Echo { .. } => unreachable!("echo is a stream, resolved above"),
+        Script::MalformedAfter { pieces } => {
+            let mut items: Vec<Result<Bytes, std::io::Error>> = pieces
+                .iter()
+                .map(|p| Ok(Bytes::from(chunk(&model, Some(p), None))))
+                .collect();
+            items.push(Ok(Bytes::from("data: {\"choices\": [oops\n\n")));
+            items.push(Ok(Bytes::from("data: [DONE]\n\n")));
+            sse(futures::stream::iter(items).boxed())
+        }
+        Script::ErrorAfter { pieces, message } => {
+            let mut items: Vec<Result<Bytes, std::io::Error>> = pieces
+                .iter()
+                .map(|p| Ok(Bytes::from(chunk(&model, Some(p), None))))
+                .collect();
+            let e = serde_json::json!({"error": {"message": message, "code": 502}});
+            items.push(Ok(Bytes::from(format!("data: {e}\n\n"))));
+            items.push(Ok(Bytes::from("data: [DONE]\n\n")));
+            sse(futures::stream::iter(items).boxed())
+        }
+        Script::RejectsStreamOptions { .. } => unreachable!("rewritten above"),
         Script::Hang => {
             let watch = Watch {
                 shared: shared.clone(),
@@ -323,4 +375,62 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             sse(stream.boxed())
         }
     }
+}
+
+/// A provider address that never completes a TCP handshake, as a host that
+/// is down or firewalled behaves: a listener whose accept queue is full and
+/// never drained, so the kernel drops every further SYN and a client's
+/// connect hangs until its own connect timeout. Loopback only.
+#[derive(Debug)]
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _held: Vec<tokio::net::TcpStream>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Blackhole {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind blackhole");
+        let listener = socket.listen(1).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        // Fill the accept queue: once full, a connect no longer completes.
+        let mut held = Vec::new();
+        loop {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(s)) => held.push(s),
+                Ok(Err(e)) => panic!("blackhole connect: {e}"),
+                Err(_) => break,
+            }
+            assert!(held.len() < 64, "the accept queue never filled up");
+        }
+        Blackhole {
+            addr,
+            _listener: listener,
+            _held: held,
+        }
+    }
+
+    /// The base URL to configure as a provider.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+/// A base URL on a loopback port nobody listens on: connections are
+/// refused at once.
+pub async fn refused_base_url() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("http://{addr}/v1")
 }

@@ -561,6 +561,10 @@ pub struct ProviderConfig {
     pub total_timeout: Duration,
     /// Retries on this provider (5xx, 429) before failing over.
     pub max_retries: u32,
+    /// Ask for a usage report in the stream (`stream_options.include_usage`).
+    /// Off for servers that reject the field; a 400 naming it turns it off
+    /// by itself too. Without a report, tokens are counted with tiktoken.
+    pub include_usage: bool,
 }
 
 impl Default for ProviderConfig {
@@ -573,6 +577,7 @@ impl Default for ProviderConfig {
             first_token_timeout: Duration::from_secs(30),
             total_timeout: Duration::from_secs(300),
             max_retries: 1,
+            include_usage: true,
         }
     }
 }
@@ -587,6 +592,7 @@ impl fmt::Debug for ProviderConfig {
             .field("first_token_timeout", &self.first_token_timeout)
             .field("total_timeout", &self.total_timeout)
             .field("max_retries", &self.max_retries)
+            .field("include_usage", &self.include_usage)
             .finish()
     }
 }

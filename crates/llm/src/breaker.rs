@@ -105,11 +105,22 @@ impl Breaker {
         }
     }
 
+    /// How long an open breaker keeps turning calls away (zero once a
+    /// probe may go; None when closed or probing).
+    pub fn retry_in(&self) -> Option<Duration> {
+        match *self.lock() {
+            Inner::Open { until } => Some(until.saturating_duration_since(Instant::now())),
+            _ => None,
+        }
+    }
+
+    /// The state as metrics show it: an open breaker whose cool-down has
+    /// ended is half-open (the next call probes).
     pub fn state(&self) -> State {
         match *self.lock() {
             Inner::Closed { .. } => State::Closed,
-            Inner::Open { .. } => State::Open,
-            Inner::HalfOpen => State::HalfOpen,
+            Inner::Open { until } if Instant::now() < until => State::Open,
+            Inner::Open { .. } | Inner::HalfOpen => State::HalfOpen,
         }
     }
 }
@@ -130,7 +141,9 @@ mod tests {
         assert_eq!(b.state(), State::Open);
         assert!(b.admit().is_none(), "open breaker turns calls away");
         std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.state(), State::HalfOpen, "cool-down over: half-open");
         assert_eq!(b.admit(), Some(Admit { probe: true }));
+        assert_eq!(b.state(), State::HalfOpen);
         assert!(b.admit().is_none(), "one probe at a time");
         b.failure();
         assert_eq!(b.state(), State::Open, "a failed probe reopens");

@@ -22,6 +22,13 @@ pub enum LlmError {
     /// No provider could answer (all failed, or their breakers are open).
     #[error("{0}")]
     Unavailable(String),
+    /// As `Unavailable`, with a known time after which trying again may
+    /// help (the providers' `Retry-After`, or an open breaker's cool-down).
+    #[error("{message}")]
+    UnavailableFor {
+        message: String,
+        retry_after: Duration,
+    },
     /// The caller's deadline (or the providers' timeouts) ran out first.
     #[error("{0}")]
     Deadline(String),
@@ -79,6 +86,14 @@ impl From<LlmError> for Status {
                 )
             }
             LlmError::Unavailable(m) => Status::unavailable(m),
+            LlmError::UnavailableFor {
+                message,
+                retry_after,
+            } => Status::with_error_details(
+                Code::Unavailable,
+                message,
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             LlmError::Deadline(m) => Status::deadline_exceeded(m),
             LlmError::Rejected(m) => Status::invalid_argument(m),
             LlmError::Unimplemented(m) => Status::unimplemented(m),

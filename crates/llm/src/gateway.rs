@@ -23,10 +23,10 @@ use uuid::Uuid;
 use crate::breaker::Breaker;
 use crate::cache::{self, Cached};
 use crate::error::LlmError;
-use crate::limits::{Lease, Limiter};
+use crate::limits::{Estimate, Lease, Limiter};
 use crate::metrics::LlmMetrics;
 use crate::prompt::{self, Turn};
-use crate::upstream::{Chunk, ChunkStream, Failure, Provider, StreamOptions, WireUsage};
+use crate::upstream::{Chunk, ChunkStream, Failure, Provider, WireUsage};
 use crate::usage::{Recorder, UsageRow};
 
 /// A validated generation request.
@@ -49,6 +49,9 @@ pub struct Job {
     pub first_deadline: Instant,
     /// Until the last token: the client's own deadline, if it sent one.
     pub total_deadline: Option<Instant>,
+    /// When the RPC arrived: the caller's time to first token and duration
+    /// count from here (retrieval, retries and failover included).
+    pub received: Instant,
 }
 
 impl Job {
@@ -152,8 +155,22 @@ struct Started {
     acc: Acc,
     /// Text of the first chunk(s), not yet sent.
     first: Option<String>,
+    /// When the winning attempt's request was sent.
     sent_at: Instant,
-    ttft: Duration,
+    /// When its first token arrived.
+    first_at: Instant,
+}
+
+/// The provider and upstream model whose attempt is under way, if any (to
+/// account a call cancelled before its first token).
+#[derive(Debug, Default)]
+struct InFlight(std::sync::Mutex<Option<(String, String)>>);
+
+impl InFlight {
+    fn set(&self, attempt: Option<(&str, &str)>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            attempt.map(|(p, m)| (p.to_string(), m.to_string()));
+    }
 }
 
 /// Ends a half-open probe that was dropped mid-flight.
@@ -194,12 +211,35 @@ impl Gateway {
     /// kept the generation from starting.
     pub async fn begin(
         self: &Arc<Self>,
-        job: Job,
+        mut job: Job,
     ) -> Result<mpsc::Receiver<Result<Event, Status>>, LlmError> {
         let lease_for = self.lease_time(&job);
+        // A limited budget reserves the call's worst case: its prompt and
+        // every completion token it may ask for (counted once, kept for
+        // the accounting).
+        let estimate = if job.limits.tokens_per_day > 0 || job.limits.cost_micros_per_month > 0 {
+            let prompt_tokens = match job.prompt_tokens {
+                Some(n) => n,
+                None => {
+                    let turns = job.turns.clone();
+                    prompt::off_workers(prompt::bytes(&turns), move || prompt::count_prompt(&turns))
+                        .await
+                }
+            };
+            job.prompt_tokens = Some(prompt_tokens);
+            let prompt_tokens = prompt_tokens as u64;
+            let completion = u64::from(job.max_tokens);
+            Estimate {
+                tokens: prompt_tokens + completion,
+                cost_micros: micros_cost(prompt_tokens, job.model.prompt_price_per_million)
+                    + micros_cost(completion, job.model.completion_price_per_million),
+            }
+        } else {
+            Estimate::default()
+        };
         let lease = self
             .limiter
-            .acquire(job.user, &job.limits, lease_for)
+            .acquire(job.user, &job.limits, lease_for, estimate)
             .await?;
         let (tx, rx) = mpsc::channel(32);
         let gw = self.clone();
@@ -207,20 +247,23 @@ impl Gateway {
         Ok(rx)
     }
 
-    /// The longest a call of `job` may run: its lease must outlive it.
+    /// The longest a call of `job` may run (every attempt on every route,
+    /// with the waits between retries): its lease must outlive it.
     fn lease_time(&self, job: &Job) -> Duration {
-        let longest = job
+        let routes: Duration = job
             .model
             .parsed_routes(&job.alias)
             .filter_map(|(p, _)| self.providers.get(p))
-            .map(|p| p.config.total_timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(300));
-        longest * (job.model.routes.len() as u32).max(1) + Duration::from_secs(5)
+            .map(|p| {
+                let attempts = p.config.max_retries + 1;
+                p.config.total_timeout * attempts + self.config.retry_max * p.config.max_retries
+            })
+            .sum();
+        routes.max(Duration::from_secs(1)) + Duration::from_secs(5)
     }
 
     async fn run(self: Arc<Self>, job: Job, lease: Lease, tx: EventSender) {
-        let t0 = Instant::now();
+        let t0 = job.received;
         let cache_key = job
             .cache
             .then(|| cache::key(&self.store, &job.alias, job.max_tokens, &job.turns));
@@ -231,24 +274,41 @@ impl Gateway {
             return;
         }
 
+        let in_flight = InFlight::default();
         let started = tokio::select! {
             biased;
             _ = tx.closed() => Err(None),
-            r = self.start(&job) => r.map_err(Some),
+            r = self.start(&job, &in_flight) => r.map_err(Some),
         };
         let mut s = match started {
             Ok(s) => s,
-            Err(e) => {
-                let ending = if e.is_some() {
-                    Ending::Failed
-                } else {
-                    Ending::Cancelled
-                };
-                if let Some(e) = e {
-                    let _ = tx.send(Err(e.into())).await;
-                }
-                self.account(&job, &lease, ending, None, 0, 0, false, None, t0)
+            Err(Some(e)) => {
+                let _ = tx.send(Err(e.into())).await;
+                self.account(&job, &lease, Ending::Failed, None, 0, 0, false, None, t0)
                     .await;
+                return;
+            }
+            Err(None) => {
+                // Cancelled before the first token. A provider that had the
+                // request may bill its prompt: record (and charge) that.
+                let asked = in_flight.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let prompt_tokens = if asked.is_some() {
+                    job.prompt_tokens() as u64
+                } else {
+                    0
+                };
+                self.account(
+                    &job,
+                    &lease,
+                    Ending::Cancelled,
+                    asked.as_ref().map(|(p, m)| (p.as_str(), m.as_str())),
+                    prompt_tokens,
+                    0,
+                    true,
+                    None,
+                    t0,
+                )
+                .await;
                 return;
             }
         };
@@ -269,12 +329,13 @@ impl Gateway {
                 ending = Ending::Cancelled;
             }
         }
-        let total_deadline = {
-            let by_provider = s.sent_at + s.provider.config.total_timeout;
-            match job.total_deadline {
-                Some(d) => d.min(by_provider),
-                None => by_provider,
-            }
+        // The provider's total_timeout runs from its request (so it covers
+        // the wait for the first token too); the caller's own deadline may
+        // be shorter.
+        let by_provider = s.sent_at + s.provider.config.total_timeout;
+        let total_deadline = match job.total_deadline {
+            Some(d) => d.min(by_provider),
+            None => by_provider,
         };
         while ending == Ending::Ok {
             let next = tokio::select! {
@@ -357,8 +418,13 @@ impl Gateway {
         match &failure {
             Some(f) => {
                 tracing::warn!(provider = %provider, error = %f, "upstream stream failed after its first token");
-                s.provider.breaker.failure();
-                self.breaker_gauge(&s.provider);
+                // The caller's own deadline running out is not the
+                // provider's fault.
+                let callers_deadline =
+                    matches!(f, Failure::Deadline) && total_deadline < by_provider;
+                if !callers_deadline {
+                    s.provider.breaker.failure();
+                }
                 let code = if matches!(f, Failure::Deadline) {
                     Code::DeadlineExceeded
                 } else {
@@ -380,7 +446,7 @@ impl Gateway {
                         finish_reason: finish.clone(),
                         provider: provider.clone(),
                         upstream_model: upstream_model.clone(),
-                        time_to_first_token: Some(duration_pb(s.ttft)),
+                        time_to_first_token: Some(duration_pb(s.first_at - t0)),
                         duration: Some(duration_pb(t0.elapsed())),
                         cached: false,
                     })))
@@ -420,7 +486,7 @@ impl Gateway {
             prompt_tokens,
             completion_tokens,
             estimated,
-            Some(s.ttft),
+            Some(s.first_at - t0),
             t0,
         )
         .await;
@@ -554,28 +620,33 @@ impl Gateway {
         }
     }
 
-    fn breaker_gauge(&self, p: &Provider) {
-        self.metrics
-            .breaker
-            .with_label_values(&[p.name.as_str()])
-            .set(p.breaker.state().gauge());
-    }
-
     /// Tries the model's providers in order until one produces a first
     /// token.
-    async fn start(&self, job: &Job) -> Result<Started, LlmError> {
+    async fn start(&self, job: &Job, in_flight: &InFlight) -> Result<Started, LlmError> {
         let mut failures: Vec<String> = Vec::new();
         let mut skipped: Vec<&str> = Vec::new();
         let mut last: Option<Failure> = None;
+        // When trying again may help: the soonest `Retry-After` of the
+        // providers that refused, or the soonest end of an open breaker.
+        let mut retry_hint: Option<Duration> = None;
+        let mut hint = |d: Duration| {
+            retry_hint = Some(retry_hint.map_or(d, |h: Duration| h.min(d)));
+        };
         for (name, upstream_model) in job.model.parsed_routes(&job.alias) {
             let Some(provider) = self.providers.get(name) else {
                 continue;
             };
             let Some(admit) = provider.breaker.admit() else {
                 skipped.push(name);
+                // Half-open: a probe is under way and decides soon.
+                hint(
+                    provider
+                        .breaker
+                        .retry_in()
+                        .unwrap_or(Duration::from_secs(1)),
+                );
                 continue;
             };
-            self.breaker_gauge(provider);
             let mut guard = ProbeGuard {
                 breaker: &provider.breaker,
                 armed: admit.probe,
@@ -591,14 +662,19 @@ impl Gateway {
                 max_tokens: Some(job.max_tokens),
                 temperature: job.temperature,
                 stream: true,
-                stream_options: StreamOptions {
-                    include_usage: true,
-                },
+                stream_options: provider.stream_options(),
             };
             let mut attempt = 0;
             loop {
+                in_flight.set(Some((name, upstream_model)));
                 let sent_at = Instant::now();
-                let provider_first = sent_at + provider.config.first_token_timeout;
+                // `total_timeout` bounds the whole attempt, its wait for
+                // the first token included.
+                let provider_first = sent_at
+                    + provider
+                        .config
+                        .first_token_timeout
+                        .min(provider.config.total_timeout);
                 let first_deadline = provider_first.min(job.first_deadline);
                 let result = tokio::time::timeout_at(first_deadline.into(), async {
                     let mut stream = provider.open(&request).await?;
@@ -621,12 +697,15 @@ impl Gateway {
                     }
                 })
                 .await;
+                in_flight.set(None);
                 let failure = match result {
                     Ok(Ok((stream, acc, first))) => {
-                        let ttft = sent_at.elapsed();
+                        let first_at = Instant::now();
+                        // The metric is the provider's own (this attempt);
+                        // the caller's TTFT counts from the RPC.
+                        let ttft = first_at - sent_at;
                         provider.breaker.success();
                         guard.armed = false;
-                        self.breaker_gauge(provider);
                         self.metrics
                             .ttft
                             .with_label_values(&[name])
@@ -638,7 +717,7 @@ impl Gateway {
                             acc,
                             first,
                             sent_at,
-                            ttft,
+                            first_at,
                         });
                     }
                     Ok(Err(f)) => f,
@@ -694,23 +773,35 @@ impl Gateway {
                 }
                 provider.breaker.failure();
                 guard.armed = false;
-                self.breaker_gauge(provider);
                 self.metrics
                     .failovers
                     .with_label_values(&[name, failure.reason()])
                     .inc();
                 failures.push(format!("{name}: {failure}"));
+                if let Failure::Status {
+                    retry_after: Some(ra),
+                    ..
+                } = &failure
+                {
+                    hint(*ra);
+                }
                 last = Some(failure);
                 break;
             }
         }
+        // RetryInfo never asks for less than a second.
+        let retry_hint = retry_hint.map(|h| h.max(Duration::from_secs(1)));
         if failures.is_empty() && !skipped.is_empty() {
-            return Err(LlmError::Unavailable(format!(
-                "every provider of model {} is failing (circuit open: {}); retry in {}s",
-                job.alias,
-                skipped.join(", "),
-                self.config.breaker_cooldown.as_secs().max(1)
-            )));
+            let retry_after = retry_hint.unwrap_or(self.config.breaker_cooldown);
+            return Err(LlmError::UnavailableFor {
+                message: format!(
+                    "every provider of model {} is failing (circuit open: {}); retry in {}s",
+                    job.alias,
+                    skipped.join(", "),
+                    retry_after.as_secs_f64().ceil() as u64
+                ),
+                retry_after,
+            });
         }
         if matches!(last, Some(Failure::FirstTokenTimeout))
             && failures.len() == 1
@@ -730,7 +821,13 @@ impl Gateway {
         if !skipped.is_empty() {
             msg.push_str(&format!(" (circuit open: {})", skipped.join(", ")));
         }
-        Err(LlmError::Unavailable(msg))
+        Err(match retry_hint {
+            Some(retry_after) => LlmError::UnavailableFor {
+                message: msg,
+                retry_after,
+            },
+            None => LlmError::Unavailable(msg),
+        })
     }
 }
 

@@ -1,10 +1,13 @@
 //! Per-user quotas in Redis, shared by every replica: requests per minute,
 //! tokens per day, cost per month and concurrent streams. One Lua script
-//! checks every quota and takes a request slot and a stream lease in one
-//! atomic step before the upstream is called; tokens and cost are charged
-//! when the call ends. Windows are calendar windows in UTC (minute, day,
-//! month), so `reset_time` is exact. A stream lease is a sorted-set member
-//! that expires on its own, so a crashed replica cannot leak concurrency.
+//! checks every quota and takes a request slot, a stream lease and a
+//! reservation of the call's worst case (prompt tokens + `max_tokens`, and
+//! its cost) in one atomic step before the upstream is called, so calls
+//! running at the same time cannot together overshoot a budget; when the
+//! call ends the reservation is settled to what it used. Windows are
+//! calendar windows in UTC (minute, day, month), so `reset_time` is exact.
+//! A stream lease is a sorted-set member that expires on its own, so a
+//! crashed replica cannot leak concurrency.
 
 use std::time::Duration;
 
@@ -94,15 +97,22 @@ fn until(t: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
 const ACQUIRE: &str = r#"
 -- KEYS: rpm, tokens, cost, streams
 -- ARGV: rpm limit, rpm ttl ms, token limit, cost limit, stream limit,
---       now ms, lease expiry ms, lease id
+--       now ms, lease expiry ms, lease id, tokens to reserve, cost to
+--       reserve, tokens expire at ms, cost expires at ms
+-- The token and cost counters hold what settled calls used plus what
+-- running calls reserved.
 local now = tonumber(ARGV[6])
 local tok_limit = tonumber(ARGV[3])
-if tok_limit > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tok_limit then
-  return {2, 0}
+local tok_want = tonumber(ARGV[9])
+local tok_used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tok_limit > 0 and tok_used + tok_want > tok_limit then
+  return {2, tok_used}
 end
 local cost_limit = tonumber(ARGV[4])
-if cost_limit > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= cost_limit then
-  return {3, 0}
+local cost_want = tonumber(ARGV[10])
+local cost_used = tonumber(redis.call('GET', KEYS[3]) or '0')
+if cost_limit > 0 and cost_used + cost_want > cost_limit then
+  return {3, cost_used}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local stream_limit = tonumber(ARGV[5])
@@ -118,14 +128,36 @@ if redis.call('INCR', KEYS[1]) == 1 then
 end
 redis.call('ZADD', KEYS[4], ARGV[7], ARGV[8])
 redis.call('PEXPIREAT', KEYS[4], ARGV[7])
+if tok_limit > 0 and tok_want > 0 then
+  redis.call('INCRBY', KEYS[2], tok_want)
+  redis.call('PEXPIREAT', KEYS[2], ARGV[11])
+end
+if cost_limit > 0 and cost_want > 0 then
+  redis.call('INCRBY', KEYS[3], cost_want)
+  redis.call('PEXPIREAT', KEYS[3], ARGV[12])
+end
 return {0, 0}
 "#;
 
-/// A held stream lease; give it back with [`Limiter::release`].
+/// The most a call may use, reserved against the budgets at admission.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Estimate {
+    pub tokens: u64,
+    pub cost_micros: u64,
+}
+
+/// A held stream lease and budget reservation; settle it with
+/// [`Limiter::settle`]. It keeps the windows it was taken in, so a call
+/// that runs past midnight settles against the day it was admitted in.
 #[derive(Debug, Clone)]
 pub struct Lease {
-    pub user: Uuid,
     pub id: String,
+    streams_key: String,
+    tokens_key: String,
+    cost_key: String,
+    tokens_expire_ms: i64,
+    cost_expire_ms: i64,
+    reserved: Estimate,
 }
 
 /// The quota checks of the gateway.
@@ -153,23 +185,43 @@ impl Limiter {
         LlmError::Redis(e)
     }
 
-    /// Checks every quota and takes a request slot and a stream lease for
-    /// `lease_for` (how long the call may run at most).
+    /// Checks every quota and takes a request slot, a stream lease for
+    /// `lease_for` (how long the call may run at most) and a reservation
+    /// of `estimate` against the token and cost budgets that are limited.
     pub async fn acquire(
         &self,
         user: Uuid,
         limits: &LimitsConfig,
         lease_for: Duration,
+        estimate: Estimate,
     ) -> Result<Lease, LlmError> {
         let now = Utc::now();
         let w = Windows::at(&self.store, user, now);
+        let tokens_expire_ms = (w.day_end + chrono::Duration::hours(1)).timestamp_millis();
+        let cost_expire_ms = (w.month_end + chrono::Duration::hours(1)).timestamp_millis();
         let lease = Lease {
-            user,
             id: Uuid::now_v7().to_string(),
+            streams_key: w.streams.clone(),
+            tokens_key: w.tokens.clone(),
+            cost_key: w.cost.clone(),
+            tokens_expire_ms,
+            cost_expire_ms,
+            reserved: Estimate {
+                tokens: if limits.tokens_per_day > 0 {
+                    estimate.tokens
+                } else {
+                    0
+                },
+                cost_micros: if limits.cost_micros_per_month > 0 {
+                    estimate.cost_micros
+                } else {
+                    0
+                },
+            },
         };
         let now_ms = now.timestamp_millis();
         let mut conn = self.store.redis_shared().await?;
-        let (code, _): (i64, i64) = self
+        let (code, used): (i64, i64) = self
             .script
             .key(&w.rpm)
             .key(&w.tokens)
@@ -183,6 +235,10 @@ impl Limiter {
             .arg(now_ms)
             .arg(now_ms + lease_for.as_millis() as i64)
             .arg(&lease.id)
+            .arg(estimate.tokens)
+            .arg(estimate.cost_micros)
+            .arg(tokens_expire_ms)
+            .arg(cost_expire_ms)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.broken(e))?;
@@ -195,13 +251,22 @@ impl Limiter {
             }),
             2 => Err(LlmError::Quota {
                 quota: "tokens_per_day",
-                description: format!("at most {} tokens per day", limits.tokens_per_day),
+                description: format!(
+                    "this call may use {} tokens (prompt + max_tokens) but {} of {} tokens per day remain",
+                    estimate.tokens,
+                    limits.tokens_per_day.saturating_sub(used.max(0) as u64),
+                    limits.tokens_per_day
+                ),
                 retry_after: until(w.day_end, now),
             }),
             3 => Err(LlmError::Quota {
                 quota: "cost_micros_per_month",
                 description: format!(
-                    "monthly budget of {} micro-dollars used up",
+                    "this call may cost {} micro-dollars but {} of the monthly budget of {} remain",
+                    estimate.cost_micros,
+                    limits
+                        .cost_micros_per_month
+                        .saturating_sub(used.max(0) as u64),
                     limits.cost_micros_per_month
                 ),
                 retry_after: until(w.month_end, now),
@@ -214,32 +279,33 @@ impl Limiter {
         }
     }
 
-    /// Charges what a finished call used and gives its lease back.
+    /// Settles a finished call's reservation to what it used (charging
+    /// the difference, or giving it back) and releases its lease.
     pub async fn settle(
         &self,
         lease: &Lease,
         tokens: u64,
         cost_micros: u64,
     ) -> Result<(), LlmError> {
-        let now = Utc::now();
-        let w = Windows::at(&self.store, lease.user, now);
         let mut conn = self.store.redis_shared().await?;
         let mut pipe = redis::pipe();
-        pipe.zrem(&w.streams, &lease.id).ignore();
-        if tokens > 0 {
-            pipe.incr(&w.tokens, tokens)
+        pipe.zrem(&lease.streams_key, &lease.id).ignore();
+        let tokens_delta = tokens as i64 - lease.reserved.tokens as i64;
+        if tokens_delta != 0 {
+            pipe.incr(&lease.tokens_key, tokens_delta)
                 .ignore()
                 .cmd("PEXPIREAT")
-                .arg(&w.tokens)
-                .arg((w.day_end + chrono::Duration::hours(1)).timestamp_millis())
+                .arg(&lease.tokens_key)
+                .arg(lease.tokens_expire_ms)
                 .ignore();
         }
-        if cost_micros > 0 {
-            pipe.incr(&w.cost, cost_micros)
+        let cost_delta = cost_micros as i64 - lease.reserved.cost_micros as i64;
+        if cost_delta != 0 {
+            pipe.incr(&lease.cost_key, cost_delta)
                 .ignore()
                 .cmd("PEXPIREAT")
-                .arg(&w.cost)
-                .arg((w.month_end + chrono::Duration::hours(1)).timestamp_millis())
+                .arg(&lease.cost_key)
+                .arg(lease.cost_expire_ms)
                 .ignore();
         }
         let () = pipe
@@ -258,7 +324,7 @@ impl Limiter {
         let now = Utc::now();
         let w = Windows::at(&self.store, user, now);
         let mut conn = self.store.redis_shared().await?;
-        let (rpm, tokens, cost, streams): (Option<u64>, Option<u64>, Option<u64>, u64) =
+        let (rpm, tokens, cost, streams): (Option<u64>, Option<i64>, Option<i64>, u64) =
             redis::pipe()
                 .get(&w.rpm)
                 .get(&w.tokens)
@@ -287,13 +353,13 @@ impl Limiter {
         push(
             "tokens_per_day",
             limits.tokens_per_day,
-            tokens.unwrap_or(0),
+            tokens.unwrap_or(0).max(0) as u64,
             Some(w.day_end),
         );
         push(
             "cost_micros_per_month",
             limits.cost_micros_per_month,
-            cost.unwrap_or(0),
+            cost.unwrap_or(0).max(0) as u64,
             Some(w.month_end),
         );
         push(

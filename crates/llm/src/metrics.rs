@@ -1,8 +1,13 @@
 //! The gateway's Prometheus metrics, registered in the server's registry
 //! (served at `/metrics` with everything else).
 
-use prometheus::core::Collector;
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
+
+use crate::breaker::Breaker;
 
 #[derive(Debug, Clone)]
 pub struct LlmMetrics {
@@ -16,8 +21,32 @@ pub struct LlmMetrics {
     pub cost: IntCounterVec,
     /// Failovers away from a provider, by reason.
     pub failovers: IntCounterVec,
-    /// Breaker state by provider: 0 closed, 1 open, 2 half-open.
-    pub breaker: IntGaugeVec,
+    /// Breaker state by provider: 0 closed, 1 open, 2 half-open; set from
+    /// the breakers at each scrape by [`BreakerGauge`].
+    breaker: IntGaugeVec,
+}
+
+/// The breaker gauge, read from the breakers when scraped, so that it is
+/// right without waiting for a call (an open breaker whose cool-down has
+/// ended shows half-open).
+struct BreakerGauge {
+    gauge: IntGaugeVec,
+    breakers: Vec<(String, Arc<Breaker>)>,
+}
+
+impl Collector for BreakerGauge {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        for (name, b) in &self.breakers {
+            self.gauge
+                .with_label_values(&[name.as_str()])
+                .set(b.state().gauge());
+        }
+        self.gauge.collect()
+    }
 }
 
 impl LlmMetrics {
@@ -73,15 +102,19 @@ impl LlmMetrics {
         }
     }
 
-    /// Everything to register with the server's registry.
-    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+    /// Everything to register with the server's registry; `breakers` by
+    /// provider name feed the breaker gauge.
+    pub fn collectors(&self, breakers: Vec<(String, Arc<Breaker>)>) -> Vec<Box<dyn Collector>> {
         vec![
             Box::new(self.upstream.clone()),
             Box::new(self.ttft.clone()),
             Box::new(self.tokens.clone()),
             Box::new(self.cost.clone()),
             Box::new(self.failovers.clone()),
-            Box::new(self.breaker.clone()),
+            Box::new(BreakerGauge {
+                gauge: self.breaker.clone(),
+                breakers,
+            }),
         ]
     }
 }

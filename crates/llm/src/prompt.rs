@@ -1,6 +1,7 @@
 //! Prompt assembly: the system prompt plus the conversation, trimmed
 //! oldest-first to fit the model's context window minus the completion
-//! budget, never dropping the system prompt or the latest user message.
+//! budget, never dropping the system prompt, a system message or the
+//! latest user message.
 //! Token counts come from a real tokenizer (tiktoken's o200k_base), used
 //! only when the prompt might not fit: a BPE token covers at least one
 //! byte, so a prompt whose bytes fit has tokens that fit.
@@ -39,6 +40,30 @@ pub fn count_prompt(turns: &[Turn]) -> usize {
         .map(|t| PER_MESSAGE + count_text(&t.content))
         .sum::<usize>()
         + REPLY_PRIMING
+}
+
+/// The prompt's text in bytes.
+pub fn bytes(turns: &[Turn]) -> usize {
+    turns.iter().map(|t| t.content.len()).sum()
+}
+
+/// Text above this many bytes takes the tokenizer milliseconds.
+const HEAVY_BYTES: usize = 16 * 1024;
+
+/// Runs tokenizer work `f` over `bytes` of text: inline when it is quick,
+/// else on the blocking pool, so that a long prompt does not stall the
+/// async workers serving other calls.
+pub async fn off_workers<T: Send + 'static>(
+    bytes: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    if bytes <= HEAVY_BYTES {
+        return f();
+    }
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// An upper bound of [`count_prompt`] without tokenizing.
@@ -91,7 +116,8 @@ pub fn assemble(
         if total <= budget {
             break;
         }
-        if Some(i) == latest_user {
+        // System messages are instructions, not history: never dropped.
+        if Some(i) == latest_user || turns[i].role == "system" {
             continue;
         }
         keep[i] = false;
@@ -128,8 +154,11 @@ mod tests {
     fn counts_with_a_real_tokenizer() {
         assert_eq!(count_text(""), 0);
         assert_eq!(count_text("hello"), 1);
-        let n = count_text("The quick brown fox jumps over the lazy dog.");
-        assert!((9..=11).contains(&n), "{n}");
+        // o200k_base: "The", " quick", … " dog", ".".
+        assert_eq!(
+            count_text("The quick brown fox jumps over the lazy dog."),
+            10
+        );
         // Special-token text is just text.
         assert!(count_text("<|endoftext|>") > 1);
     }
@@ -171,6 +200,35 @@ mod tests {
         assert_eq!(turns.len(), 4);
         assert_eq!(counted, Some(count_prompt(&turns)));
         assert!(count_prompt(&turns) <= budget);
+    }
+
+    #[test]
+    fn system_messages_in_the_conversation_are_never_dropped() {
+        let long = "word ".repeat(100);
+        let messages = vec![
+            turn("system", "rules: answer in French"),
+            turn("user", &long),
+            turn("assistant", &long),
+            turn("system", "also: be brief"),
+            turn("user", &long),
+            turn("user", "the question"),
+        ];
+        let (turns, dropped, _) = assemble("sys", messages, 100).expect("fits");
+        let contents: Vec<&str> = turns.iter().map(|t| t.content.as_str()).collect();
+        assert_eq!(
+            contents,
+            vec![
+                "sys",
+                "rules: answer in French",
+                "also: be brief",
+                "the question"
+            ]
+        );
+        assert_eq!(dropped, 3);
+        // Kept system messages that do not fit are an error, not dropped.
+        let err = assemble("", vec![turn("system", &long), turn("user", "q")], 50)
+            .expect_err("cannot fit");
+        assert!(err.required > 100);
     }
 
     #[test]

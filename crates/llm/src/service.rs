@@ -67,17 +67,23 @@ pub fn service(
     store: Store,
     clients: MeshClients,
 ) -> Result<Built, LlmError> {
+    // Building the tokenizer takes a while; not in the first call's time.
+    std::thread::spawn(|| prompt::count_text("warm up"));
     let mut providers = HashMap::new();
     for (name, p) in &config.providers {
-        let breaker = Breaker::new(config.breaker_failures, config.breaker_cooldown);
+        let breaker = Arc::new(Breaker::new(
+            config.breaker_failures,
+            config.breaker_cooldown,
+        ));
         let provider = Provider::new(name, p, breaker)
             .map_err(|e| LlmError::Setup(format!("provider {name}: {e}")))?;
         providers.insert(name.clone(), Arc::new(provider));
     }
     let metrics = LlmMetrics::new();
-    for name in providers.keys() {
-        metrics.breaker.with_label_values(&[name.as_str()]).set(0);
-    }
+    let breakers = providers
+        .iter()
+        .map(|(name, p)| (name.clone(), p.breaker.clone()))
+        .collect();
     let (recorder, usage_writer) = Recorder::spawn(store.clone());
     let gw = Arc::new(Gateway {
         config: config.clone(),
@@ -91,7 +97,7 @@ pub fn service(
         server: LlmServiceServer::new(LlmSvc { gw, clients })
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes),
-        collectors: metrics.collectors(),
+        collectors: metrics.collectors(breakers),
         usage_writer,
     })
 }
@@ -251,6 +257,7 @@ impl LlmSvc {
         principal: &Principal,
         params: Option<pb::GenerateParams>,
     ) -> Result<Job, LlmError> {
+        let received = Instant::now();
         let c = self.check(params)?;
         let citations = match &c.retrieval {
             Some(options) => {
@@ -273,12 +280,16 @@ impl LlmSvc {
         };
         let system = crate::retrieval::ground(&c.system, &citations);
         let budget = (c.model.context_window - c.max_tokens) as usize;
-        let (turns, dropped, counted) =
-            prompt::assemble(&system, c.messages, budget).map_err(|e| {
+        let bytes = system.len() + c.messages.iter().map(|m| m.content.len()).sum::<usize>();
+        let (turns, dropped, counted) = prompt::off_workers(bytes, move || {
+            prompt::assemble(&system, c.messages, budget)
+        })
+        .await
+        .map_err(|e| {
                 LlmError::field(
                     "params.messages",
                     format!(
-                        "the system prompt and the latest user message need {} tokens; model {} leaves {} after max_tokens {}",
+                        "the system prompt, system messages and the latest user message need {} tokens; model {} leaves {} after max_tokens {}",
                         e.required, c.alias, e.budget, c.max_tokens
                     ),
                 )
@@ -313,6 +324,7 @@ impl LlmSvc {
             citations,
             first_deadline,
             total_deadline: client_deadline(req),
+            received,
         })
     }
 }
@@ -438,7 +450,8 @@ impl LlmService for LlmSvc {
             });
         }
         turns.extend(c.messages);
-        let tokens = prompt::count_prompt(&turns);
+        let tokens =
+            prompt::off_workers(prompt::bytes(&turns), move || prompt::count_prompt(&turns)).await;
         let fits = tokens + c.max_tokens as usize <= c.model.context_window as usize;
         Ok(Response::new(pb::CountTokensResponse {
             prompt_tokens: tokens.min(i32::MAX as usize) as i32,

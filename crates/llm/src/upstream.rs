@@ -32,7 +32,9 @@ pub struct ChatRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
     pub stream: bool,
-    pub stream_options: StreamOptions,
+    /// None for providers that do not take it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -81,8 +83,12 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, OpenAIError>> + S
 /// What went wrong with one attempt.
 #[derive(Debug, Clone)]
 pub enum Failure {
-    /// Could not connect, or the connection broke before an answer.
+    /// Could not connect (refused, reset, DNS), or the connection broke
+    /// before an answer.
     Connect(String),
+    /// No connection within the provider's `connect_timeout` (a host that
+    /// is down or unreachable drops the handshake rather than refusing it).
+    ConnectTimeout,
     /// The upstream answered with an error status.
     Status {
         code: u16,
@@ -109,15 +115,29 @@ impl Failure {
         )
     }
 
-    /// Whether trying this provider again soon may help.
+    /// Whether the upstream refused `stream_options` itself (servers that
+    /// predate it answer 400 naming the field).
+    pub fn rejects_stream_options(&self) -> bool {
+        matches!(self, Failure::Status { code: 400 | 422, message, .. } if message.contains("stream_options"))
+    }
+
+    /// Whether trying this provider again soon may help: an overloaded or
+    /// failing server (429, 5xx) or a refused or broken connection (a
+    /// restarting server). Timeouts already spent the caller's time and
+    /// fail over at once.
     pub fn retryable_here(&self) -> bool {
-        matches!(self, Failure::Status { code, .. } if *code == 429 || *code >= 500)
+        match self {
+            Failure::Status { code, .. } => *code == 429 || *code >= 500,
+            Failure::Connect(_) => true,
+            _ => false,
+        }
     }
 
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
             Failure::Connect(_) => "connect",
+            Failure::ConnectTimeout => "connect_timeout",
             Failure::Status { code: 429, .. } => "rate_limited",
             Failure::Status { code, .. } if *code >= 500 => "server_error",
             Failure::Status { .. } => "refused",
@@ -132,6 +152,7 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Connect(m) => write!(f, "connection failed: {m}"),
+            Failure::ConnectTimeout => f.write_str("no connection within the connect timeout"),
             Failure::Status { code, message, .. } => write!(f, "HTTP {code}: {message}"),
             Failure::FirstTokenTimeout => f.write_str("no first token in time"),
             Failure::Deadline => f.write_str("timed out"),
@@ -206,16 +227,26 @@ impl tower::Service<HttpRequestFactory> for Transport {
     }
 }
 
-/// `Retry-After` as seconds (HTTP dates are rare from model APIs and are
-/// treated as absent).
+/// `Retry-After` as seconds (fractions too, as some model APIs send) or
+/// as an HTTP date (a date in the past means now).
 fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
-    v.parse::<u64>().ok().map(Duration::from_secs).or_else(|| {
-        v.parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64)
-    })
+    v.parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+        .or_else(|| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
+                .map(Duration::from_secs_f64)
+        })
+        .or_else(|| {
+            let at = httpdate::parse_http_date(v).ok()?;
+            Some(
+                at.duration_since(std::time::SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+            )
+        })
 }
 
 /// The `error.message` of an OpenAI error body, else the body, shortened.
@@ -250,13 +281,10 @@ pub fn classify(e: OpenAIError) -> Failure {
             },
             Err(other) => Failure::Connect(other.to_string()),
         },
-        OpenAIError::Reqwest(r) => {
-            if r.is_timeout() {
-                Failure::Deadline
-            } else {
-                Failure::Connect(without_url(&r))
-            }
-        }
+        // The only timeout our client sets is the connect timeout: a
+        // provider that cannot be reached, to fail over from.
+        OpenAIError::Reqwest(r) if r.is_timeout() => Failure::ConnectTimeout,
+        OpenAIError::Reqwest(r) => Failure::Connect(without_url(&r)),
         OpenAIError::ApiError(a) => Failure::Status {
             code: a.status_code.as_u16(),
             retry_after: None,
@@ -283,8 +311,10 @@ fn without_url(e: &reqwest::Error) -> String {
 pub struct Provider {
     pub name: String,
     pub config: ProviderConfig,
-    pub breaker: Breaker,
+    pub breaker: Arc<Breaker>,
     client: Client<OpenAIConfig>,
+    /// Set once the provider refused `stream_options`.
+    no_stream_options: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Provider {
@@ -302,7 +332,7 @@ impl Provider {
     pub fn new(
         name: &str,
         config: &ProviderConfig,
-        breaker: Breaker,
+        breaker: Arc<Breaker>,
     ) -> Result<Provider, reqwest::Error> {
         // reqwest is built without a TLS crypto provider of its own; ring
         // is the process default (another crate may have installed one).
@@ -324,17 +354,49 @@ impl Provider {
             config: config.clone(),
             breaker,
             client,
+            no_stream_options: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The `stream_options` to send this provider.
+    pub fn stream_options(&self) -> Option<StreamOptions> {
+        (self.config.include_usage
+            && !self
+                .no_stream_options
+                .load(std::sync::atomic::Ordering::Relaxed))
+        .then_some(StreamOptions {
+            include_usage: true,
         })
     }
 
     /// Sends `request` and returns its chunk stream once the response
-    /// headers arrived.
+    /// headers arrived. A provider that refuses `stream_options` is asked
+    /// again at once without it, and not sent it again.
     pub async fn open(&self, request: &ChatRequest) -> Result<ChunkStream, Failure> {
-        self.client
+        let mut request = std::borrow::Cow::Borrowed(request);
+        if request.stream_options.is_some() && self.stream_options().is_none() {
+            request.to_mut().stream_options = None;
+        }
+        let first = self
+            .client
             .chat()
-            .create_stream_byot::<&ChatRequest, Chunk>(request)
+            .create_stream_byot::<&ChatRequest, Chunk>(&request)
             .await
-            .map_err(classify)
+            .map_err(classify);
+        match first {
+            Err(f) if request.stream_options.is_some() && f.rejects_stream_options() => {
+                tracing::warn!(provider = %self.name, "the provider refuses stream_options: asking without (tokens will be estimated)");
+                self.no_stream_options
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                request.to_mut().stream_options = None;
+                self.client
+                    .chat()
+                    .create_stream_byot::<&ChatRequest, Chunk>(&request)
+                    .await
+                    .map_err(classify)
+            }
+            other => other,
+        }
     }
 }
 
@@ -346,8 +408,19 @@ mod tests {
     fn retry_after_in_seconds() {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "a date in the past: now"
+        );
+        let soon = std::time::SystemTime::now() + Duration::from_secs(30);
+        let wait = parse_retry_after(&httpdate::fmt_http_date(soon)).expect("date");
+        assert!(
+            (Duration::from_secs(28)..=Duration::from_secs(30)).contains(&wait),
+            "{wait:?}"
+        );
         assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("soon"), None);
     }
 
     #[test]
@@ -395,5 +468,21 @@ mod tests {
         };
         assert!(!f.retryable_here() && f.is_rejection());
         assert!(!Failure::FirstTokenTimeout.retryable_here());
+        assert!(!Failure::ConnectTimeout.retryable_here());
+        assert!(!Failure::ConnectTimeout.is_rejection());
+        assert!(Failure::Connect("refused".into()).retryable_here());
+        assert_eq!(Failure::ConnectTimeout.reason(), "connect_timeout");
+        let f = Failure::Status {
+            code: 400,
+            retry_after: None,
+            message: "Unrecognized request argument supplied: stream_options".into(),
+        };
+        assert!(f.rejects_stream_options() && f.is_rejection());
+        let f = Failure::Status {
+            code: 400,
+            retry_after: None,
+            message: "max_tokens is too large".into(),
+        };
+        assert!(!f.rejects_stream_options());
     }
 }
