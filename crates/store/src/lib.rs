@@ -12,7 +12,7 @@ pub mod redis;
 pub mod schema;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use trellis_core::Config;
@@ -50,13 +50,30 @@ impl From<StoreError> for tonic::Status {
 #[derive(Debug)]
 pub struct DepState {
     up: AtomicBool,
+    /// Probes in a row that ran out of time.
+    slow: AtomicU32,
     name: &'static str,
 }
+
+/// What one probe of a dependency found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Up,
+    /// Refused or failed: down, now.
+    Down,
+    /// No answer in time: a busy machine as often as an outage, so only
+    /// [`SLOW_PROBES_DOWN`] of these in a row count as down.
+    Slow,
+}
+
+/// Timed-out probes in a row after which a dependency counts as down.
+pub const SLOW_PROBES_DOWN: u32 = 3;
 
 impl DepState {
     fn new(name: &'static str) -> Self {
         Self {
             up: AtomicBool::new(true),
+            slow: AtomicU32::new(0),
             name,
         }
     }
@@ -68,6 +85,26 @@ impl DepState {
     /// Records a probe result; returns true when the state changed.
     pub fn set(&self, up: bool) -> bool {
         self.up.swap(up, Ordering::Relaxed) != up
+    }
+
+    /// Records what a probe found and returns the state it leaves.
+    pub fn record(&self, probe: Probe) -> bool {
+        let up = match probe {
+            Probe::Up => true,
+            Probe::Down => false,
+            Probe::Slow => {
+                let slow = self.slow.fetch_add(1, Ordering::Relaxed) + 1;
+                if slow < SLOW_PROBES_DOWN {
+                    return self.is_up();
+                }
+                false
+            }
+        };
+        if probe != Probe::Slow {
+            self.slow.store(0, Ordering::Relaxed);
+        }
+        self.set(up);
+        up
     }
 
     pub fn name(&self) -> &'static str {
@@ -226,27 +263,51 @@ impl Store {
     /// records the result. Returns (database up, redis up); an absent
     /// dependency counts as up.
     pub async fn probe(&self, timeout: Duration) -> (bool, bool) {
+        fn probe<E>(r: Result<Result<(), E>, tokio::time::error::Elapsed>) -> Probe {
+            match r {
+                Ok(Ok(())) => Probe::Up,
+                Ok(Err(_)) => Probe::Down,
+                Err(_) => Probe::Slow,
+            }
+        }
         let pg_up = match (&self.pg, &self.pg_url) {
             (Some(pool), Some(url)) => {
-                let up = tokio::time::timeout(timeout, pg::ping_fresh(url))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-                if up && !self.pg_state.is_up() {
+                let found = probe(tokio::time::timeout(timeout, pg::ping_fresh(url)).await);
+                if found == Probe::Up && !self.pg_state.is_up() {
                     // Back from an outage: drop pooled connections it broke.
                     pg::revalidate(pool).await;
                 }
-                up
+                self.pg_state.record(found)
             }
             _ => true,
         };
         let redis_up = match &self.redis {
-            Some(pool) => tokio::time::timeout(timeout, redis::ping(pool))
-                .await
-                .is_ok_and(|r| r.is_ok()),
+            Some(pool) => self
+                .redis_state
+                .record(probe(tokio::time::timeout(timeout, redis::ping(pool)).await)),
             None => true,
         };
-        self.pg_state.set(pg_up);
-        self.redis_state.set(redis_up);
         (pg_up, redis_up)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_slow_probes_in_a_row_count_as_down() {
+        let s = DepState::new("database");
+        for _ in 1..SLOW_PROBES_DOWN {
+            assert!(s.record(Probe::Slow), "a busy machine is not an outage");
+        }
+        assert!(s.record(Probe::Up));
+        for _ in 1..SLOW_PROBES_DOWN {
+            assert!(s.record(Probe::Slow), "an answer in between starts over");
+        }
+        assert!(!s.record(Probe::Slow), "then it is down");
+        assert!(!s.is_up());
+        assert!(s.record(Probe::Up), "and up again at the first answer");
+        assert!(!s.record(Probe::Down), "a refusal is down at once");
     }
 }
