@@ -39,6 +39,9 @@ use crate::tokens::{self, Claims};
 
 /// Longest credential looked at; anything longer is refused unread.
 const MAX_TOKEN: usize = 8 * 1024;
+/// Seconds of clock skew forgiven on `exp` and `nbf` — the same whether
+/// the token was verified just now or comes from the cache.
+const LEEWAY: u64 = 5;
 /// Unknown-kid fetches are spaced at least this far apart.
 const FETCH_SPACING: Duration = Duration::from_millis(250);
 /// How long a kid that AuthService did not publish is refused unasked.
@@ -106,7 +109,7 @@ impl TokenVerifier {
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
         validation.validate_nbf = true;
-        validation.leeway = 5;
+        validation.leeway = LEEWAY;
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         TokenVerifier {
             validation,
@@ -320,7 +323,7 @@ impl TokenVerifier {
 
     /// Expiry and revocation: checked on every use, cached or not.
     fn still_valid(&self, p: &Principal, c: &Claims, now: i64) -> Result<(), Status> {
-        if c.exp <= now {
+        if c.exp.saturating_add(LEEWAY as i64) <= now {
             return Err(unauthenticated("token expired"));
         }
         let Some(session) = p.session_id else {
