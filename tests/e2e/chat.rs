@@ -1367,6 +1367,10 @@ async fn a_slow_reader_stalls_nobody_and_still_gets_every_byte() {
     let mut slow = open_send(&mut c, &r.token, send(&slow_session.id, "flood me", "")).await;
     let first = next_event(&mut slow).await;
     assert!(matches!(first.event, Some(Ev::Accepted(_))));
+    // The flood script is taken by the slow conversation's upstream call,
+    // not the next one's.
+    let fake = &r.primary;
+    assert!(eventually(Duration::from_secs(5), || async move { fake.hits() >= 1 }).await);
     // While the slow reader reads nothing, another conversation completes.
     let t = std::time::Instant::now();
     let other = send_message(&mut c, &r.token, send(&fast_session.id, "quick", ""))

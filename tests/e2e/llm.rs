@@ -215,14 +215,50 @@ async fn wait_rows(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_arriving_apart_are_streamed_apart() {
+    let r = rig(|_| {}).await;
+    r.primary
+        .push([Script::slow(5, std::time::Duration::from_millis(60))]);
+    let mut c = llm(&r.mesh).await;
+    let mut s = c
+        .generate_stream(bearer(
+            pb::GenerateStreamRequest {
+                params: Some(params("solo", "count")),
+            },
+            &r.token,
+        ))
+        .await
+        .expect("stream")
+        .into_inner();
+    // Each piece is passed on as it comes, not held for the next one.
+    let mut seen = Vec::new();
+    let mut gaps = Vec::new();
+    let mut last = Instant::now();
+    while let Some(m) = s.message().await.expect("event") {
+        if let Some(Event::Delta(d)) = m.event {
+            gaps.push(last.elapsed());
+            last = Instant::now();
+            seen.push(d);
+        }
+    }
+    assert_eq!(seen, ["t0 ", "t1 ", "t2 ", "t3 ", "t4 "]);
+    assert!(
+        gaps[1..].iter().all(|g| *g >= Duration::from_millis(30)),
+        "{gaps:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_delivers_deltas_in_order_then_usage_and_is_accounted() {
     let r = rig(|_| {}).await;
     let mut c = llm(&r.mesh).await;
     let out = stream(&mut c, &r.token, params("fast", "say hello"))
         .await
         .expect("stream");
+    // Pieces that arrive together may travel as one delta; the text is
+    // whole and in order either way.
     assert_eq!(out.deltas.concat(), "Hello world");
-    assert_eq!(out.deltas, vec!["Hel", "lo", " world"]);
+    assert!((1..=3).contains(&out.deltas.len()), "{:?}", out.deltas);
     assert!(out.failed.is_none());
     let done = out.completed.expect("completed");
     let usage = done.usage.expect("usage");

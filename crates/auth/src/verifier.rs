@@ -39,8 +39,9 @@ use crate::tokens::{self, Claims};
 
 /// Longest credential looked at; anything longer is refused unread.
 const MAX_TOKEN: usize = 8 * 1024;
-/// Seconds of clock skew forgiven on `exp` and `nbf` — the same whether
-/// the token was verified just now or comes from the cache.
+/// Seconds of clock skew forgiven on `nbf` (a token from a server whose
+/// clock runs ahead). Expiry is exact, and checked by [`TokenVerifier::still_valid`]
+/// alone, so a token is judged the same whether it comes from the cache or not.
 const LEEWAY: u64 = 5;
 /// Unknown-kid fetches are spaced at least this far apart.
 const FETCH_SPACING: Duration = Duration::from_millis(250);
@@ -110,6 +111,8 @@ impl TokenVerifier {
         validation.set_audience(&[audience]);
         validation.validate_nbf = true;
         validation.leeway = LEEWAY;
+        // Checked in `still_valid`, without leeway (presence is still required).
+        validation.validate_exp = false;
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         TokenVerifier {
             validation,
@@ -323,7 +326,7 @@ impl TokenVerifier {
 
     /// Expiry and revocation: checked on every use, cached or not.
     fn still_valid(&self, p: &Principal, c: &Claims, now: i64) -> Result<(), Status> {
-        if c.exp.saturating_add(LEEWAY as i64) <= now {
+        if c.exp <= now {
             return Err(unauthenticated("token expired"));
         }
         let Some(session) = p.session_id else {

@@ -187,6 +187,33 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
+/// Largest delta [`coalesce`] builds.
+const COALESCE_MAX: usize = 16 * 1024;
+
+/// Appends to `text` the text of every chunk `stream` has ready now
+/// (without waiting), up to [`COALESCE_MAX`]. Returns how the stream ended
+/// if it did meanwhile: `Some(None)` cleanly, `Some(Some(f))` with a
+/// failure; the text before the end is in `text` either way.
+fn coalesce(stream: &mut ChunkStream, acc: &mut Acc, text: &mut String) -> Option<Option<Failure>> {
+    use futures::FutureExt as _;
+    while text.len() < COALESCE_MAX {
+        match stream.next().now_or_never()? {
+            None => {
+                return Some(acc.finish.is_none().then(|| {
+                    Failure::Protocol("the stream ended without a finish reason".into())
+                }));
+            }
+            Some(Err(e)) => return Some(Some(crate::upstream::classify(e))),
+            Some(Ok(chunk)) => match acc.absorb(chunk) {
+                Err(f) => return Some(Some(f)),
+                Ok(Some(t)) => text.push_str(&t),
+                Ok(None) => {}
+            },
+        }
+    }
+    None
+}
+
 fn micros_cost(tokens: u64, price_per_million: u64) -> u64 {
     (tokens * price_per_million).div_ceil(1_000_000)
 }
@@ -323,11 +350,18 @@ impl Gateway {
         {
             ending = Ending::Cancelled;
         }
-        if let Some(first) = s.first.take().filter(|_| ending == Ending::Ok) {
+        // The first delta goes out at once, with whatever else has arrived.
+        let mut finished = None;
+        if let Some(mut first) = s.first.take().filter(|_| ending == Ending::Ok) {
+            finished = coalesce(&mut s.stream, &mut s.acc, &mut first);
             s.acc.text.push_str(&first);
             if tx.send(Ok(Event::Delta(first))).await.is_err() {
                 ending = Ending::Cancelled;
             }
+        }
+        let ended = finished.is_some();
+        if let Some(f) = finished {
+            failure = f;
         }
         // The provider's total_timeout runs from its request (so it covers
         // the wait for the first token too); the caller's own deadline may
@@ -337,7 +371,7 @@ impl Gateway {
             Some(d) => d.min(by_provider),
             None => by_provider,
         };
-        while ending == Ending::Ok {
+        while ending == Ending::Ok && !ended {
             let next = tokio::select! {
                 biased;
                 _ = tx.closed() => {
@@ -368,13 +402,22 @@ impl Gateway {
                         failure = Some(f);
                         break;
                     }
-                    Ok(Some(text)) => {
-                        s.acc.text.push_str(&text);
-                        if tx.send(Ok(Event::Delta(text))).await.is_err() {
-                            ending = Ending::Cancelled;
+                    Ok(text) => {
+                        // Chunks that have already arrived go out as one
+                        // delta: one message (and one write) instead of many.
+                        let mut text = text.unwrap_or_default();
+                        let end = coalesce(&mut s.stream, &mut s.acc, &mut text);
+                        if !text.is_empty() {
+                            s.acc.text.push_str(&text);
+                            if tx.send(Ok(Event::Delta(text))).await.is_err() {
+                                ending = Ending::Cancelled;
+                            }
+                        }
+                        if let Some(f) = end {
+                            failure = f;
+                            break;
                         }
                     }
-                    Ok(None) => {}
                 },
             }
         }

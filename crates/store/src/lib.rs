@@ -282,9 +282,9 @@ impl Store {
             _ => true,
         };
         let redis_up = match &self.redis {
-            Some(pool) => self
-                .redis_state
-                .record(probe(tokio::time::timeout(timeout, redis::ping(pool)).await)),
+            Some(pool) => self.redis_state.record(probe(
+                tokio::time::timeout(timeout, redis::ping(pool)).await,
+            )),
             None => true,
         };
         (pg_up, redis_up)
