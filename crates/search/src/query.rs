@@ -20,6 +20,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 use trellis_proto::search::v1 as pb;
 use trellis_store::Store;
+use trellis_store::pg::Cacheable;
 use uuid::Uuid;
 
 use crate::documents::ts;
@@ -260,7 +261,7 @@ pub async fn run(
             n + 1
         ))
         .bind::<BigInt, _>(limit);
-    let rows: Vec<HitRow> = sql.load(&mut conn).await?;
+    let rows: Vec<HitRow> = Cacheable(sql).load(&mut conn).await?;
 
     let mut count_q = sql_query(format!(
         "WITH q AS (SELECT websearch_to_tsquery($1::regconfig, $2) AS tsq) \
@@ -273,7 +274,7 @@ pub async fn run(
     let mut m = 2;
     count_q = filters(count_q, query, viewer, &mut m);
     count_q = count_q.sql(format!(" LIMIT {COUNT_CAP}) c"));
-    let total = count_q
+    let total = Cacheable(count_q)
         .load::<CountRow>(&mut conn)
         .await?
         .into_iter()

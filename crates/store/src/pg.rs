@@ -53,3 +53,42 @@ pub async fn revalidate(pool: &PgPool) {
         let _ = diesel::sql_query("SELECT 1").execute(&mut **c).await;
     }
 }
+
+/// A raw-SQL query (`sql_query(…).into_boxed()`) whose prepared statement
+/// diesel may cache, by its text and bind types, on each connection.
+///
+/// diesel never caches `sql_query` statements, because their text could be
+/// anything; a query whose text is built only from fixed fragments and
+/// numbered placeholders — never from values — comes in a small, fixed set
+/// of shapes, and re-planning it on every call costs more than the query
+/// itself (full-text search: the parse and plan of a CTE with
+/// `websearch_to_tsquery`, ranking and `ts_headline`). Wrap only such
+/// queries: every distinct text stays prepared on every connection.
+#[derive(Debug, Clone)]
+pub struct Cacheable<Q>(pub Q);
+
+impl<Q> diesel::query_builder::QueryFragment<diesel::pg::Pg> for Cacheable<Q>
+where
+    Q: diesel::query_builder::QueryFragment<diesel::pg::Pg>,
+{
+    fn walk_ast<'b>(
+        &'b self,
+        pass: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> diesel::QueryResult<()> {
+        self.0.walk_ast(pass)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _backend: &diesel::pg::Pg) -> diesel::QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+impl<Q> diesel::query_builder::QueryId for Cacheable<Q> {
+    type QueryId = ();
+    // Keyed by its SQL text, not by type: one type, many texts.
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: diesel::query_builder::Query> diesel::query_builder::Query for Cacheable<Q> {
+    type SqlType = Q::SqlType;
+}
