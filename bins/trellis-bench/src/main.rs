@@ -30,6 +30,7 @@ mod run;
 mod scenario;
 mod seed;
 mod servers;
+mod sql;
 mod stack;
 mod userserver;
 
@@ -185,6 +186,25 @@ fn llm_for(args: &RunArgs) -> anyhow::Result<run::LlmLoad> {
     })
 }
 
+/// The chat scenarios' loads: chat-relay's 100 streams (--quick: 20) of
+/// 200 tokens paced 5 ms apart (--quick: 50, 10 ms apart), and the pool of
+/// sessions every turn takes a fresh one from.
+fn chat_for(args: &RunArgs) -> run::ChatLoad {
+    let (chunks, interval_ms, streams, sessions) = if args.quick {
+        (50, 10, 20, 3_000)
+    } else {
+        (200, 5, 100, 30_000)
+    };
+    run::ChatLoad {
+        relay: fakellm::Script {
+            chunks,
+            interval: Some(std::time::Duration::from_millis(interval_ms)),
+        },
+        relay_streams: streams,
+        sessions,
+    }
+}
+
 fn plan_for(args: &RunArgs) -> anyhow::Result<Plan> {
     let (duration, warmup, tasks) = if args.quick {
         (1.5, 0.5, 4)
@@ -249,6 +269,7 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
         pins,
         cpus: cpus.len(),
         llm,
+        chat: chat_for(&args),
     };
     let result = runtime.block_on(async {
         tokio::select! {

@@ -143,7 +143,8 @@ pub fn result(
     let p50_ratio = reference.map(|r| p50_us / r.p50_us);
     let p99_ratio = reference.map(|r| p99_us / r.p99_us);
     let max_overhead = s.target.and_then(|t| t.max_p99_overhead_us);
-    let (p50_overhead_us, p99_overhead_us) = match (reference, max_overhead) {
+    let max_p50_overhead = s.target.and_then(|t| t.max_p50_overhead_us);
+    let (p50_overhead_us, p99_overhead_us) = match (reference, max_overhead.or(max_p50_overhead)) {
         (Some(r), Some(_)) => (Some(p50_us - r.p50_us), Some(p99_us - r.p99_us)),
         _ => (None, None),
     };
@@ -154,7 +155,10 @@ pub fn result(
         (Some(t), Some(rps), Some(p50), Some(p99)) => {
             t.met(rps, p50, p99)
                 && t.met_absolute(
-                    p99_overhead_us.unwrap_or(f64::INFINITY),
+                    (
+                        p50_overhead_us.unwrap_or(f64::INFINITY),
+                        p99_overhead_us.unwrap_or(f64::INFINITY),
+                    ),
                     o.error_total(),
                     extras.held_rps,
                     reference_rate,
@@ -196,7 +200,13 @@ pub fn result(
             .target
             .map_or_else(|| "— (reference)".to_string(), |t| t.text(reference_rate)),
         target_rps_ratio: s.target.and_then(|t| t.min_rps_ratio),
-        target_p50_ratio: s.target.and_then(|t| t.max_p50_ratio),
+        // An overhead bound as the p50 ratio it amounts to in this run.
+        target_p50_ratio: s.target.and_then(|t| t.max_p50_ratio).or_else(|| {
+            max_p50_overhead
+                .zip(reference)
+                .filter(|(_, r)| r.p50_us > 0.0)
+                .map(|(max, r)| (r.p50_us + max) / r.p50_us)
+        }),
         // An overhead bound as the p99 ratio it amounts to in this run.
         target_p99_ratio: s.target.and_then(|t| t.max_p99_ratio).or_else(|| {
             max_overhead
@@ -224,6 +234,7 @@ pub fn result(
         p50_overhead_us,
         p99_overhead_us,
         target_p99_overhead_us: max_overhead,
+        target_p50_overhead_us: max_p50_overhead,
         held_rps: extras.held_rps,
         held_ratio,
         steps: extras.steps,

@@ -10,7 +10,9 @@ use trellis_core::config::Argon2Config;
 use crate::fakellm;
 use crate::report::ScenarioResult;
 use crate::run::{Ctx, USER_SERVER_CONNECTIONS};
-use crate::scenario::{HELD_SHARE, LIST_PAGE_SIZE, LLM_P99_OVERHEAD_US, PROBE_RPS};
+use crate::scenario::{
+    CHAT_TTFT_P50_OVERHEAD_US, HELD_SHARE, LIST_PAGE_SIZE, LLM_P99_OVERHEAD_US, PROBE_RPS,
+};
 use crate::seed::SeedFacts;
 use crate::servers::{self, ServerKind, Servers};
 
@@ -214,6 +216,9 @@ pub fn notes(
     if let Some(max) = get("llm-max-rate") {
         notes.push(llm_ladder(max));
     }
+    if let (Some(direct), Some(chat)) = (get("chat-ttft-direct"), get("chat-ttft")) {
+        notes.push(chat_ttft(direct, chat, facts));
+    }
     if let Some(av) = get("auth-verify") {
         let vs = |name: &str| {
             get(name)
@@ -351,6 +356,63 @@ fn llm_overhead(direct: &ScenarioResult, gw: &ScenarioResult, running: &Servers)
         },
         rate = gw.rate.unwrap_or(0.0),
         tasks = gw.concurrency,
+    )
+}
+
+/// Chat's time to first token over the direct call's.
+fn chat_ttft(direct: &ScenarioResult, chat: &ScenarioResult, facts: Option<&SeedFacts>) -> String {
+    let verdict = if chat.met { "met" } else { "**not met**" };
+    let captured = facts
+        .and_then(|f| {
+            f.captured_bytes
+                .iter()
+                .find(|(m, _)| *m == fakellm::UPSTREAM_MODEL)
+        })
+        .map_or(String::new(), |(_, n)| format!(" ({n} bytes)"));
+    let sessions = facts
+        .and_then(|f| f.chat_sessions)
+        .map_or(String::new(), |(n, d)| {
+            format!(
+                " The {n} sessions the chat turns take in turn were bulk-inserted in one statement \
+                 ({:.1} s), so every measured turn is its session's first: the same prompt, no \
+                 history.",
+                d.as_secs_f64()
+            )
+        });
+    let m = |k: &str| chat.server_means_us.get(k).copied();
+    let inside = match (m("chat_first_token"), m("upstream_first_token")) {
+        (Some(c), u) => format!(
+            " trellisd's own means over the window (/metrics): chat's first token {c:.0} µs \
+             after the turn was accepted (the user message and the STREAMING reply stored), the \
+             gateway's upstream first token {}; the rest of the bench's {:.0} µs mean is \
+             before acceptance (authentication, the session read, the turn's transaction) and \
+             the relay of the delta.",
+            u.map_or("?".to_string(), |u| format!("{u:.0} µs")),
+            chat.mean_us
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "Chat time to first token at concurrency 1 (one client task, closed loop): the fake \
+         upstream called directly p50 {} / p99 {}, through ChatService.SendMessage p50 {} / p99 \
+         {} — overhead {:+.0} µs at p50, {:+.0} µs at p99 (target p50 ≤ +{:.1} ms with 0 errors: \
+         {verdict}). The direct call posts the body trellisd's chat posted for a first turn, \
+         captured from the fake{captured}, and stops the clock at the first content chunk; the \
+         chat turn stops it at the first Delta event, having gone through authentication, the \
+         session lookup, the turn's transaction, the user's preferences (UserService over the \
+         mesh, cached), LlmService.GenerateStream over the mesh (the quota script in Redis) and \
+         the fake upstream. Both read their answers to the end and check them. Per turn: \
+         trellisd CPU {}, PostgreSQL CPU {}, Redis CPU {}.{sessions}{inside}",
+        us_or(Some(direct.p50_us)),
+        us_or(Some(direct.p99_us)),
+        us_or(Some(chat.p50_us)),
+        us_or(Some(chat.p99_us)),
+        chat.p50_overhead_us.unwrap_or(f64::NAN),
+        chat.p99_overhead_us.unwrap_or(f64::NAN),
+        CHAT_TTFT_P50_OVERHEAD_US / 1000.0,
+        us_or(chat.server_cpu_us_per_call),
+        db_per_call(chat),
+        us_or(chat.redis_cpu_us_per_call),
     )
 }
 

@@ -103,6 +103,10 @@ pub struct ScenarioResult {
     /// The target's greatest p99 overhead, in µs. `target_p99_ratio` then
     /// holds the p99 ratio it amounts to in this run.
     pub target_p99_overhead_us: Option<f64>,
+    /// The target's greatest p50 overhead, in µs. `target_p50_ratio` then
+    /// holds the p50 ratio it amounts to in this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_p50_overhead_us: Option<f64>,
     /// A rate ladder's highest offered rate held (none held: null).
     pub held_rps: Option<f64>,
     /// `held_rps` ÷ the rate the reference ran at.
@@ -231,7 +235,7 @@ fn ratio_text(r: &ScenarioResult) -> String {
     }
     if let (Some(reference), Some(_), Some(p50), Some(p99), Some(rps)) = (
         &r.reference,
-        r.target_p99_overhead_us,
+        r.target_p99_overhead_us.or(r.target_p50_overhead_us),
         r.p50_overhead_us,
         r.p99_overhead_us,
         r.rps_ratio,

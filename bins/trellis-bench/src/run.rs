@@ -48,6 +48,18 @@ pub struct Ctx<'a> {
     /// CPUs of the machine (what `PerCpu` loads count).
     pub cpus: usize,
     pub llm: LlmLoad,
+    pub chat: ChatLoad,
+}
+
+/// The chat scenarios' loads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChatLoad {
+    /// The fake upstream's paced script for chat-relay.
+    pub relay: fakellm::Script,
+    /// Concurrent streams (client tasks) of the relay scenarios.
+    pub relay_streams: usize,
+    /// Sessions created for the chat scenarios' turns, one a turn.
+    pub sessions: i32,
 }
 
 /// The LLM scenarios' loads.
@@ -95,7 +107,7 @@ pub async fn run(
     // address.
     let mut llm_env = Vec::new();
     if scenarios.iter().any(|s| s.needs_fake_llm()) {
-        let mut p = servers::start_fake_llm(server_cpu)?;
+        let mut p = servers::start_fake_llm(server_cpu, ctx.chat.relay)?;
         p.wait_ready(READY_TIMEOUT).await?;
         llm_env = fakellm::trellisd_env(p.addr);
         running.running.insert(ServerKind::FakeLlm, p);
@@ -139,15 +151,18 @@ pub async fn run(
         .join("; ");
 
     let mut fixture = match (stack, running.running.get(&ServerKind::Trellisd)) {
-        (Some(stack), Some(t)) => Some(
-            Fixture::new(
+        (Some(stack), Some(t)) => {
+            let mut f = Fixture::new(
                 t.addr,
                 &stack.database_url,
                 list_size(ctx.args.quick),
                 if ctx.args.quick { 5 } else { 20 },
             )
-            .await?,
-        ),
+            .await?;
+            f.fake_llm = running.running.get(&ServerKind::FakeLlm).map(|p| p.addr);
+            f.chat = ctx.chat;
+            Some(f)
+        }
         _ => None,
     };
 
@@ -235,7 +250,8 @@ enum Prepared<'a> {
     Rpc {
         plan: Plan,
         shape: Shape,
-        server: &'a ServerProcess,
+        /// None: PostgreSQL itself (its CPU is the database's).
+        server: Option<&'a ServerProcess>,
         callers: Vec<Caller>,
         calls: Vec<Call>,
         /// The fake LLM upstream behind trellisd, whose CPU is measured too.
@@ -328,13 +344,19 @@ async fn prepare<'a>(
             load,
         } => {
             let plan = plan_of(load, ctx.plan, ctx.cpus, &ctx.llm);
-            let process = running.get(server)?;
+            let process = match server {
+                ServerKind::Postgres => None,
+                kind => Some(running.get(kind)?),
+            };
             let calls = match (rpc, fixture) {
                 (Rpc::SystemGetInfo, _) => {
                     vec![Call::new(Req::GetInfo(Default::default())); plan.tasks]
                 }
                 (Rpc::ChatCompletions, _) => {
-                    vec![Call::new(Req::ChatCompletions(fakellm::direct_request())); plan.tasks]
+                    vec![
+                        Call::new(Req::ChatCompletions(crate::calls::Upstream::llm_direct()));
+                        plan.tasks
+                    ]
                 }
                 (rpc, Some(f)) => f
                     .calls(rpc, plan.tasks)
@@ -344,7 +366,7 @@ async fn prepare<'a>(
             };
             let connections = match protocol {
                 Protocol::Grpc => ctx.args.connections.min(plan.tasks),
-                Protocol::GrpcWeb | Protocol::OpenAi => plan.tasks,
+                Protocol::GrpcWeb | Protocol::OpenAi | Protocol::Sql => plan.tasks,
             };
             let upstream = if server == ServerKind::Trellisd && s.needs_fake_llm() {
                 Some(running.get(ServerKind::FakeLlm)?)
@@ -358,7 +380,12 @@ async fn prepare<'a>(
             if !steps.is_empty() && protocol != Protocol::Grpc {
                 anyhow::bail!("{}: rate ladders run over native gRPC only", s.name);
             }
-            let callers = connect(protocol, process.addr, plan.tasks, ctx.args.connections)
+            let target = match (process, running.stack.as_ref()) {
+                (Some(p), _) => Target::Addr(p.addr),
+                (None, Some(stack)) => Target::Database(&stack.database_url),
+                (None, None) => anyhow::bail!("{}: needs the data stack", s.name),
+            };
+            let callers = connect(protocol, target, plan.tasks, ctx.args.connections)
                 .await
                 .with_context(|| format!("{}: connecting", s.name))?;
             let shape = Shape {
@@ -388,12 +415,20 @@ async fn prepare<'a>(
                 // and Redis idle meanwhile.
                 server_alone: matches!(
                     rpc,
-                    Rpc::SystemGetInfo | Rpc::SystemGetInfoAuthed | Rpc::ChatCompletions
+                    Rpc::SystemGetInfo
+                        | Rpc::SystemGetInfoAuthed
+                        | Rpc::ChatCompletions
+                        | Rpc::ChatUpstreamFirstToken
+                        | Rpc::ChatUpstreamRelay
                 ) && s.alongside.is_none()
                     && !partnered,
             };
-            let profile =
-                server == ServerKind::Trellisd && rpc == Rpc::GenerateStream && steps.is_empty();
+            let profile = server == ServerKind::Trellisd
+                && matches!(
+                    rpc,
+                    Rpc::GenerateStream | Rpc::ChatFirstToken | Rpc::ChatRelay
+                )
+                && steps.is_empty();
             Ok(Prepared::Rpc {
                 plan,
                 shape,
@@ -459,7 +494,7 @@ struct Measured {
 
 /// Where a window's CPU use is read from.
 struct Watch<'a> {
-    server: &'a ServerProcess,
+    server: Option<&'a ServerProcess>,
     upstream: Option<&'a ServerProcess>,
     stack: Option<&'a Stack>,
     redis_pid: Option<u32>,
@@ -493,6 +528,11 @@ const SERVER_TIMINGS: &[(&str, &str, &[&str])] = &[
     (
         "upstream_first_token",
         "trellis_llm_time_to_first_token_seconds",
+        &[],
+    ),
+    (
+        "chat_first_token",
+        "trellis_chat_time_to_first_token_seconds",
         &[],
     ),
 ];
@@ -544,7 +584,7 @@ impl Watch<'_> {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             at: Instant::now(),
-            server: self.server.sched_stat(),
+            server: self.server.and_then(|s| s.sched_stat()),
             client: servers::sched_stat("self"),
             db: self.stack.and_then(|s| s.db_sched_stat()),
             steal: servers::steal(),
@@ -566,7 +606,11 @@ impl Watch<'_> {
                 Some(stack) => (stack.redis_commands().await, stack.pg_activity().await),
                 None => (None, None),
             };
-            (redis, scrape(self.server.addr).await, pg)
+            let metrics = match self.server {
+                Some(s) => scrape(s.addr).await,
+                None => None,
+            };
+            (redis, metrics, pg)
         };
         sleep_until(from).await;
         let a = self.snapshot();
@@ -816,14 +860,32 @@ async fn ladder(
     })
 }
 
+/// What a scenario's callers connect to.
+enum Target<'a> {
+    Addr(std::net::SocketAddr),
+    Database(&'a str),
+}
+
 /// One caller per client task: native gRPC tasks share `connections`
-/// HTTP/2 channels round-robin; gRPC-web tasks get a connection each.
+/// HTTP/2 channels round-robin; gRPC-web, OpenAI and SQL tasks get a
+/// connection each.
 async fn connect(
     protocol: Protocol,
-    addr: std::net::SocketAddr,
+    target: Target<'_>,
     tasks: usize,
     connections: usize,
 ) -> anyhow::Result<Vec<Caller>> {
+    let addr = match (&target, protocol) {
+        (Target::Database(url), Protocol::Sql) => {
+            let mut callers = Vec::new();
+            for _ in 0..tasks {
+                callers.push(Caller::Sql(crate::sql::SqlConn::connect(url).await?));
+            }
+            return Ok(callers);
+        }
+        (Target::Addr(addr), _) => *addr,
+        (Target::Database(_), _) => anyhow::bail!("{} needs a server address", protocol.as_str()),
+    };
     match protocol {
         Protocol::Grpc => {
             let mut channels = Vec::new();
@@ -851,6 +913,7 @@ async fn connect(
             }
             Ok(callers)
         }
+        Protocol::Sql => anyhow::bail!("SQL callers connect to the database"),
     }
 }
 

@@ -19,8 +19,9 @@ use trellis_proto::user::v1::user_service_client::UserServiceClient;
 use trellis_proto::user::v1::{GetUserRequest, ListUsersRequest};
 use uuid::Uuid;
 
-use crate::calls::{self, Call, Req, Rpc};
-use crate::fakellm;
+use crate::calls::{self, Call, Caller, ChatTurns, Req, Rotation, Rpc, Upstream};
+use crate::fakellm::{self, Script};
+use crate::run::ChatLoad;
 use crate::scenario::LIST_PAGE_SIZE;
 
 /// Every seeded account's password (meets the registration policy).
@@ -29,6 +30,8 @@ const ADMIN: &str = "benchadmin";
 const TARGET: &str = "benchtarget";
 /// The member the LLM scenarios generate as.
 const LLM_USER: &str = "benchllm";
+/// The member the chat scenarios converse as.
+const CHAT_USER: &str = "benchchat";
 const ORDER_BY: &str = "create_time desc";
 
 /// How big the list fixture is.
@@ -51,6 +54,11 @@ pub struct SeedFacts {
     pub page_walk: Option<Duration>,
     /// One login at a time with nothing else running: each call's time.
     pub serial_logins: Vec<Duration>,
+    /// Chat sessions bulk-inserted for the chat turns, and how long it took.
+    pub chat_sessions: Option<(usize, Duration)>,
+    /// Sizes of the request bodies captured from chat's upstream calls,
+    /// by upstream model.
+    pub captured_bytes: Vec<(&'static str, usize)>,
 }
 
 /// The seeding state: a channel to trellisd and a database connection.
@@ -65,6 +73,11 @@ pub struct Fixture {
     login_accounts: usize,
     deep_token: Option<String>,
     llm_user: bool,
+    /// The fake LLM upstream (the chat references capture from it).
+    pub fake_llm: Option<SocketAddr>,
+    pub chat: ChatLoad,
+    chat_user: Option<Uuid>,
+    chat_sessions: Option<Rotation<String>>,
     pub facts: SeedFacts,
 }
 
@@ -92,6 +105,14 @@ impl Fixture {
             login_accounts: 0,
             deep_token: None,
             llm_user: false,
+            fake_llm: None,
+            chat: ChatLoad {
+                relay: Script::SHORT,
+                relay_streams: 1,
+                sessions: 1,
+            },
+            chat_user: None,
+            chat_sessions: None,
             facts: SeedFacts::default(),
         })
     }
@@ -142,9 +163,9 @@ impl Fixture {
                 };
                 same(Call::with_token(Req::ListUsers(req), &token)?)
             }
-            Rpc::ChatCompletions => {
-                same(Call::new(Req::ChatCompletions(fakellm::direct_request())))
-            }
+            Rpc::ChatCompletions => same(Call::new(Req::ChatCompletions(
+                crate::calls::Upstream::llm_direct(),
+            ))),
             Rpc::GenerateStream => {
                 // A registered member: the member role grants
                 // llm:generate:*, and its quotas are the default limits,
@@ -159,7 +180,106 @@ impl Fixture {
                     &token,
                 )?)
             }
+            Rpc::ChatFirstToken | Rpc::ChatRelay => {
+                let turns = self.chat_turns(rpc == Rpc::ChatRelay).await?;
+                let token = self.login(CHAT_USER).await?;
+                same(Call::with_token(Req::ChatSend(turns), &token)?)
+            }
+            Rpc::ChatUpstreamFirstToken | Rpc::ChatUpstreamRelay => {
+                let relay = rpc == Rpc::ChatUpstreamRelay;
+                let body = self.capture(relay).await?;
+                let script = if relay {
+                    self.chat.relay
+                } else {
+                    Script::SHORT
+                };
+                same(Call::new(Req::ChatCompletions(Upstream {
+                    body,
+                    script,
+                    first_token: !relay,
+                })))
+            }
+            Rpc::SearchSql | Rpc::Search | Rpc::IndexSql | Rpc::IndexDocuments => {
+                anyhow::bail!("{rpc:?} is not seeded by this bench yet")
+            }
         })
+    }
+
+    /// The chat member and the pool of sessions the turns take in turn
+    /// (once): bulk-inserted (as the users of the list fixture are), each
+    /// of the default model alias.
+    async fn chat_pool(&mut self) -> anyhow::Result<Rotation<String>> {
+        if let Some(pool) = &self.chat_sessions {
+            return Ok(pool.clone());
+        }
+        let user = match self.chat_user {
+            Some(u) => u,
+            None => {
+                let u = self.register(CHAT_USER).await?;
+                self.chat_user = Some(u);
+                u
+            }
+        };
+        let t0 = Instant::now();
+        let ids: Vec<Uuid> = (0..self.chat.sessions.max(1))
+            .map(|_| Uuid::now_v7())
+            .collect();
+        self.db
+            .execute(
+                "INSERT INTO chat_sessions (id, user_id, model, title)                  SELECT s.id, $1, $2, 'bench session' FROM unnest($3::uuid[]) AS s(id)",
+                &[&user, &fakellm::ALIAS, &ids],
+            )
+            .await
+            .context("bulk-inserting chat sessions")?;
+        self.facts.chat_sessions = Some((ids.len(), t0.elapsed()));
+        let pool = Rotation::new(ids.iter().map(Uuid::to_string).collect());
+        self.chat_sessions = Some(pool.clone());
+        Ok(pool)
+    }
+
+    /// Chat turns: the short script timed to the first token, or the
+    /// relay model's paced script read to the end.
+    async fn chat_turns(&mut self, relay: bool) -> anyhow::Result<ChatTurns> {
+        Ok(ChatTurns {
+            sessions: self.chat_pool().await?,
+            model: relay.then(|| fakellm::RELAY_ALIAS.to_string()),
+            script: if relay {
+                self.chat.relay
+            } else {
+                Script::SHORT
+            },
+            first_token: !relay,
+        })
+    }
+
+    /// The body trellisd's chat posts upstream for a first turn (of the
+    /// relay model, or the default one): one turn made through
+    /// SendMessage, then asked of the fake.
+    async fn capture(&mut self, relay: bool) -> anyhow::Result<bytes::Bytes> {
+        let fake = self
+            .fake_llm
+            .context("the chat references need the fake LLM upstream")?;
+        let turns = self.chat_turns(relay).await?;
+        let token = self.login(CHAT_USER).await?;
+        let call = Call::with_token(Req::ChatSend(turns), &token)?;
+        Caller::Grpc(self.channel.clone())
+            .call(&call)
+            .await
+            .map_err(|code| anyhow::anyhow!("a chat turn to capture from failed: {code:?}"))?;
+        let model = if relay {
+            fakellm::RELAY_MODEL
+        } else {
+            fakellm::UPSTREAM_MODEL
+        };
+        let mut conn = calls::Http1Conn::connect(fake).await?;
+        let body = conn
+            .get(&format!("{}?model={model}", fakellm::LAST_REQUEST_PATH))
+            .await
+            .map_err(|code| {
+                anyhow::anyhow!("the fake upstream kept no {model} request: {code:?}")
+            })?;
+        self.facts.captured_bytes.push((model, body.len()));
+        Ok(body)
     }
 
     fn auth(&self) -> AuthServiceClient<Channel> {
