@@ -219,6 +219,9 @@ pub fn notes(
     if let (Some(direct), Some(chat)) = (get("chat-ttft-direct"), get("chat-ttft")) {
         notes.push(chat_ttft(direct, chat, facts));
     }
+    if let (Some(direct), Some(chat)) = (get("chat-relay-direct"), get("chat-relay")) {
+        notes.push(chat_relay(ctx, direct, chat));
+    }
     if let Some(av) = get("auth-verify") {
         let vs = |name: &str| {
             get(name)
@@ -414,6 +417,50 @@ fn chat_ttft(direct: &ScenarioResult, chat: &ScenarioResult, facts: Option<&Seed
         db_per_call(chat),
         us_or(chat.redis_cpu_us_per_call),
     )
+}
+
+/// Chat's relay throughput over the direct upstream rate.
+fn chat_relay(ctx: &Ctx<'_>, direct: &ScenarioResult, chat: &ScenarioResult) -> String {
+    let script = ctx.chat.relay;
+    let interval = script.interval.unwrap_or_default();
+    let ideal = interval.as_secs_f64() * 1e6 * (script.chunks + 2) as f64;
+    let tokens = |r: &ScenarioResult| r.rps * script.chunks as f64;
+    let verdict = if chat.met { "met" } else { "**not met**" };
+    format!(
+        "Chat relay at {} concurrent streams (closed loop, one client task a stream; the chat \
+         turns over one HTTP/2 connection, the direct calls on one HTTP/1.1 connection each): \
+         the fake upstream streams {} tokens {} µs apart (a reply takes at least {} µs), so \
+         the direct rate is the upstream's own pace: {:.1} replies/s = {:.0} tokens/s, a reply in \
+         p50 {} / p99 {}. Through ChatService.SendMessage: {:.1} replies/s = {:.0} tokens/s \
+         ({:.2}× direct; target ≥ 0.9×: {verdict}), a reply in p50 {} / p99 {}. Every token \
+         crosses the gateway (SSE parsed, a GenerateStream message over the mesh), chat (a \
+         local broadcast, a Redis PUBLISH, the client's stream) and is checked in order; the \
+         reply is written every flush interval and finalised. CPU over the window: trellisd \
+         {}, PostgreSQL {}, Redis {}, fake upstream {}, bench {} (% of one CPU; the first four \
+         share the servers' CPU).",
+        chat.concurrency,
+        script.chunks,
+        interval.as_micros(),
+        ideal.round(),
+        direct.rps,
+        tokens(direct),
+        us_or(Some(direct.p50_us)),
+        us_or(Some(direct.p99_us)),
+        chat.rps,
+        tokens(chat),
+        chat.rps / direct.rps,
+        us_or(Some(chat.p50_us)),
+        us_or(Some(chat.p99_us)),
+        pct(chat.server_cpu_percent),
+        pct(chat.db_cpu_percent),
+        pct(chat.redis_cpu_percent),
+        pct(chat.upstream_cpu_percent),
+        pct(chat.client_cpu_percent),
+    )
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("?".to_string(), |v| format!("{v:.0}%"))
 }
 
 /// The rate ladder, step by step.

@@ -274,7 +274,7 @@ enum Prepared<'a> {
 
 /// The plan a scenario's load makes of the run's (a ladder's: its first
 /// step).
-pub fn plan_of(load: Load, base: Plan, cpus: usize, llm: &LlmLoad) -> Plan {
+pub fn plan_of(load: Load, base: Plan, cpus: usize, llm: &LlmLoad, chat: &ChatLoad) -> Plan {
     let closed = |tasks: usize| Plan {
         mode: Mode::Concurrency,
         tasks: tasks.max(1),
@@ -301,6 +301,7 @@ pub fn plan_of(load: Load, base: Plan, cpus: usize, llm: &LlmLoad) -> Plan {
             duration: llm.step_duration,
             ..base
         },
+        Load::RelayStreams => closed(chat.relay_streams),
     }
 }
 
@@ -343,7 +344,7 @@ async fn prepare<'a>(
             rpc,
             load,
         } => {
-            let plan = plan_of(load, ctx.plan, ctx.cpus, &ctx.llm);
+            let plan = plan_of(load, ctx.plan, ctx.cpus, &ctx.llm, &ctx.chat);
             let process = match server {
                 ServerKind::Postgres => None,
                 kind => Some(running.get(kind)?),
@@ -930,15 +931,36 @@ mod tests {
             duration: Duration::from_secs(10),
             call_timeout: Duration::from_secs(10),
         };
+        let chat = ChatLoad {
+            relay: fakellm::Script::SHORT,
+            relay_streams: 100,
+            sessions: 10,
+        };
+        assert_eq!(
+            plan_of(
+                Load::RelayStreams,
+                base,
+                2,
+                &LlmLoad {
+                    rate: 1.0,
+                    steps: Vec::new(),
+                    step_warmup: Duration::ZERO,
+                    step_duration: Duration::ZERO,
+                },
+                &chat
+            )
+            .tasks,
+            100
+        );
         let llm = LlmLoad {
             rate: 1000.0,
             steps: vec![1500.0, 3000.0],
             step_warmup: Duration::from_secs(1),
             step_duration: Duration::from_secs(4),
         };
-        assert_eq!(plan_of(Load::Run, base, 2, &llm).tasks, 32);
-        assert_eq!(plan_of(Load::PerCpu(2), base, 2, &llm).tasks, 4);
-        assert_eq!(plan_of(Load::Tasks(1), base, 2, &llm).tasks, 1);
+        assert_eq!(plan_of(Load::Run, base, 2, &llm, &chat).tasks, 32);
+        assert_eq!(plan_of(Load::PerCpu(2), base, 2, &llm, &chat).tasks, 4);
+        assert_eq!(plan_of(Load::Tasks(1), base, 2, &llm, &chat).tasks, 1);
         let probe = plan_of(
             Load::Rate {
                 rps: 200.0,
@@ -947,18 +969,19 @@ mod tests {
             base,
             2,
             &llm,
+            &chat,
         );
         assert_eq!((probe.mode, probe.tasks), (Mode::Rate(200.0), 8));
         assert_eq!(probe.duration, base.duration, "same window as the run");
         assert_eq!(load_words(&probe), "200 req/s (8 tasks)");
         assert_eq!(
-            load_words(&plan_of(Load::Tasks(1), base, 2, &llm)),
+            load_words(&plan_of(Load::Tasks(1), base, 2, &llm, &chat)),
             "1 task"
         );
-        let fixed = plan_of(Load::LlmRate { tasks: 16 }, base, 2, &llm);
+        let fixed = plan_of(Load::LlmRate { tasks: 16 }, base, 2, &llm, &chat);
         assert_eq!((fixed.mode, fixed.tasks), (Mode::Rate(1000.0), 16));
         assert_eq!(fixed.duration, base.duration);
-        let steps = plan_of(Load::LlmSteps { tasks: 64 }, base, 2, &llm);
+        let steps = plan_of(Load::LlmSteps { tasks: 64 }, base, 2, &llm, &chat);
         assert_eq!((steps.mode, steps.tasks), (Mode::Rate(1500.0), 64));
         assert_eq!(
             (steps.warmup, steps.duration),

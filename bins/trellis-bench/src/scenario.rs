@@ -65,6 +65,9 @@ pub enum Load {
     /// turn, a short window each, over `tasks` tasks; the result is the
     /// highest step held (see [`HELD_SHARE`]).
     LlmSteps { tasks: usize },
+    /// Closed loop, one task per concurrent stream of the chat relay
+    /// (100; --quick fewer).
+    RelayStreams,
 }
 
 /// A scenario's goal, as ratios to its reference scenario's results.
@@ -337,6 +340,31 @@ pub const SCENARIOS: &[Scenario] = &[
             max_p50_overhead_us: Some(CHAT_TTFT_P50_OVERHEAD_US),
             ..Target::of("chat-ttft-direct")
         }),
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "chat-relay-direct",
+        about: "the fake upstream's paced script (200 tokens 5 ms apart; --quick 50, 10 ms) called straight \
+                from the bench at 100 concurrent streams (--quick 20), one HTTP/1.1 connection each, with the \
+                body trellisd's chat sends it; full replies/s, each read and checked to its end",
+        work: Work::Rpc {
+            server: ServerKind::FakeLlm,
+            protocol: Protocol::OpenAi,
+            rpc: Rpc::ChatUpstreamRelay,
+            load: Load::RelayStreams,
+        },
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "chat-relay",
+        about: "trellisd ChatService.SendMessage of the model routed to that paced script, at as many concurrent \
+                streams over one HTTP/2 connection, each turn a fresh session's first: full replies/s, every \
+                delta relayed through chat and checked",
+        work: rpc(ServerKind::Trellisd, Rpc::ChatRelay, Load::RelayStreams),
+        target: Some(Target::rps("chat-relay-direct", 0.9)),
         also_vs: None,
         alongside: None,
     },
