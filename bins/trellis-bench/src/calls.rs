@@ -353,7 +353,7 @@ fn check_stream(events: &[GenerateStreamResponse]) -> Result<(), Code> {
 /// script's whole text in order, then one Completed (COMPLETED, `stop`) as
 /// the last event. A Failed event counts with its code; anything else is
 /// DATA_LOSS.
-fn check_chat(events: &[ChatEvent], script: Script) -> Result<(), Code> {
+pub fn check_chat(events: &[ChatEvent], script: Script) -> Result<(), Code> {
     let mut text = String::new();
     let mut completed = false;
     for (i, e) in events.iter().enumerate() {

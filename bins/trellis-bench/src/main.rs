@@ -22,6 +22,7 @@ mod baseline;
 mod calls;
 mod fakellm;
 mod hashrate;
+mod idle;
 mod load;
 mod measure;
 mod notes;
@@ -128,6 +129,21 @@ pub struct RunArgs {
     /// 1000,1500,2000,2500,3000,4000,5000,6000,8000; --quick: 100,200].
     #[arg(long, value_delimiter = ',', value_name = "RPS,…")]
     llm_steps: Vec<f64>,
+    /// Converse streams streams-idle holds open at once [default: 10000;
+    /// --quick: 200].
+    #[arg(long, value_name = "N")]
+    idle_streams: Option<usize>,
+}
+
+/// Lifts this process's open-file limit to its hard limit: streams-idle
+/// holds many connections, and the servers started after this inherit it.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 fn main() -> ExitCode {
@@ -138,6 +154,7 @@ fn main() -> ExitCode {
         Some(Command::FakeLlm(args)) => return fakellm::main(args),
         None => {}
     }
+    raise_fd_limit();
     match bench(cli.run) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -222,6 +222,11 @@ pub fn notes(
     if let (Some(direct), Some(chat)) = (get("chat-relay-direct"), get("chat-relay")) {
         notes.push(chat_relay(ctx, direct, chat));
     }
+    if let Some(idle) = get("streams-idle")
+        && let Some(rss) = &idle.rss
+    {
+        notes.push(streams_idle(idle, rss));
+    }
     if let Some(av) = get("auth-verify") {
         let vs = |name: &str| {
             get(name)
@@ -456,6 +461,45 @@ fn chat_relay(ctx: &Ctx<'_>, direct: &ScenarioResult, chat: &ScenarioResult) -> 
         pct(chat.redis_cpu_percent),
         pct(chat.upstream_cpu_percent),
         pct(chat.client_cpu_percent),
+    )
+}
+
+/// Idle Converse streams and trellisd's memory with them.
+fn streams_idle(r: &ScenarioResult, rss: &crate::report::RssReport) -> String {
+    let verdict = if r.met { "met" } else { "**not met**" };
+    let at_target = if rss.projected {
+        format!(
+            "projected to {} streams (the RSS measured + {:.1} KB for each stream missing): {:.0} MB",
+            rss.target_streams, rss.marginal_kb, rss.at_target_mb
+        )
+    } else {
+        format!(
+            "measured with {} streams: {:.0} MB",
+            rss.streams, rss.at_target_mb
+        )
+    };
+    format!(
+        "streams-idle: {} Converse streams over {} HTTP/2 connections ({} streams each), opened \
+         {} at a time in {:.1} s, each made live with one short turn (p50 {} / p99 {} to open \
+         one, its turn included), then held open and idle, every one checked still open before \
+         they were closed. trellisd's RSS (VmRSS): {:.1} MB before, {:.1} MB with half of them, \
+         {:.1} MB with all of them ({:+.1} KB a stream over all, {:+.1} KB at the margin — the \
+         second half, without the first turns' one-off growth), {:.1} MB a second after closing \
+         them. Server RSS {at_target} (target ≤ {:.0} MB: {verdict}).",
+        rss.streams,
+        rss.connections,
+        crate::idle::PER_CONNECTION,
+        crate::idle::OPENING,
+        rss.opening_s,
+        ms(r.p50_us),
+        ms(r.p99_us),
+        rss.before_mb,
+        rss.half_mb,
+        rss.with_mb,
+        rss.per_stream_kb,
+        rss.marginal_kb,
+        rss.after_close_mb,
+        rss.limit_mb,
     )
 }
 

@@ -270,6 +270,14 @@ enum Prepared<'a> {
         nice: i32,
         cpus: Option<Vec<usize>>,
     },
+    Idle {
+        shape: Shape,
+        server: &'a ServerProcess,
+        bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        sessions: calls::Rotation<String>,
+        streams: usize,
+        call_timeout: Duration,
+    },
 }
 
 /// The plan a scenario's load makes of the run's (a ladder's: its first
@@ -439,6 +447,46 @@ async fn prepare<'a>(
                 upstream,
                 steps,
                 profile,
+            })
+        }
+        Work::IdleStreams => {
+            let server = running.get(ServerKind::Trellisd)?;
+            let f = fixture.context("streams-idle needs the data stack and trellisd")?;
+            let (bearer, sessions) = f
+                .idle_setup()
+                .await
+                .with_context(|| format!("{}: seeding", s.name))?;
+            let streams = ctx
+                .args
+                .idle_streams
+                .unwrap_or(if ctx.args.quick { 200 } else { 10_000 })
+                .max(1);
+            let connections = streams.div_ceil(crate::idle::PER_CONNECTION);
+            let shape = Shape {
+                server: ServerKind::Trellisd.as_str().to_string(),
+                protocol: Protocol::Grpc.as_str().to_string(),
+                mode: "streams",
+                concurrency: crate::idle::OPENING,
+                rate: None,
+                connections,
+                warmup: Duration::ZERO,
+                // Replaced by the time opening them took.
+                duration: Duration::from_secs(1),
+                load: format!(
+                    "{streams} streams over {connections} HTTP/2 connection{}, opened {} at a time",
+                    if connections == 1 { "" } else { "s" },
+                    crate::idle::OPENING
+                ),
+                response_bytes: None,
+                server_alone: false,
+            };
+            Ok(Prepared::Idle {
+                shape,
+                server,
+                bearer,
+                sessions,
+                streams,
+                call_timeout: ctx.plan.call_timeout,
             })
         }
         Work::Argon2 => {
@@ -704,6 +752,36 @@ async fn execute(
                     redis_commands: profile.redis_commands,
                     server_means_us: profile.server_means_us,
                     pg_activity: profile.pg,
+                    ..Extras::default()
+                },
+            })
+        }
+        Prepared::Idle {
+            mut shape,
+            server,
+            bearer,
+            sessions,
+            streams,
+            call_timeout,
+        } => {
+            sleep_until(start).await;
+            let (outcome, facts) = crate::idle::run(
+                server.addr,
+                server.pid(),
+                bearer,
+                sessions,
+                streams,
+                call_timeout,
+            )
+            .await?;
+            // Streams opened per second of opening.
+            shape.duration = facts.opening.max(Duration::from_millis(1));
+            Ok(Measured {
+                shape,
+                outcome,
+                usage: Usage::default(),
+                extras: Extras {
+                    idle: Some(facts),
                     ..Extras::default()
                 },
             })

@@ -46,6 +46,10 @@ pub enum Work {
     /// crate and trellisd's parameters, on as many threads as trellisd
     /// hashes on, pinned to the same CPUs: the ceiling for logins/s.
     Argon2,
+    /// Converse streams opened on trellisd, each made live with one short
+    /// turn, then held idle together while trellisd's RSS is read
+    /// ([`crate::idle`]); held to an absolute RSS bound, not a reference.
+    IdleStreams,
 }
 
 /// How a scenario's client tasks pace their calls.
@@ -368,6 +372,17 @@ pub const SCENARIOS: &[Scenario] = &[
         also_vs: None,
         alongside: None,
     },
+    Scenario {
+        name: "streams-idle",
+        about: "10,000 (--quick: 200) ChatService.Converse streams, 100 per HTTP/2 connection, each opened and \
+                made live with one short turn (Send → Accepted, deltas, Completed), then all held open and \
+                idle together; trellisd's RSS before, with them, and after closing them. Latencies: each \
+                stream's opening, its turn included",
+        work: Work::IdleStreams,
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
 ];
 
 impl Scenario {
@@ -375,6 +390,7 @@ impl Scenario {
     pub fn server(&self) -> Option<ServerKind> {
         match self.work {
             Work::Rpc { server, .. } => Some(server),
+            Work::IdleStreams => Some(ServerKind::Trellisd),
             Work::Argon2 => None,
         }
     }
@@ -388,6 +404,7 @@ impl Scenario {
                 server == ServerKind::UserRaw
                     || !matches!(rpc, Rpc::SystemGetInfo | Rpc::ChatCompletions)
             }
+            Work::IdleStreams => true,
             Work::Argon2 => false,
         }
     }
@@ -397,15 +414,16 @@ impl Scenario {
     pub fn needs_fake_llm(&self) -> bool {
         matches!(
             self.work,
-            Work::Rpc {
-                rpc: Rpc::ChatCompletions
-                    | Rpc::GenerateStream
-                    | Rpc::ChatUpstreamFirstToken
-                    | Rpc::ChatUpstreamRelay
-                    | Rpc::ChatFirstToken
-                    | Rpc::ChatRelay,
-                ..
-            }
+            Work::IdleStreams
+                | Work::Rpc {
+                    rpc: Rpc::ChatCompletions
+                        | Rpc::GenerateStream
+                        | Rpc::ChatUpstreamFirstToken
+                        | Rpc::ChatUpstreamRelay
+                        | Rpc::ChatFirstToken
+                        | Rpc::ChatRelay,
+                    ..
+                }
         )
     }
 }

@@ -237,6 +237,22 @@ impl Fixture {
         Ok(pool)
     }
 
+    /// What streams-idle opens its streams with: the chat member's bearer
+    /// token and the session pool.
+    pub async fn idle_setup(
+        &mut self,
+    ) -> anyhow::Result<(
+        tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        Rotation<String>,
+    )> {
+        let sessions = self.chat_pool().await?;
+        let token = self.login(CHAT_USER).await?;
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .context("the access token is not a valid header value")?;
+        Ok((bearer, sessions))
+    }
+
     /// Chat turns: the short script timed to the first token, or the
     /// relay model's paced script read to the end.
     async fn chat_turns(&mut self, relay: bool) -> anyhow::Result<ChatTurns> {
