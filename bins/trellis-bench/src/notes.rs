@@ -222,6 +222,9 @@ pub fn notes(
     if let (Some(direct), Some(chat)) = (get("chat-relay-direct"), get("chat-relay")) {
         notes.push(chat_relay(ctx, direct, chat));
     }
+    if let (Some(direct), Some(mesh), Some(f)) = (get("search-sql"), get("search"), facts) {
+        notes.push(search(direct, mesh, f));
+    }
     if let Some(idle) = get("streams-idle")
         && let Some(rss) = &idle.rss
     {
@@ -461,6 +464,65 @@ fn chat_relay(ctx: &Ctx<'_>, direct: &ScenarioResult, chat: &ScenarioResult) -> 
         pct(chat.redis_cpu_percent),
         pct(chat.upstream_cpu_percent),
         pct(chat.client_cpu_percent),
+    )
+}
+
+/// Search through the mesh over the same SQL run directly.
+fn search(direct: &ScenarioResult, mesh: &ScenarioResult, f: &SeedFacts) -> String {
+    let verdict = if mesh.met { "met" } else { "**not met**" };
+    let corpus = f.corpus.as_ref().map_or(String::new(), |(n, took, said)| {
+        format!(
+            " Corpus: {n} documents, from `trellisd seed` (the project's synthetic candidate \
+             profiles and help articles, indexed through its batch upsert: \"{said}\") then \
+             VACUUM ANALYZE, {:.1} s in all.",
+            took.as_secs_f64()
+        )
+    });
+    let queries = crate::seed::search_mix()
+        .iter()
+        .zip(&f.search_hits)
+        .map(|(q, (hits, total))| {
+            let mut filters = Vec::new();
+            if !q.collections.is_empty() {
+                filters.push(format!("collections {}", q.collections.join(",")));
+            }
+            if !q.tags.is_empty() {
+                filters.push(format!("tags {}", q.tags.join(",")));
+            }
+            for (k, v) in &q.attributes {
+                filters.push(format!("{k}={v}"));
+            }
+            format!(
+                "`{}` ({}; {hits} hits of {total})",
+                q.text,
+                if filters.is_empty() {
+                    "no filter".to_string()
+                } else {
+                    filters.join(", ")
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "Search: through the mesh p50 {} / p99 {} vs the same SQL run directly p50 {} / p99 {} \
+         ({} p50, {} p99; target ≤ 1.2× both: {verdict}), one client task each, the queries taken \
+         in turn: {queries}; page size {}, a member's visibility (own or shared), language {}. \
+         Before measuring, every query ran both ways and the hits had to be the same, in order \
+         (the bench's statements are a copy of crates/search/src/query.rs). trellisd also writes \
+         a search_history row per first page, after answering. Per query: PostgreSQL CPU {} \
+         direct vs {} through trellisd, trellisd CPU {}.{corpus}",
+        ms(mesh.p50_us),
+        ms(mesh.p99_us),
+        ms(direct.p50_us),
+        ms(direct.p99_us),
+        ratio(mesh.p50_us, direct.p50_us),
+        ratio(mesh.p99_us, direct.p99_us),
+        crate::seed::SEARCH_PAGE_SIZE,
+        crate::seed::SEARCH_LANGUAGE,
+        db_per_call(direct),
+        db_per_call(mesh),
+        us_or(mesh.server_cpu_us_per_call),
     )
 }
 

@@ -161,6 +161,12 @@ pub async fn run(
             .await?;
             f.fake_llm = running.running.get(&ServerKind::FakeLlm).map(|p| p.addr);
             f.chat = ctx.chat;
+            f.seeder = trellisd.map(|path| crate::seed::Seeder {
+                trellisd: path.to_path_buf(),
+                env: stack.trellisd_env(),
+                database_url: stack.database_url.clone(),
+                docs: if ctx.args.quick { 3_000 } else { 100_000 },
+            });
             Some(f)
         }
         _ => None,

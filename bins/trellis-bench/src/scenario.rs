@@ -383,6 +383,35 @@ pub const SCENARIOS: &[Scenario] = &[
         also_vs: None,
         alongside: None,
     },
+    Scenario {
+        name: "search-sql",
+        about: "trellisd's own search SQL (the page of hits with ts_headline snippets, then the capped count) \
+                run by the bench straight on PostgreSQL with tokio-postgres, statements prepared once, over \
+                the 100,000-document corpus (--quick 3,000), one client task taking the 5-query mix in turn",
+        work: Work::Rpc {
+            server: ServerKind::Postgres,
+            protocol: Protocol::Sql,
+            rpc: Rpc::SearchSql,
+            load: Load::Tasks(1),
+        },
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "search",
+        about: "trellisd SearchService.Search of the same queries with a member's token, one client task: \
+                the same statements, plus authentication, validation, the sealed page token and the \
+                history row (written after the answer)",
+        work: rpc(ServerKind::Trellisd, Rpc::Search, Load::Tasks(1)),
+        target: Some(Target {
+            max_p50_ratio: Some(1.2),
+            max_p99_ratio: Some(1.2),
+            ..Target::of("search-sql")
+        }),
+        also_vs: None,
+        alongside: None,
+    },
 ];
 
 impl Scenario {

@@ -23,6 +23,7 @@ use crate::calls::{self, Call, Caller, ChatTurns, Req, Rotation, Rpc, Upstream};
 use crate::fakellm::{self, Script};
 use crate::run::ChatLoad;
 use crate::scenario::LIST_PAGE_SIZE;
+use crate::sql::{SearchSpec, SqlConn, SqlSearch};
 
 /// Every seeded account's password (meets the registration policy).
 const PASSWORD: &str = "Bench!pass1";
@@ -32,6 +33,46 @@ const TARGET: &str = "benchtarget";
 const LLM_USER: &str = "benchllm";
 /// The member the chat scenarios converse as.
 const CHAT_USER: &str = "benchchat";
+/// The member the search scenarios search and index as.
+const SEARCH_USER: &str = "benchsearch";
+/// The text search configuration: trellisd's `search.language` default.
+pub const SEARCH_LANGUAGE: &str = "english";
+/// Hits per page of the search scenarios.
+pub const SEARCH_PAGE_SIZE: usize = 10;
+
+/// The search scenarios' query mix, the same on both sides: words,
+/// phrases, OR and exclusion, with collection, tag and attribute filters,
+/// over the seeded candidate profiles.
+pub fn search_mix() -> Vec<SearchSpec> {
+    let spec =
+        |text: &str, collections: &[&str], tags: &[&str], attrs: &[(&str, &str)]| SearchSpec {
+            text: text.to_string(),
+            collections: collections.iter().map(|c| c.to_string()).collect(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            page_size: SEARCH_PAGE_SIZE,
+        };
+    vec![
+        spec("senior rust engineer", &["candidates"], &[], &[]),
+        spec("python machine learning", &[], &["python"], &[]),
+        spec(
+            "\"backend engineer\" kubernetes",
+            &[],
+            &[],
+            &[("location", "Berlin")],
+        ),
+        spec(
+            "react OR typescript -junior",
+            &["candidates"],
+            &[],
+            &[("seniority", "senior")],
+        ),
+        spec("security cryptography", &["candidates"], &["rust"], &[]),
+    ]
+}
 const ORDER_BY: &str = "create_time desc";
 
 /// How big the list fixture is.
@@ -59,6 +100,22 @@ pub struct SeedFacts {
     /// Sizes of the request bodies captured from chat's upstream calls,
     /// by upstream model.
     pub captured_bytes: Vec<(&'static str, usize)>,
+    /// The search corpus: documents, the time `trellisd seed` took (and
+    /// its own report), then VACUUM ANALYZE.
+    pub corpus: Option<(i64, Duration, String)>,
+    /// Hits of each query of the mix on its first page (the same both
+    /// ways) and its total.
+    pub search_hits: Vec<(usize, i64)>,
+}
+
+/// How to run `trellisd seed` on the bench's stack.
+#[derive(Debug, Clone)]
+pub struct Seeder {
+    pub trellisd: std::path::PathBuf,
+    pub env: Vec<(&'static str, String)>,
+    pub database_url: String,
+    /// Documents to index.
+    pub docs: usize,
 }
 
 /// The seeding state: a channel to trellisd and a database connection.
@@ -78,6 +135,8 @@ pub struct Fixture {
     pub chat: ChatLoad,
     chat_user: Option<Uuid>,
     chat_sessions: Option<Rotation<String>>,
+    pub seeder: Option<Seeder>,
+    search_user: Option<Uuid>,
     pub facts: SeedFacts,
 }
 
@@ -113,6 +172,8 @@ impl Fixture {
             },
             chat_user: None,
             chat_sessions: None,
+            seeder: None,
+            search_user: None,
             facts: SeedFacts::default(),
         })
     }
@@ -199,7 +260,24 @@ impl Fixture {
                     first_token: !relay,
                 })))
             }
-            Rpc::SearchSql | Rpc::Search | Rpc::IndexSql | Rpc::IndexDocuments => {
+            Rpc::Search => {
+                self.search_corpus().await?;
+                let token = self.login(SEARCH_USER).await?;
+                let requests = search_mix().iter().map(search_request).collect();
+                same(Call::with_token(
+                    Req::Search(Rotation::new(requests)),
+                    &token,
+                )?)
+            }
+            Rpc::SearchSql => {
+                let viewer = self.search_corpus().await?;
+                let queries = search_mix()
+                    .iter()
+                    .map(|q| SqlSearch::new(q, SEARCH_LANGUAGE, viewer))
+                    .collect();
+                same(Call::new(Req::SearchSql(Rotation::new(queries))))
+            }
+            Rpc::IndexSql | Rpc::IndexDocuments => {
                 anyhow::bail!("{rpc:?} is not seeded by this bench yet")
             }
         })
@@ -235,6 +313,103 @@ impl Fixture {
         let pool = Rotation::new(ids.iter().map(Uuid::to_string).collect());
         self.chat_sessions = Some(pool.clone());
         Ok(pool)
+    }
+
+    /// The search corpus (once): an administrator to own it, `trellisd
+    /// seed --docs N` (the project's own synthetic candidate profiles,
+    /// indexed in batches through its upsert), VACUUM ANALYZE; the member
+    /// who searches; and a check that trellisd's Search and the bench's
+    /// copy of its SQL find the same hits, query by query. Returns the
+    /// member's id.
+    async fn search_corpus(&mut self) -> anyhow::Result<Uuid> {
+        if let Some(id) = self.search_user {
+            return Ok(id);
+        }
+        let seeder = self
+            .seeder
+            .clone()
+            .context("the search scenarios need `trellisd seed`")?;
+        // The first administrator owns the seeded documents.
+        self.admin_token().await?;
+        let t0 = Instant::now();
+        let mut cmd = tokio::process::Command::new(&seeder.trellisd);
+        cmd.arg("seed")
+            .arg("--docs")
+            .arg(seeder.docs.to_string())
+            .stdin(std::process::Stdio::null());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TRELLIS_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("TRELLIS_TELEMETRY__LOG_FILTER", "warn");
+        for (key, value) in &seeder.env {
+            cmd.env(key, value);
+        }
+        let out = cmd.output().await.context("running trellisd seed")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "trellisd seed --docs {} failed ({}): {}",
+            seeder.docs,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        // Its last line: `indexed N documents in S s (D documents/s)`.
+        let said = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        self.db
+            .batch_execute("VACUUM ANALYZE search_documents")
+            .await
+            .context("VACUUM ANALYZE search_documents")?;
+        let docs: i64 = self
+            .db
+            .query_one("SELECT count(*) FROM search_documents", &[])
+            .await?
+            .try_get(0)?;
+        self.facts.corpus = Some((docs, t0.elapsed(), said));
+
+        let viewer = self.register(SEARCH_USER).await?;
+        let token = self.login(SEARCH_USER).await?;
+        let mut search = trellis_proto::search::v1::search_service_client::SearchServiceClient::new(
+            self.channel.clone(),
+        );
+        let mut sql = SqlConn::connect(&seeder.database_url).await?;
+        for spec in search_mix() {
+            let mut req = tonic::Request::new(search_request(&spec));
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse()?);
+            let resp = search
+                .search(req)
+                .await
+                .with_context(|| format!("searching {:?}", spec.text))?
+                .into_inner();
+            let mesh: Vec<String> = resp.hits.iter().map(|h| h.document_id.clone()).collect();
+            let direct: Vec<String> = sql
+                .search_ids(&SqlSearch::new(&spec, SEARCH_LANGUAGE, viewer))
+                .await
+                .map_err(|code| {
+                    anyhow::anyhow!("the direct SQL of {:?} failed: {code:?}", spec.text)
+                })?
+                .iter()
+                .map(Uuid::to_string)
+                .collect();
+            anyhow::ensure!(
+                !resp.fuzzy && !mesh.is_empty() && mesh == direct,
+                "query {:?}: trellisd's Search found {mesh:?}{}, the bench's copy of its SQL \
+                 {direct:?}: update bins/trellis-bench/src/sql.rs from crates/search/src/query.rs",
+                spec.text,
+                if resp.fuzzy { " (fuzzy)" } else { "" }
+            );
+            self.facts
+                .search_hits
+                .push((mesh.len(), resp.estimated_total_size));
+        }
+        self.search_user = Some(viewer);
+        Ok(viewer)
     }
 
     /// What streams-idle opens its streams with: the chat member's bearer
@@ -480,6 +655,22 @@ fn first_page() -> ListUsersRequest {
     ListUsersRequest {
         page_size: LIST_PAGE_SIZE,
         order_by: ORDER_BY.into(),
+        ..Default::default()
+    }
+}
+
+/// The Search request of a query of the mix (a first page, relevance).
+fn search_request(spec: &SearchSpec) -> trellis_proto::search::v1::SearchRequest {
+    trellis_proto::search::v1::SearchRequest {
+        query: spec.text.clone(),
+        collections: spec.collections.clone(),
+        tags: spec.tags.clone(),
+        attributes: spec
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        page_size: spec.page_size as i32,
         ..Default::default()
     }
 }
