@@ -152,10 +152,6 @@ impl<T> Rotation<T> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         (n, &self.items[n % self.items.len()])
     }
-
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
 }
 
 /// A chat-completions request to the fake upstream and what its answer

@@ -204,6 +204,7 @@ pub fn result(
         target: match (&rss, s.target) {
             (Some(r), _) => r.target_text(),
             (None, Some(t)) => t.text(reference_rate),
+            (None, None) if s.also_vs.is_some() => "— (reported)".to_string(),
             (None, None) => "— (reference)".to_string(),
         },
         target_rps_ratio: s.target.and_then(|t| t.min_rps_ratio),

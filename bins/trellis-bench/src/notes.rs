@@ -225,6 +225,9 @@ pub fn notes(
     if let (Some(direct), Some(mesh), Some(f)) = (get("search-sql"), get("search"), facts) {
         notes.push(search(direct, mesh, f));
     }
+    if let (Some(direct), Some(mesh)) = (get("search-index-sql"), get("search-index")) {
+        notes.push(search_index(direct, mesh));
+    }
     if let Some(idle) = get("streams-idle")
         && let Some(rss) = &idle.rss
     {
@@ -522,6 +525,40 @@ fn search(direct: &ScenarioResult, mesh: &ScenarioResult, f: &SeedFacts) -> Stri
         crate::seed::SEARCH_LANGUAGE,
         db_per_call(direct),
         db_per_call(mesh),
+        us_or(mesh.server_cpu_us_per_call),
+    )
+}
+
+/// Indexing throughput through the mesh and directly.
+fn search_index(direct: &ScenarioResult, mesh: &ScenarioResult) -> String {
+    let batch = crate::seed::INDEX_BATCH as f64;
+    let per_doc = |r: &ScenarioResult| {
+        r.db_cpu_percent
+            .filter(|_| r.rps > 0.0)
+            .map_or("?".to_string(), |p| {
+                format!("{:.0} µs", p / 100.0 * 1e6 / (r.rps * batch))
+            })
+    };
+    format!(
+        "Indexing: IndexDocuments through the mesh {:.0} documents/s ({:.1} calls/s of {batch} \
+         documents, {} client tasks; a call p50 {} / p99 {}) vs trellisd's upsert statement run \
+         directly {:.0} documents/s (p50 {} / p99 {}): {} (reported, no target). Each call \
+         indexes new documents (fresh external ids: inserts, not replacements) copied from the \
+         corpus's candidate profiles into their own collection; PostgreSQL computes each \
+         tsvector (english, title weight A, body B) and maintains the GIN indexes. PostgreSQL CPU \
+         per document {} through trellisd vs {} directly; trellisd CPU per call {} (validation, \
+         decoding 200 documents, binding the arrays).",
+        mesh.rps * batch,
+        mesh.rps,
+        mesh.concurrency,
+        ms(mesh.p50_us),
+        ms(mesh.p99_us),
+        direct.rps * batch,
+        ms(direct.p50_us),
+        ms(direct.p99_us),
+        ratio(mesh.rps, direct.rps),
+        per_doc(mesh),
+        per_doc(direct),
         us_or(mesh.server_cpu_us_per_call),
     )
 }

@@ -323,6 +323,11 @@ fn ratio_text(r: &ScenarioResult) -> String {
         );
     }
     let (Some(reference), Some(rps), Some(p99)) = (&r.reference, r.rps_ratio, r.p99_ratio) else {
+        // Reported against another scenario, not held to it.
+        if let (Some(also), Some(rps), Some(p99)) = (&r.also_vs, r.also_rps_ratio, r.also_p99_ratio)
+        {
+            return format!("{rps:.2}× req/s, {p99:.2}× p99 (vs {also})");
+        }
         return "—".to_string();
     };
     let mut text = format!("{rps:.2}× req/s, ");
@@ -463,6 +468,9 @@ fn headline(r: &ScenarioResult) -> (f64, Option<f64>, &'static str) {
     if let Some(rss) = &r.rss {
         return (rss.at_target_mb / rss.limit_mb, Some(1.0), "RSS limit");
     }
+    if let (None, Some(_), Some(x)) = (&r.reference, &r.also_vs, r.also_rps_ratio) {
+        return (x, None, "req/s");
+    }
     if !r.steps.is_empty() && r.reference.is_some() {
         return (r.held_ratio.unwrap_or(0.0), Some(1.0), "rate held");
     }
@@ -544,7 +552,10 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
     c.draw_series(results.iter().zip(&heads).enumerate().map(|(i, (r, h))| {
         let text = match (&r.reference, &r.rss) {
             (_, Some(_)) => format!("{:.2}× the {}", h.0, h.2),
-            (None, None) => "reference".to_string(),
+            (None, None) => match &r.also_vs {
+                Some(also) => format!("{:.2}× {} {also}", h.0, h.2),
+                None => "reference".to_string(),
+            },
             (Some(reference), None) => format!("{:.2}× {} {reference}", h.0, h.2),
         };
         Text::new(

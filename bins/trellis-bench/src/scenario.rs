@@ -133,6 +133,8 @@ pub const LLM_STEP_TASKS: usize = 64;
 pub const HELD_SHARE: f64 = 0.95;
 /// The LLM gateway's target: p99 at most this much above the direct call's.
 pub const LLM_P99_OVERHEAD_US: f64 = 1000.0;
+/// Client tasks of the indexing scenarios.
+pub const INDEX_TASKS: usize = 4;
 /// Chat's time-to-first-token target: p50 at most this much above the
 /// direct call's.
 pub const CHAT_TTFT_P50_OVERHEAD_US: f64 = 500.0;
@@ -410,6 +412,34 @@ pub const SCENARIOS: &[Scenario] = &[
             ..Target::of("search-sql")
         }),
         also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "search-index-sql",
+        about: "trellisd's own IndexDocuments upsert (one INSERT … SELECT FROM unnest … ON CONFLICT DO UPDATE \
+                per batch, tsvector computed by PostgreSQL) run by the bench straight on PostgreSQL, batches \
+                of 200 new candidate profiles, 4 client tasks",
+        work: Work::Rpc {
+            server: ServerKind::Postgres,
+            protocol: Protocol::Sql,
+            rpc: Rpc::IndexSql,
+            load: Load::Tasks(INDEX_TASKS),
+        },
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
+        name: "search-index",
+        about: "trellisd SearchService.IndexDocuments of the same batches (200 documents a call) with a member's \
+                token, 4 client tasks: documents/s = req/s × 200, reported against the direct upsert",
+        work: rpc(
+            ServerKind::Trellisd,
+            Rpc::IndexDocuments,
+            Load::Tasks(INDEX_TASKS),
+        ),
+        target: None,
+        also_vs: Some("search-index-sql"),
         alongside: None,
     },
 ];

@@ -39,6 +39,10 @@ const SEARCH_USER: &str = "benchsearch";
 pub const SEARCH_LANGUAGE: &str = "english";
 /// Hits per page of the search scenarios.
 pub const SEARCH_PAGE_SIZE: usize = 10;
+/// Documents per IndexDocuments call of the indexing scenarios.
+pub const INDEX_BATCH: usize = 200;
+/// The collection the indexing scenarios write to (not searched).
+const INDEX_COLLECTION: &str = "bench-index";
 
 /// The search scenarios' query mix, the same on both sides: words,
 /// phrases, OR and exclusion, with collection, tag and attribute filters,
@@ -137,6 +141,7 @@ pub struct Fixture {
     chat_sessions: Option<Rotation<String>>,
     pub seeder: Option<Seeder>,
     search_user: Option<Uuid>,
+    index_template: Option<std::sync::Arc<[trellis_proto::search::v1::DocumentInput]>>,
     pub facts: SeedFacts,
 }
 
@@ -174,6 +179,7 @@ impl Fixture {
             chat_sessions: None,
             seeder: None,
             search_user: None,
+            index_template: None,
             facts: SeedFacts::default(),
         })
     }
@@ -277,8 +283,28 @@ impl Fixture {
                     .collect();
                 same(Call::new(Req::SearchSql(Rotation::new(queries))))
             }
-            Rpc::IndexSql | Rpc::IndexDocuments => {
-                anyhow::bail!("{rpc:?} is not seeded by this bench yet")
+            Rpc::IndexDocuments => {
+                let template = self.index_template().await?;
+                let token = self.login(SEARCH_USER).await?;
+                same(Call::with_token(
+                    Req::Index(calls::IndexBatches {
+                        template,
+                        calls: Rotation::new(vec![()]),
+                        prefix: "rpc",
+                    }),
+                    &token,
+                )?)
+            }
+            Rpc::IndexSql => {
+                let template = self.index_template().await?;
+                let owner = self.search_corpus().await?;
+                same(Call::new(Req::IndexSql(crate::sql::SqlBatch {
+                    owner,
+                    language: SEARCH_LANGUAGE.to_string(),
+                    template,
+                    calls: Rotation::new(vec![()]),
+                    prefix: "sql",
+                })))
             }
         })
     }
@@ -410,6 +436,47 @@ impl Fixture {
         }
         self.search_user = Some(viewer);
         Ok(viewer)
+    }
+
+    /// The documents every indexing batch carries (under fresh external
+    /// ids): [`INDEX_BATCH`] candidate profiles of the search corpus,
+    /// shared, in their own collection.
+    async fn index_template(
+        &mut self,
+    ) -> anyhow::Result<std::sync::Arc<[trellis_proto::search::v1::DocumentInput]>> {
+        if let Some(t) = &self.index_template {
+            return Ok(t.clone());
+        }
+        self.search_corpus().await?;
+        let rows = self
+            .db
+            .query(
+                "SELECT title, body, tags, attributes::text FROM search_documents \
+                 WHERE collection = 'candidates' ORDER BY external_id LIMIT $1",
+                &[&(INDEX_BATCH as i64)],
+            )
+            .await
+            .context("reading the indexing template")?;
+        anyhow::ensure!(
+            rows.len() == INDEX_BATCH,
+            "the corpus has fewer than {INDEX_BATCH} candidate profiles"
+        );
+        let mut docs = Vec::with_capacity(rows.len());
+        for r in rows {
+            let attributes: String = r.try_get(3)?;
+            docs.push(trellis_proto::search::v1::DocumentInput {
+                external_id: String::new(),
+                collection: INDEX_COLLECTION.to_string(),
+                title: r.try_get(0)?,
+                body: r.try_get(1)?,
+                tags: r.try_get(2)?,
+                attributes: serde_json::from_str(&attributes)?,
+                visibility: trellis_proto::search::v1::Visibility::Shared as i32,
+            });
+        }
+        let t: std::sync::Arc<[_]> = docs.into();
+        self.index_template = Some(t.clone());
+        Ok(t)
     }
 
     /// What streams-idle opens its streams with: the chat member's bearer
