@@ -803,6 +803,89 @@ mod tests {
         f
     }
 
+    fn delta(offset: i64, text: &str) -> ChatEvent {
+        ChatEvent {
+            event: Some(ChatEv::Delta(trellis_proto::chat::v1::Delta {
+                text: text.into(),
+                offset,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn turn(script: Script) -> Vec<ChatEvent> {
+        let mut events = vec![ChatEvent {
+            event: Some(ChatEv::Accepted(Default::default())),
+        }];
+        // Deltas may carry several tokens at once.
+        let text = script.text();
+        let (a, b) = text.split_at(text.len() / 2);
+        events.push(delta(0, a));
+        events.push(delta(a.len() as i64, b));
+        events.push(ChatEvent {
+            event: Some(ChatEv::Completed(trellis_proto::chat::v1::Completed {
+                status: MessageStatus::Completed as i32,
+                finish_reason: "stop".into(),
+                ..Default::default()
+            })),
+        });
+        events
+    }
+
+    #[test]
+    fn checks_chat_turns() {
+        let script = Script::SHORT;
+        assert_eq!(check_chat(&turn(script), script), Ok(()));
+        let mut no_end = turn(script);
+        no_end.pop();
+        assert_eq!(check_chat(&no_end, script), Err(Code::DataLoss));
+        let mut gap = turn(script);
+        gap[2] = delta(999, "x");
+        assert_eq!(
+            check_chat(&gap, script),
+            Err(Code::DataLoss),
+            "offsets in order"
+        );
+        let mut short = turn(script);
+        short.remove(2);
+        assert_eq!(
+            check_chat(&short, script),
+            Err(Code::DataLoss),
+            "text whole"
+        );
+        let mut failed = turn(script);
+        failed[3] = ChatEvent {
+            event: Some(ChatEv::Failed(trellis_proto::chat::v1::Failed {
+                code: Code::ResourceExhausted as i32,
+                ..Default::default()
+            })),
+        };
+        assert_eq!(check_chat(&failed, script), Err(Code::ResourceExhausted));
+        let long = Script {
+            chunks: 200,
+            interval: None,
+        };
+        assert_eq!(check_chat(&turn(script), long), Err(Code::DataLoss));
+        assert_eq!(check_chat(&turn(long), long), Ok(()));
+    }
+
+    #[test]
+    fn rotations_are_shared_by_clones() {
+        let r = Rotation::new(vec!["a", "b"]);
+        let c = r.clone();
+        assert_eq!(r.take(), (0, &"a"));
+        assert_eq!(c.take(), (1, &"b"));
+        assert_eq!(r.take(), (2, &"a"));
+        let batches = IndexBatches {
+            template: vec![DocumentInput::default(); 2].into(),
+            calls: Rotation::new(vec![()]),
+            prefix: "t",
+        };
+        let ids = |b: Vec<DocumentInput>| b.into_iter().map(|d| d.external_id).collect::<Vec<_>>();
+        assert_eq!(ids(batches.next()), ["t-0-0", "t-0-1"]);
+        assert_eq!(ids(batches.clone().next()), ["t-1-0", "t-1-1"]);
+    }
+
     #[test]
     fn frames_messages() {
         assert_eq!(&frame(&[])[..], &[0, 0, 0, 0, 0]);

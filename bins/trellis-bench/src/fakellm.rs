@@ -552,6 +552,48 @@ mod tests {
     }
 
     #[test]
+    fn relay_script_answers_its_own_length() {
+        let relay = Script {
+            chunks: 200,
+            interval: Some(Duration::from_millis(5)),
+        };
+        let parts = events(&request(true), relay.chunks);
+        assert_eq!(parts.len(), 203);
+        let body = joined(parts);
+        assert_eq!(check_sse_of(&body, relay), Ok(()));
+        assert_eq!(check_sse_of(&body, Script::SHORT), Err(Code::DataLoss));
+    }
+
+    #[tokio::test]
+    async fn paced_bodies_keep_their_schedule() {
+        use http_body_util::BodyExt as _;
+        let started = tokio::time::Instant::now();
+        let parts = vec![Bytes::from_static(b"a"); 4];
+        let body = paced(parts, Some(Duration::from_millis(5)))
+            .collect()
+            .await
+            .expect("infallible")
+            .to_bytes();
+        assert_eq!(&body[..], b"aaaa");
+        // The first at once, then three intervals (never sooner).
+        assert!(started.elapsed() >= Duration::from_millis(15));
+    }
+
+    #[test]
+    fn last_requests_are_kept_per_model() {
+        last_requests()
+            .lock()
+            .expect("lock")
+            .insert("m-test".into(), Bytes::from_static(b"{}"));
+        assert_eq!(last_request(Some("model=m-test")).status(), StatusCode::OK);
+        assert_eq!(
+            last_request(Some("model=other")).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(last_request(None).status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
     fn env_names_the_provider_and_alias() {
         let env = trellisd_env("127.0.0.1:9".parse().expect("addr"));
         assert!(env.contains(&(
@@ -561,6 +603,10 @@ mod tests {
         assert!(env.contains(&(
             "TRELLIS_LLM__MODELS__BENCH__ROUTES",
             "[\"fake:fake-model\"]".to_string()
+        )));
+        assert!(env.contains(&(
+            "TRELLIS_LLM__MODELS__BENCHRELAY__ROUTES",
+            "[\"fake:fake-relay\"]".to_string()
         )));
     }
 }

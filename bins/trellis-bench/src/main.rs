@@ -12,8 +12,13 @@
 //! (`bench-results/`). Each scenario is held to a target relative to a
 //! reference scenario from the same run.
 //!
+//! Besides bare servers, references are the same work done directly:
+//! chat-completions posted to the fake upstream (with the body trellisd's
+//! chat sent it), trellisd's search SQL run by the bench on PostgreSQL.
+//!
 //! `--quick` is a smoke run for CI, on any build: it runs every scenario,
-//! small (short windows, 2,000 users, argon2 memory lowered) and checks that
+//! small (short windows, 2,000 users, 3,000 documents, 20 relay streams,
+//! 200 idle streams, argon2 memory lowered) and checks that
 //! each ran cleanly (calls made, no errors, percentiles in order), not how
 //! fast. Full runs make the same checks; missed targets are reported, not
 //! failed.
@@ -318,7 +323,7 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
             p.server,
             if fake_llm {
                 " — except the fake LLM upstream, which answers trellisd's upstream calls \
-                 during llm-gateway and llm-max-rate"
+                 during llm-gateway, llm-max-rate, the chat scenarios and streams-idle"
             } else {
                 ""
             },

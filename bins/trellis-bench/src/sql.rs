@@ -357,3 +357,84 @@ fn code_of(e: &tokio_postgres::Error) -> Code {
         Code::Internal
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SearchSpec {
+        SearchSpec {
+            text: "rust OR go".into(),
+            collections: vec!["b".into(), "a".into(), "a".into()],
+            tags: vec!["rust".into()],
+            attributes: [("city".to_string(), "Berlin".to_string())].into(),
+            page_size: 10,
+        }
+    }
+
+    #[test]
+    fn numbers_parameters_as_trellisd_does() {
+        let viewer = Uuid::nil();
+        let q = SqlSearch::new(&spec(), "english", viewer);
+        let page = &q.page.sql;
+        assert!(
+            page.starts_with("WITH q AS (SELECT websearch_to_tsquery($1::regconfig, $2) AS tsq)")
+        );
+        for part in [
+            " AND (d.owner_id = $3 OR d.shared)",
+            " AND d.collection = ANY($4)",
+            " AND d.tags @> $5",
+            " AND d.attributes @> $6",
+            " ORDER BY m.score DESC, m.id DESC LIMIT $7)",
+            "ts_headline($1::regconfig",
+        ] {
+            assert!(page.contains(part), "{part} in {page}");
+        }
+        let types: Vec<Type> = q.page.params.iter().map(Param::ty).collect();
+        assert_eq!(
+            types,
+            [
+                Type::TEXT,
+                Type::TEXT,
+                Type::UUID,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::JSONB,
+                Type::INT8
+            ]
+        );
+        assert!(matches!(&q.page.params[3], Param::TextArray(c) if c == &["a", "b"]));
+        assert!(matches!(q.page.params[6], Param::BigInt(11)));
+        assert!(
+            q.count
+                .sql
+                .ends_with(" AND d.attributes @> $6 LIMIT 10000) c")
+        );
+        assert_eq!(q.count.params.len(), 6);
+    }
+
+    #[test]
+    fn leaves_out_filters_not_asked_for() {
+        let bare = SearchSpec {
+            collections: Vec::new(),
+            tags: Vec::new(),
+            attributes: BTreeMap::new(),
+            ..spec()
+        };
+        let q = SqlSearch::new(&bare, "simple", Uuid::nil());
+        assert!(!q.page.sql.contains("ANY(") && !q.page.sql.contains("@> $"));
+        assert!(q.page.sql.contains("LIMIT $4)"));
+        assert!(matches!(&q.page.params[0], Param::Text(l) if l == "simple"));
+    }
+
+    #[test]
+    fn jsonb_goes_out_in_its_binary_format() {
+        let mut out = BytesMut::new();
+        Jsonb("{\"a\":1}".into())
+            .to_sql(&Type::JSONB, &mut out)
+            .expect("encodes");
+        assert_eq!(&out[..], b"\x01{\"a\":1}");
+        assert!(<Jsonb as ToSql>::accepts(&Type::JSONB));
+        assert!(!<Jsonb as ToSql>::accepts(&Type::JSON));
+    }
+}
