@@ -122,6 +122,9 @@ pub enum Rpc {
     /// trellisd's search SQL run directly (page, then count), rotating
     /// over the query mix.
     SearchSql,
+    /// The same, each statement prepared on every call as trellisd's
+    /// diesel does.
+    SearchSqlUnprepared,
     /// `SearchService/Search`, rotating over the query mix.
     Search,
     /// trellisd's upsert of a batch run directly.

@@ -223,7 +223,7 @@ pub fn notes(
         notes.push(chat_relay(ctx, direct, chat));
     }
     if let (Some(direct), Some(mesh), Some(f)) = (get("search-sql"), get("search"), facts) {
-        notes.push(search(direct, mesh, f));
+        notes.push(search(direct, mesh, get("search-sql-unprepared"), f));
     }
     if let (Some(direct), Some(mesh)) = (get("search-index-sql"), get("search-index")) {
         notes.push(search_index(direct, mesh));
@@ -471,8 +471,25 @@ fn chat_relay(ctx: &Ctx<'_>, direct: &ScenarioResult, chat: &ScenarioResult) -> 
 }
 
 /// Search through the mesh over the same SQL run directly.
-fn search(direct: &ScenarioResult, mesh: &ScenarioResult, f: &SeedFacts) -> String {
+fn search(
+    direct: &ScenarioResult,
+    mesh: &ScenarioResult,
+    unprepared: Option<&ScenarioResult>,
+    f: &SeedFacts,
+) -> String {
     let verdict = if mesh.met { "met" } else { "**not met**" };
+    let unprepared = unprepared.map_or(String::new(), |u| {
+        format!(
+            " The same SQL with both statements prepared on every call, as diesel runs \
+             trellisd's `sql_query` statements (it never caches them: a round trip more, \
+             parsed and planned each time): p50 {} / p99 {} ({} p50 of search-sql), PostgreSQL \
+             CPU {} per query — the part of search's gap that statement caching would close.",
+            ms(u.p50_us),
+            ms(u.p99_us),
+            ratio(u.p50_us, direct.p50_us),
+            db_per_call(u),
+        )
+    });
     let corpus = f.corpus.as_ref().map_or(String::new(), |(n, took, said)| {
         format!(
             " Corpus: {n} documents, from `trellisd seed` (the project's synthetic candidate \
@@ -514,7 +531,7 @@ fn search(direct: &ScenarioResult, mesh: &ScenarioResult, f: &SeedFacts) -> Stri
          Before measuring, every query ran both ways and the hits had to be the same, in order \
          (the bench's statements are a copy of crates/search/src/query.rs). trellisd also writes \
          a search_history row per first page, after answering. Per query: PostgreSQL CPU {} \
-         direct vs {} through trellisd, trellisd CPU {}.{corpus}",
+         direct vs {} through trellisd, trellisd CPU {}.{unprepared}{corpus}",
         ms(mesh.p50_us),
         ms(mesh.p99_us),
         ms(direct.p50_us),

@@ -401,6 +401,21 @@ pub const SCENARIOS: &[Scenario] = &[
         alongside: None,
     },
     Scenario {
+        name: "search-sql-unprepared",
+        about: "search-sql with each statement prepared on every call (a round trip more, parsed and planned \
+                each time), as trellisd's diesel runs its `sql_query` statements, which it never caches: \
+                the share of search's time that is statement preparation (reported)",
+        work: Work::Rpc {
+            server: ServerKind::Postgres,
+            protocol: Protocol::Sql,
+            rpc: Rpc::SearchSqlUnprepared,
+            load: Load::Tasks(1),
+        },
+        target: None,
+        also_vs: Some("search-sql"),
+        alongside: None,
+    },
+    Scenario {
         name: "search",
         about: "trellisd SearchService.Search of the same queries with a member's token, one client task: \
                 the same statements, plus authentication, validation, the sealed page token and the \

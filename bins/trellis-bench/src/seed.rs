@@ -275,11 +275,14 @@ impl Fixture {
                     &token,
                 )?)
             }
-            Rpc::SearchSql => {
+            Rpc::SearchSql | Rpc::SearchSqlUnprepared => {
                 let viewer = self.search_corpus().await?;
                 let queries = search_mix()
                     .iter()
-                    .map(|q| SqlSearch::new(q, SEARCH_LANGUAGE, viewer))
+                    .map(|q| SqlSearch {
+                        prepare_each_time: rpc == Rpc::SearchSqlUnprepared,
+                        ..SqlSearch::new(q, SEARCH_LANGUAGE, viewer)
+                    })
                     .collect();
                 same(Call::new(Req::SearchSql(Rotation::new(queries))))
             }

@@ -113,6 +113,9 @@ pub struct SqlSearch {
     pub count: Stmt,
     /// The page size asked for (the statement fetches one more).
     pub page_size: usize,
+    /// Prepare both statements on every call (as diesel does for
+    /// trellisd's `sql_query`, which it never caches) instead of once.
+    pub prepare_each_time: bool,
 }
 
 /// What a search query filters on (the subset of `SearchRequest` the
@@ -195,6 +198,7 @@ impl SqlSearch {
             page,
             count,
             page_size: spec.page_size,
+            prepare_each_time: false,
         }
     }
 }
@@ -290,8 +294,10 @@ impl SqlConn {
         })
     }
 
-    async fn query(&mut self, s: &Stmt) -> Result<Vec<tokio_postgres::Row>, Code> {
-        let statement = match self.prepared.get(&s.sql) {
+    /// Runs `s`, its statement prepared once per connection (`cache`) or
+    /// for this call only.
+    async fn query(&mut self, s: &Stmt, cache: bool) -> Result<Vec<tokio_postgres::Row>, Code> {
+        let statement = match self.prepared.get(&s.sql).filter(|_| cache) {
             Some(st) => st.clone(),
             None => {
                 let types: Vec<Type> = s.params.iter().map(Param::ty).collect();
@@ -300,7 +306,9 @@ impl SqlConn {
                     .prepare_typed(&s.sql, &types)
                     .await
                     .map_err(|e| code_of(&e))?;
-                self.prepared.insert(s.sql.clone(), st.clone());
+                if cache {
+                    self.prepared.insert(s.sql.clone(), st.clone());
+                }
                 st
             }
         };
@@ -320,8 +328,9 @@ impl SqlConn {
 
     /// The ids of the search's page, in order.
     pub async fn search_ids(&mut self, q: &SqlSearch) -> Result<Vec<Uuid>, Code> {
-        let rows = self.query(&q.page).await?;
-        let count = self.query(&q.count).await?;
+        let cache = !q.prepare_each_time;
+        let rows = self.query(&q.page, cache).await?;
+        let count = self.query(&q.count, cache).await?;
         let n: i64 = count
             .first()
             .and_then(|r| r.try_get(0).ok())
@@ -340,7 +349,7 @@ impl SqlConn {
 
     /// The batch upsert; every document must come back.
     pub async fn index(&mut self, b: &SqlBatch) -> Result<(), Code> {
-        let rows = self.query(&b.next()).await?;
+        let rows = self.query(&b.next(), true).await?;
         if rows.len() == b.len() {
             Ok(())
         } else {
