@@ -1,8 +1,9 @@
 //! One bench run: start what the selected scenarios need (the data stack,
 //! the fake LLM upstream, trellisd, the reference servers), then measure
 //! each scenario in table order — a probe together with its partner's load,
-//! run again unrecorded over the same window; a rate ladder step by step —
-//! and gather the notes the report closes with.
+//! run again unrecorded over the same window; a rate ladder step by step;
+//! idle streams opened and held ([`crate::idle`]) — and gather the notes the
+//! report closes with.
 
 use std::collections::BTreeMap;
 use std::path::Path;
