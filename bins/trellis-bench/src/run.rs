@@ -209,7 +209,7 @@ pub async fn run(
             }
             let r = measure::result(g, shape, &outcome, usage, extras, &results);
             eprintln!(
-                "trellis-bench: {:<16} {:>9.0} req/s  p50 {:>9.1} µs  p99 {:>9.1} µs  max {:>9.1} µs  errors {}",
+                "trellis-bench: {:<22} {:>9.0} req/s  p50 {:>9.1} µs  p99 {:>9.1} µs  max {:>9.1} µs  errors {}",
                 r.scenario,
                 r.rps,
                 r.p50_us,
