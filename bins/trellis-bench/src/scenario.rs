@@ -797,6 +797,38 @@ mod tests {
     }
 
     #[test]
+    fn chat_and_search_scenarios_select_what_they_compare_to() {
+        let names = |n: &str| -> Vec<&str> {
+            select(&[n.to_string()])
+                .expect("known")
+                .iter()
+                .map(|s| s.name)
+                .collect()
+        };
+        assert_eq!(names("chat-relay"), ["chat-relay-direct", "chat-relay"]);
+        assert_eq!(names("streams-idle"), ["streams-idle"]);
+        assert_eq!(names("search"), ["search-sql", "search"]);
+        assert_eq!(
+            names("search-sql-unprepared"),
+            ["search-sql", "search-sql-unprepared"]
+        );
+        assert_eq!(names("search-index"), ["search-index-sql", "search-index"]);
+        let relay = by_name("chat-relay")
+            .and_then(|s| s.target)
+            .expect("target");
+        assert_eq!(relay.text(None), "≥ 0.9× chat-relay-direct req/s");
+        let search = by_name("search").and_then(|s| s.target).expect("target");
+        assert!(search.met(0.1, 1.19, 1.19));
+        assert!(!search.met(9.0, 1.21, 1.0));
+        assert!(!search.met(9.0, 1.0, 1.21));
+        for s in ["streams-idle", "search-sql", "search-index-sql"] {
+            assert!(by_name(s).expect("known").needs_store(), "{s}");
+        }
+        assert!(by_name("streams-idle").expect("known").needs_fake_llm());
+        assert!(!by_name("search").expect("known").needs_fake_llm());
+    }
+
+    #[test]
     fn llm_scenarios_select_their_references() {
         let names: Vec<_> = select(&["llm-max-rate".to_string()])
             .expect("known")
