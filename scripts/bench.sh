@@ -3,7 +3,12 @@
 # side-by-side benchmark: a bare tonic baseline, trellisd's no-op path over
 # native gRPC and over gRPC-web, token verification, logins against the raw
 # argon2 rate (with a latency probe), GetUser against a bare tokio-postgres
-# handler, and ListUsers page 1 against page 500 of 100,000 users. Arguments
+# handler, ListUsers page 1 against page 500 of 100,000 users, the LLM
+# gateway against its fake upstream called directly, chat's time to first
+# token and relay throughput at 100 streams against the same upstream called
+# directly, 10,000 idle Converse streams (trellisd's RSS), Search over a
+# 100,000-document corpus against trellisd's own SQL run directly, and
+# IndexDocuments throughput against its upsert run directly. Arguments
 # go to trellis-bench (see `scripts/bench.sh --help`: --duration,
 # --concurrency, --rate, --scenario, --out, …). Results go to bench-results/
 # (summary.md, summary.svg, <scenario>.json) unless --out says otherwise.

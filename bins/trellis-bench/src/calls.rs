@@ -4,11 +4,21 @@
 //! per client task. A [`Call`] is one concrete request (with the bearer
 //! token it presents, if any) that a client task repeats; the scenario
 //! table names its kind ([`Rpc`]) and the seeding step fills it in.
-//! Besides gRPC and gRPC-web, the LLM reference (`llm-direct`) posts
-//! OpenAI chat-completions requests to the fake upstream over HTTP/1.1 and
-//! reads the SSE answer to its end.
+//! Besides gRPC and gRPC-web, the LLM and chat references post OpenAI
+//! chat-completions requests to the fake upstream over HTTP/1.1 and read
+//! the SSE answer to its end, and the search references run trellisd's SQL
+//! straight on PostgreSQL ([`crate::sql`]).
+//!
+//! A call ends with its latency's end point: by default when the call has
+//! been read to its end; the time-to-first-token scenarios stop the clock
+//! at the first token (and still read and check the rest). Calls that must
+//! differ from one another (a fresh chat session per turn, a mix of search
+//! queries, new documents per batch) draw from a [`Rotation`] shared by the
+//! scenario's tasks.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -21,16 +31,25 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use prost::Message;
 
-use crate::fakellm;
+use crate::fakellm::{self, Script};
+use crate::sql::{SqlBatch, SqlConn, SqlSearch};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tonic::Code;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use trellis_proto::auth::v1::auth_service_client::AuthServiceClient;
 use trellis_proto::auth::v1::{LoginRequest, LoginResponse};
+use trellis_proto::chat::v1::chat_event::Event as ChatEv;
+use trellis_proto::chat::v1::chat_service_client::ChatServiceClient;
+use trellis_proto::chat::v1::{ChatEvent, MessageStatus, SendMessageRequest};
 use trellis_proto::llm::v1::generate_stream_response::Event;
 use trellis_proto::llm::v1::llm_service_client::LlmServiceClient;
 use trellis_proto::llm::v1::{GenerateStreamRequest, GenerateStreamResponse};
+use trellis_proto::search::v1::search_service_client::SearchServiceClient;
+use trellis_proto::search::v1::{
+    DocumentInput, IndexDocumentsRequest, SearchRequest, SearchResponse,
+};
 use trellis_proto::system::v1::system_service_client::SystemServiceClient;
 use trellis_proto::system::v1::{GetInfoRequest, GetInfoResponse};
 use trellis_proto::user::v1::user_service_client::UserServiceClient;
@@ -51,6 +70,9 @@ pub enum Protocol {
     /// keep-alive, one connection per client task: the direct call to the
     /// fake upstream.
     OpenAi,
+    /// SQL straight on PostgreSQL (tokio-postgres), one connection per
+    /// client task: the search references.
+    Sql,
 }
 
 impl Protocol {
@@ -59,6 +81,7 @@ impl Protocol {
             Protocol::Grpc => "grpc",
             Protocol::GrpcWeb => "grpc-web",
             Protocol::OpenAi => "openai-sse (HTTP/1.1)",
+            Protocol::Sql => "postgres (tokio-postgres)",
         }
     }
 }
@@ -85,6 +108,111 @@ pub enum Rpc {
     /// `LlmService/GenerateStream` of the model routed to the fake
     /// upstream, with a member's token; read to the end of the stream.
     GenerateStream,
+    /// The fake upstream called directly with the body chat sends it for a
+    /// first turn; timed to the first content chunk.
+    ChatUpstreamFirstToken,
+    /// The fake upstream's paced relay script called directly with the
+    /// body chat sends it; timed to the end.
+    ChatUpstreamRelay,
+    /// `ChatService/SendMessage`, the first turn of a fresh session; timed
+    /// to the first delta.
+    ChatFirstToken,
+    /// `ChatService/SendMessage` of the relay model, read to Completed.
+    ChatRelay,
+    /// trellisd's search SQL run directly (page, then count), rotating
+    /// over the query mix.
+    SearchSql,
+    /// The same, each statement prepared on every call as trellisd's
+    /// diesel does.
+    SearchSqlUnprepared,
+    /// `SearchService/Search`, rotating over the query mix.
+    Search,
+    /// trellisd's upsert of a batch run directly.
+    IndexSql,
+    /// `SearchService/IndexDocuments` of a batch of new documents.
+    IndexDocuments,
+}
+
+/// Items the client tasks of a scenario take in turn (one counter for all
+/// of them).
+#[derive(Debug, Clone)]
+pub struct Rotation<T> {
+    items: Arc<[T]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl<T> Rotation<T> {
+    pub fn new(items: Vec<T>) -> Rotation<T> {
+        assert!(!items.is_empty(), "a rotation needs items");
+        Rotation {
+            items: items.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The next item, and how many were taken before it.
+    pub fn take(&self) -> (usize, &T) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        (n, &self.items[n % self.items.len()])
+    }
+}
+
+/// A chat-completions request to the fake upstream and what its answer
+/// must be.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub body: Bytes,
+    pub script: Script,
+    /// Stop the clock at the first content chunk.
+    pub first_token: bool,
+}
+
+impl Upstream {
+    /// The request of the LLM scenarios ([`fakellm::direct_request`]).
+    pub fn llm_direct() -> Upstream {
+        Upstream {
+            body: fakellm::direct_request(),
+            script: Script::SHORT,
+            first_token: false,
+        }
+    }
+}
+
+/// Chat turns: each in the next session of the pool, so every turn is a
+/// session's first (until the pool wraps).
+#[derive(Debug, Clone)]
+pub struct ChatTurns {
+    pub sessions: Rotation<String>,
+    /// The model override of each turn (none: the session's).
+    pub model: Option<String>,
+    pub script: Script,
+    /// Stop the clock at the first delta.
+    pub first_token: bool,
+}
+
+/// IndexDocuments batches: the template documents under external ids
+/// fresh to each call.
+#[derive(Debug, Clone)]
+pub struct IndexBatches {
+    pub template: Arc<[DocumentInput]>,
+    pub calls: Rotation<()>,
+    /// Prefix of the external ids, unique to the scenario.
+    pub prefix: &'static str,
+}
+
+impl IndexBatches {
+    /// The next batch.
+    pub fn next(&self) -> Vec<DocumentInput> {
+        let (n, ()) = self.calls.take();
+        self.template
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DocumentInput {
+                external_id: format!("{}-{n}-{i}", self.prefix),
+                ..d.clone()
+            })
+            .collect()
+    }
 }
 
 /// A request message the bench can send.
@@ -96,7 +224,17 @@ pub enum Req {
     ListUsers(ListUsersRequest),
     GenerateStream(GenerateStreamRequest),
     /// A chat-completions JSON body, posted to the fake upstream.
-    ChatCompletions(Bytes),
+    ChatCompletions(Upstream),
+    /// A chat turn (SendMessage).
+    ChatSend(ChatTurns),
+    /// Search queries, in turn.
+    Search(Rotation<SearchRequest>),
+    /// The same queries as trellisd's SQL, straight on PostgreSQL.
+    SearchSql(Rotation<SqlSearch>),
+    /// IndexDocuments batches.
+    Index(IndexBatches),
+    /// The same batches as trellisd's upsert, straight on PostgreSQL.
+    IndexSql(SqlBatch),
 }
 
 impl Req {
@@ -109,6 +247,10 @@ impl Req {
             Req::ListUsers(_) => "/trellis.user.v1.UserService/ListUsers",
             Req::GenerateStream(_) => "/trellis.llm.v1.LlmService/GenerateStream",
             Req::ChatCompletions(_) => fakellm::PATH,
+            Req::ChatSend(_) => "/trellis.chat.v1.ChatService/SendMessage",
+            Req::Search(_) => "/trellis.search.v1.SearchService/Search",
+            Req::Index(_) => "/trellis.search.v1.SearchService/IndexDocuments",
+            Req::SearchSql(_) | Req::IndexSql(_) => "(sql)",
         }
     }
 
@@ -120,7 +262,14 @@ impl Req {
             Req::GetUser(m) => m.encode_to_vec().into(),
             Req::ListUsers(m) => m.encode_to_vec().into(),
             Req::GenerateStream(m) => m.encode_to_vec().into(),
-            Req::ChatCompletions(body) => body.clone(),
+            Req::ChatCompletions(u) => u.body.clone(),
+            // Not offered over gRPC-web: the calls vary, and only the
+            // native client makes them ([`Call::call_grpc`]).
+            Req::ChatSend(_)
+            | Req::Search(_)
+            | Req::Index(_)
+            | Req::SearchSql(_)
+            | Req::IndexSql(_) => Bytes::new(),
         }
     }
 
@@ -132,8 +281,15 @@ impl Req {
             Req::Login(_) => check_login(&LoginResponse::decode(message).map_err(bad)?),
             Req::GetUser(_) => check_user(&GetUserResponse::decode(message).map_err(bad)?),
             Req::ListUsers(_) => check_list(&ListUsersResponse::decode(message).map_err(bad)?),
-            // Streams, checked as a whole ([`check_stream`], [`fakellm::check_sse`]).
-            Req::GenerateStream(_) | Req::ChatCompletions(_) => Err(Code::Unimplemented),
+            // Streams, checked as a whole ([`check_stream`], [`fakellm::check_sse`]),
+            // and calls only the native client or the SQL caller makes.
+            Req::GenerateStream(_)
+            | Req::ChatCompletions(_)
+            | Req::ChatSend(_)
+            | Req::Search(_)
+            | Req::Index(_)
+            | Req::SearchSql(_)
+            | Req::IndexSql(_) => Err(Code::Unimplemented),
         }
     }
 }
@@ -192,6 +348,46 @@ fn check_stream(events: &[GenerateStreamResponse]) -> Result<(), Code> {
     }
 }
 
+/// A chat turn's events must be: Accepted first, deltas carrying the
+/// script's whole text in order, then one Completed (COMPLETED, `stop`) as
+/// the last event. A Failed event counts with its code; anything else is
+/// DATA_LOSS.
+pub fn check_chat(events: &[ChatEvent], script: Script) -> Result<(), Code> {
+    let mut text = String::new();
+    let mut completed = false;
+    for (i, e) in events.iter().enumerate() {
+        match &e.event {
+            Some(ChatEv::Accepted(_)) if i == 0 => {}
+            Some(ChatEv::Delta(d)) if d.offset as usize == text.len() => text.push_str(&d.text),
+            Some(ChatEv::Citations(_)) => {}
+            Some(ChatEv::Completed(c))
+                if i + 1 == events.len()
+                    && c.status == MessageStatus::Completed as i32
+                    && c.finish_reason == "stop" =>
+            {
+                completed = true;
+            }
+            Some(ChatEv::Failed(f)) => return Err(Code::from_i32(f.code)),
+            _ => return Err(Code::DataLoss),
+        }
+    }
+    if completed && text == script.text() {
+        Ok(())
+    } else {
+        Err(Code::DataLoss)
+    }
+}
+
+/// A search measured must find documents by their words (not the fuzzy
+/// fallback).
+fn check_search(r: &SearchResponse) -> Result<(), Code> {
+    if r.hits.is_empty() || r.fuzzy || r.estimated_total_size < r.hits.len() as i64 {
+        Err(Code::Internal)
+    } else {
+        Ok(())
+    }
+}
+
 /// One concrete call a client task repeats.
 #[derive(Debug, Clone)]
 pub struct Call {
@@ -224,8 +420,9 @@ impl Call {
         req
     }
 
-    /// Makes the call with a generated tonic client.
-    async fn call_grpc(&self, channel: &Channel) -> Result<(), Code> {
+    /// Makes the call with a generated tonic client; `Some(t)`: the
+    /// latency ends at `t` (the first token).
+    async fn call_grpc(&self, channel: &Channel) -> Result<Option<Instant>, Code> {
         let result = match &self.req {
             Req::GetInfo(m) => SystemServiceClient::new(channel.clone())
                 .get_info(self.request(*m))
@@ -235,23 +432,43 @@ impl Call {
                 .login(self.request(m.clone()))
                 .await
             {
-                Ok(r) => return check_login(r.get_ref()),
+                Ok(r) => return check_login(r.get_ref()).map(|()| None),
                 Err(e) => Err(e),
             },
             Req::GetUser(m) => match UserServiceClient::new(channel.clone())
                 .get_user(self.request(m.clone()))
                 .await
             {
-                Ok(r) => return check_user(r.get_ref()),
+                Ok(r) => return check_user(r.get_ref()).map(|()| None),
                 Err(e) => Err(e),
             },
             Req::ListUsers(m) => match UserServiceClient::new(channel.clone())
                 .list_users(self.request(m.clone()))
                 .await
             {
-                Ok(r) => return check_list(r.get_ref()),
+                Ok(r) => return check_list(r.get_ref()).map(|()| None),
                 Err(e) => Err(e),
             },
+            Req::Search(queries) => match SearchServiceClient::new(channel.clone())
+                .search(self.request(queries.take().1.clone()))
+                .await
+            {
+                Ok(r) => return check_search(r.get_ref()).map(|()| None),
+                Err(e) => Err(e),
+            },
+            Req::Index(batches) => {
+                let documents = batches.next();
+                let n = documents.len();
+                match SearchServiceClient::new(channel.clone())
+                    .index_documents(self.request(IndexDocumentsRequest { documents }))
+                    .await
+                {
+                    Ok(r) if r.get_ref().results.len() == n => return Ok(None),
+                    Ok(_) => return Err(Code::DataLoss),
+                    Err(e) => Err(e),
+                }
+            }
+            Req::ChatSend(turns) => return self.chat_turn(channel, turns).await,
             Req::GenerateStream(m) => {
                 let mut stream = LlmServiceClient::new(channel.clone())
                     .generate_stream(self.request(m.clone()))
@@ -263,12 +480,45 @@ impl Call {
                 while let Some(e) = stream.message().await.map_err(|s| s.code())? {
                     events.push(e);
                 }
-                return check_stream(&events);
+                return check_stream(&events).map(|()| None);
             }
-            // Not a gRPC call: a bench bug if it gets here.
-            Req::ChatCompletions(_) => return Err(Code::Unimplemented),
+            // Not gRPC calls: a bench bug if it gets here.
+            Req::ChatCompletions(_) | Req::SearchSql(_) | Req::IndexSql(_) => {
+                return Err(Code::Unimplemented);
+            }
         };
-        result.map_err(|s| s.code())
+        result.map(|()| None).map_err(|s| s.code())
+    }
+
+    /// One chat turn through SendMessage, read to its last event.
+    async fn chat_turn(
+        &self,
+        channel: &Channel,
+        turns: &ChatTurns,
+    ) -> Result<Option<Instant>, Code> {
+        let (_, session) = turns.sessions.take();
+        let send = trellis_proto::chat::v1::Send {
+            session_id: session.clone(),
+            content: fakellm::PROMPT.to_string(),
+            model: turns.model.clone(),
+            ..Default::default()
+        };
+        let mut stream = ChatServiceClient::new(channel.clone())
+            .send_message(self.request(SendMessageRequest { send: Some(send) }))
+            .await
+            .map_err(|s| s.code())?
+            .into_inner();
+        let mut events = Vec::with_capacity(turns.script.chunks + 2);
+        let mut first = None;
+        while let Some(m) = stream.message().await.map_err(|s| s.code())? {
+            let e = m.event.ok_or(Code::DataLoss)?;
+            if first.is_none() && matches!(e.event, Some(ChatEv::Delta(_))) {
+                first = Some(Instant::now());
+            }
+            events.push(e);
+        }
+        check_chat(&events, turns.script)?;
+        Ok(if turns.first_token { first } else { None })
     }
 }
 
@@ -285,21 +535,29 @@ pub async fn grpc_channel(addr: SocketAddr) -> anyhow::Result<Channel> {
 
 /// One client task's means of calling: a clone of a shared HTTP/2 channel,
 /// or its own HTTP/1.1 connection (gRPC-web, or OpenAI SSE to the fake
-/// upstream).
+/// upstream), or its own PostgreSQL connection.
 pub enum Caller {
     Grpc(Channel),
     GrpcWeb(Http1Conn),
     OpenAi(Http1Conn),
+    Sql(SqlConn),
 }
 
 impl Caller {
     /// Makes one call; `Err` is the gRPC status code it failed with
-    /// (transport failures count as UNAVAILABLE, as tonic reports them).
-    pub async fn call(&mut self, call: &Call) -> Result<(), Code> {
+    /// (transport failures count as UNAVAILABLE, as tonic reports them);
+    /// `Ok(Some(t))`: the call's latency ends at `t` (its first token),
+    /// `Ok(None)`: when it returned.
+    pub async fn call(&mut self, call: &Call) -> Result<Option<Instant>, Code> {
         match self {
             Caller::Grpc(channel) => call.call_grpc(channel).await,
-            Caller::GrpcWeb(conn) => conn.call(call).await,
+            Caller::GrpcWeb(conn) => conn.call(call).await.map(|()| None),
             Caller::OpenAi(conn) => conn.chat(call).await,
+            Caller::Sql(conn) => match &call.req {
+                Req::SearchSql(queries) => conn.search(queries.take().1).await.map(|()| None),
+                Req::IndexSql(batch) => conn.index(batch).await.map(|()| None),
+                _ => Err(Code::Unimplemented),
+            },
         }
     }
 }
@@ -377,16 +635,17 @@ impl Http1Conn {
     }
 
     /// Posts a chat-completions request and reads the SSE answer to its
-    /// end ([`fakellm::check_sse`]).
-    pub async fn chat(&mut self, call: &Call) -> Result<(), Code> {
-        let Req::ChatCompletions(body) = &call.req else {
+    /// end ([`fakellm::check_sse_of`]); `Some(t)` when the request asks
+    /// for the first token's time `t` (the first content chunk).
+    pub async fn chat(&mut self, call: &Call) -> Result<Option<Instant>, Code> {
+        let Req::ChatCompletions(up) = &call.req else {
             return Err(Code::Unimplemented);
         };
         let req = Request::post(fakellm::PATH)
             .header(HOST, self.host.clone())
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "text/event-stream")
-            .body(Full::new(body.clone()))
+            .body(Full::new(up.body.clone()))
             .map_err(|_| Code::Internal)?;
         let resp = self.send(req).await?;
         if resp.status() != StatusCode::OK {
@@ -396,16 +655,24 @@ impl Http1Conn {
             .headers()
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|_| Code::Unavailable)?
-            .to_bytes();
         if !sse {
             return Err(Code::Internal);
         }
-        fakellm::check_sse(&body)
+        let mut body = resp.into_body();
+        let mut all = BytesMut::new();
+        let mut first = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| Code::Unavailable)?;
+            if let Ok(data) = frame.into_data() {
+                all.extend_from_slice(&data);
+                // The fake sends each event as its own body chunk.
+                if first.is_none() && contains(&data, b"\"delta\":{\"content\"") {
+                    first = Some(Instant::now());
+                }
+            }
+        }
+        fakellm::check_sse_of(&all, up.script)?;
+        Ok(if up.first_token { first } else { None })
     }
 
     async fn call(&mut self, call: &Call) -> Result<(), Code> {
@@ -440,6 +707,10 @@ impl Http1Conn {
             .to_bytes();
         read_grpc_web_body(&body, &call.req)
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// A gRPC(-web) length-prefixed message frame: flag 0, big-endian length,
@@ -533,6 +804,89 @@ mod tests {
         f.extend_from_slice(&(text.len() as u32).to_be_bytes());
         f.extend_from_slice(text.as_bytes());
         f
+    }
+
+    fn delta(offset: i64, text: &str) -> ChatEvent {
+        ChatEvent {
+            event: Some(ChatEv::Delta(trellis_proto::chat::v1::Delta {
+                text: text.into(),
+                offset,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn turn(script: Script) -> Vec<ChatEvent> {
+        let mut events = vec![ChatEvent {
+            event: Some(ChatEv::Accepted(Default::default())),
+        }];
+        // Deltas may carry several tokens at once.
+        let text = script.text();
+        let (a, b) = text.split_at(text.len() / 2);
+        events.push(delta(0, a));
+        events.push(delta(a.len() as i64, b));
+        events.push(ChatEvent {
+            event: Some(ChatEv::Completed(trellis_proto::chat::v1::Completed {
+                status: MessageStatus::Completed as i32,
+                finish_reason: "stop".into(),
+                ..Default::default()
+            })),
+        });
+        events
+    }
+
+    #[test]
+    fn checks_chat_turns() {
+        let script = Script::SHORT;
+        assert_eq!(check_chat(&turn(script), script), Ok(()));
+        let mut no_end = turn(script);
+        no_end.pop();
+        assert_eq!(check_chat(&no_end, script), Err(Code::DataLoss));
+        let mut gap = turn(script);
+        gap[2] = delta(999, "x");
+        assert_eq!(
+            check_chat(&gap, script),
+            Err(Code::DataLoss),
+            "offsets in order"
+        );
+        let mut short = turn(script);
+        short.remove(2);
+        assert_eq!(
+            check_chat(&short, script),
+            Err(Code::DataLoss),
+            "text whole"
+        );
+        let mut failed = turn(script);
+        failed[3] = ChatEvent {
+            event: Some(ChatEv::Failed(trellis_proto::chat::v1::Failed {
+                code: Code::ResourceExhausted as i32,
+                ..Default::default()
+            })),
+        };
+        assert_eq!(check_chat(&failed, script), Err(Code::ResourceExhausted));
+        let long = Script {
+            chunks: 200,
+            interval: None,
+        };
+        assert_eq!(check_chat(&turn(script), long), Err(Code::DataLoss));
+        assert_eq!(check_chat(&turn(long), long), Ok(()));
+    }
+
+    #[test]
+    fn rotations_are_shared_by_clones() {
+        let r = Rotation::new(vec!["a", "b"]);
+        let c = r.clone();
+        assert_eq!(r.take(), (0, &"a"));
+        assert_eq!(c.take(), (1, &"b"));
+        assert_eq!(r.take(), (2, &"a"));
+        let batches = IndexBatches {
+            template: vec![DocumentInput::default(); 2].into(),
+            calls: Rotation::new(vec![()]),
+            prefix: "t",
+        };
+        let ids = |b: Vec<DocumentInput>| b.into_iter().map(|d| d.external_id).collect::<Vec<_>>();
+        assert_eq!(ids(batches.next()), ["t-0-0", "t-0-1"]);
+        assert_eq!(ids(batches.clone().next()), ["t-1-0", "t-1-1"]);
     }
 
     #[test]

@@ -11,12 +11,22 @@
 //! `llm-gateway` reaches it through trellisd's LlmService, configured
 //! with it as provider [`PROVIDER`] and model alias [`ALIAS`].
 //!
+//! The chat scenarios use a second script, chosen by the upstream model:
+//! [`RELAY_MODEL`] answers `--relay-chunks` content chunks paced
+//! `--relay-interval-us` apart (as a real provider streams), for the relay
+//! throughput at many concurrent streams. `GET /v1/last-request?model=…`
+//! returns the last request body posted for that model, so the chat
+//! scenarios' direct references post exactly what trellisd's chat sent.
+//!
 //! Like the baseline server, it is this binary re-executed, pinned to the
 //! servers' CPU, and exits when its standard input closes.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,8 +40,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tonic::Code;
 
-/// The one route.
+/// The chat-completions route.
 pub const PATH: &str = "/v1/chat/completions";
+/// `GET` with `?model=…`: the last body posted for that model.
+pub const LAST_REQUEST_PATH: &str = "/v1/last-request";
 /// Content chunks per answer.
 pub const CHUNKS: usize = 16;
 /// The text of each content chunk.
@@ -46,6 +58,31 @@ pub const ALIAS: &str = "bench";
 pub const PROMPT: &str = "Say sixteen tokens.";
 /// Completion tokens asked for (the fake always answers [`CHUNKS`]).
 pub const MAX_TOKENS: u32 = CHUNKS as u32;
+/// Upstream model of the paced, long script (chat relay).
+pub const RELAY_MODEL: &str = "fake-relay";
+/// The model alias routed to [`RELAY_MODEL`].
+pub const RELAY_ALIAS: &str = "benchrelay";
+
+/// What the fake answers a request with: `chunks` content chunks of
+/// [`PIECE`], `interval` apart (none: all at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Script {
+    pub chunks: usize,
+    pub interval: Option<Duration>,
+}
+
+impl Script {
+    /// The default answer: [`CHUNKS`] chunks at once.
+    pub const SHORT: Script = Script {
+        chunks: CHUNKS,
+        interval: None,
+    };
+
+    /// The text a complete answer carries.
+    pub fn text(&self) -> String {
+        PIECE.repeat(self.chunks)
+    }
+}
 
 /// Flags of `fake-llm`.
 #[derive(clap::Args, Debug)]
@@ -53,6 +90,21 @@ pub struct FakeLlmArgs {
     /// Address to listen on.
     #[arg(long)]
     pub listen: SocketAddr,
+    /// Content chunks of the relay script (model `fake-relay`).
+    #[arg(long, default_value_t = 200)]
+    pub relay_chunks: usize,
+    /// Microseconds between the relay script's chunks.
+    #[arg(long, default_value_t = 5000)]
+    pub relay_interval_us: u64,
+}
+
+impl FakeLlmArgs {
+    fn relay(&self) -> Script {
+        Script {
+            chunks: self.relay_chunks,
+            interval: Some(Duration::from_micros(self.relay_interval_us.max(1))),
+        }
+    }
 }
 
 pub fn main(args: FakeLlmArgs) -> ExitCode {
@@ -68,7 +120,8 @@ pub fn main(args: FakeLlmArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args.listen)) {
+    let relay = args.relay();
+    match runtime.block_on(serve(args.listen, relay)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fake-llm: {e:#}");
@@ -77,7 +130,7 @@ pub fn main(args: FakeLlmArgs) -> ExitCode {
     }
 }
 
-async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(listen: SocketAddr, relay: Script) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     let stdin_closed = async {
         let mut stdin = tokio::io::stdin();
@@ -105,22 +158,63 @@ async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service_fn(handle))
+                .serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(move |req| handle(req, relay)),
+                )
                 .await;
         });
     }
 }
 
-/// A body of ready frames: one per SSE event.
-type Body = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+/// A body of frames, one per SSE event.
+type Frames = Pin<Box<dyn futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
+type Body = StreamBody<Frames>;
 
+/// The frames at once.
 fn body(parts: Vec<Bytes>) -> Body {
-    StreamBody::new(futures::stream::iter(
-        parts
-            .into_iter()
-            .map(|b| Ok(Frame::data(b)))
-            .collect::<Vec<_>>(),
-    ))
+    paced(parts, None)
+}
+
+/// The frames, `interval` apart when given (the first at once; the
+/// schedule is kept, so a late tick does not stretch the answer).
+fn paced(parts: Vec<Bytes>, interval: Option<Duration>) -> Body {
+    let frames = parts.into_iter().map(|b| Ok(Frame::data(b)));
+    let Some(every) = interval else {
+        return StreamBody::new(Box::pin(futures::stream::iter(frames)));
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    StreamBody::new(Box::pin(futures::stream::unfold(
+        (frames, ticks),
+        |(mut frames, mut ticks)| async move {
+            let frame = frames.next()?;
+            ticks.tick().await;
+            Some((frame, (frames, ticks)))
+        },
+    )))
+}
+
+/// The last request body posted for each model.
+fn last_requests() -> &'static Mutex<BTreeMap<String, Bytes>> {
+    static LAST: OnceLock<Mutex<BTreeMap<String, Bytes>>> = OnceLock::new();
+    LAST.get_or_init(Default::default)
+}
+
+fn last_request(query: Option<&str>) -> Response<Body> {
+    let model = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("model="))
+        .unwrap_or_default();
+    let found = last_requests()
+        .lock()
+        .ok()
+        .and_then(|m| m.get(model).cloned());
+    match found {
+        Some(b) => Response::new(body(vec![b])),
+        None => error(StatusCode::NOT_FOUND, "no request for that model yet"),
+    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Body> {
@@ -134,7 +228,10 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
     r
 }
 
-async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(req: Request<Incoming>, relay: Script) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == LAST_REQUEST_PATH && req.method() == Method::GET {
+        return Ok(last_request(req.uri().query()));
+    }
     if req.uri().path() != PATH {
         return Ok(error(StatusCode::NOT_FOUND, "unknown path"));
     }
@@ -156,7 +253,15 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             "only stream: true is served",
         ));
     }
-    let mut r = Response::new(body(events(&chat)));
+    if let Ok(mut last) = last_requests().lock() {
+        last.insert(chat.model.clone(), raw.clone());
+    }
+    let script = if chat.model == RELAY_MODEL {
+        relay
+    } else {
+        Script::SHORT
+    };
+    let mut r = Response::new(paced(events(&chat, script.chunks), script.interval));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -215,15 +320,15 @@ pub fn direct_request() -> Bytes {
     Bytes::from(serde_json::to_vec(&req).expect("a chat request serializes"))
 }
 
-/// The answer's events, each `data: …\n\n`.
-fn events(chat: &ChatRequest) -> Vec<Bytes> {
+/// The answer's events, each `data: …\n\n`: `chunks` content chunks.
+fn events(chat: &ChatRequest, chunks: usize) -> Vec<Bytes> {
     // A JSON string literal, quotes included.
     let model = serde_json::to_string(&chat.model).unwrap_or_else(|_| "\"fake\"".to_string());
     let head = format!(
         "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":{model},"
     );
-    let mut out = Vec::with_capacity(CHUNKS + 3);
-    for _ in 0..CHUNKS {
+    let mut out = Vec::with_capacity(chunks + 3);
+    for _ in 0..chunks {
         out.push(Bytes::from(format!(
             "{head}\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{PIECE}\"}},\"finish_reason\":null}}]}}\n\n"
         )));
@@ -240,8 +345,8 @@ fn events(chat: &ChatRequest) -> Vec<Bytes> {
             .sum::<usize>()
             + 3;
         out.push(Bytes::from(format!(
-            "{head}\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{CHUNKS},\"total_tokens\":{}}}}}\n\n",
-            prompt + CHUNKS
+            "{head}\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{chunks},\"total_tokens\":{}}}}}\n\n",
+            prompt + chunks
         )));
     }
     out.push(Bytes::from_static(b"data: [DONE]\n\n"));
@@ -277,15 +382,15 @@ struct Usage {
     completion_tokens: u32,
 }
 
-/// The text a complete answer carries.
+/// The text a complete default answer carries.
 pub fn expected_text() -> String {
-    PIECE.repeat(CHUNKS)
+    Script::SHORT.text()
 }
 
 /// Checks a whole SSE answer as a client would read it: every event
-/// parsed, the text complete, a finish reason, usage, then `[DONE]` last.
-/// An incomplete or malformed stream is DATA_LOSS.
-pub fn check_sse(body: &[u8]) -> Result<(), Code> {
+/// parsed, `script`'s text complete, a finish reason, usage, then `[DONE]`
+/// last. An incomplete or malformed stream is DATA_LOSS.
+pub fn check_sse_of(body: &[u8], script: Script) -> Result<(), Code> {
     let bad = Err(Code::DataLoss);
     let Ok(text) = std::str::from_utf8(body) else {
         return bad;
@@ -324,9 +429,9 @@ pub fn check_sse(body: &[u8]) -> Result<(), Code> {
         }
     }
     if done
-        && answer == expected_text()
+        && answer == script.text()
         && finish.as_deref() == Some("stop")
-        && usage == Some(CHUNKS as u32)
+        && usage == Some(script.chunks as u32)
     {
         Ok(())
     } else {
@@ -335,10 +440,15 @@ pub fn check_sse(body: &[u8]) -> Result<(), Code> {
 }
 
 /// The environment that makes trellisd's LlmService route alias [`ALIAS`]
-/// to the fake at `addr`, with every quota of the default limits lifted
-/// (the bench's member account is not listed in `role_limits`).
+/// (and [`RELAY_ALIAS`]) to the fake at `addr`, with every quota of the
+/// default limits lifted (the bench's member account is not listed in
+/// `role_limits`).
 pub fn trellisd_env(addr: SocketAddr) -> Vec<(&'static str, String)> {
     vec![
+        (
+            "TRELLIS_LLM__MODELS__BENCHRELAY__ROUTES",
+            format!("[\"{PROVIDER}:{RELAY_MODEL}\"]"),
+        ),
         (
             "TRELLIS_LLM__PROVIDERS__FAKE__BASE_URL",
             format!("http://{addr}/v1"),
@@ -390,7 +500,7 @@ mod tests {
 
     #[test]
     fn answers_sixteen_chunks_stop_usage_done() {
-        let parts = events(&request(true));
+        let parts = events(&request(true), CHUNKS);
         assert_eq!(parts.len(), CHUNKS + 3);
         let body = joined(parts);
         let text = std::str::from_utf8(&body).expect("utf-8");
@@ -398,37 +508,89 @@ mod tests {
         assert!(text.contains("\"model\":\"fake-model\""));
         assert!(text.contains("\"finish_reason\":\"stop\""));
         assert!(text.contains("\"completion_tokens\":16"));
-        assert_eq!(check_sse(&body), Ok(()));
+        assert_eq!(check_sse_of(&body, Script::SHORT), Ok(()));
     }
 
     #[test]
     fn usage_only_when_asked() {
-        let parts = events(&request(false));
+        let parts = events(&request(false), CHUNKS);
         assert_eq!(parts.len(), CHUNKS + 2);
         // The bench always asks, so a stream without usage fails its check.
-        assert_eq!(check_sse(&joined(parts)), Err(Code::DataLoss));
+        assert_eq!(
+            check_sse_of(&joined(parts), Script::SHORT),
+            Err(Code::DataLoss)
+        );
     }
 
     #[test]
     fn incomplete_streams_fail_the_check() {
-        let mut parts = events(&request(true));
+        let mut parts = events(&request(true), CHUNKS);
         parts.pop();
-        assert_eq!(check_sse(&joined(parts)), Err(Code::DataLoss), "no [DONE]");
-        let mut parts = events(&request(true));
+        assert_eq!(
+            check_sse_of(&joined(parts), Script::SHORT),
+            Err(Code::DataLoss),
+            "no [DONE]"
+        );
+        let mut parts = events(&request(true), CHUNKS);
         parts.remove(3);
         assert_eq!(
-            check_sse(&joined(parts)),
+            check_sse_of(&joined(parts), Script::SHORT),
             Err(Code::DataLoss),
             "a chunk lost"
         );
-        let mut parts = events(&request(true));
+        let mut parts = events(&request(true), CHUNKS);
         parts.push(Bytes::from_static(b"data: {}\n\n"));
         assert_eq!(
-            check_sse(&joined(parts)),
+            check_sse_of(&joined(parts), Script::SHORT),
             Err(Code::DataLoss),
             "after [DONE]"
         );
-        assert_eq!(check_sse(b"data: {nope\n\n"), Err(Code::DataLoss));
+        assert_eq!(
+            check_sse_of(b"data: {nope\n\n", Script::SHORT),
+            Err(Code::DataLoss)
+        );
+    }
+
+    #[test]
+    fn relay_script_answers_its_own_length() {
+        let relay = Script {
+            chunks: 200,
+            interval: Some(Duration::from_millis(5)),
+        };
+        let parts = events(&request(true), relay.chunks);
+        assert_eq!(parts.len(), 203);
+        let body = joined(parts);
+        assert_eq!(check_sse_of(&body, relay), Ok(()));
+        assert_eq!(check_sse_of(&body, Script::SHORT), Err(Code::DataLoss));
+    }
+
+    #[tokio::test]
+    async fn paced_bodies_keep_their_schedule() {
+        use http_body_util::BodyExt as _;
+        let started = tokio::time::Instant::now();
+        let parts = vec![Bytes::from_static(b"a"); 4];
+        let body = paced(parts, Some(Duration::from_millis(5)))
+            .collect()
+            .await
+            .expect("infallible")
+            .to_bytes();
+        assert_eq!(&body[..], b"aaaa");
+        // The first at once, then three intervals (never sooner).
+        assert!(started.elapsed() >= Duration::from_millis(15));
+    }
+
+    #[test]
+    fn last_requests_are_kept_per_model() {
+        last_requests()
+            .lock()
+            .expect("lock")
+            .insert("m-test".into(), Bytes::from_static(b"{}"));
+        assert_eq!(last_request(Some("model=m-test")).status(), StatusCode::OK);
+        assert_eq!(
+            last_request(Some("model=other")).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(last_request(None).status(), StatusCode::NOT_FOUND);
     }
 
     #[test]
@@ -441,6 +603,10 @@ mod tests {
         assert!(env.contains(&(
             "TRELLIS_LLM__MODELS__BENCH__ROUTES",
             "[\"fake:fake-model\"]".to_string()
+        )));
+        assert!(env.contains(&(
+            "TRELLIS_LLM__MODELS__BENCHRELAY__ROUTES",
+            "[\"fake:fake-relay\"]".to_string()
         )));
     }
 }

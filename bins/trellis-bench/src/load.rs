@@ -155,9 +155,12 @@ async fn task(
         }
         out.last_done = Some(Instant::now());
         match result {
-            Ok(()) => {
+            Ok(until) => {
                 out.ok += 1;
-                let ns = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                // The call's own end point (its first token), else now.
+                let until = until.unwrap_or_else(Instant::now);
+                let ns = u64::try_from(until.saturating_duration_since(sent).as_nanos())
+                    .unwrap_or(u64::MAX);
                 out.latency.saturating_record(ns.max(1));
             }
             Err(code) => *out.errors.entry(code_name(code)).or_default() += 1,

@@ -12,8 +12,13 @@
 //! (`bench-results/`). Each scenario is held to a target relative to a
 //! reference scenario from the same run.
 //!
+//! Besides bare servers, references are the same work done directly:
+//! chat-completions posted to the fake upstream (with the body trellisd's
+//! chat sent it), trellisd's search SQL run by the bench on PostgreSQL.
+//!
 //! `--quick` is a smoke run for CI, on any build: it runs every scenario,
-//! small (short windows, 2,000 users, argon2 memory lowered) and checks that
+//! small (short windows, 2,000 users, 3,000 documents, 20 relay streams,
+//! 200 idle streams, argon2 memory lowered) and checks that
 //! each ran cleanly (calls made, no errors, percentiles in order), not how
 //! fast. Full runs make the same checks; missed targets are reported, not
 //! failed.
@@ -22,6 +27,7 @@ mod baseline;
 mod calls;
 mod fakellm;
 mod hashrate;
+mod idle;
 mod load;
 mod measure;
 mod notes;
@@ -30,6 +36,7 @@ mod run;
 mod scenario;
 mod seed;
 mod servers;
+mod sql;
 mod stack;
 mod userserver;
 
@@ -127,6 +134,21 @@ pub struct RunArgs {
     /// 1000,1500,2000,2500,3000,4000,5000,6000,8000; --quick: 100,200].
     #[arg(long, value_delimiter = ',', value_name = "RPS,…")]
     llm_steps: Vec<f64>,
+    /// Converse streams streams-idle holds open at once [default: 10000;
+    /// --quick: 200].
+    #[arg(long, value_name = "N")]
+    idle_streams: Option<usize>,
+}
+
+/// Lifts this process's open-file limit to its hard limit: streams-idle
+/// holds many connections, and the servers started after this inherit it.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 fn main() -> ExitCode {
@@ -137,6 +159,7 @@ fn main() -> ExitCode {
         Some(Command::FakeLlm(args)) => return fakellm::main(args),
         None => {}
     }
+    raise_fd_limit();
     match bench(cli.run) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -183,6 +206,25 @@ fn llm_for(args: &RunArgs) -> anyhow::Result<run::LlmLoad> {
         step_warmup: std::time::Duration::from_secs_f64(warmup),
         step_duration: std::time::Duration::from_secs_f64(duration),
     })
+}
+
+/// The chat scenarios' loads: chat-relay's 100 streams (--quick: 20) of
+/// 200 tokens paced 5 ms apart (--quick: 50, 10 ms apart), and the pool of
+/// sessions every turn takes a fresh one from.
+fn chat_for(args: &RunArgs) -> run::ChatLoad {
+    let (chunks, interval_ms, streams, sessions) = if args.quick {
+        (50, 10, 20, 3_000)
+    } else {
+        (200, 5, 100, 30_000)
+    };
+    run::ChatLoad {
+        relay: fakellm::Script {
+            chunks,
+            interval: Some(std::time::Duration::from_millis(interval_ms)),
+        },
+        relay_streams: streams,
+        sessions,
+    }
 }
 
 fn plan_for(args: &RunArgs) -> anyhow::Result<Plan> {
@@ -249,6 +291,7 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
         pins,
         cpus: cpus.len(),
         llm,
+        chat: chat_for(&args),
     };
     let result = runtime.block_on(async {
         tokio::select! {
@@ -280,7 +323,7 @@ fn bench(args: RunArgs) -> anyhow::Result<bool> {
             p.server,
             if fake_llm {
                 " — except the fake LLM upstream, which answers trellisd's upstream calls \
-                 during llm-gateway and llm-max-rate"
+                 during llm-gateway, llm-max-rate, the chat scenarios and streams-idle"
             } else {
                 ""
             },

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::load::Outcome;
-use crate::report::{RateStep, ScenarioResult};
+use crate::report::{RateStep, RssReport, ScenarioResult};
 use crate::scenario::Scenario;
 use crate::servers::SchedStat;
 
@@ -101,6 +101,8 @@ pub struct Extras {
     /// PostgreSQL transactions committed and `llm_usage` rows written
     /// over the window.
     pub pg_activity: Option<(i64, i64)>,
+    /// Idle streams held, and trellisd's RSS with them.
+    pub idle: Option<crate::idle::IdleFacts>,
 }
 
 /// How a scenario was run, for its result.
@@ -143,7 +145,8 @@ pub fn result(
     let p50_ratio = reference.map(|r| p50_us / r.p50_us);
     let p99_ratio = reference.map(|r| p99_us / r.p99_us);
     let max_overhead = s.target.and_then(|t| t.max_p99_overhead_us);
-    let (p50_overhead_us, p99_overhead_us) = match (reference, max_overhead) {
+    let max_p50_overhead = s.target.and_then(|t| t.max_p50_overhead_us);
+    let (p50_overhead_us, p99_overhead_us) = match (reference, max_overhead.or(max_p50_overhead)) {
         (Some(r), Some(_)) => (Some(p50_us - r.p50_us), Some(p99_us - r.p99_us)),
         _ => (None, None),
     };
@@ -154,7 +157,10 @@ pub fn result(
         (Some(t), Some(rps), Some(p50), Some(p99)) => {
             t.met(rps, p50, p99)
                 && t.met_absolute(
-                    p99_overhead_us.unwrap_or(f64::INFINITY),
+                    (
+                        p50_overhead_us.unwrap_or(f64::INFINITY),
+                        p99_overhead_us.unwrap_or(f64::INFINITY),
+                    ),
                     o.error_total(),
                     extras.held_rps,
                     reference_rate,
@@ -162,6 +168,9 @@ pub fn result(
         }
         (Some(_), ..) => false,
     };
+    // Held to an absolute bound instead of a reference.
+    let rss = extras.idle.as_ref().map(RssReport::of);
+    let met = met && rss.as_ref().is_none_or(|r| r.met && o.error_total() == 0);
     let also = s.also_vs.and_then(find);
     let requests = o.ok + o.error_total();
     let per_call = |v: Option<f64>| v.filter(|_| requests > 0).map(|v| v / requests as f64);
@@ -192,11 +201,20 @@ pub fn result(
         also_vs: also.map(|r| r.scenario.clone()),
         also_rps_ratio: also.map(|r| rps / r.rps),
         also_p99_ratio: also.map(|r| p99_us / r.p99_us),
-        target: s
-            .target
-            .map_or_else(|| "— (reference)".to_string(), |t| t.text(reference_rate)),
+        target: match (&rss, s.target) {
+            (Some(r), _) => r.target_text(),
+            (None, Some(t)) => t.text(reference_rate),
+            (None, None) if s.also_vs.is_some() => "— (reported)".to_string(),
+            (None, None) => "— (reference)".to_string(),
+        },
         target_rps_ratio: s.target.and_then(|t| t.min_rps_ratio),
-        target_p50_ratio: s.target.and_then(|t| t.max_p50_ratio),
+        // An overhead bound as the p50 ratio it amounts to in this run.
+        target_p50_ratio: s.target.and_then(|t| t.max_p50_ratio).or_else(|| {
+            max_p50_overhead
+                .zip(reference)
+                .filter(|(_, r)| r.p50_us > 0.0)
+                .map(|(max, r)| (r.p50_us + max) / r.p50_us)
+        }),
         // An overhead bound as the p99 ratio it amounts to in this run.
         target_p99_ratio: s.target.and_then(|t| t.max_p99_ratio).or_else(|| {
             max_overhead
@@ -224,6 +242,7 @@ pub fn result(
         p50_overhead_us,
         p99_overhead_us,
         target_p99_overhead_us: max_overhead,
+        target_p50_overhead_us: max_p50_overhead,
         held_rps: extras.held_rps,
         held_ratio,
         steps: extras.steps,
@@ -238,6 +257,7 @@ pub fn result(
         usage_rows_per_call: extras
             .pg_activity
             .and_then(|(_, rows)| per_call(Some(rows as f64))),
+        rss,
         redis_commands_per_call: if requests > 0 {
             extras
                 .redis_commands

@@ -10,7 +10,9 @@ use trellis_core::config::Argon2Config;
 use crate::fakellm;
 use crate::report::ScenarioResult;
 use crate::run::{Ctx, USER_SERVER_CONNECTIONS};
-use crate::scenario::{HELD_SHARE, LIST_PAGE_SIZE, LLM_P99_OVERHEAD_US, PROBE_RPS};
+use crate::scenario::{
+    CHAT_TTFT_P50_OVERHEAD_US, HELD_SHARE, LIST_PAGE_SIZE, LLM_P99_OVERHEAD_US, PROBE_RPS,
+};
 use crate::seed::SeedFacts;
 use crate::servers::{self, ServerKind, Servers};
 
@@ -214,6 +216,23 @@ pub fn notes(
     if let Some(max) = get("llm-max-rate") {
         notes.push(llm_ladder(max));
     }
+    if let (Some(direct), Some(chat)) = (get("chat-ttft-direct"), get("chat-ttft")) {
+        notes.push(chat_ttft(direct, chat, facts));
+    }
+    if let (Some(direct), Some(chat)) = (get("chat-relay-direct"), get("chat-relay")) {
+        notes.push(chat_relay(ctx, direct, chat));
+    }
+    if let (Some(direct), Some(mesh), Some(f)) = (get("search-sql"), get("search"), facts) {
+        notes.push(search(direct, mesh, get("search-sql-unprepared"), f));
+    }
+    if let (Some(direct), Some(mesh)) = (get("search-index-sql"), get("search-index")) {
+        notes.push(search_index(direct, mesh));
+    }
+    if let Some(idle) = get("streams-idle")
+        && let Some(rss) = &idle.rss
+    {
+        notes.push(streams_idle(idle, rss));
+    }
     if let Some(av) = get("auth-verify") {
         let vs = |name: &str| {
             get(name)
@@ -352,6 +371,256 @@ fn llm_overhead(direct: &ScenarioResult, gw: &ScenarioResult, running: &Servers)
         rate = gw.rate.unwrap_or(0.0),
         tasks = gw.concurrency,
     )
+}
+
+/// Chat's time to first token over the direct call's.
+fn chat_ttft(direct: &ScenarioResult, chat: &ScenarioResult, facts: Option<&SeedFacts>) -> String {
+    let verdict = if chat.met { "met" } else { "**not met**" };
+    let captured = facts
+        .and_then(|f| {
+            f.captured_bytes
+                .iter()
+                .find(|(m, _)| *m == fakellm::UPSTREAM_MODEL)
+        })
+        .map_or(String::new(), |(_, n)| format!(" ({n} bytes)"));
+    let sessions = facts
+        .and_then(|f| f.chat_sessions)
+        .map_or(String::new(), |(n, d)| {
+            format!(
+                " The {n} sessions the chat turns take in turn were bulk-inserted in one statement \
+                 ({:.1} s), so every measured turn is its session's first: the same prompt, no \
+                 history.",
+                d.as_secs_f64()
+            )
+        });
+    let m = |k: &str| chat.server_means_us.get(k).copied();
+    let inside = match (m("chat_first_token"), m("upstream_first_token")) {
+        (Some(c), u) => format!(
+            " trellisd's own means over the window (/metrics): chat's first token {c:.0} µs \
+             after the turn was accepted (the user message and the STREAMING reply stored), the \
+             gateway's upstream first token {}; the rest of the bench's {:.0} µs mean is \
+             before acceptance (authentication, the session read, the turn's transaction) and \
+             the relay of the delta.",
+            u.map_or("?".to_string(), |u| format!("{u:.0} µs")),
+            chat.mean_us
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "Chat time to first token at concurrency 1 (one client task, closed loop): the fake \
+         upstream called directly p50 {} / p99 {}, through ChatService.SendMessage p50 {} / p99 \
+         {} — overhead {:+.0} µs at p50, {:+.0} µs at p99 (target p50 ≤ +{:.1} ms with 0 errors: \
+         {verdict}). The direct call posts the body trellisd's chat posted for a first turn, \
+         captured from the fake{captured}, and stops the clock at the first content chunk; the \
+         chat turn stops it at the first Delta event, having gone through authentication, the \
+         session lookup, the turn's transaction, the user's preferences (UserService over the \
+         mesh, cached), LlmService.GenerateStream over the mesh (the quota script in Redis) and \
+         the fake upstream. Both read their answers to the end and check them. Per turn: \
+         trellisd CPU {}, PostgreSQL CPU {}, Redis CPU {}.{sessions}{inside}",
+        us_or(Some(direct.p50_us)),
+        us_or(Some(direct.p99_us)),
+        us_or(Some(chat.p50_us)),
+        us_or(Some(chat.p99_us)),
+        chat.p50_overhead_us.unwrap_or(f64::NAN),
+        chat.p99_overhead_us.unwrap_or(f64::NAN),
+        CHAT_TTFT_P50_OVERHEAD_US / 1000.0,
+        us_or(chat.server_cpu_us_per_call),
+        db_per_call(chat),
+        us_or(chat.redis_cpu_us_per_call),
+    )
+}
+
+/// Chat's relay throughput over the direct upstream rate.
+fn chat_relay(ctx: &Ctx<'_>, direct: &ScenarioResult, chat: &ScenarioResult) -> String {
+    let script = ctx.chat.relay;
+    let interval = script.interval.unwrap_or_default();
+    let ideal = interval.as_secs_f64() * 1e6 * (script.chunks + 2) as f64;
+    let tokens = |r: &ScenarioResult| r.rps * script.chunks as f64;
+    let verdict = if chat.met { "met" } else { "**not met**" };
+    format!(
+        "Chat relay at {} concurrent streams (closed loop, one client task a stream; the chat \
+         turns over one HTTP/2 connection, the direct calls on one HTTP/1.1 connection each): \
+         the fake upstream streams {} tokens {} µs apart (a reply takes at least {} µs), so \
+         the direct rate is the upstream's own pace: {:.1} replies/s = {:.0} tokens/s, a reply in \
+         p50 {} / p99 {}. Through ChatService.SendMessage: {:.1} replies/s = {:.0} tokens/s \
+         ({:.2}× direct; target ≥ 0.9×: {verdict}), a reply in p50 {} / p99 {}. Every token \
+         crosses the gateway (SSE parsed, a GenerateStream message over the mesh), chat (a \
+         local broadcast, a Redis PUBLISH, the client's stream) and is checked in order; the \
+         reply is written every flush interval and finalised. CPU over the window: trellisd \
+         {}, PostgreSQL {}, Redis {}, fake upstream {}, bench {} (% of one CPU; the first four \
+         share the servers' CPU).",
+        chat.concurrency,
+        script.chunks,
+        interval.as_micros(),
+        ideal.round(),
+        direct.rps,
+        tokens(direct),
+        us_or(Some(direct.p50_us)),
+        us_or(Some(direct.p99_us)),
+        chat.rps,
+        tokens(chat),
+        chat.rps / direct.rps,
+        us_or(Some(chat.p50_us)),
+        us_or(Some(chat.p99_us)),
+        pct(chat.server_cpu_percent),
+        pct(chat.db_cpu_percent),
+        pct(chat.redis_cpu_percent),
+        pct(chat.upstream_cpu_percent),
+        pct(chat.client_cpu_percent),
+    )
+}
+
+/// Search through the mesh over the same SQL run directly.
+fn search(
+    direct: &ScenarioResult,
+    mesh: &ScenarioResult,
+    unprepared: Option<&ScenarioResult>,
+    f: &SeedFacts,
+) -> String {
+    let verdict = if mesh.met { "met" } else { "**not met**" };
+    let unprepared = unprepared.map_or(String::new(), |u| {
+        format!(
+            " The same SQL with both statements prepared on every call, as diesel runs \
+             trellisd's `sql_query` statements (it never caches them: a round trip more, \
+             parsed and planned each time): p50 {} / p99 {} ({} p50 of search-sql), PostgreSQL \
+             CPU {} per query — the part of search's gap that statement caching would close.",
+            ms(u.p50_us),
+            ms(u.p99_us),
+            ratio(u.p50_us, direct.p50_us),
+            db_per_call(u),
+        )
+    });
+    let corpus = f.corpus.as_ref().map_or(String::new(), |(n, took, said)| {
+        format!(
+            " Corpus: {n} documents, from `trellisd seed` (the project's synthetic candidate \
+             profiles and help articles, indexed through its batch upsert: \"{said}\") then \
+             VACUUM ANALYZE, {:.1} s in all.",
+            took.as_secs_f64()
+        )
+    });
+    let queries = crate::seed::search_mix()
+        .iter()
+        .zip(&f.search_hits)
+        .map(|(q, (hits, total))| {
+            let mut filters = Vec::new();
+            if !q.collections.is_empty() {
+                filters.push(format!("collections {}", q.collections.join(",")));
+            }
+            if !q.tags.is_empty() {
+                filters.push(format!("tags {}", q.tags.join(",")));
+            }
+            for (k, v) in &q.attributes {
+                filters.push(format!("{k}={v}"));
+            }
+            format!(
+                "`{}` ({}; {hits} hits of {total})",
+                q.text,
+                if filters.is_empty() {
+                    "no filter".to_string()
+                } else {
+                    filters.join(", ")
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "Search: through the mesh p50 {} / p99 {} vs the same SQL run directly p50 {} / p99 {} \
+         ({} p50, {} p99; target ≤ 1.2× both: {verdict}), one client task each, the queries taken \
+         in turn: {queries}; page size {}, a member's visibility (own or shared), language {}. \
+         Before measuring, every query ran both ways and the hits had to be the same, in order \
+         (the bench's statements are a copy of crates/search/src/query.rs). trellisd also writes \
+         a search_history row per first page, after answering. Per query: PostgreSQL CPU {} \
+         direct vs {} through trellisd, trellisd CPU {}.{unprepared}{corpus}",
+        ms(mesh.p50_us),
+        ms(mesh.p99_us),
+        ms(direct.p50_us),
+        ms(direct.p99_us),
+        ratio(mesh.p50_us, direct.p50_us),
+        ratio(mesh.p99_us, direct.p99_us),
+        crate::seed::SEARCH_PAGE_SIZE,
+        crate::seed::SEARCH_LANGUAGE,
+        db_per_call(direct),
+        db_per_call(mesh),
+        us_or(mesh.server_cpu_us_per_call),
+    )
+}
+
+/// Indexing throughput through the mesh and directly.
+fn search_index(direct: &ScenarioResult, mesh: &ScenarioResult) -> String {
+    let batch = crate::seed::INDEX_BATCH as f64;
+    let per_doc = |r: &ScenarioResult| {
+        r.db_cpu_percent
+            .filter(|_| r.rps > 0.0)
+            .map_or("?".to_string(), |p| {
+                format!("{:.0} µs", p / 100.0 * 1e6 / (r.rps * batch))
+            })
+    };
+    format!(
+        "Indexing: IndexDocuments through the mesh {:.0} documents/s ({:.1} calls/s of {batch} \
+         documents, {} client tasks; a call p50 {} / p99 {}) vs trellisd's upsert statement run \
+         directly {:.0} documents/s (p50 {} / p99 {}): {} (reported, no target). Each call \
+         indexes new documents (fresh external ids: inserts, not replacements) copied from the \
+         corpus's candidate profiles into their own collection; PostgreSQL computes each \
+         tsvector (english, title weight A, body B) and maintains the GIN indexes. PostgreSQL CPU \
+         per document {} through trellisd vs {} directly; trellisd CPU per call {} (validation, \
+         decoding 200 documents, binding the arrays).",
+        mesh.rps * batch,
+        mesh.rps,
+        mesh.concurrency,
+        ms(mesh.p50_us),
+        ms(mesh.p99_us),
+        direct.rps * batch,
+        ms(direct.p50_us),
+        ms(direct.p99_us),
+        ratio(mesh.rps, direct.rps),
+        per_doc(mesh),
+        per_doc(direct),
+        us_or(mesh.server_cpu_us_per_call),
+    )
+}
+
+/// Idle Converse streams and trellisd's memory with them.
+fn streams_idle(r: &ScenarioResult, rss: &crate::report::RssReport) -> String {
+    let verdict = if r.met { "met" } else { "**not met**" };
+    let at_target = if rss.projected {
+        format!(
+            "projected to {} streams (the RSS measured + {:.1} KB for each stream missing): {:.0} MB",
+            rss.target_streams, rss.marginal_kb, rss.at_target_mb
+        )
+    } else {
+        format!(
+            "measured with {} streams: {:.0} MB",
+            rss.streams, rss.at_target_mb
+        )
+    };
+    format!(
+        "streams-idle: {} Converse streams over {} HTTP/2 connections ({} streams each), opened \
+         {} at a time in {:.1} s, each made live with one short turn (p50 {} / p99 {} to open \
+         one, its turn included), then held open and idle, every one checked still open before \
+         they were closed. trellisd's RSS (VmRSS): {:.1} MB before, {:.1} MB with half of them, \
+         {:.1} MB with all of them ({:+.1} KB a stream over all, {:+.1} KB at the margin — the \
+         second half, without the first turns' one-off growth), {:.1} MB a second after closing \
+         them. Server RSS {at_target} (target ≤ {:.0} MB: {verdict}).",
+        rss.streams,
+        rss.connections,
+        crate::idle::PER_CONNECTION,
+        crate::idle::OPENING,
+        rss.opening_s,
+        ms(r.p50_us),
+        ms(r.p99_us),
+        rss.before_mb,
+        rss.half_mb,
+        rss.with_mb,
+        rss.per_stream_kb,
+        rss.marginal_kb,
+        rss.after_close_mb,
+        rss.limit_mb,
+    )
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("?".to_string(), |v| format!("{v:.0}%"))
 }
 
 /// The rate ladder, step by step.

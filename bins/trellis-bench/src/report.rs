@@ -103,6 +103,10 @@ pub struct ScenarioResult {
     /// The target's greatest p99 overhead, in µs. `target_p99_ratio` then
     /// holds the p99 ratio it amounts to in this run.
     pub target_p99_overhead_us: Option<f64>,
+    /// The target's greatest p50 overhead, in µs. `target_p50_ratio` then
+    /// holds the p50 ratio it amounts to in this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_p50_overhead_us: Option<f64>,
     /// A rate ladder's highest offered rate held (none held: null).
     pub held_rps: Option<f64>,
     /// `held_rps` ÷ the rate the reference ran at.
@@ -139,6 +143,81 @@ pub struct ScenarioResult {
     /// `llm_usage` rows written per call in the window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage_rows_per_call: Option<f64>,
+    /// Idle streams held and the server's memory with them (streams-idle:
+    /// held to an absolute bound, not to a reference).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss: Option<RssReport>,
+}
+
+/// The server's resident memory with many idle streams.
+#[derive(Debug, Clone, Serialize)]
+pub struct RssReport {
+    pub streams: usize,
+    pub connections: usize,
+    /// Resident set size before the first stream, with all of them open
+    /// and idle, after closing them, MiB.
+    pub before_mb: f64,
+    pub with_mb: f64,
+    pub after_close_mb: f64,
+    /// RSS with half of the streams open, MiB.
+    pub half_mb: f64,
+    /// Growth per open stream, KiB: over all, and over the second half
+    /// (the marginal cost, without the first turns' one-off growth).
+    pub per_stream_kb: f64,
+    pub marginal_kb: f64,
+    /// The RSS with `target_streams` streams: measured, or (`projected`)
+    /// the RSS measured + the marginal cost × the streams missing.
+    pub at_target_mb: f64,
+    pub target_streams: usize,
+    pub projected: bool,
+    pub limit_mb: f64,
+    pub met: bool,
+    /// Seconds to open them all (each with its turn).
+    pub opening_s: f64,
+}
+
+impl RssReport {
+    pub fn of(f: &crate::idle::IdleFacts) -> RssReport {
+        let mb = |kb: u64| kb as f64 / 1024.0;
+        let at_target_mb = f.rss_at_target_mb();
+        RssReport {
+            streams: f.streams,
+            connections: f.connections,
+            before_mb: mb(f.rss_before_kb),
+            half_mb: mb(f.rss_half_kb),
+            with_mb: mb(f.rss_with_kb),
+            after_close_mb: mb(f.rss_after_kb),
+            per_stream_kb: f.per_stream_kb(),
+            marginal_kb: f.marginal_kb(),
+            at_target_mb,
+            target_streams: crate::idle::TARGET_STREAMS,
+            projected: f.projected(),
+            limit_mb: crate::idle::MAX_RSS_MB,
+            met: f.rss_with_kb > 0 && at_target_mb <= crate::idle::MAX_RSS_MB,
+            opening_s: f.opening.as_secs_f64(),
+        }
+    }
+
+    pub fn target_text(&self) -> String {
+        format!(
+            "server RSS ≤ {:.0} MB with {} idle streams, 0 errors",
+            self.limit_mb, self.target_streams
+        )
+    }
+
+    /// e.g. `RSS 80 → 95 MB with 200 streams (+30.2 KB each at the margin); 10000 streams: 380 MB (projected)`.
+    pub fn text(&self) -> String {
+        format!(
+            "RSS {:.0} → {:.0} MB with {} streams ({:+.1} KB each at the margin); {} streams: {:.0} MB{}",
+            self.before_mb,
+            self.with_mb,
+            self.streams,
+            self.marginal_kb,
+            self.target_streams,
+            self.at_target_mb,
+            if self.projected { " (projected)" } else { "" }
+        )
+    }
 }
 
 /// One step of a rate ladder.
@@ -218,6 +297,9 @@ fn us(v: f64) -> String {
 }
 
 fn ratio_text(r: &ScenarioResult) -> String {
+    if let Some(rss) = &r.rss {
+        return rss.text();
+    }
     if !r.steps.is_empty() {
         return match (&r.reference, r.held_rps, r.held_ratio) {
             (Some(reference), Some(held), Some(x)) => {
@@ -231,7 +313,7 @@ fn ratio_text(r: &ScenarioResult) -> String {
     }
     if let (Some(reference), Some(_), Some(p50), Some(p99), Some(rps)) = (
         &r.reference,
-        r.target_p99_overhead_us,
+        r.target_p99_overhead_us.or(r.target_p50_overhead_us),
         r.p50_overhead_us,
         r.p99_overhead_us,
         r.rps_ratio,
@@ -241,6 +323,11 @@ fn ratio_text(r: &ScenarioResult) -> String {
         );
     }
     let (Some(reference), Some(rps), Some(p99)) = (&r.reference, r.rps_ratio, r.p99_ratio) else {
+        // Reported against another scenario, not held to it.
+        if let (Some(also), Some(rps), Some(p99)) = (&r.also_vs, r.also_rps_ratio, r.also_p99_ratio)
+        {
+            return format!("{rps:.2}× req/s, {p99:.2}× p99 (vs {also})");
+        }
         return "—".to_string();
     };
     let mut text = format!("{rps:.2}× req/s, ");
@@ -269,10 +356,10 @@ pub fn markdown(info: &RunInfo, results: &[ScenarioResult]) -> String {
     md.push_str("| scenario | req/s | p50 (µs) | p99 (µs) | ratio vs reference | target | met |\n");
     md.push_str("|---|---:|---:|---:|---|---|---|\n");
     for r in results {
-        let met = match r.reference {
-            None => "—",
-            Some(_) if r.met => "met",
-            Some(_) => "**not met**",
+        let met = match (&r.reference, &r.rss) {
+            (None, None) => "—",
+            _ if r.met => "met",
+            _ => "**not met**",
         };
         md.push_str(&format!(
             "| {} | {:.0} | {} | {} | {} | {} | {} |\n",
@@ -378,6 +465,12 @@ pub fn markdown(info: &RunInfo, results: &[ScenarioResult]) -> String {
 /// The ratio a result's target is mainly about, its bound and its label
 /// (`req/s`, `p50`, `p99`); a reference scenario is 1.0 with no bound.
 fn headline(r: &ScenarioResult) -> (f64, Option<f64>, &'static str) {
+    if let Some(rss) = &r.rss {
+        return (rss.at_target_mb / rss.limit_mb, Some(1.0), "RSS limit");
+    }
+    if let (None, Some(_), Some(x)) = (&r.reference, &r.also_vs, r.also_rps_ratio) {
+        return (x, None, "req/s");
+    }
     if !r.steps.is_empty() && r.reference.is_some() {
         return (r.held_ratio.unwrap_or(0.0), Some(1.0), "rate held");
     }
@@ -442,10 +535,10 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
         .y_desc("× reference")
         .draw()?;
     c.draw_series(results.iter().zip(&heads).enumerate().map(|(i, (r, h))| {
-        let color = match r.reference {
-            None => RGBColor(150, 150, 150),
-            Some(_) if r.met => RGBColor(60, 150, 80),
-            Some(_) => RGBColor(200, 70, 60),
+        let color = match (&r.reference, &r.rss) {
+            (None, None) => RGBColor(150, 150, 150),
+            _ if r.met => RGBColor(60, 150, 80),
+            _ => RGBColor(200, 70, 60),
         };
         let x = i as i32 * 100;
         Rectangle::new([(x + 20, 0.0), (x + 80, h.0)], color.filled())
@@ -457,9 +550,13 @@ fn chart(path: &Path, info: &RunInfo, results: &[ScenarioResult]) -> anyhow::Res
         })
     }))?;
     c.draw_series(results.iter().zip(&heads).enumerate().map(|(i, (r, h))| {
-        let text = match &r.reference {
-            None => "reference".to_string(),
-            Some(reference) => format!("{:.2}× {} {reference}", h.0, h.2),
+        let text = match (&r.reference, &r.rss) {
+            (_, Some(_)) => format!("{:.2}× the {}", h.0, h.2),
+            (None, None) => match &r.also_vs {
+                Some(also) => format!("{:.2}× {} {also}", h.0, h.2),
+                None => "reference".to_string(),
+            },
+            (Some(reference), None) => format!("{:.2}× {} {reference}", h.0, h.2),
         };
         Text::new(
             text,

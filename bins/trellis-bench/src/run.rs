@@ -1,8 +1,9 @@
 //! One bench run: start what the selected scenarios need (the data stack,
 //! the fake LLM upstream, trellisd, the reference servers), then measure
 //! each scenario in table order — a probe together with its partner's load,
-//! run again unrecorded over the same window; a rate ladder step by step —
-//! and gather the notes the report closes with.
+//! run again unrecorded over the same window; a rate ladder step by step;
+//! idle streams opened and held ([`crate::idle`]) — and gather the notes the
+//! report closes with.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -48,6 +49,18 @@ pub struct Ctx<'a> {
     /// CPUs of the machine (what `PerCpu` loads count).
     pub cpus: usize,
     pub llm: LlmLoad,
+    pub chat: ChatLoad,
+}
+
+/// The chat scenarios' loads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChatLoad {
+    /// The fake upstream's paced script for chat-relay.
+    pub relay: fakellm::Script,
+    /// Concurrent streams (client tasks) of the relay scenarios.
+    pub relay_streams: usize,
+    /// Sessions created for the chat scenarios' turns, one a turn.
+    pub sessions: i32,
 }
 
 /// The LLM scenarios' loads.
@@ -95,7 +108,7 @@ pub async fn run(
     // address.
     let mut llm_env = Vec::new();
     if scenarios.iter().any(|s| s.needs_fake_llm()) {
-        let mut p = servers::start_fake_llm(server_cpu)?;
+        let mut p = servers::start_fake_llm(server_cpu, ctx.chat.relay)?;
         p.wait_ready(READY_TIMEOUT).await?;
         llm_env = fakellm::trellisd_env(p.addr);
         running.running.insert(ServerKind::FakeLlm, p);
@@ -139,15 +152,24 @@ pub async fn run(
         .join("; ");
 
     let mut fixture = match (stack, running.running.get(&ServerKind::Trellisd)) {
-        (Some(stack), Some(t)) => Some(
-            Fixture::new(
+        (Some(stack), Some(t)) => {
+            let mut f = Fixture::new(
                 t.addr,
                 &stack.database_url,
                 list_size(ctx.args.quick),
                 if ctx.args.quick { 5 } else { 20 },
             )
-            .await?,
-        ),
+            .await?;
+            f.fake_llm = running.running.get(&ServerKind::FakeLlm).map(|p| p.addr);
+            f.chat = ctx.chat;
+            f.seeder = trellisd.map(|path| crate::seed::Seeder {
+                trellisd: path.to_path_buf(),
+                env: stack.trellisd_env(),
+                database_url: stack.database_url.clone(),
+                docs: if ctx.args.quick { 3_000 } else { 100_000 },
+            });
+            Some(f)
+        }
         _ => None,
     };
 
@@ -187,7 +209,7 @@ pub async fn run(
             }
             let r = measure::result(g, shape, &outcome, usage, extras, &results);
             eprintln!(
-                "trellis-bench: {:<16} {:>9.0} req/s  p50 {:>9.1} µs  p99 {:>9.1} µs  max {:>9.1} µs  errors {}",
+                "trellis-bench: {:<22} {:>9.0} req/s  p50 {:>9.1} µs  p99 {:>9.1} µs  max {:>9.1} µs  errors {}",
                 r.scenario,
                 r.rps,
                 r.p50_us,
@@ -235,7 +257,8 @@ enum Prepared<'a> {
     Rpc {
         plan: Plan,
         shape: Shape,
-        server: &'a ServerProcess,
+        /// None: PostgreSQL itself (its CPU is the database's).
+        server: Option<&'a ServerProcess>,
         callers: Vec<Caller>,
         calls: Vec<Call>,
         /// The fake LLM upstream behind trellisd, whose CPU is measured too.
@@ -254,11 +277,19 @@ enum Prepared<'a> {
         nice: i32,
         cpus: Option<Vec<usize>>,
     },
+    Idle {
+        shape: Shape,
+        server: &'a ServerProcess,
+        bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        sessions: calls::Rotation<String>,
+        streams: usize,
+        call_timeout: Duration,
+    },
 }
 
 /// The plan a scenario's load makes of the run's (a ladder's: its first
 /// step).
-pub fn plan_of(load: Load, base: Plan, cpus: usize, llm: &LlmLoad) -> Plan {
+pub fn plan_of(load: Load, base: Plan, cpus: usize, llm: &LlmLoad, chat: &ChatLoad) -> Plan {
     let closed = |tasks: usize| Plan {
         mode: Mode::Concurrency,
         tasks: tasks.max(1),
@@ -285,6 +316,7 @@ pub fn plan_of(load: Load, base: Plan, cpus: usize, llm: &LlmLoad) -> Plan {
             duration: llm.step_duration,
             ..base
         },
+        Load::RelayStreams => closed(chat.relay_streams),
     }
 }
 
@@ -327,14 +359,20 @@ async fn prepare<'a>(
             rpc,
             load,
         } => {
-            let plan = plan_of(load, ctx.plan, ctx.cpus, &ctx.llm);
-            let process = running.get(server)?;
+            let plan = plan_of(load, ctx.plan, ctx.cpus, &ctx.llm, &ctx.chat);
+            let process = match server {
+                ServerKind::Postgres => None,
+                kind => Some(running.get(kind)?),
+            };
             let calls = match (rpc, fixture) {
                 (Rpc::SystemGetInfo, _) => {
                     vec![Call::new(Req::GetInfo(Default::default())); plan.tasks]
                 }
                 (Rpc::ChatCompletions, _) => {
-                    vec![Call::new(Req::ChatCompletions(fakellm::direct_request())); plan.tasks]
+                    vec![
+                        Call::new(Req::ChatCompletions(crate::calls::Upstream::llm_direct()));
+                        plan.tasks
+                    ]
                 }
                 (rpc, Some(f)) => f
                     .calls(rpc, plan.tasks)
@@ -344,7 +382,7 @@ async fn prepare<'a>(
             };
             let connections = match protocol {
                 Protocol::Grpc => ctx.args.connections.min(plan.tasks),
-                Protocol::GrpcWeb | Protocol::OpenAi => plan.tasks,
+                Protocol::GrpcWeb | Protocol::OpenAi | Protocol::Sql => plan.tasks,
             };
             let upstream = if server == ServerKind::Trellisd && s.needs_fake_llm() {
                 Some(running.get(ServerKind::FakeLlm)?)
@@ -358,7 +396,12 @@ async fn prepare<'a>(
             if !steps.is_empty() && protocol != Protocol::Grpc {
                 anyhow::bail!("{}: rate ladders run over native gRPC only", s.name);
             }
-            let callers = connect(protocol, process.addr, plan.tasks, ctx.args.connections)
+            let target = match (process, running.stack.as_ref()) {
+                (Some(p), _) => Target::Addr(p.addr),
+                (None, Some(stack)) => Target::Database(&stack.database_url),
+                (None, None) => anyhow::bail!("{}: needs the data stack", s.name),
+            };
+            let callers = connect(protocol, target, plan.tasks, ctx.args.connections)
                 .await
                 .with_context(|| format!("{}: connecting", s.name))?;
             let shape = Shape {
@@ -388,12 +431,20 @@ async fn prepare<'a>(
                 // and Redis idle meanwhile.
                 server_alone: matches!(
                     rpc,
-                    Rpc::SystemGetInfo | Rpc::SystemGetInfoAuthed | Rpc::ChatCompletions
+                    Rpc::SystemGetInfo
+                        | Rpc::SystemGetInfoAuthed
+                        | Rpc::ChatCompletions
+                        | Rpc::ChatUpstreamFirstToken
+                        | Rpc::ChatUpstreamRelay
                 ) && s.alongside.is_none()
                     && !partnered,
             };
-            let profile =
-                server == ServerKind::Trellisd && rpc == Rpc::GenerateStream && steps.is_empty();
+            let profile = server == ServerKind::Trellisd
+                && matches!(
+                    rpc,
+                    Rpc::GenerateStream | Rpc::ChatFirstToken | Rpc::ChatRelay
+                )
+                && steps.is_empty();
             Ok(Prepared::Rpc {
                 plan,
                 shape,
@@ -403,6 +454,46 @@ async fn prepare<'a>(
                 upstream,
                 steps,
                 profile,
+            })
+        }
+        Work::IdleStreams => {
+            let server = running.get(ServerKind::Trellisd)?;
+            let f = fixture.context("streams-idle needs the data stack and trellisd")?;
+            let (bearer, sessions) = f
+                .idle_setup()
+                .await
+                .with_context(|| format!("{}: seeding", s.name))?;
+            let streams = ctx
+                .args
+                .idle_streams
+                .unwrap_or(if ctx.args.quick { 200 } else { 10_000 })
+                .max(1);
+            let connections = streams.div_ceil(crate::idle::PER_CONNECTION);
+            let shape = Shape {
+                server: ServerKind::Trellisd.as_str().to_string(),
+                protocol: Protocol::Grpc.as_str().to_string(),
+                mode: "streams",
+                concurrency: crate::idle::OPENING,
+                rate: None,
+                connections,
+                warmup: Duration::ZERO,
+                // Replaced by the time opening them took.
+                duration: Duration::from_secs(1),
+                load: format!(
+                    "{streams} streams over {connections} HTTP/2 connection{}, opened {} at a time",
+                    if connections == 1 { "" } else { "s" },
+                    crate::idle::OPENING
+                ),
+                response_bytes: None,
+                server_alone: false,
+            };
+            Ok(Prepared::Idle {
+                shape,
+                server,
+                bearer,
+                sessions,
+                streams,
+                call_timeout: ctx.plan.call_timeout,
             })
         }
         Work::Argon2 => {
@@ -459,7 +550,7 @@ struct Measured {
 
 /// Where a window's CPU use is read from.
 struct Watch<'a> {
-    server: &'a ServerProcess,
+    server: Option<&'a ServerProcess>,
     upstream: Option<&'a ServerProcess>,
     stack: Option<&'a Stack>,
     redis_pid: Option<u32>,
@@ -493,6 +584,11 @@ const SERVER_TIMINGS: &[(&str, &str, &[&str])] = &[
     (
         "upstream_first_token",
         "trellis_llm_time_to_first_token_seconds",
+        &[],
+    ),
+    (
+        "chat_first_token",
+        "trellis_chat_time_to_first_token_seconds",
         &[],
     ),
 ];
@@ -544,7 +640,7 @@ impl Watch<'_> {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             at: Instant::now(),
-            server: self.server.sched_stat(),
+            server: self.server.and_then(|s| s.sched_stat()),
             client: servers::sched_stat("self"),
             db: self.stack.and_then(|s| s.db_sched_stat()),
             steal: servers::steal(),
@@ -566,7 +662,11 @@ impl Watch<'_> {
                 Some(stack) => (stack.redis_commands().await, stack.pg_activity().await),
                 None => (None, None),
             };
-            (redis, scrape(self.server.addr).await, pg)
+            let metrics = match self.server {
+                Some(s) => scrape(s.addr).await,
+                None => None,
+            };
+            (redis, metrics, pg)
         };
         sleep_until(from).await;
         let a = self.snapshot();
@@ -659,6 +759,36 @@ async fn execute(
                     redis_commands: profile.redis_commands,
                     server_means_us: profile.server_means_us,
                     pg_activity: profile.pg,
+                    ..Extras::default()
+                },
+            })
+        }
+        Prepared::Idle {
+            mut shape,
+            server,
+            bearer,
+            sessions,
+            streams,
+            call_timeout,
+        } => {
+            sleep_until(start).await;
+            let (outcome, facts) = crate::idle::run(
+                server.addr,
+                server.pid(),
+                bearer,
+                sessions,
+                streams,
+                call_timeout,
+            )
+            .await?;
+            // Streams opened per second of opening.
+            shape.duration = facts.opening.max(Duration::from_millis(1));
+            Ok(Measured {
+                shape,
+                outcome,
+                usage: Usage::default(),
+                extras: Extras {
+                    idle: Some(facts),
                     ..Extras::default()
                 },
             })
@@ -816,14 +946,32 @@ async fn ladder(
     })
 }
 
+/// What a scenario's callers connect to.
+enum Target<'a> {
+    Addr(std::net::SocketAddr),
+    Database(&'a str),
+}
+
 /// One caller per client task: native gRPC tasks share `connections`
-/// HTTP/2 channels round-robin; gRPC-web tasks get a connection each.
+/// HTTP/2 channels round-robin; gRPC-web, OpenAI and SQL tasks get a
+/// connection each.
 async fn connect(
     protocol: Protocol,
-    addr: std::net::SocketAddr,
+    target: Target<'_>,
     tasks: usize,
     connections: usize,
 ) -> anyhow::Result<Vec<Caller>> {
+    let addr = match (&target, protocol) {
+        (Target::Database(url), Protocol::Sql) => {
+            let mut callers = Vec::new();
+            for _ in 0..tasks {
+                callers.push(Caller::Sql(crate::sql::SqlConn::connect(url).await?));
+            }
+            return Ok(callers);
+        }
+        (Target::Addr(addr), _) => *addr,
+        (Target::Database(_), _) => anyhow::bail!("{} needs a server address", protocol.as_str()),
+    };
     match protocol {
         Protocol::Grpc => {
             let mut channels = Vec::new();
@@ -851,6 +999,7 @@ async fn connect(
             }
             Ok(callers)
         }
+        Protocol::Sql => anyhow::bail!("SQL callers connect to the database"),
     }
 }
 
@@ -867,15 +1016,36 @@ mod tests {
             duration: Duration::from_secs(10),
             call_timeout: Duration::from_secs(10),
         };
+        let chat = ChatLoad {
+            relay: fakellm::Script::SHORT,
+            relay_streams: 100,
+            sessions: 10,
+        };
+        assert_eq!(
+            plan_of(
+                Load::RelayStreams,
+                base,
+                2,
+                &LlmLoad {
+                    rate: 1.0,
+                    steps: Vec::new(),
+                    step_warmup: Duration::ZERO,
+                    step_duration: Duration::ZERO,
+                },
+                &chat
+            )
+            .tasks,
+            100
+        );
         let llm = LlmLoad {
             rate: 1000.0,
             steps: vec![1500.0, 3000.0],
             step_warmup: Duration::from_secs(1),
             step_duration: Duration::from_secs(4),
         };
-        assert_eq!(plan_of(Load::Run, base, 2, &llm).tasks, 32);
-        assert_eq!(plan_of(Load::PerCpu(2), base, 2, &llm).tasks, 4);
-        assert_eq!(plan_of(Load::Tasks(1), base, 2, &llm).tasks, 1);
+        assert_eq!(plan_of(Load::Run, base, 2, &llm, &chat).tasks, 32);
+        assert_eq!(plan_of(Load::PerCpu(2), base, 2, &llm, &chat).tasks, 4);
+        assert_eq!(plan_of(Load::Tasks(1), base, 2, &llm, &chat).tasks, 1);
         let probe = plan_of(
             Load::Rate {
                 rps: 200.0,
@@ -884,18 +1054,19 @@ mod tests {
             base,
             2,
             &llm,
+            &chat,
         );
         assert_eq!((probe.mode, probe.tasks), (Mode::Rate(200.0), 8));
         assert_eq!(probe.duration, base.duration, "same window as the run");
         assert_eq!(load_words(&probe), "200 req/s (8 tasks)");
         assert_eq!(
-            load_words(&plan_of(Load::Tasks(1), base, 2, &llm)),
+            load_words(&plan_of(Load::Tasks(1), base, 2, &llm, &chat)),
             "1 task"
         );
-        let fixed = plan_of(Load::LlmRate { tasks: 16 }, base, 2, &llm);
+        let fixed = plan_of(Load::LlmRate { tasks: 16 }, base, 2, &llm, &chat);
         assert_eq!((fixed.mode, fixed.tasks), (Mode::Rate(1000.0), 16));
         assert_eq!(fixed.duration, base.duration);
-        let steps = plan_of(Load::LlmSteps { tasks: 64 }, base, 2, &llm);
+        let steps = plan_of(Load::LlmSteps { tasks: 64 }, base, 2, &llm, &chat);
         assert_eq!((steps.mode, steps.tasks), (Mode::Rate(1500.0), 64));
         assert_eq!(
             (steps.warmup, steps.duration),

@@ -35,6 +35,9 @@ pub enum ServerKind {
     /// This binary's `fake-llm`: an OpenAI-compatible chat-completions
     /// upstream answering SSE at once.
     FakeLlm,
+    /// The data stack's PostgreSQL itself, called with SQL by the bench
+    /// (the search references): no process of the bench's own.
+    Postgres,
 }
 
 impl ServerKind {
@@ -44,6 +47,7 @@ impl ServerKind {
             ServerKind::Trellisd => "trellisd",
             ServerKind::UserRaw => "user-server",
             ServerKind::FakeLlm => "fake-llm",
+            ServerKind::Postgres => "postgres",
         }
     }
 }
@@ -272,7 +276,8 @@ impl ServerProcess {
             let attempt = tokio::time::timeout(Duration::from_secs(2), async {
                 if kind == ServerKind::FakeLlm {
                     let mut conn = calls::Http1Conn::connect(self.addr).await?;
-                    let call = Call::new(Req::ChatCompletions(fakellm::direct_request()));
+                    let call =
+                        Call::new(Req::ChatCompletions(crate::calls::Upstream::llm_direct()));
                     conn.chat(&call)
                         .await
                         .map_err(|code| anyhow::anyhow!("fake-llm answered {code:?}"))?;
@@ -393,14 +398,20 @@ pub fn start_user_server(
     })
 }
 
-/// Starts the fake OpenAI-compatible upstream.
-pub fn start_fake_llm(cpu: Option<usize>) -> anyhow::Result<ServerProcess> {
+/// Starts the fake OpenAI-compatible upstream; `relay` is its paced
+/// script.
+pub fn start_fake_llm(cpu: Option<usize>, relay: fakellm::Script) -> anyhow::Result<ServerProcess> {
     let addr = free_addr()?;
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(&exe);
+    let interval = relay.interval.unwrap_or_default().as_micros().max(1);
     cmd.arg("fake-llm")
         .arg("--listen")
         .arg(addr.to_string())
+        .arg("--relay-chunks")
+        .arg(relay.chunks.to_string())
+        .arg("--relay-interval-us")
+        .arg(interval.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
     let mut child = spawn_on(&mut cmd, cpu).context("starting the fake LLM upstream")?;
