@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use prost::Message as _;
 use redis::aio::{PubSubSink, PubSubStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use trellis_proto::chat::v1 as pb;
 use trellis_store::Store;
 use uuid::Uuid;
@@ -111,15 +111,48 @@ impl Registry {
     }
 }
 
+/// Events queued for publishing before a reply's generation waits.
+const PUBLISH_QUEUE: usize = 4096;
+/// Most PUBLISH commands sent in one pipeline.
+const PUBLISH_BATCH: usize = 256;
+
 /// Publishing and subscribing across replicas.
 #[derive(Debug, Clone)]
 pub struct Fanout {
     store: Store,
+    /// Reply events, published in order by [`Fanout::publisher`]: a reply's
+    /// generation does not wait for Redis, and events queued together go
+    /// out in one pipeline (one round trip) rather than one each.
+    queue: mpsc::Sender<(String, Vec<u8>)>,
 }
 
 impl Fanout {
+    /// Needs a tokio runtime: it starts the publishing task, which ends
+    /// when the last clone is dropped.
     pub fn new(store: Store) -> Fanout {
-        Fanout { store }
+        let (queue, rx) = mpsc::channel(PUBLISH_QUEUE);
+        tokio::spawn(Self::publisher(store.clone(), rx));
+        Fanout { store, queue }
+    }
+
+    async fn publisher(store: Store, mut rx: mpsc::Receiver<(String, Vec<u8>)>) {
+        let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+        while rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+            let mut pipe = redis::pipe();
+            for (channel, payload) in batch.drain(..) {
+                pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+            }
+            let sent = match store.redis_shared().await {
+                Ok(mut conn) => pipe.query_async::<()>(&mut conn).await.map_err(ChatError::from),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = sent {
+                // Watchers on other replicas catch up from the stored
+                // content; a broken connection is replaced on the next use.
+                store.redis_shared_reset().await;
+                tracing::warn!(error = %e, "could not publish chat events");
+            }
+        }
     }
 
     pub fn message_channel(&self, id: Uuid) -> String {
@@ -145,14 +178,13 @@ impl Fanout {
         Ok(())
     }
 
-    /// Publishes an event of reply `id`; failures are logged (watchers on
-    /// other replicas then catch up from the stored content).
+    /// Queues an event of reply `id` for publishing, in order; waits only
+    /// while the queue is full. Failures are logged (watchers on other
+    /// replicas then catch up from the stored content).
     pub async fn publish(&self, id: Uuid, event: &pb::ChatEvent) {
-        if let Err(e) = self
-            .publish_bytes(self.message_channel(id), event.encode_to_vec())
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish a chat event");
+        let item = (self.message_channel(id), event.encode_to_vec());
+        if self.queue.send(item).await.is_err() {
+            tracing::warn!("chat event publisher has stopped");
         }
     }
 
