@@ -143,7 +143,10 @@ impl Fanout {
                 pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
             }
             let sent = match store.redis_shared().await {
-                Ok(mut conn) => pipe.query_async::<()>(&mut conn).await.map_err(ChatError::from),
+                Ok(mut conn) => pipe
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(ChatError::from),
                 Err(e) => Err(e.into()),
             };
             if let Err(e) = sent {

@@ -8,9 +8,10 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Text, Timestamptz};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 use trellis_proto::chat::v1 as pb;
+use trellis_store::pg::Cacheable;
 use trellis_store::schema::chat_messages as m;
 use uuid::Uuid;
 
@@ -154,6 +155,23 @@ const BUSY: &str = "a reply is already being generated in this session; wait for
 
 /// Stores a user message (unless `user_message` names an existing one, for
 /// regeneration) and a STREAMING reply in one transaction.
+/// [`insert_turn`]'s statement for a new turn: $1 user message id, $2
+/// session, $3 user, $4 content, $5 client message id, $6 reply id, $7 model.
+const NEW_TURN: &str = "WITH u AS (\
+    INSERT INTO chat_messages (id, session_id, user_id, role, content, status, client_message_id, model) \
+    VALUES ($1, $2, $3, 'user', $4, 'completed', $5, '')), \
+  a AS (\
+    INSERT INTO chat_messages (id, session_id, user_id, role, content, status, reply_to, model) \
+    VALUES ($6, $2, $3, 'assistant', '', 'streaming', $1, $7)) \
+  UPDATE chat_sessions SET last_activity_at = now() WHERE id = $2";
+
+/// The same for a regeneration, whose user message $1 exists: $2
+/// session, $3 user, $4 reply id, $5 model.
+const REGENERATE_TURN: &str = "WITH a AS (\
+    INSERT INTO chat_messages (id, session_id, user_id, role, content, status, reply_to, model) \
+    VALUES ($4, $2, $3, 'assistant', '', 'streaming', $1, $5)) \
+  UPDATE chat_sessions SET last_activity_at = now() WHERE id = $2";
+
 pub async fn insert_turn(
     conn: &mut AsyncPgConnection,
     session: Uuid,
@@ -163,76 +181,79 @@ pub async fn insert_turn(
     model: &str,
     user_message: Option<Uuid>,
 ) -> Result<Inserted, ChatError> {
-    let result = conn
-        .transaction::<_, DieselError, _>(async |c| {
-            let user = match user_message {
-                Some(u) => u,
-                None => {
-                    let id = Uuid::now_v7();
-                    diesel::insert_into(m::table)
-                        .values(NewMessage {
-                            id,
-                            session_id: session,
-                            user_id,
-                            role: "user",
-                            content,
-                            status: COMPLETED,
-                            client_message_id,
-                            reply_to: None,
-                            model: "",
-                        })
-                        .execute(c)
-                        .await?;
-                    id
-                }
-            };
-            let assistant = Uuid::now_v7();
-            diesel::insert_into(m::table)
-                .values(NewMessage {
-                    id: assistant,
-                    session_id: session,
-                    user_id,
-                    role: "assistant",
-                    content: "",
-                    status: STREAMING,
-                    client_message_id: None,
-                    reply_to: Some(user),
-                    model,
-                })
-                .execute(c)
-                .await?;
-            crate::sessions::touch(c, session)
-                .await
-                .map_err(|_| DieselError::RollbackTransaction)?;
-            Ok((user, assistant))
-        })
-        .await;
+    // One statement, so one round trip: the user message (unless this is a
+    // regeneration), the STREAMING reply, and the session's activity —
+    // atomic as a statement is (the reply's foreign key to the user message
+    // is checked at its end).
+    use diesel::sql_types::{Nullable, Uuid as SqlUuid};
+    // The user message's id first: ids order messages of one instant.
+    let new_user = Uuid::now_v7();
+    let assistant = Uuid::now_v7();
+    let (user, q) = match user_message {
+        Some(u) => (
+            u,
+            diesel::sql_query(REGENERATE_TURN)
+                .into_boxed::<diesel::pg::Pg>()
+                .bind::<SqlUuid, _>(u)
+                .bind::<SqlUuid, _>(session)
+                .bind::<SqlUuid, _>(user_id)
+                .bind::<SqlUuid, _>(assistant)
+                .bind::<Text, _>(model),
+        ),
+        None => {
+            let u = new_user;
+            (
+                u,
+                diesel::sql_query(NEW_TURN)
+                    .into_boxed::<diesel::pg::Pg>()
+                    .bind::<SqlUuid, _>(u)
+                    .bind::<SqlUuid, _>(session)
+                    .bind::<SqlUuid, _>(user_id)
+                    .bind::<Text, _>(content)
+                    .bind::<Nullable<Text>, _>(client_message_id)
+                    .bind::<SqlUuid, _>(assistant)
+                    .bind::<Text, _>(model),
+            )
+        }
+    };
+    let result = Cacheable(q).execute(conn).await.map(|_| (user, assistant));
     match result {
         Ok((user, assistant)) => Ok(Inserted::New { user, assistant }),
-        Err(e) if constraint(&e) == Some("chat_messages_one_streaming") => {
+        Err(e) => {
+            let which = constraint(&e);
+            if !matches!(
+                which,
+                Some("chat_messages_client_id" | "chat_messages_one_streaming")
+            ) {
+                return Err(e.into());
+            }
+            // A resend of a turn already taken answers with that turn, even
+            // while its reply is still generating (which statement part
+            // failed first is not defined).
+            if let Some(cid) = client_message_id {
+                let user: Option<MessageRow> = m::table
+                    .filter(m::session_id.eq(session))
+                    .filter(m::client_message_id.eq(cid))
+                    .select(MessageRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?;
+                if let Some(user) = user {
+                    let assistant: Option<Uuid> = m::table
+                        .filter(m::reply_to.eq(user.id))
+                        .order((m::created_at.desc(), m::id.desc()))
+                        .select(m::id)
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    return Ok(Inserted::Duplicate {
+                        user: user.id,
+                        assistant,
+                    });
+                }
+            }
             Err(ChatError::Precondition(BUSY.into()))
         }
-        Err(e) if constraint(&e) == Some("chat_messages_client_id") => {
-            let cid = client_message_id.unwrap_or_default();
-            let user: MessageRow = m::table
-                .filter(m::session_id.eq(session))
-                .filter(m::client_message_id.eq(cid))
-                .select(MessageRow::as_select())
-                .first(conn)
-                .await?;
-            let assistant: Option<Uuid> = m::table
-                .filter(m::reply_to.eq(user.id))
-                .order((m::created_at.desc(), m::id.desc()))
-                .select(m::id)
-                .first(conn)
-                .await
-                .optional()?;
-            Ok(Inserted::Duplicate {
-                user: user.id,
-                assistant,
-            })
-        }
-        Err(e) => Err(e.into()),
     }
 }
 

@@ -167,12 +167,3 @@ pub async fn list(
     };
     Ok((rows, next))
 }
-
-/// Marks activity on a session now.
-pub async fn touch(conn: &mut AsyncPgConnection, id: Uuid) -> Result<(), ChatError> {
-    diesel::update(s::table.filter(s::id.eq(id)))
-        .set(s::last_activity_at.eq(Utc::now()))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
