@@ -297,7 +297,38 @@ fn delta(id: Uuid, offset: usize, text: &str) -> pb::ChatEvent {
     }
 }
 
-type Out<T> = mpsc::Sender<Result<T, Status>>;
+/// A stream's outbound events. Boxed one by one: tokio's channel allocates
+/// its first block of 32 slots when it is created, and 32 inline events
+/// (a `Status` alone is ~180 bytes) would cost every idle stream ~6 KB.
+struct Out<T>(mpsc::Sender<Box<Result<T, Status>>>);
+
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        Out(self.0.clone())
+    }
+}
+
+impl<T> Out<T> {
+    /// Queues `item`, waiting while the queue is full; `Err` once the
+    /// client has gone.
+    async fn send(&self, item: Result<T, Status>) -> Result<(), ()> {
+        self.0.send(Box::new(item)).await.map_err(|_| ())
+    }
+
+    /// Resolves once the client has gone.
+    async fn closed(&self) {
+        self.0.closed().await
+    }
+}
+
+/// A bounded outbound queue and the response stream it feeds.
+fn out_channel<T: Send + 'static>(buffer: usize) -> (Out<T>, EventStream<T>) {
+    let (tx, rx) = mpsc::channel(buffer);
+    (
+        Out(tx),
+        Box::pin(futures::StreamExt::map(ReceiverStream::new(rx), |b| *b)),
+    )
+}
 
 /// The credentials a Converse stream acts with: those it was opened with
 /// until an `authenticate` replaces them. Re-verified before every action,
@@ -774,7 +805,7 @@ impl ChatSvc {
         started: TurnStart,
         wrap: fn(pb::ChatEvent) -> T,
     ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>>, Status> {
-        let (tx, rx) = mpsc::channel(self.cfg().stream_buffer);
+        let (tx, stream) = out_channel(self.cfg().stream_buffer);
         let guard = StreamGuard::new(&self.engine.metrics.active_streams);
         match started {
             TurnStart::New {
@@ -811,7 +842,7 @@ impl ChatSvc {
                 }
             }
         }
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream))
     }
 }
 
@@ -1155,7 +1186,7 @@ impl ChatService for ChatSvc {
             ctx: turn_context(&req),
         };
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(self.cfg().stream_buffer);
+        let (tx, stream) = out_channel(self.cfg().stream_buffer);
         let me = self.clone();
         let guard = StreamGuard::new(&self.engine.metrics.active_streams);
         tokio::spawn(async move {
@@ -1177,12 +1208,13 @@ impl ChatService for ChatSvc {
                 };
                 // Finished relays need not wait for the end of the stream.
                 while relays.try_join_next().is_some() {}
-                me.converse_action(action, &mut auth, &tx, &mut relays)
-                    .await;
+                // Boxed: its state (a whole turn's) is allocated while an
+                // action runs, not held by every idle stream's task.
+                Box::pin(me.converse_action(action, &mut auth, &tx, &mut relays)).await;
             }
             while relays.join_next().await.is_some() {}
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream))
     }
 
     type SendMessageStream = EventStream<pb::SendMessageResponse>;
@@ -1232,7 +1264,7 @@ impl ChatService for ChatSvc {
                 ChatError::field("offset", "must be between 0 and the content's length").into(),
             );
         }
-        let (tx, rx) = mpsc::channel(self.cfg().stream_buffer);
+        let (tx, stream) = out_channel(self.cfg().stream_buffer);
         let me = self.clone();
         let guard = StreamGuard::new(&self.engine.metrics.active_streams);
         tokio::spawn(async move {
@@ -1244,7 +1276,7 @@ impl ChatService for ChatSvc {
                 let _ = tx.send(Err(e.into())).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream))
     }
 
     type RegenerateMessageStream = EventStream<pb::RegenerateMessageResponse>;
