@@ -131,15 +131,20 @@ impl UserSvc {
                 .order(user_roles::role.asc())
                 .select(user_roles::role),
         );
-        let mut q = users::table
+        // Not boxed: a query of static shape is found in diesel's statement
+        // cache by its type, without building its SQL text on every call.
+        let q = users::table
             .filter(users::id.eq(id))
-            .select((UserRow::as_select(), roles))
-            .into_boxed();
-        if !deleted_too {
-            q = q.filter(users::deleted_at.is_null());
-        }
-        let (row, roles): (UserRow, Vec<String>) =
-            q.first(conn).await.optional()?.ok_or(UserError::NotFound)?;
+            .select((UserRow::as_select(), roles));
+        let found: Option<(UserRow, Vec<String>)> = if deleted_too {
+            q.first(conn).await.optional()?
+        } else {
+            q.filter(users::deleted_at.is_null())
+                .first(conn)
+                .await
+                .optional()?
+        };
+        let (row, roles) = found.ok_or(UserError::NotFound)?;
         Ok(crate::convert::user_pb(&row, roles))
     }
 }
