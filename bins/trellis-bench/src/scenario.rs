@@ -155,8 +155,21 @@ const PROBE: Load = Load::Rate {
 
 const LLM: Load = Load::LlmRate { tasks: LLM_TASKS };
 
-/// Every scenario, in run order.
+/// Every scenario, in run order (references before what is held to them).
 pub const SCENARIOS: &[Scenario] = &[
+    // First: it measures a freshly started trellisd's memory, before the
+    // other scenarios' load leaves the allocator holding what it used.
+    Scenario {
+        name: "streams-idle",
+        about: "10,000 (--quick: 200) ChatService.Converse streams, 100 per HTTP/2 connection, each opened and \
+                made live with one short turn (Send → Accepted, deltas, Completed), then all held open and \
+                idle together; trellisd's RSS before, with them, and after closing them. Latencies: each \
+                stream's opening, its turn included",
+        work: Work::IdleStreams,
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
     Scenario {
         name: "baseline",
         about: "bare tonic server (no layers), same SystemService.GetInfo handler, native gRPC",
@@ -371,17 +384,6 @@ pub const SCENARIOS: &[Scenario] = &[
                 delta relayed through chat and checked",
         work: rpc(ServerKind::Trellisd, Rpc::ChatRelay, Load::RelayStreams),
         target: Some(Target::rps("chat-relay-direct", 0.9)),
-        also_vs: None,
-        alongside: None,
-    },
-    Scenario {
-        name: "streams-idle",
-        about: "10,000 (--quick: 200) ChatService.Converse streams, 100 per HTTP/2 connection, each opened and \
-                made live with one short turn (Send → Accepted, deltas, Completed), then all held open and \
-                idle together; trellisd's RSS before, with them, and after closing them. Latencies: each \
-                stream's opening, its turn included",
-        work: Work::IdleStreams,
-        target: None,
         also_vs: None,
         alongside: None,
     },
