@@ -743,6 +743,58 @@ async fn cancel_stops_the_upstream_and_keeps_the_partial_reply() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_is_searchable_once_it_has_stopped_streaming() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary.push([Script::slow(30, Duration::from_millis(60))]);
+    let mut stream = open_send(&mut c, &r.token, send(&s.id, "count for me", "")).await;
+    let accepted = match next_event(&mut stream).await.event {
+        Some(Ev::Accepted(a)) => a,
+        other => panic!("{other:?}"),
+    };
+    let search = |c: &mut ChatServiceClient<Channel>, t: &str| {
+        let mut c = c.clone();
+        let t = t.to_string();
+        async move {
+            c.search_messages(bearer(
+                pb::SearchMessagesRequest {
+                    query: "t2".into(),
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await
+            .expect("search")
+            .into_inner()
+            .hits
+        }
+    };
+    // Flushed while it grows, but not searchable yet.
+    let sid = s.id.clone();
+    let flushed = eventually(Duration::from_secs(5), || {
+        let mut c = c.clone();
+        let (t, sid) = (r.token.clone(), sid.clone());
+        async move {
+            let m = messages(&mut c, &t, &sid).await;
+            m.len() == 2
+                && m[1].status == pb::MessageStatus::Streaming as i32
+                && m[1].content.contains("t2 ")
+        }
+    })
+    .await;
+    assert!(flushed, "the growing reply is stored");
+    assert!(search(&mut c, &r.token).await.is_empty());
+    let mut turn = Turn::default();
+    finish(&mut stream, &mut turn).await;
+    assert!(turn.text.starts_with("t0 t1 t2 "), "{}", turn.text);
+    let hits = search(&mut c, &r.token).await;
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits[0].message_id, accepted.assistant_message_id);
+    assert!(hits[0].snippet.contains("<mark>t2</mark>"), "{}", hits[0].snippet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_outlives_its_client_and_can_be_regenerated() {
     let r = rig(|_| {}).await;
     let mut c = chat(&r.mesh).await;

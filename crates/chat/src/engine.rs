@@ -347,16 +347,14 @@ impl Engine {
         // user's preferences.
         let history = {
             let mut conn = self.store.pg().await?;
-            let user_row = messages::by_id(&mut conn, job.user_message)
-                .await?
-                .ok_or(ChatError::NotFound)?;
             messages::history(
                 &mut conn,
                 job.session.id,
-                &user_row,
+                job.user_message,
                 self.cfg.history_messages,
             )
             .await?
+            .ok_or(ChatError::NotFound)?
         };
         // The client's deadline, if it set one, ends the reply FAILED with
         // DEADLINE_EXCEEDED (its content so far kept).

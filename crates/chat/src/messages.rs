@@ -386,33 +386,45 @@ pub async fn by_id(
 /// `limit` messages with content, oldest first. A user turn answered more
 /// than once (regenerated) contributes only its latest answer; replies to
 /// `user_message` itself are left out, so a regeneration does not see the
-/// earlier answer.
+/// earlier answer. `None` when `user_message` is not in `session` (one
+/// statement: the user message's time is looked up inside it, so a turn
+/// costs no round trip for it).
 pub async fn history(
     conn: &mut AsyncPgConnection,
     session: Uuid,
-    user_message: &MessageRow,
+    user_message: Uuid,
     limit: usize,
-) -> Result<Vec<MessageRow>, ChatError> {
+) -> Result<Option<Vec<MessageRow>>, ChatError> {
+    let asked = diesel::alias!(trellis_store::schema::chat_messages as asked);
+    let asked_at = asked
+        .filter(asked.field(m::id).eq(user_message))
+        .select(asked.field(m::created_at))
+        .single_value();
     // Twice the limit: superseded answers are dropped below.
     let mut rows: Vec<MessageRow> = m::table
         .filter(m::session_id.eq(session))
         .filter(m::content.ne(""))
         .filter(
             m::created_at
-                .lt(user_message.created_at)
-                .or(m::id.eq(user_message.id)),
+                .nullable()
+                .lt(asked_at)
+                .or(m::id.eq(user_message).nullable()),
         )
         .order((m::created_at.desc(), m::id.desc()))
         .limit(2 * limit as i64 + 1)
         .select(MessageRow::as_select())
         .load(conn)
         .await?;
+    if rows.as_slice().first().is_none_or(|r| r.id != user_message) {
+        // Newest first, so the user message (content never empty) leads.
+        return Ok(None);
+    }
     // Newest first: the first answer met for a user turn is its latest.
     let mut answered = std::collections::HashSet::new();
     rows.retain(|r| r.role != "assistant" || r.reply_to.is_none_or(|u| answered.insert(u)));
     rows.truncate(limit + 1);
     rows.reverse();
-    Ok(rows)
+    Ok(Some(rows))
 }
 
 /// Where the next page of messages starts.
