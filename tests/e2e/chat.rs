@@ -747,7 +747,8 @@ async fn a_reply_is_searchable_once_it_has_stopped_streaming() {
     let r = rig(|_| {}).await;
     let mut c = chat(&r.mesh).await;
     let s = new_session(&mut c, &r.token, "fast").await;
-    r.primary.push([Script::slow(30, Duration::from_millis(60))]);
+    r.primary
+        .push([Script::slow(30, Duration::from_millis(60))]);
     let mut stream = open_send(&mut c, &r.token, send(&s.id, "count for me", "")).await;
     let accepted = match next_event(&mut stream).await.event {
         Some(Ev::Accepted(a)) => a,
@@ -791,7 +792,11 @@ async fn a_reply_is_searchable_once_it_has_stopped_streaming() {
     let hits = search(&mut c, &r.token).await;
     assert_eq!(hits.len(), 1, "{hits:?}");
     assert_eq!(hits[0].message_id, accepted.assistant_message_id);
-    assert!(hits[0].snippet.contains("<mark>t2</mark>"), "{}", hits[0].snippet);
+    assert!(
+        hits[0].snippet.contains("<mark>t2</mark>"),
+        "{}",
+        hits[0].snippet
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
