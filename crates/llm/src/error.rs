@@ -36,8 +36,6 @@ pub enum LlmError {
     /// elsewhere would not help.
     #[error("{0}")]
     Rejected(String),
-    #[error("{0}")]
-    Unimplemented(String),
     /// A status from another service, passed on as it is.
     #[error("{0}")]
     Upstream(Status),
@@ -96,7 +94,6 @@ impl From<LlmError> for Status {
             ),
             LlmError::Deadline(m) => Status::deadline_exceeded(m),
             LlmError::Rejected(m) => Status::invalid_argument(m),
-            LlmError::Unimplemented(m) => Status::unimplemented(m),
             LlmError::Upstream(s) => s,
             LlmError::Store(e) => e.into(),
             LlmError::Redis(e) if e.is_io_error() || e.is_connection_dropped() => {
