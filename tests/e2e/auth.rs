@@ -1501,9 +1501,25 @@ async fn lockouts_do_not_reveal_which_accounts_exist() {
     assert_eq!(real, ghost, "an unknown login is answered like an account");
     // The "lock" ends like a real one, and counting starts over.
     tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(answers("existing").await, real, "reset");
     assert_eq!(
         answers("nobody-at-all").await,
         real,
         "case-insensitive, reset"
     );
+    // A second lock lasts twice as long (2 s), for an account and for a
+    // login naming none alike: both are still locked after the first's 1 s.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for who in ["existing", "nobody-at-all"] {
+        let e = client
+            .clone()
+            .login(pb::LoginRequest {
+                login: who.into(),
+                password: "Wr0ng!pass".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("locked");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{who}: {e:?}");
+    }
 }

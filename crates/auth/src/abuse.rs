@@ -5,9 +5,11 @@
 //! answers are given from Redis — UNAUTHENTICATED for the first
 //! `lockout_threshold` failures in `lockout_window`, then RESOURCE_EXHAUSTED
 //! for `lockout_base` — so that a lockout does not tell an attacker which
-//! accounts exist. (Real lockouts double on repeat; these do not, which
-//! only shows after a full lock period per probe.) Redis being down skips
-//! the emulation rather than answering differently.
+//! accounts exist. Like an account's, each further lock of the same login
+//! lasts twice as long (up to a day); the count of a login naming no
+//! account is forgotten `GHOST_MEMORY` after its last lock (an account's
+//! only by a successful login). Redis being down skips the emulation rather
+//! than answering differently.
 
 use std::time::Duration;
 
@@ -39,19 +41,28 @@ impl AuthSvc {
     }
 }
 
+/// How long the lock count of a login naming no account is kept after its
+/// last lock.
+const GHOST_MEMORY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The longest lock, as for accounts.
+const LONGEST_LOCK: Duration = Duration::from_secs(24 * 3600);
+
 impl AuthSvc {
-    /// Redis keys of a login string that names no account.
-    fn ghost_keys(&self, login: &str) -> (String, String) {
+    /// Redis keys of a login string that names no account: its failures in
+    /// the window, its current lock, and how many times it was locked.
+    fn ghost_keys(&self, login: &str) -> (String, String, String) {
         let id = URL_SAFE_NO_PAD.encode(crate::tokens::digest(&login.to_lowercase()));
         (
             format!("auth:ghost:fail:{id}"),
             format!("auth:ghost:lock:{id}"),
+            format!("auth:ghost:locks:{id}"),
         )
     }
 
     /// How long a login naming no account is still "locked", if it is.
     pub(crate) async fn ghost_locked(&self, login: &str) -> Option<Duration> {
-        let (_, lock) = self.ghost_keys(login);
+        let (_, lock, _) = self.ghost_keys(login);
         let key = self.store.key(&lock);
         let ttl: Result<i64, _> = async {
             let mut conn = self.store.redis().await?;
@@ -73,9 +84,10 @@ impl AuthSvc {
     }
 
     /// Counts a failed login naming no account, "locking" it as an account
-    /// would be at the threshold.
+    /// would be at the threshold: `lockout_base` the first time, doubling
+    /// with every further lock.
     pub(crate) async fn ghost_failed(&self, login: &str) {
-        let (fail, lock) = self.ghost_keys(login);
+        let (fail, lock, locks) = self.ghost_keys(login);
         let threshold = self.cfg.lockout_threshold.saturating_sub(1);
         let r = async {
             if ratelimit::hit(&self.store, &fail, threshold, self.cfg.lockout_window)
@@ -83,12 +95,28 @@ impl AuthSvc {
                 .is_some()
             {
                 let mut conn = self.store.redis().await?;
+                let locks = self.store.key(&locks);
+                let (locked,): (i64,) = ::redis::pipe()
+                    .cmd("INCR")
+                    .arg(&locks)
+                    .cmd("PEXPIRE")
+                    .arg(&locks)
+                    .arg(GHOST_MEMORY.as_millis() as u64)
+                    .ignore()
+                    .query_async(&mut *conn)
+                    .await?;
+                let factor = 1u32 << (locked - 1).clamp(0, 10);
+                let length = self
+                    .cfg
+                    .lockout_base
+                    .saturating_mul(factor)
+                    .min(LONGEST_LOCK);
                 let _: () = ::redis::pipe()
                     .cmd("SET")
                     .arg(self.store.key(&lock))
                     .arg(1)
                     .arg("PX")
-                    .arg(self.cfg.lockout_base.as_millis() as u64)
+                    .arg((length.as_millis() as u64).max(1))
                     .ignore()
                     .del(self.store.key(&format!("rl:{fail}")))
                     .ignore()
