@@ -452,6 +452,100 @@ async fn per_ip_rate_limits_on_login_and_register() {
     mesh.shutdown().await;
 }
 
+/// Login as `who` with `X-Forwarded-For: forwarded`.
+async fn login_via(
+    client: &mut auth_client::AuthServiceClient<tonic::transport::Channel>,
+    who: &str,
+    forwarded: &str,
+) -> Result<pb::TokenPair, tonic::Status> {
+    let mut req = tonic::Request::new(pb::LoginRequest {
+        login: who.into(),
+        password: PASSWORD.into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("x-forwarded-for", forwarded.parse().expect("ascii"));
+    let res = client.login(req).await?.into_inner();
+    Ok(res.tokens.expect("tokens"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_limits_and_sessions_see_the_forwarded_client() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.server.trusted_proxies = vec!["127.0.0.1".into(), "10.0.0.0/8".into()];
+        c.auth.login_per_ip_per_minute = 2;
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    register(&mut client, "proxied").await;
+    // Two logins a minute per client, wherever the proxy chain put it.
+    let tokens = login_via(&mut client, "proxied", "203.0.113.7")
+        .await
+        .expect("first");
+    login_via(&mut client, "proxied", "203.0.113.7, 10.1.2.3")
+        .await
+        .expect("second, through two proxies");
+    let err = login_via(&mut client, "proxied", "203.0.113.7")
+        .await
+        .expect_err("third from the same client");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    login_via(&mut client, "proxied", "198.51.100.4")
+        .await
+        .expect("another client has its own limit");
+    // The session records the forwarded client, not the proxy.
+    let sessions = client
+        .list_sessions(bearer(
+            pb::ListSessionsRequest::default(),
+            &tokens.access_token,
+        ))
+        .await
+        .expect("sessions")
+        .into_inner()
+        .sessions;
+    let ips: HashSet<String> = sessions.iter().map(|s| s.ip_address.clone()).collect();
+    // (Registration came without the header: the proxy's own address.)
+    let want: HashSet<String> = ["127.0.0.1", "203.0.113.7", "198.51.100.4"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(ips, want);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_trusted_proxies_a_client_cannot_choose_its_address() {
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.login_per_ip_per_minute = 2;
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    register(&mut client, "spoofer").await;
+    let tokens = login_via(&mut client, "spoofer", "203.0.113.1")
+        .await
+        .expect("first");
+    login_via(&mut client, "spoofer", "203.0.113.2")
+        .await
+        .expect("second");
+    let err = login_via(&mut client, "spoofer", "203.0.113.3")
+        .await
+        .expect_err("the header does not make a new client");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let sessions = client
+        .list_sessions(bearer(
+            pb::ListSessionsRequest::default(),
+            &tokens.access_token,
+        ))
+        .await
+        .expect("sessions")
+        .into_inner()
+        .sessions;
+    assert!(
+        sessions.iter().all(|s| s.ip_address == "127.0.0.1"),
+        "{sessions:?}"
+    );
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn security_events_land_in_the_audit_trail() {
     let mesh = TestMesh::start().await;

@@ -27,9 +27,13 @@ impl Origin {
         };
         Origin {
             request_id: text("x-request-id"),
+            // Behind a trusted proxy, the client it forwarded for.
             ip: req
-                .remote_addr()
-                .map(|a| a.ip().to_string())
+                .extensions()
+                .get::<trellis_mesh::ClientIp>()
+                .map(|c| c.0)
+                .or_else(|| req.remote_addr().map(|a| a.ip()))
+                .map(|ip| ip.to_string())
                 .unwrap_or_default(),
             user_agent: text("user-agent"),
         }

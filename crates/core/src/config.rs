@@ -93,6 +93,31 @@ pub struct ServerConfig {
     /// How often dependency health (PostgreSQL, Redis) is probed.
     #[serde(with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// Reverse proxies / load balancers (addresses or CIDR ranges) whose
+    /// `X-Forwarded-For` is believed: a call arriving from one of them is
+    /// attributed to the nearest address in that header that is not itself
+    /// a trusted proxy. Empty (the default): the socket's peer address is
+    /// the client, and `X-Forwarded-For` is ignored.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl ServerConfig {
+    /// `trusted_proxies` parsed (entries that do not parse are skipped;
+    /// [`Config::validate`] refuses them at start-up).
+    pub fn trusted_proxy_nets(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| parse_net(p))
+            .collect()
+    }
+}
+
+/// An address (`10.0.0.7`, `::1`) or a CIDR range (`10.0.0.0/8`).
+pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 impl Default for ServerConfig {
@@ -105,6 +130,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             cors_allowed_origins: vec!["*".to_string()],
             health_check_interval: Duration::from_secs(2),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -976,6 +1002,14 @@ impl Config {
                 "must be at least 50ms",
             ));
         }
+        for (i, proxy) in s.trusted_proxies.iter().enumerate() {
+            if parse_net(proxy).is_none() {
+                return Err(invalid(
+                    &format!("server.trusted_proxies[{i}]"),
+                    "must be an IP address or a CIDR range, e.g. 10.0.0.0/8",
+                ));
+            }
+        }
         for (i, origin) in s.cors_allowed_origins.iter().enumerate() {
             let ok = origin == "*"
                 || ((origin.starts_with("http://") || origin.starts_with("https://"))
@@ -1267,6 +1301,29 @@ mod tests {
                     ServiceName::Search
                 ]
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "trellis.toml",
+                "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.7\", \"::1\"]\n",
+            )?;
+            let c = load_in_jail().expect("load");
+            let nets = c.server.trusted_proxy_nets();
+            assert_eq!(nets.len(), 3);
+            assert!(nets[0].contains(&"10.20.30.40".parse::<std::net::IpAddr>().expect("ip")));
+            assert!(nets[1].contains(&"192.168.1.7".parse::<std::net::IpAddr>().expect("ip")));
+            assert!(!nets[1].contains(&"192.168.1.8".parse::<std::net::IpAddr>().expect("ip")));
+            jail.create_file(
+                "trellis.toml",
+                "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"proxy.local\"]\n",
+            )?;
+            let e = load_in_jail().expect_err("a host name is not an address");
+            assert!(e.to_string().contains("server.trusted_proxies[1]"), "{e}");
             Ok(())
         });
     }

@@ -178,3 +178,8 @@ mod tests {
         assert_eq!(auth(ctx(&[("cookie", "trellis_access=")])), None);
     }
 }
+
+/// The client's address as [`crate::layers::client_ip`] resolved it (the
+/// socket's peer, or the forwarded client behind a trusted proxy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub std::net::IpAddr);

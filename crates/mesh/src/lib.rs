@@ -15,6 +15,6 @@ pub mod server;
 pub mod system;
 
 pub use clients::{Forward, MeshClients};
-pub use context::{CallContext, CredentialKind, Deadline, Principal, authenticated};
+pub use context::{CallContext, ClientIp, CredentialKind, Deadline, Principal, authenticated};
 pub use layers::authn::Authenticator;
 pub use server::{MeshBuilder, Needs, RunningMesh, shutdown_signal};

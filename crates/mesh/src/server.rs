@@ -34,7 +34,7 @@ use crate::layers::decode_errors::DecodeErrorsLayer;
 use crate::layers::metrics::{Metrics, MetricsLayer};
 use crate::layers::scrape::ScrapeLayer;
 use crate::layers::shed::ShedLayer;
-use crate::layers::{request_id, trace};
+use crate::layers::{client_ip, request_id, trace};
 use crate::system::System;
 
 /// What a service needs to serve; its health follows these dependencies.
@@ -220,6 +220,7 @@ impl MeshBuilder {
             )))
             .layer(ScrapeLayer::new(metrics.clone()))
             .layer(tonic_web::GrpcWebLayer::new())
+            .layer(client_ip::layer(server_cfg.trusted_proxy_nets()))
             .layer(request_id::layer())
             .layer(trace::layer())
             .layer(MetricsLayer::new(metrics.clone()))

@@ -4,6 +4,7 @@
 //! middleware per file.
 
 pub mod authn;
+pub mod client_ip;
 pub mod cors;
 pub mod deadline;
 pub mod decode_errors;
