@@ -1470,13 +1470,7 @@ async fn lockouts_do_not_reveal_which_accounts_exist() {
         async move {
             let mut seen = Vec::new();
             for _ in 0..5 {
-                let e = c
-                    .clone()
-                    .login(pb::LoginRequest {
-                        login: who.into(),
-                        password: "Wr0ng!pass".into(),
-                        ..Default::default()
-                    })
+                let e = login(&mut c.clone(), who, "Wr0ng!pass")
                     .await
                     .expect_err("wrong password");
                 let retry = e.get_error_details().retry_info().is_some();
@@ -1511,13 +1505,7 @@ async fn lockouts_do_not_reveal_which_accounts_exist() {
     // login naming none alike: both are still locked after the first's 1 s.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     for who in ["existing", "nobody-at-all"] {
-        let e = client
-            .clone()
-            .login(pb::LoginRequest {
-                login: who.into(),
-                password: "Wr0ng!pass".into(),
-                ..Default::default()
-            })
+        let e = login(&mut client, who, "Wr0ng!pass")
             .await
             .expect_err("locked");
         assert_eq!(e.code(), Code::ResourceExhausted, "{who}: {e:?}");
