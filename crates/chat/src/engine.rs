@@ -74,6 +74,8 @@ struct Job {
     reply: Uuid,
     client_message_id: String,
     model: String,
+    /// The conversation to send, when the turn's insert fetched it.
+    history: Option<Vec<lpb::Message>>,
     temperature: Option<f32>,
     max_tokens: Option<i32>,
 }
@@ -132,12 +134,74 @@ pub fn retry_delay(s: &tonic::Status) -> Option<prost_types::Duration> {
         .map(duration_pb)
 }
 
+fn role_pb(role: &str) -> i32 {
+    if role == "user" {
+        lpb::Role::User as i32
+    } else {
+        lpb::Role::Assistant as i32
+    }
+}
+
+fn expired() -> ChatError {
+    ChatError::Precondition("the session has expired and is read-only; start a new one".into())
+}
+
 fn event(e: pb::chat_event::Event) -> pb::ChatEvent {
     pb::ChatEvent { event: Some(e) }
 }
 
 impl Engine {
-    /// Starts a turn in `session` for `user` (the session's owner).
+    fn refuse_if_shutting_down(&self) -> Result<(), ChatError> {
+        if *self.shutting_down.borrow() {
+            return Err(ChatError::Upstream(tonic::Status::unavailable(
+                "the server is shutting down; retry on another replica",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts a new turn in the caller's session `session_id`: the session
+    /// read, the turn's insert and the history go to PostgreSQL in one
+    /// round trip ([`messages::open_turn`]).
+    pub async fn start_new(
+        self: &Arc<Self>,
+        ctx: CallContext,
+        user: Uuid,
+        session_id: Uuid,
+        t: TurnRequest,
+    ) -> Result<TurnStart, ChatError> {
+        self.refuse_if_shutting_down()?;
+        let conn = self.store.pg().await?;
+        let opened = messages::open_turn(
+            &conn,
+            session_id,
+            user,
+            &t.content,
+            t.client_message_id.as_deref(),
+            t.model.as_deref(),
+            self.cfg.retention,
+            self.cfg.history_messages,
+        )
+        .await?;
+        drop(conn);
+        let session = opened.session.ok_or(ChatError::NotFound)?;
+        let Some(inserted) = opened.inserted else {
+            // The session is the caller's but too old to take a turn.
+            return Err(expired());
+        };
+        let history = opened
+            .history
+            .into_iter()
+            .map(|m| lpb::Message {
+                role: role_pb(&m.role),
+                content: m.content,
+            })
+            .collect();
+        self.launch(ctx, user, session, t, inserted, Some(history))
+    }
+
+    /// Starts a turn in `session` for `user` (the session's owner): a
+    /// regeneration of `t.regenerate`, or a new turn.
     pub async fn start(
         self: &Arc<Self>,
         ctx: CallContext,
@@ -145,15 +209,9 @@ impl Engine {
         session: SessionRow,
         t: TurnRequest,
     ) -> Result<TurnStart, ChatError> {
-        if *self.shutting_down.borrow() {
-            return Err(ChatError::Upstream(tonic::Status::unavailable(
-                "the server is shutting down; retry on another replica",
-            )));
-        }
+        self.refuse_if_shutting_down()?;
         if sessions::status(&self.cfg, session.last_activity_at) == pb::SessionStatus::Expired {
-            return Err(ChatError::Precondition(
-                "the session has expired and is read-only; start a new one".into(),
-            ));
+            return Err(expired());
         }
         let model = t.model.clone().unwrap_or_else(|| session.model.clone());
         let mut conn = self.store.pg().await?;
@@ -168,6 +226,21 @@ impl Engine {
         )
         .await?;
         drop(conn);
+        self.launch(ctx, user, session, t, inserted, None)
+    }
+
+    /// Announces a stored turn and starts generating its reply; `history`
+    /// is the context when the turn's insert fetched it already.
+    fn launch(
+        self: &Arc<Self>,
+        ctx: CallContext,
+        user: Uuid,
+        session: SessionRow,
+        t: TurnRequest,
+        inserted: Inserted,
+        history: Option<Vec<lpb::Message>>,
+    ) -> Result<TurnStart, ChatError> {
+        let model = t.model.clone().unwrap_or_else(|| session.model.clone());
         let cid = t.client_message_id.clone().unwrap_or_default();
         let (user_message, reply) = match inserted {
             Inserted::Duplicate { user, assistant } => {
@@ -201,6 +274,7 @@ impl Engine {
             reply,
             client_message_id: cid,
             model,
+            history,
             temperature: t.temperature,
             max_tokens: t.max_tokens,
         };
@@ -215,10 +289,12 @@ impl Engine {
         Ok(TurnStart::New { accepted, live, rx })
     }
 
-    /// Publishes `e` of reply `id` here and on every replica.
+    /// Publishes `e` of reply `id` on every replica and here — here last:
+    /// the task woken last runs next, so this replica's own listeners
+    /// (the client's stream) go before the Redis publisher.
     async fn emit(&self, live: &Live, id: Uuid, e: pb::ChatEvent) {
-        let _ = live.events.send(e.clone());
         self.fanout.publish(id, &e).await;
+        let _ = live.events.send(e);
     }
 
     async fn run(self: Arc<Self>, job: Job, live: Arc<Live>) {
@@ -345,16 +421,25 @@ impl Engine {
         let t0 = Instant::now();
         // The conversation so far, the session's instructions and the
         // user's preferences.
-        let history = {
-            let mut conn = self.store.pg().await?;
-            messages::history(
-                &mut conn,
-                job.session.id,
-                job.user_message,
-                self.cfg.history_messages,
-            )
-            .await?
-            .ok_or(ChatError::NotFound)?
+        let history = match &job.history {
+            Some(h) => h.clone(),
+            None => {
+                let mut conn = self.store.pg().await?;
+                messages::history(
+                    &mut conn,
+                    job.session.id,
+                    job.user_message,
+                    self.cfg.history_messages,
+                )
+                .await?
+                .ok_or(ChatError::NotFound)?
+                .into_iter()
+                .map(|m| lpb::Message {
+                    role: role_pb(&m.role),
+                    content: m.content,
+                })
+                .collect()
+            }
         };
         // The client's deadline, if it set one, ends the reply FAILED with
         // DEADLINE_EXCEEDED (its content so far kept).
@@ -386,17 +471,7 @@ impl Engine {
         let params = lpb::GenerateParams {
             model: job.model.clone(),
             system_prompt: system,
-            messages: history
-                .iter()
-                .map(|m| lpb::Message {
-                    role: if m.role == "user" {
-                        lpb::Role::User as i32
-                    } else {
-                        lpb::Role::Assistant as i32
-                    },
-                    content: m.content.clone(),
-                })
-                .collect(),
+            messages: history,
             max_tokens: job.max_tokens.unwrap_or(0),
             temperature: job.temperature,
             retrieval: job.session.retrieval.then(|| lpb::RetrievalOptions {

@@ -172,6 +172,199 @@ const REGENERATE_TURN: &str = "WITH a AS (\
     VALUES ($4, $2, $3, 'assistant', '', 'streaming', $1, $5)) \
   UPDATE chat_sessions SET last_activity_at = now() WHERE id = $2";
 
+/// [`open_turn`]'s statement: [`NEW_TURN`] guarded by the session's
+/// ownership and age, so that it can be sent before the session is read:
+/// $1 user message id, $2 session, $3 user, $4 content, $5 client message
+/// id, $6 reply id, $7 model (NULL: the session's), $8 retention in
+/// seconds. It inserts nothing (and updates no row) unless the session is
+/// the user's, not deleted and not expired.
+const OPEN_TURN: &str = "WITH s AS (\
+    SELECT id, model FROM chat_sessions \
+    WHERE id = $2 AND user_id = $3 AND deleted_at IS NULL \
+      AND last_activity_at > now() - make_interval(secs => $8)), \
+  u AS (\
+    INSERT INTO chat_messages (id, session_id, user_id, role, content, status, client_message_id, model) \
+    SELECT $1, s.id, $3, 'user', $4, 'completed', $5, '' FROM s), \
+  a AS (\
+    INSERT INTO chat_messages (id, session_id, user_id, role, content, status, reply_to, model) \
+    SELECT $6, s.id, $3, 'assistant', '', 'streaming', $1, COALESCE($7, s.model) FROM s) \
+  UPDATE chat_sessions SET last_activity_at = now() WHERE id IN (SELECT id FROM s)";
+
+/// A message of the history sent as context.
+#[derive(Debug, Clone, Queryable)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+    pub reply_to: Option<Uuid>,
+}
+
+/// What [`open_turn`] found and did.
+#[derive(Debug)]
+pub struct Opened {
+    /// The caller's session as it was (None: not theirs, deleted, or
+    /// unknown).
+    pub session: Option<crate::sessions::SessionRow>,
+    pub inserted: Option<Inserted>,
+    /// The conversation before this turn, oldest first, then the new user
+    /// message (when it was inserted).
+    pub history: Vec<Turn>,
+}
+
+/// Opens a new turn in one round trip: the session read, the guarded
+/// insert of the user message and STREAMING reply, and the history before
+/// them are pipelined on one connection. The three statements do not
+/// depend on the order PostgreSQL runs them in: the insert checks the
+/// session itself, and the history leaves the new messages out.
+#[allow(clippy::too_many_arguments)]
+pub async fn open_turn(
+    conn: &AsyncPgConnection,
+    session: Uuid,
+    user_id: Uuid,
+    content: &str,
+    client_message_id: Option<&str>,
+    model: Option<&str>,
+    retention: std::time::Duration,
+    limit: usize,
+) -> Result<Opened, ChatError> {
+    use diesel::sql_types::{Double, Nullable, Uuid as SqlUuid};
+    use trellis_store::schema::chat_sessions as s;
+    let new_user = Uuid::now_v7();
+    let assistant = Uuid::now_v7();
+    let read = s::table
+        .filter(s::id.eq(session))
+        .filter(s::user_id.eq(user_id))
+        .filter(s::deleted_at.is_null())
+        .select(crate::sessions::SessionRow::as_select())
+        .first::<crate::sessions::SessionRow>(&mut &*conn);
+    let insert = Cacheable(
+        diesel::sql_query(OPEN_TURN)
+            .bind::<SqlUuid, _>(new_user)
+            .bind::<SqlUuid, _>(session)
+            .bind::<SqlUuid, _>(user_id)
+            .bind::<Text, _>(content)
+            .bind::<Nullable<Text>, _>(client_message_id)
+            .bind::<SqlUuid, _>(assistant)
+            .bind::<Nullable<Text>, _>(model)
+            .bind::<Double, _>(retention.as_secs_f64()),
+    )
+    .execute(&mut &*conn);
+    // Twice the limit: superseded answers are dropped below.
+    let prior = m::table
+        .filter(m::session_id.eq(session))
+        .filter(m::user_id.eq(user_id))
+        .filter(m::content.ne(""))
+        .filter(m::id.ne(new_user))
+        .order((m::created_at.desc(), m::id.desc()))
+        .limit(2 * limit as i64)
+        .select((m::role, m::content, m::reply_to))
+        .load::<Turn>(&mut &*conn);
+    let (read, insert, prior) = futures::join!(read, insert, prior);
+    let session_row = read.optional()?;
+    let mut history = prior?;
+    let inserted = match insert {
+        Ok(0) => None,
+        Ok(_) => Some(Inserted::New {
+            user: new_user,
+            assistant,
+        }),
+        Err(e) => {
+            let mut c = conn;
+            Some(conflict(&mut c, session, client_message_id, e).await?)
+        }
+    };
+    if matches!(inserted, Some(Inserted::New { .. })) {
+        trim_history(&mut history, limit);
+        history.push(Turn {
+            role: "user".into(),
+            content: content.to_string(),
+            reply_to: None,
+        });
+    } else {
+        history.clear();
+    }
+    Ok(Opened {
+        session: session_row,
+        inserted,
+        history,
+    })
+}
+
+/// Newest first in, oldest first out: keeps the latest `limit` messages,
+/// a user turn answered more than once (regenerated) with only its latest
+/// answer.
+fn trim_history<T: AsTurn>(rows: &mut Vec<T>, limit: usize) {
+    // Newest first: the first answer met for a user turn is its latest.
+    let mut answered = std::collections::HashSet::new();
+    rows.retain(|r| r.role() != "assistant" || r.reply_to().is_none_or(|u| answered.insert(u)));
+    rows.truncate(limit);
+    rows.reverse();
+}
+
+trait AsTurn {
+    fn role(&self) -> &str;
+    fn reply_to(&self) -> Option<Uuid>;
+}
+
+impl AsTurn for Turn {
+    fn role(&self) -> &str {
+        &self.role
+    }
+    fn reply_to(&self) -> Option<Uuid> {
+        self.reply_to
+    }
+}
+
+impl AsTurn for MessageRow {
+    fn role(&self) -> &str {
+        &self.role
+    }
+    fn reply_to(&self) -> Option<Uuid> {
+        self.reply_to
+    }
+}
+
+/// A turn's insert hit a unique index: a resend of a turn already taken
+/// answers with that turn, even while its reply is still generating (which
+/// statement part failed first is not defined); otherwise the session is
+/// busy with another reply.
+async fn conflict<C>(
+    conn: &mut C,
+    session: Uuid,
+    client_message_id: Option<&str>,
+    e: DieselError,
+) -> Result<Inserted, ChatError>
+where
+    C: diesel_async::AsyncConnectionCore<Backend = diesel::pg::Pg> + Send,
+{
+    let which = constraint(&e);
+    if !matches!(
+        which,
+        Some("chat_messages_client_id" | "chat_messages_one_streaming")
+    ) {
+        return Err(e.into());
+    }
+    if let Some(cid) = client_message_id {
+        let user: Option<Uuid> = m::table
+            .filter(m::session_id.eq(session))
+            .filter(m::client_message_id.eq(cid))
+            .select(m::id)
+            .first(conn)
+            .await
+            .optional()?;
+        if let Some(user) = user {
+            let assistant: Option<Uuid> = m::table
+                .filter(m::reply_to.eq(user))
+                .order((m::created_at.desc(), m::id.desc()))
+                .select(m::id)
+                .first(conn)
+                .await
+                .optional()?;
+            return Ok(Inserted::Duplicate { user, assistant });
+        }
+    }
+    Err(ChatError::Precondition(BUSY.into()))
+}
+
 pub async fn insert_turn(
     conn: &mut AsyncPgConnection,
     session: Uuid,
@@ -216,44 +409,9 @@ pub async fn insert_turn(
             )
         }
     };
-    let result = Cacheable(q).execute(conn).await.map(|_| (user, assistant));
-    match result {
-        Ok((user, assistant)) => Ok(Inserted::New { user, assistant }),
-        Err(e) => {
-            let which = constraint(&e);
-            if !matches!(
-                which,
-                Some("chat_messages_client_id" | "chat_messages_one_streaming")
-            ) {
-                return Err(e.into());
-            }
-            // A resend of a turn already taken answers with that turn, even
-            // while its reply is still generating (which statement part
-            // failed first is not defined).
-            if let Some(cid) = client_message_id {
-                let user: Option<MessageRow> = m::table
-                    .filter(m::session_id.eq(session))
-                    .filter(m::client_message_id.eq(cid))
-                    .select(MessageRow::as_select())
-                    .first(conn)
-                    .await
-                    .optional()?;
-                if let Some(user) = user {
-                    let assistant: Option<Uuid> = m::table
-                        .filter(m::reply_to.eq(user.id))
-                        .order((m::created_at.desc(), m::id.desc()))
-                        .select(m::id)
-                        .first(conn)
-                        .await
-                        .optional()?;
-                    return Ok(Inserted::Duplicate {
-                        user: user.id,
-                        assistant,
-                    });
-                }
-            }
-            Err(ChatError::Precondition(BUSY.into()))
-        }
+    match Cacheable(q).execute(conn).await {
+        Ok(_) => Ok(Inserted::New { user, assistant }),
+        Err(e) => conflict(conn, session, client_message_id, e).await,
     }
 }
 
@@ -419,11 +577,7 @@ pub async fn history(
         // Newest first, so the user message (content never empty) leads.
         return Ok(None);
     }
-    // Newest first: the first answer met for a user turn is its latest.
-    let mut answered = std::collections::HashSet::new();
-    rows.retain(|r| r.role != "assistant" || r.reply_to.is_none_or(|u| answered.insert(u)));
-    rows.truncate(limit + 1);
-    rows.reverse();
+    trim_history(&mut rows, limit + 1);
     Ok(Some(rows))
 }
 

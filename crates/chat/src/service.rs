@@ -449,16 +449,12 @@ impl ChatSvc {
             return Err(ChatError::Invalid(v));
         }
         let session_id = session_id.ok_or(ChatError::NotFound)?;
-        let session = {
-            let mut conn = self.engine.store.pg().await?;
-            sessions::owned(&mut conn, session_id, p.user_id).await?
-        };
         let cid = s.client_message_id.trim();
         self.engine
-            .start(
+            .start_new(
                 ctx.clone(),
                 p.user_id,
-                session,
+                session_id,
                 TurnRequest {
                     content: s.content,
                     client_message_id: (!cid.is_empty()).then(|| cid.to_string()),

@@ -189,15 +189,25 @@ impl Drop for ProbeGuard<'_> {
 
 /// Largest delta [`coalesce`] builds.
 const COALESCE_MAX: usize = 16 * 1024;
+/// Most scheduling rounds [`gather`] waits for more chunks.
+const GATHER_ROUNDS: usize = 64;
 
 /// Appends to `text` the text of every chunk `stream` has ready now
 /// (without waiting), up to [`COALESCE_MAX`]. Returns how the stream ended
 /// if it did meanwhile: `Some(None)` cleanly, `Some(Some(f))` with a
-/// failure; the text before the end is in `text` either way.
-fn coalesce(stream: &mut ChunkStream, acc: &mut Acc, text: &mut String) -> Option<Option<Failure>> {
+/// failure; the text before the end is in `text` either way. `taken`
+/// counts the chunks it consumed.
+fn coalesce(
+    stream: &mut ChunkStream,
+    acc: &mut Acc,
+    text: &mut String,
+    taken: &mut usize,
+) -> Option<Option<Failure>> {
     use futures::FutureExt as _;
     while text.len() < COALESCE_MAX {
-        match stream.next().now_or_never()? {
+        let next = stream.next().now_or_never()?;
+        *taken += 1;
+        match next {
             None => {
                 return Some(acc.finish.is_none().then(|| {
                     Failure::Protocol("the stream ended without a finish reason".into())
@@ -210,6 +220,31 @@ fn coalesce(stream: &mut ChunkStream, acc: &mut Acc, text: &mut String) -> Optio
                 Ok(None) => {}
             },
         }
+    }
+    None
+}
+
+/// [`coalesce`], letting the tasks that feed `stream` run in between: a
+/// chunk crosses the upstream connection's task and the SSE parser's, one
+/// at a time, so a burst that arrived in one read is only ready a chunk per
+/// scheduling round. Gathers while rounds bring chunks (at most
+/// [`GATHER_ROUNDS`], [`COALESCE_MAX`] bytes): a burst goes out as one
+/// delta — one message and one write instead of one per token — while a
+/// stream whose tokens come apart waits one round.
+async fn gather(
+    stream: &mut ChunkStream,
+    acc: &mut Acc,
+    text: &mut String,
+) -> Option<Option<Failure>> {
+    for round in 0..GATHER_ROUNDS {
+        let mut taken = 0;
+        if let Some(end) = coalesce(stream, acc, text, &mut taken) {
+            return Some(end);
+        }
+        if (round > 0 && taken == 0) || text.len() >= COALESCE_MAX {
+            break;
+        }
+        tokio::task::yield_now().await;
     }
     None
 }
@@ -353,7 +388,7 @@ impl Gateway {
         // The first delta goes out at once, with whatever else has arrived.
         let mut finished = None;
         if let Some(mut first) = s.first.take().filter(|_| ending == Ending::Ok) {
-            finished = coalesce(&mut s.stream, &mut s.acc, &mut first);
+            finished = coalesce(&mut s.stream, &mut s.acc, &mut first, &mut 0);
             s.acc.text.push_str(&first);
             if tx.send(Ok(Event::Delta(first))).await.is_err() {
                 ending = Ending::Cancelled;
@@ -406,7 +441,7 @@ impl Gateway {
                         // Chunks that have already arrived go out as one
                         // delta: one message (and one write) instead of many.
                         let mut text = text.unwrap_or_default();
-                        let end = coalesce(&mut s.stream, &mut s.acc, &mut text);
+                        let end = gather(&mut s.stream, &mut s.acc, &mut text).await;
                         if !text.is_empty() {
                             s.acc.text.push_str(&text);
                             if tx.send(Ok(Event::Delta(text))).await.is_err() {
