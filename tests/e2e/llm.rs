@@ -214,6 +214,97 @@ async fn wait_rows(
     usage_rows(mesh).await
 }
 
+/// A usage row as stored: user, provider, upstream model, prompt and
+/// completion tokens, estimated, cost, TTFT, duration, status, model.
+type StoredUsage = (
+    uuid::Uuid,
+    String,
+    String,
+    i32,
+    i32,
+    bool,
+    i64,
+    Option<i32>,
+    i32,
+    String,
+    String,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_batch_skips_rows_of_vanished_users_and_keeps_every_field() {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use trellis_llm::usage::{Recorder, UsageRow};
+    use trellis_store::schema::llm_usage::dsl as u;
+    let r = rig(|_| {}).await;
+    let owner: uuid::Uuid = r.user_id.parse().expect("uuid");
+    let row = |user_id, ttft_ms, status: &str| UsageRow {
+        id: uuid::Uuid::now_v7(),
+        user_id,
+        model: "fast".into(),
+        provider: "primary".into(),
+        upstream_model: "up-fast".into(),
+        prompt_tokens: 12,
+        completion_tokens: 3,
+        estimated: true,
+        cost_micros: 4567,
+        ttft_ms,
+        duration_ms: 89,
+        status: status.into(),
+        cached: false,
+        request_id: "req-batch".into(),
+        created_at: chrono::Utc::now(),
+    };
+    let (recorder, writer) = Recorder::spawn(r.mesh.store.clone());
+    // One batch: a row of a user who does not exist (purged meanwhile)
+    // between two of a real one; the ghost must not sink the others.
+    for (user, ttft, status) in [
+        (owner, Some(7), "ok"),
+        (uuid::Uuid::now_v7(), Some(1), "ok"),
+        (owner, None, "failed"),
+    ] {
+        recorder.record(row(user, ttft, status)).await;
+    }
+    drop(recorder);
+    writer.await.expect("writer drains and ends");
+    let mut conn = r.mesh.store.pg().await.expect("pg");
+    let rows: Vec<StoredUsage> = u::llm_usage
+        .filter(u::request_id.eq("req-batch"))
+        .order(u::id.asc())
+        .select((
+            u::user_id,
+            u::provider,
+            u::upstream_model,
+            u::prompt_tokens,
+            u::completion_tokens,
+            u::estimated,
+            u::cost_micros,
+            u::ttft_ms,
+            u::duration_ms,
+            u::status,
+            u::model,
+        ))
+        .load(&mut conn)
+        .await
+        .expect("rows");
+    let expect = |ttft, status: &str| {
+        (
+            owner,
+            "primary".to_string(),
+            "up-fast".to_string(),
+            12,
+            3,
+            true,
+            4567,
+            ttft,
+            89,
+            status.to_string(),
+            "fast".to_string(),
+        )
+    };
+    assert_eq!(rows, vec![expect(Some(7), "ok"), expect(None, "failed")]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pieces_arriving_apart_are_streamed_apart() {
     let r = rig(|_| {}).await;

@@ -14,7 +14,7 @@ mod prompt;
 mod retrieval;
 mod service;
 mod upstream;
-mod usage;
+pub mod usage;
 
 pub use error::LlmError;
 pub use service::{Built, GENERATE, LlmSvc, USAGE_ALL, USAGE_OWN, service};
