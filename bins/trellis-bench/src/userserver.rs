@@ -53,7 +53,7 @@ const USER: &str = "SELECT id, email, username, display_name, first_name, last_n
      date_of_birth, bio, avatar_url, locale, time_zone, status, email_verified_at, created_at, \
      updated_at, deleted_at, \
      ARRAY(SELECT r.role FROM user_roles r WHERE r.user_id = users.id ORDER BY r.role) \
-     FROM users WHERE id = $1 LIMIT 1";
+     FROM users WHERE id = $1";
 
 pub fn main(args: UserServerArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()

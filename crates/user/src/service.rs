@@ -136,11 +136,12 @@ impl UserSvc {
         let q = users::table
             .filter(users::id.eq(id))
             .select((UserRow::as_select(), roles));
+        // By primary key: at most one row, so no LIMIT (and no bind for it).
         let found: Option<(UserRow, Vec<String>)> = if deleted_too {
-            q.first(conn).await.optional()?
+            q.get_result(conn).await.optional()?
         } else {
             q.filter(users::deleted_at.is_null())
-                .first(conn)
+                .get_result(conn)
                 .await
                 .optional()?
         };
