@@ -15,21 +15,19 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{BigInt, Text, Timestamptz};
 use diesel_async::RunQueryDsl;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trellis_store::Store;
-use trellis_store::schema::llm_usage;
+use trellis_store::pg::Cacheable;
 use uuid::Uuid;
 
 use crate::error::LlmError;
 
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = llm_usage)]
+/// One call's usage, as its `llm_usage` row.
+#[derive(Debug, Clone)]
 pub struct UsageRow {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -109,116 +107,48 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<UsageRow>) {
     }
 }
 
-async fn insert(store: &Store, rows: &[UsageRow]) -> Result<(), LlmError> {
-    let mut conn = store.pg().await?;
-    InsertUsage::of(rows).execute(&mut conn).await?;
-    Ok(())
-}
-
 /// One batch as one statement of fixed text whatever its size — the rows
-/// travel as one array per column into `unnest` — with a static query id,
-/// so diesel prepares it once per connection (found by type, its text not
-/// even rebuilt) and PostgreSQL plans it once. Neither a multi-row VALUES
-/// (text varies with the row count) nor `sql_query`/`sql` literals (never
-/// cached) would be. A row whose user was purged meanwhile is skipped
-/// (`EXISTS`) rather than sinking the batch; the foreign key still guards
-/// against a purge racing the insert (the batch then fails, is retried,
-/// and the row is skipped).
-struct InsertUsage<'a> {
-    id: Vec<Uuid>,
-    user_id: Vec<Uuid>,
-    model: Vec<&'a str>,
-    provider: Vec<&'a str>,
-    upstream_model: Vec<&'a str>,
-    prompt_tokens: Vec<i32>,
-    completion_tokens: Vec<i32>,
-    estimated: Vec<bool>,
-    cost_micros: Vec<i64>,
-    ttft_ms: Vec<Option<i32>>,
-    duration_ms: Vec<i32>,
-    status: Vec<&'a str>,
-    cached: Vec<bool>,
-    request_id: Vec<&'a str>,
-    created_at: Vec<DateTime<Utc>>,
-}
+/// travel as one array per column into `unnest` — so, wrapped in
+/// [`Cacheable`], it is prepared once per connection and planned once
+/// (a multi-row VALUES would change text with the row count). A row whose
+/// user was purged meanwhile is skipped (`EXISTS`) rather than sinking the
+/// batch; the foreign key still guards against a purge racing the insert
+/// (the batch then fails, is retried, and the row is skipped).
+const INSERT: &str = "INSERT INTO llm_usage (id, user_id, model, provider, upstream_model, \
+     prompt_tokens, completion_tokens, estimated, cost_micros, ttft_ms, duration_ms, status, \
+     cached, request_id, created_at) \
+     SELECT t.* FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+     AS t(id, user_id, model, provider, upstream_model, prompt_tokens, completion_tokens, \
+     estimated, cost_micros, ttft_ms, duration_ms, status, cached, request_id, created_at) \
+     WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = t.user_id)";
 
-impl<'a> InsertUsage<'a> {
-    fn of(rows: &'a [UsageRow]) -> InsertUsage<'a> {
-        fn col<'a, T>(rows: &'a [UsageRow], f: impl Fn(&'a UsageRow) -> T) -> Vec<T> {
-            rows.iter().map(f).collect()
-        }
-        InsertUsage {
-            id: col(rows, |r| r.id),
-            user_id: col(rows, |r| r.user_id),
-            model: col(rows, |r| r.model.as_str()),
-            provider: col(rows, |r| r.provider.as_str()),
-            upstream_model: col(rows, |r| r.upstream_model.as_str()),
-            prompt_tokens: col(rows, |r| r.prompt_tokens),
-            completion_tokens: col(rows, |r| r.completion_tokens),
-            estimated: col(rows, |r| r.estimated),
-            cost_micros: col(rows, |r| r.cost_micros),
-            ttft_ms: col(rows, |r| r.ttft_ms),
-            duration_ms: col(rows, |r| r.duration_ms),
-            status: col(rows, |r| r.status.as_str()),
-            cached: col(rows, |r| r.cached),
-            request_id: col(rows, |r| r.request_id.as_str()),
-            created_at: col(rows, |r| r.created_at),
-        }
+async fn insert(store: &Store, rows: &[UsageRow]) -> Result<(), LlmError> {
+    use diesel::sql_types::{Array, Bool, Int4, Int8, Nullable, Uuid as SqlUuid};
+    fn col<'a, T>(rows: &'a [UsageRow], f: impl Fn(&'a UsageRow) -> T) -> Vec<T> {
+        rows.iter().map(f).collect()
     }
-}
-
-/// The static query id of [`InsertUsage`].
-struct InsertUsageId;
-
-impl QueryId for InsertUsage<'_> {
-    type QueryId = InsertUsageId;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl QueryFragment<Pg> for InsertUsage<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        use diesel::sql_types::{Array, Bool, Int4, Int8, Nullable, Uuid as SqlUuid};
-        out.push_sql(
-            "INSERT INTO llm_usage (id, user_id, model, provider, upstream_model, \
-             prompt_tokens, completion_tokens, estimated, cost_micros, ttft_ms, duration_ms, \
-             status, cached, request_id, created_at) SELECT t.* FROM unnest(",
-        );
-        out.push_bind_param::<Array<SqlUuid>, _>(&self.id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<SqlUuid>, _>(&self.user_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.model)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.provider)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.upstream_model)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Int4>, _>(&self.prompt_tokens)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Int4>, _>(&self.completion_tokens)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Bool>, _>(&self.estimated)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Int8>, _>(&self.cost_micros)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Nullable<Int4>>, _>(&self.ttft_ms)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Int4>, _>(&self.duration_ms)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.status)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Bool>, _>(&self.cached)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.request_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Timestamptz>, _>(&self.created_at)?;
-        out.push_sql(
-            ") AS t(id, user_id, model, provider, upstream_model, prompt_tokens, \
-             completion_tokens, estimated, cost_micros, ttft_ms, duration_ms, status, cached, \
-             request_id, created_at) WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = t.user_id)",
-        );
-        Ok(())
-    }
+    let mut conn = store.pg().await?;
+    Cacheable(
+        diesel::sql_query(INSERT)
+            .bind::<Array<SqlUuid>, _>(col(rows, |r| r.id))
+            .bind::<Array<SqlUuid>, _>(col(rows, |r| r.user_id))
+            .bind::<Array<Text>, _>(col(rows, |r| r.model.as_str()))
+            .bind::<Array<Text>, _>(col(rows, |r| r.provider.as_str()))
+            .bind::<Array<Text>, _>(col(rows, |r| r.upstream_model.as_str()))
+            .bind::<Array<Int4>, _>(col(rows, |r| r.prompt_tokens))
+            .bind::<Array<Int4>, _>(col(rows, |r| r.completion_tokens))
+            .bind::<Array<Bool>, _>(col(rows, |r| r.estimated))
+            .bind::<Array<Int8>, _>(col(rows, |r| r.cost_micros))
+            .bind::<Array<Nullable<Int4>>, _>(col(rows, |r| r.ttft_ms))
+            .bind::<Array<Int4>, _>(col(rows, |r| r.duration_ms))
+            .bind::<Array<Text>, _>(col(rows, |r| r.status.as_str()))
+            .bind::<Array<Bool>, _>(col(rows, |r| r.cached))
+            .bind::<Array<Text>, _>(col(rows, |r| r.request_id.as_str()))
+            .bind::<Array<Timestamptz>, _>(col(rows, |r| r.created_at)),
+    )
+    .execute(&mut conn)
+    .await?;
+    Ok(())
 }
 
 /// One day and model of usage.
