@@ -208,6 +208,58 @@ async fn health_follows_redis_down_and_back() {
     mesh.shutdown().await;
 }
 
+/// Pooled Redis connections are not PINGed on checkout: one whose link
+/// the server cut must be noticed on its failed command and discarded, not
+/// handed out again and again (idle connections go most recently used
+/// first, so a kept dead one would be the next every time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_connection_cut_by_the_server_is_discarded_not_reused() {
+    let mesh = TestMesh::start().await;
+    let mut conn = mesh.store.redis().await.expect("redis");
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut *conn)
+        .await
+        .expect("CLIENT ID");
+    drop(conn);
+    let mut other = mesh
+        .store
+        .redis_shared()
+        .await
+        .expect("a second connection");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query_async(&mut other)
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 1, "the pooled connection was cut");
+
+    let mut failed = 0;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let mut conn = mesh.store.redis().await.expect("a pooled connection");
+        match redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async::<i64>(&mut *conn)
+            .await
+        {
+            Ok(n) => ids.push(n),
+            Err(e) => {
+                failed += 1;
+                assert!(
+                    e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error(),
+                    "the cut connection fails as broken: {e}"
+                );
+            }
+        }
+    }
+    assert!(failed <= 1, "the cut connection came back {failed} times");
+    assert!(ids.len() >= 5 && !ids.contains(&id), "{ids:?} vs cut {id}");
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_web_over_http1_with_cors() {
     let mesh = TestMesh::start().await;

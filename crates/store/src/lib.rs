@@ -282,9 +282,14 @@ impl Store {
             _ => true,
         };
         let redis_up = match &self.redis {
-            Some(pool) => self.redis_state.record(probe(
-                tokio::time::timeout(timeout, redis::ping(pool)).await,
-            )),
+            Some(pool) => {
+                let found = probe(tokio::time::timeout(timeout, redis::ping(pool)).await);
+                if found == Probe::Up && !self.redis_state.is_up() {
+                    // Back from an outage: drop pooled connections it broke.
+                    redis::revalidate(pool).await;
+                }
+                self.redis_state.record(found)
+            }
             None => true,
         };
         (pg_up, redis_up)

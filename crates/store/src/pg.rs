@@ -26,6 +26,10 @@ pub fn pool(url: &str, size: u32, acquire_timeout: Duration) -> PgPool {
         .min_idle(Some(0))
         .connection_timeout(acquire_timeout)
         .test_on_check_out(false)
+        // Most recently used first: a quiet service keeps reusing one warm
+        // connection (and its server process) instead of cycling through
+        // all of them; the surplus idles out.
+        .queue_strategy(::bb8::QueueStrategy::Lifo)
         .build_unchecked(manager)
 }
 

@@ -59,23 +59,23 @@ pub fn status_db(s: pb::UserStatus) -> Option<&'static str> {
     }
 }
 
-pub fn user_pb(r: &UserRow, roles: Vec<String>) -> pb::User {
+pub fn user_pb(r: UserRow, roles: Vec<String>) -> pb::User {
     pb::User {
         id: r.id.to_string(),
-        email: r.email.clone(),
-        username: r.username.clone(),
-        display_name: r.display_name.clone(),
-        first_name: r.first_name.clone(),
-        last_name: r.last_name.clone(),
-        phone: r.phone.clone(),
+        email: r.email,
+        username: r.username,
+        display_name: r.display_name,
+        first_name: r.first_name,
+        last_name: r.last_name,
+        phone: r.phone,
         date_of_birth: r
             .date_of_birth
             .map(|d| d.format("%Y-%m-%d").to_string())
             .unwrap_or_default(),
-        bio: r.bio.clone(),
-        avatar_url: r.avatar_url.clone(),
-        locale: r.locale.clone(),
-        time_zone: r.time_zone.clone(),
+        bio: r.bio,
+        avatar_url: r.avatar_url,
+        locale: r.locale,
+        time_zone: r.time_zone,
         status: status_pb(&r.status) as i32,
         roles,
         email_verified: r.email_verified_at.is_some(),

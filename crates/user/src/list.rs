@@ -376,8 +376,11 @@ impl UserSvc {
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let mut roles = roles_by_user(&mut conn, &ids).await?;
         let users = rows
-            .iter()
-            .map(|r| user_pb(r, roles.remove(&r.id).unwrap_or_default()))
+            .into_iter()
+            .map(|r| {
+                let of = roles.remove(&r.id).unwrap_or_default();
+                user_pb(r, of)
+            })
             .collect();
         Ok(Response::new(pb::ListUsersResponse {
             users,

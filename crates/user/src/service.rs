@@ -132,7 +132,7 @@ impl UserSvc {
             UserById::<false>(id).get_result(conn).await.optional()?
         };
         let (row, roles) = found.ok_or(UserError::NotFound)?;
-        Ok(crate::convert::user_pb(&row, roles))
+        Ok(crate::convert::user_pb(row, roles))
     }
 }
 

@@ -20,9 +20,10 @@ pub struct MakeUuidV7;
 
 impl MakeRequestId for MakeUuidV7 {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
-            .ok()
-            .map(RequestId::new)
+        // Encoded on the stack: no formatter, no intermediate String.
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+        HeaderValue::from_str(id).ok().map(RequestId::new)
     }
 }
 
