@@ -60,6 +60,22 @@ pub fn notes(
             stack.placement()
         ));
     }
+    if let Some(f) = facts
+        && !f.settles.is_empty()
+    {
+        let mut ms: Vec<f64> = f.settles.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        notes.push(format!(
+            "Settling: before each scenario (after its seeding) the bench runs `VACUUM ANALYZE` \
+             and `CHECKPOINT` on the database, so the maintenance owed for earlier scenarios' \
+             writes (10,000 chat turns, logins, usage rows) is not done by autovacuum or the \
+             checkpointer during a later measurement, on the CPU the servers share; {} \
+             settles, median {:.0} ms, longest {:.0} ms.",
+            ms.len(),
+            ms[ms.len() / 2],
+            ms[ms.len() - 1]
+        ));
+    }
     if get("argon2-raw").is_some() || get("login").is_some() {
         let quick = if ctx.args.quick {
             format!(

@@ -185,6 +185,13 @@ pub async fn run(
             prepared
                 .push(prepare(ctx, g, partnered, running, fixture.as_mut(), &sizes, argon2).await?);
         }
+        if let Some(f) = fixture.as_mut() {
+            let took = f
+                .settle()
+                .await
+                .with_context(|| format!("{}: settling the database", s.name))?;
+            f.facts.settles.push(took);
+        }
         // Starts once every task of the group is ready to go.
         let start = Instant::now() + Duration::from_millis(20);
         let jobs: Vec<BoxFuture<'_, anyhow::Result<Measured>>> = prepared

@@ -110,6 +110,8 @@ pub struct SeedFacts {
     /// Hits of each query of the mix on its first page (the same both
     /// ways) and its total.
     pub search_hits: Vec<(usize, i64)>,
+    /// How long each settle before a scenario took ([`Fixture::settle`]).
+    pub settles: Vec<Duration>,
 }
 
 /// How to run `trellisd seed` on the bench's stack.
@@ -182,6 +184,25 @@ impl Fixture {
             index_template: None,
             facts: SeedFacts::default(),
         })
+    }
+
+    /// Settles the database before a scenario is measured: `VACUUM
+    /// ANALYZE` of every table, then `CHECKPOINT`, so the maintenance owed
+    /// for what earlier scenarios wrote (10,000 chat turns, logins, usage
+    /// rows) is done now instead of by autovacuum and the checkpointer in
+    /// the middle of a later measurement, on the CPU the servers share.
+    /// Returns how long it took.
+    pub async fn settle(&self) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        self.db
+            .batch_execute("VACUUM ANALYZE")
+            .await
+            .context("VACUUM ANALYZE")?;
+        self.db
+            .batch_execute("CHECKPOINT")
+            .await
+            .context("CHECKPOINT")?;
+        Ok(t.elapsed())
     }
 
     /// The calls for `tasks` client tasks of a scenario calling `rpc`.
