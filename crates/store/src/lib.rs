@@ -296,6 +296,24 @@ impl Store {
     }
 }
 
+/// Checks out every connection idle in `pool` right now (fewer if calls
+/// take some meanwhile), for a revalidation after an outage: each is tried
+/// once by the caller, and those that fail are discarded by the pool when
+/// they are returned.
+async fn idle_connections<M: ::bb8::ManageConnection>(
+    pool: &::bb8::Pool<M>,
+) -> Vec<::bb8::PooledConnection<'_, M>> {
+    let idle = pool.state().idle_connections;
+    let mut held = Vec::new();
+    for _ in 0..idle {
+        match pool.get().await {
+            Ok(c) => held.push(c),
+            Err(_) => break,
+        }
+    }
+    held
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

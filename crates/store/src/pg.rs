@@ -45,15 +45,7 @@ pub async fn ping_fresh(url: &str) -> Result<(), StoreError> {
 /// Checks every idle pooled connection once; broken ones are discarded by
 /// the pool when they are returned.
 pub async fn revalidate(pool: &PgPool) {
-    let idle = pool.state().idle_connections;
-    let mut held = Vec::new();
-    for _ in 0..idle {
-        match pool.get().await {
-            Ok(c) => held.push(c),
-            Err(_) => break,
-        }
-    }
-    for c in held.iter_mut() {
+    for c in crate::idle_connections(pool).await.iter_mut() {
         let _ = diesel::sql_query("SELECT 1").execute(&mut **c).await;
     }
 }

@@ -119,15 +119,7 @@ pub fn pool(url: &str, size: u32, acquire_timeout: Duration) -> Result<RedisPool
 /// `PING`s every idle pooled connection once; those that fail are
 /// discarded by the pool when they are returned.
 pub async fn revalidate(pool: &RedisPool) {
-    let idle = pool.state().idle_connections;
-    let mut held = Vec::new();
-    for _ in 0..idle {
-        match pool.get().await {
-            Ok(c) => held.push(c),
-            Err(_) => break,
-        }
-    }
-    for c in held.iter_mut() {
+    for c in crate::idle_connections(pool).await.iter_mut() {
         let _: RedisResult<String> = ::redis::cmd("PING").query_async(&mut **c).await;
     }
 }
