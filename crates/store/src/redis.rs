@@ -3,7 +3,9 @@
 //!
 //! Like the PostgreSQL pool, connections are not tested on checkout (a
 //! `PING` before every command would double the round trips of every
-//! quota check, revocation lookup and fan-out publish). Instead a pooled
+//! pooled call: lockout checks, refresh grace lookups, revocation
+//! publishes, the LLM answer cache; the quota script and chat's fan-out use
+//! the shared multiplexed connection, [`crate::Store::redis_shared`]). Instead a pooled
 //! connection remembers when a command on it failed with a broken-link
 //! error and the pool discards it on return ([`Tracked`]), and when the
 //! health probe sees Redis come back after an outage it revalidates the
@@ -31,7 +33,6 @@ pub struct Manager(RedisConnectionManager);
 /// because the link is gone (I/O error, dropped or unrecoverable
 /// connection); the pool then discards it instead of handing it out again.
 /// Commands go through it unchanged (it is a [`ConnectionLike`]).
-#[derive(Clone)]
 pub struct Tracked {
     conn: MultiplexedConnection,
     broken: bool,
