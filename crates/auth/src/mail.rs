@@ -52,6 +52,11 @@ pub async fn send(conn: &mut AsyncPgConnection, mail: Mail) -> Result<(), AuthEr
     Ok(())
 }
 
+/// [`forget`]'s statement: $1 the account, $2 its lower-cased addresses
+/// (both arms index-served).
+pub const FORGET: &str =
+    "DELETE FROM mail_outbox WHERE user_id = $1 OR lower(to_address) = ANY($2)";
+
 /// Deletes the outbox rows of `user` and any sent to `addresses` (mail
 /// queued before rows named their account), for erasure.
 pub async fn forget(
@@ -59,20 +64,13 @@ pub async fn forget(
     user: Uuid,
     addresses: &[String],
 ) -> Result<usize, diesel::result::Error> {
+    use diesel::sql_types::{Array, Text, Uuid as SqlUuid};
     let lower: Vec<String> = addresses.iter().map(|a| a.to_lowercase()).collect();
-    diesel::delete(
-        mail_outbox::table.filter(
-            mail_outbox::user_id
-                .eq(user)
-                .or(
-                    diesel::dsl::sql::<diesel::sql_types::Bool>("lower(to_address) = ANY(")
-                        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(lower)
-                        .sql(")"),
-                ),
-        ),
-    )
-    .execute(conn)
-    .await
+    diesel::sql_query(FORGET)
+        .bind::<SqlUuid, _>(user)
+        .bind::<Array<Text>, _>(lower)
+        .execute(conn)
+        .await
 }
 
 /// Delivers one message; the error text is kept on the outbox row.

@@ -49,6 +49,18 @@ pub async fn record(
     Ok(())
 }
 
+/// [`pseudonymise`]'s statement: $1 the subject, $2 the pseudonym, $3 the
+/// lower-cased logins. Each arm of its condition has an index (by actor, by
+/// target id, anonymous events by login), so an erasure costs lookups, not
+/// a scan of the whole trail.
+pub const PSEUDONYMISE: &str = "UPDATE audit_events SET \
+     actor_id = CASE WHEN actor_id = $1 THEN $2 ELSE actor_id END, \
+     target_id = CASE WHEN target_id = $1::text THEN $2::text ELSE target_id END, \
+     ip_address = CASE WHEN actor_id = $1 OR actor_id IS NULL THEN '' ELSE ip_address END, \
+     details = '{\"subject_erased\": true}'::jsonb \
+     WHERE actor_id = $1 OR target_id = $1::text \
+        OR (actor_id IS NULL AND lower(details->>'login') = ANY($3))";
+
 /// Pseudonymises the trail about `subject` for an erasure request (see
 /// `docs/architecture.md`, Users): events stay — what happened, when, with
 /// which request id and changed field names — but the subject's id becomes
@@ -66,18 +78,10 @@ pub async fn pseudonymise(
 ) -> Result<usize, diesel::result::Error> {
     use diesel::sql_types::{Array, Text, Uuid as SqlUuid};
     let logins: Vec<String> = logins.iter().map(|l| l.to_lowercase()).collect();
-    diesel::sql_query(
-        "UPDATE audit_events SET \
-             actor_id = CASE WHEN actor_id = $1 THEN $2 ELSE actor_id END, \
-             target_id = CASE WHEN target_id = $1::text THEN $2::text ELSE target_id END, \
-             ip_address = CASE WHEN actor_id = $1 OR actor_id IS NULL THEN '' ELSE ip_address END, \
-             details = '{\"subject_erased\": true}'::jsonb \
-         WHERE actor_id = $1 OR target_id = $1::text \
-            OR (actor_id IS NULL AND lower(details->>'login') = ANY($3))",
-    )
-    .bind::<SqlUuid, _>(subject)
-    .bind::<SqlUuid, _>(pseudonym)
-    .bind::<Array<Text>, _>(logins)
-    .execute(conn)
-    .await
+    diesel::sql_query(PSEUDONYMISE)
+        .bind::<SqlUuid, _>(subject)
+        .bind::<SqlUuid, _>(pseudonym)
+        .bind::<Array<Text>, _>(logins)
+        .execute(conn)
+        .await
 }
