@@ -1511,3 +1511,168 @@ async fn lockouts_do_not_reveal_which_accounts_exist() {
         assert_eq!(e.code(), Code::ResourceExhausted, "{who}: {e:?}");
     }
 }
+
+/// Housekeeping deletes auth state past its retention — sessions expired or
+/// revoked long enough ago (their refresh tokens with them), refresh and
+/// mailed tokens long expired, mail sent long ago — and nothing that still
+/// counts: a live session still refreshes, its spent but unexpired token
+/// still trips reuse detection, a recently revoked session, a valid mailed
+/// token, recent and unsent mail stay. One replica sweeps at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_deletes_only_what_is_past_its_retention() {
+    use diesel::sql_types::{Text, Uuid as SqlUuid};
+    use diesel_async::{AsyncConnection, AsyncPgConnection};
+    use trellis_auth::housekeeping::{LOCK, Swept, sweep};
+    // A short grace window: the reuse below is not a concurrent refresh.
+    let mesh = TestMesh::start_with(TestOptions::default(), |c| {
+        c.auth.refresh_grace = Duration::from_millis(100);
+    })
+    .await;
+    let mut client = auth(&mesh).await;
+    let keeper = register(&mut client, "keeper").await;
+    let first = keeper.tokens.clone().expect("tokens");
+    let second = refresh(&mut client, &first.refresh_token)
+        .await
+        .expect("rotate");
+    let leaver = register(&mut client, "leaver")
+        .await
+        .tokens
+        .expect("tokens");
+    let expired = login(&mut client, "leaver", PASSWORD).await.expect("login");
+    let revoked_long_ago = login(&mut client, "leaver", PASSWORD).await.expect("login");
+    let revoked_lately = login(&mut client, "leaver", PASSWORD).await.expect("login");
+    let id = |s: &str| uuid::Uuid::parse_str(s).expect("session id");
+    let keeper_id = id(&keeper.account.as_ref().expect("account").id);
+    {
+        let mut conn = mesh.store.pg().await.expect("pg");
+        for (sql, session) in [
+            (
+                "UPDATE auth_sessions SET expires_at = now() - interval '40 days' WHERE id = $1",
+                &expired.session_id,
+            ),
+            (
+                "UPDATE refresh_tokens SET expires_at = now() - interval '40 days' WHERE session_id = $1",
+                &expired.session_id,
+            ),
+            (
+                "UPDATE auth_sessions SET revoked_at = now() - interval '40 days' WHERE id = $1",
+                &revoked_long_ago.session_id,
+            ),
+            (
+                "UPDATE auth_sessions SET revoked_at = now() - interval '1 day' WHERE id = $1",
+                &revoked_lately.session_id,
+            ),
+            // A spent token of the live session, long expired.
+            (
+                "INSERT INTO refresh_tokens (token_hash, session_id, expires_at, used_at) \
+                 VALUES ('\\x01', $1, now() - interval '40 days', now() - interval '41 days')",
+                &second.session_id,
+            ),
+        ] {
+            let n = diesel::sql_query(sql)
+                .bind::<SqlUuid, _>(id(session))
+                .execute(&mut conn)
+                .await
+                .expect("age the state");
+            assert!(n >= 1, "{sql}");
+        }
+        diesel::sql_query(
+            "INSERT INTO auth_one_time_tokens (token_hash, user_id, purpose, email, expires_at) VALUES \
+             ('\\x02', $1, 'password_reset', 'keeper@example.com', now() - interval '40 days'), \
+             ('\\x03', $1, 'email_verification', 'keeper@example.com', now() + interval '1 day')",
+        )
+        .bind::<SqlUuid, _>(keeper_id)
+        .execute(&mut conn)
+        .await
+        .expect("mailed tokens");
+        diesel::sql_query(
+            "INSERT INTO mail_outbox (id, to_address, subject, body, purpose, created_at, sent_at, user_id) VALUES \
+             (gen_random_uuid(), $2, 'old', 'b', 'verify', now() - interval '41 days', now() - interval '40 days', $1), \
+             (gen_random_uuid(), $2, 'recent', 'b', 'verify', now() - interval '2 days', now() - interval '1 day', $1), \
+             (gen_random_uuid(), $2, 'unsent', 'b', 'verify', now() - interval '40 days', NULL, $1)",
+        )
+        .bind::<SqlUuid, _>(keeper_id)
+        .bind::<Text, _>("keeper@example.com")
+        .execute(&mut conn)
+        .await
+        .expect("mail");
+    }
+
+    // While another replica holds the round, this one leaves it alone.
+    let url = mesh.config.database.url.clone().expect("database url");
+    let mut other = AsyncPgConnection::establish(&url).await.expect("connect");
+    diesel::sql_query("SELECT pg_advisory_lock($1)")
+        .bind::<diesel::sql_types::BigInt, _>(LOCK)
+        .execute(&mut other)
+        .await
+        .expect("lock");
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(30);
+    assert_eq!(sweep(&mesh.store, cutoff).await.expect("sweep"), None);
+    diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<diesel::sql_types::BigInt, _>(LOCK)
+        .execute(&mut other)
+        .await
+        .expect("unlock");
+
+    let swept = sweep(&mesh.store, cutoff)
+        .await
+        .expect("sweep")
+        .expect("the lock is free");
+    assert_eq!(
+        swept,
+        Swept {
+            sessions: 2,
+            refresh_tokens: 1,
+            one_time_tokens: 1,
+            mails: 1
+        }
+    );
+    // A second round finds nothing more.
+    assert_eq!(
+        sweep(&mesh.store, cutoff).await.expect("sweep"),
+        Some(Swept::default())
+    );
+
+    #[derive(diesel::QueryableByName)]
+    struct Left {
+        #[diesel(sql_type = Text)]
+        what: String,
+    }
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let left: Vec<Left> = diesel::sql_query(
+        "SELECT 'session ' || id::text AS what FROM auth_sessions \
+         UNION ALL SELECT 'mail ' || subject FROM mail_outbox \
+         UNION ALL SELECT 'token ' || purpose FROM auth_one_time_tokens ORDER BY 1",
+    )
+    .load(&mut conn)
+    .await
+    .expect("what is left");
+    drop(conn);
+    let mut want: Vec<String> = [
+        format!("session {}", second.session_id),
+        format!("session {}", revoked_lately.session_id),
+        format!("session {}", leaver.session_id),
+        "mail recent".into(),
+        "mail unsent".into(),
+        "token email_verification".into(),
+    ]
+    .into_iter()
+    .collect();
+    let mut left: Vec<String> = left.into_iter().map(|l| l.what).collect();
+    left.sort();
+    want.sort();
+    assert_eq!(left, want);
+
+    // What is live still works: the session refreshes, and its spent token,
+    // kept until it expires, still counts as reuse (revoking the session).
+    let third = refresh(&mut client, &second.refresh_token)
+        .await
+        .expect("the live session refreshes");
+    who(&mut client, &third.access_token).await.expect("usable");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let reuse = refresh(&mut client, &first.refresh_token)
+        .await
+        .expect_err("reuse");
+    assert!(reuse.message().contains("reuse"), "{}", reuse.message());
+    mesh.shutdown().await;
+}

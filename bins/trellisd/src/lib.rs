@@ -63,15 +63,29 @@ pub async fn start(
     let outbox = if enabled.contains(&ServiceName::Auth) && store_for_mail.has_pg() {
         let mailer = trellis_auth::mail::mailer(&config.mail)?;
         Some(trellis_auth::mail::spawn_outbox(
-            store_for_mail,
+            store_for_mail.clone(),
             mailer,
             config.mail.poll_interval,
         ))
     } else {
         None
     };
+    // So does the deletion of auth state past its retention.
+    let housekeeping = (enabled.contains(&ServiceName::Auth)
+        && store_for_mail.has_pg()
+        && !config.auth.housekeeping_interval.is_zero())
+    .then(|| {
+        trellis_auth::housekeeping::spawn(
+            store_for_mail.clone(),
+            config.auth.housekeeping_interval,
+            config.auth.expired_retention,
+        )
+    });
     let mesh = builder.start(listener, shutdown).await?;
-    let mut mesh = mesh.on_stop(listener_task).on_stop(outbox);
+    let mut mesh = mesh
+        .on_stop(listener_task)
+        .on_stop(outbox)
+        .on_stop(housekeeping);
     for t in tasks.background {
         mesh = mesh.on_stop(Some(t));
     }

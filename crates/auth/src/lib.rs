@@ -7,6 +7,7 @@ mod api_keys;
 pub mod audit;
 mod credentials;
 mod error;
+pub mod housekeeping;
 pub mod keys;
 pub mod mail;
 mod password;

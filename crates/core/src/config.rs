@@ -417,6 +417,15 @@ pub struct AuthConfig {
     /// Lifetime of mailed e-mail verification tokens.
     #[serde(with = "humantime_serde")]
     pub email_verification_ttl: Duration,
+    /// How often auth state that can no longer be used is deleted (0:
+    /// never): see `expired_retention`.
+    #[serde(with = "humantime_serde")]
+    pub housekeeping_interval: Duration,
+    /// How long auth state is kept after it stopped being usable: sessions
+    /// after they expired or were revoked (with their refresh tokens),
+    /// refresh and mailed tokens after they expired, mail after it was sent.
+    #[serde(with = "humantime_serde")]
+    pub expired_retention: Duration,
 }
 
 impl Default for AuthConfig {
@@ -439,6 +448,8 @@ impl Default for AuthConfig {
             introspect_per_ip_per_minute: 6000,
             password_reset_ttl: Duration::from_secs(3600),
             email_verification_ttl: Duration::from_secs(48 * 3600),
+            housekeeping_interval: Duration::from_secs(3600),
+            expired_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
