@@ -1857,3 +1857,78 @@ async fn members_hold_the_search_permissions_the_readme_shows() {
         ]
     );
 }
+
+/// Pruning deletes the history made before the cutoff, whoever's it is, in
+/// batches (here more than one), and nothing newer: the entries left are
+/// still listed by their owners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_older_than_its_retention_is_pruned() {
+    use diesel::sql_types::Uuid as SqlUuid;
+    use diesel_async::RunQueryDsl;
+    let mesh = TestMesh::start().await;
+    let (token, me) = member(&mesh, "pruned").await;
+    let (other, them) = member(&mesh, "prunedtoo").await;
+    let mut c = search_client(&mesh).await;
+    for (t, text) in [(&token, "kept mine"), (&other, "kept theirs")] {
+        find(&mut c, t, q(text)).await.expect("search");
+    }
+    let listed = |t: String| {
+        let mut c = c.clone();
+        async move {
+            c.list_search_history(bearer(
+                pb::ListSearchHistoryRequest {
+                    page_size: 50,
+                    page_token: String::new(),
+                },
+                &t,
+            ))
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .entries
+                    .into_iter()
+                    .map(|e| e.query)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let l = listed(token.clone());
+            async move { l.await.len() == 1 }
+        })
+        .await
+    );
+    // 1,500 old entries of mine and 700 of theirs, written 400 days ago.
+    {
+        let mut conn = mesh.store.pg().await.expect("pg");
+        for (user, n) in [(&me, 1500), (&them, 700)] {
+            let user = uuid::Uuid::parse_str(user).expect("user id");
+            diesel::sql_query(
+                "INSERT INTO search_history (id, user_id, query, filters, result_count, latency_ms, created_at) \
+                 SELECT gen_random_uuid(), $1, 'old ' || i, '{}', 0, 1, now() - interval '400 days' \
+                 FROM generate_series(1, $2) AS i",
+            )
+            .bind::<SqlUuid, _>(user)
+            .bind::<diesel::sql_types::Integer, _>(n)
+            .execute(&mut conn)
+            .await
+            .expect("old history");
+        }
+    }
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(365);
+    let pruned = trellis_search::history::prune(&mesh.store, cutoff)
+        .await
+        .expect("prune");
+    assert_eq!(pruned, 2200);
+    assert_eq!(
+        trellis_search::history::prune(&mesh.store, cutoff)
+            .await
+            .expect("prune again"),
+        0
+    );
+    assert_eq!(listed(token.clone()).await, ["kept mine"]);
+    assert_eq!(listed(other.clone()).await, ["kept theirs"]);
+    mesh.shutdown().await;
+}

@@ -163,15 +163,26 @@ fn mount(
                     .collectors(built.collectors)
                     .add_service(built.server, Needs::STORE)
             }
-            ServiceName::Search => builder.add_service(
-                trellis_search::service(
-                    &cfg.search,
-                    cfg.server.max_message_bytes,
-                    deps.store.clone(),
-                    deps.pages.clone(),
-                )?,
-                Needs::STORE,
-            ),
+            ServiceName::Search => {
+                if deps.store.has_pg() && !cfg.search.history_retention.is_zero() {
+                    tasks
+                        .background
+                        .push(trellis_search::history::spawn_pruning(
+                            deps.store.clone(),
+                            cfg.search.history_retention,
+                            std::time::Duration::from_secs(3600),
+                        ));
+                }
+                builder.add_service(
+                    trellis_search::service(
+                        &cfg.search,
+                        cfg.server.max_message_bytes,
+                        deps.store.clone(),
+                        deps.pages.clone(),
+                    )?,
+                    Needs::STORE,
+                )
+            }
             ServiceName::Chat => {
                 let built = trellis_chat::service(
                     &cfg.chat,

@@ -124,28 +124,20 @@ pub async fn sweep(store: &Store, before: DateTime<Utc>) -> Result<Option<Swept>
 /// Sweeps every `every` (the first round one `every` after the start) until
 /// aborted, deleting what stopped being usable `retention` ago.
 pub fn spawn(store: Store, every: Duration, retention: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-        loop {
-            tokio::time::sleep(every).await;
-            if !store.pg_state.is_up() {
-                continue;
-            }
-            let before = Utc::now()
-                .checked_sub_signed(retention)
-                .unwrap_or(DateTime::<Utc>::MIN_UTC);
-            match sweep(&store, before).await {
-                Ok(Some(s)) if s.total() > 0 => tracing::info!(
-                    sessions = s.sessions,
-                    refresh_tokens = s.refresh_tokens,
-                    one_time_tokens = s.one_time_tokens,
-                    mails = s.mails,
-                    "housekeeping deleted auth state past its retention"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "housekeeping failed; next round retries"),
-            }
-        }
+    trellis_store::retention::spawn(store, every, retention, async |store, before| match sweep(
+        &store, before,
+    )
+    .await
+    {
+        Ok(Some(s)) if s.total() > 0 => tracing::info!(
+            sessions = s.sessions,
+            refresh_tokens = s.refresh_tokens,
+            one_time_tokens = s.one_time_tokens,
+            mails = s.mails,
+            "housekeeping deleted auth state past its retention"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "housekeeping failed; next round retries"),
     })
 }
 

@@ -768,6 +768,10 @@ pub struct SearchConfig {
     pub max_query_chars: usize,
     /// External web search (Tavily API); off when unset.
     pub web: Option<WebSearchConfig>,
+    /// How long search history is kept (ListHistory, the popular-queries
+    /// analytics); older entries are deleted hourly. 0: kept for ever.
+    #[serde(with = "humantime_serde")]
+    pub history_retention: Duration,
 }
 
 impl Default for SearchConfig {
@@ -776,6 +780,7 @@ impl Default for SearchConfig {
             language: "english".into(),
             max_query_chars: 1000,
             web: None,
+            history_retention: Duration::from_secs(365 * 24 * 3600),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Search history and analytics: every search is one `search_history` row
 //! (written off the request path), listed and cleared by its user; the
 //! popular and zero-result queries over a window for administrators.
+//! Entries older than `search.history_retention` are deleted hourly
+//! ([`spawn_pruning`]).
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -121,6 +123,49 @@ pub async fn clear(store: &Store, user: Uuid) -> Result<i64, SearchError> {
         .execute(&mut conn)
         .await?;
     Ok(n as i64)
+}
+
+/// Rows one pruning statement deletes at most.
+const PRUNE_BATCH: usize = 1000;
+
+/// Deletes the entries made before `before`, [`PRUNE_BATCH`] at a time
+/// (each its own statement, found through `search_history_time`, so no
+/// long transaction); returns how many went. Replicas pruning at once only
+/// share the work: a row one deleted the other skips.
+pub async fn prune(store: &Store, before: DateTime<Utc>) -> Result<usize, SearchError> {
+    let mut conn = store.pg().await?;
+    let mut total = 0;
+    loop {
+        let n = diesel::sql_query(
+            "DELETE FROM search_history WHERE id IN \
+             (SELECT id FROM search_history WHERE created_at < $1 LIMIT 1000)",
+        )
+        .bind::<Timestamptz, _>(before)
+        .execute(&mut conn)
+        .await?;
+        total += n;
+        if n < PRUNE_BATCH {
+            return Ok(total);
+        }
+    }
+}
+
+/// Prunes the history older than `retention` every `every` (the first
+/// round one `every` after the start) until aborted.
+pub fn spawn_pruning(
+    store: Store,
+    retention: std::time::Duration,
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    trellis_store::retention::spawn(store, every, retention, async |store, before| match prune(
+        &store, before,
+    )
+    .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(entries = n, "search history past its retention deleted"),
+        Err(e) => tracing::warn!(error = %e, "pruning search history failed; next round retries"),
+    })
 }
 
 #[derive(QueryableByName)]

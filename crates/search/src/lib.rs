@@ -5,7 +5,7 @@
 
 mod documents;
 mod error;
-mod history;
+pub mod history;
 mod query;
 mod service;
 mod web;

@@ -9,6 +9,7 @@ pub mod migrate;
 pub mod pg;
 pub mod ratelimit;
 pub mod redis;
+pub mod retention;
 pub mod schema;
 
 use std::sync::Arc;
