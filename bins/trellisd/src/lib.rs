@@ -63,29 +63,15 @@ pub async fn start(
     let outbox = if enabled.contains(&ServiceName::Auth) && store_for_mail.has_pg() {
         let mailer = trellis_auth::mail::mailer(&config.mail)?;
         Some(trellis_auth::mail::spawn_outbox(
-            store_for_mail.clone(),
+            store_for_mail,
             mailer,
             config.mail.poll_interval,
         ))
     } else {
         None
     };
-    // So does the deletion of auth state past its retention.
-    let housekeeping = (enabled.contains(&ServiceName::Auth)
-        && store_for_mail.has_pg()
-        && !config.auth.housekeeping_interval.is_zero())
-    .then(|| {
-        trellis_auth::housekeeping::spawn(
-            store_for_mail.clone(),
-            config.auth.housekeeping_interval,
-            config.auth.expired_retention,
-        )
-    });
     let mesh = builder.start(listener, shutdown).await?;
-    let mut mesh = mesh
-        .on_stop(listener_task)
-        .on_stop(outbox)
-        .on_stop(housekeeping);
+    let mut mesh = mesh.on_stop(listener_task).on_stop(outbox);
     for t in tasks.background {
         mesh = mesh.on_stop(Some(t));
     }
@@ -129,18 +115,27 @@ fn mount(
     for name in enabled {
         builder = match name {
             ServiceName::System => builder,
-            ServiceName::Auth => builder.add_service(
-                trellis_auth::service(
-                    &cfg.auth,
-                    cfg.server.max_message_bytes,
-                    deps.store.clone(),
-                    hasher()?,
-                    deps.verifier.clone(),
-                    deps.revocations.clone(),
-                    deps.pages.clone(),
-                )?,
-                Needs::STORE,
-            ),
+            ServiceName::Auth => {
+                if deps.store.has_pg() && !cfg.auth.housekeeping_interval.is_zero() {
+                    tasks.background.push(trellis_auth::housekeeping::spawn(
+                        deps.store.clone(),
+                        cfg.auth.housekeeping_interval,
+                        cfg.auth.expired_retention,
+                    ));
+                }
+                builder.add_service(
+                    trellis_auth::service(
+                        &cfg.auth,
+                        cfg.server.max_message_bytes,
+                        deps.store.clone(),
+                        hasher()?,
+                        deps.verifier.clone(),
+                        deps.revocations.clone(),
+                        deps.pages.clone(),
+                    )?,
+                    Needs::STORE,
+                )
+            }
             ServiceName::User => builder.add_service(
                 trellis_user::service(
                     cfg.server.max_message_bytes,

@@ -126,7 +126,7 @@ pub async fn clear(store: &Store, user: Uuid) -> Result<i64, SearchError> {
 }
 
 /// Rows one pruning statement deletes at most.
-const PRUNE_BATCH: usize = 1000;
+const PRUNE_BATCH: i64 = 1000;
 
 /// Deletes the entries made before `before`, [`PRUNE_BATCH`] at a time
 /// (each its own statement, found through `search_history_time`, so no
@@ -138,13 +138,14 @@ pub async fn prune(store: &Store, before: DateTime<Utc>) -> Result<usize, Search
     loop {
         let n = diesel::sql_query(
             "DELETE FROM search_history WHERE id IN \
-             (SELECT id FROM search_history WHERE created_at < $1 LIMIT 1000)",
+             (SELECT id FROM search_history WHERE created_at < $1 LIMIT $2)",
         )
         .bind::<Timestamptz, _>(before)
+        .bind::<BigInt, _>(PRUNE_BATCH)
         .execute(&mut conn)
         .await?;
         total += n;
-        if n < PRUNE_BATCH {
+        if (n as i64) < PRUNE_BATCH {
             return Ok(total);
         }
     }
