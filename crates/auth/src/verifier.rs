@@ -25,6 +25,8 @@ use futures::future::BoxFuture;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use moka::sync::Cache;
+
+use crate::revocation::FastCache;
 use tokio::sync::{Mutex, RwLock};
 use tonic::Status;
 use trellis_core::ServiceName;
@@ -80,12 +82,14 @@ pub struct TokenVerifier {
     /// concurrent callers share one fetch.
     last_fetch: Mutex<Option<Instant>>,
     /// Kids a fetch did not turn up (see [`UNKNOWN_KID_TTL`]).
-    unknown_kids: Cache<String, ()>,
+    unknown_kids: FastCache<String, ()>,
     revocations: Arc<Revocations>,
-    verified: Cache<String, Verified>,
+    /// Verified tokens by their text (every authenticated call looks one
+    /// up, so its key — some 500 bytes — is hashed with foldhash, not SipHash).
+    verified: FastCache<String, Verified>,
     /// Active API keys by the SHA-256 of their secret (secrets themselves
     /// are not kept in memory longer than a call).
-    api_keys: Cache<Vec<u8>, Arc<KnownKey>>,
+    api_keys: FastCache<Vec<u8>, Arc<KnownKey>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -122,16 +126,16 @@ impl TokenVerifier {
             unknown_kids: Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(UNKNOWN_KID_TTL)
-                .build(),
+                .build_with_hasher(Default::default()),
             revocations,
             verified: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
-                .build(),
+                .build_with_hasher(Default::default()),
             api_keys: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(API_KEY_CACHE)
-                .build(),
+                .build_with_hasher(Default::default()),
         }
     }
 

@@ -21,26 +21,28 @@ impl BrowserCorsLayer {
     }
 }
 
-impl<S: Clone> Layer<S> for BrowserCorsLayer {
+impl<S> Layer<S> for BrowserCorsLayer {
     type Service = BrowserCors<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         BrowserCors {
-            cors: self.cors.layer(inner.clone()),
-            plain: inner,
+            cors: self.cors.clone(),
+            inner,
         }
     }
 }
 
+/// Holds the inner stack once (the server clones the whole stack for every
+/// request); a browser request wraps it in tower-http's `Cors` for itself.
 #[derive(Clone, Debug)]
 pub struct BrowserCors<S> {
-    cors: Cors<S>,
-    plain: S,
+    cors: CorsLayer,
+    inner: S,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for BrowserCors<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     ResBody: Default,
 {
     type Response = Response<ResBody>;
@@ -48,17 +50,17 @@ where
     type Future = Either<S::Future, <Cors<S> as Service<Request<ReqBody>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        match self.plain.poll_ready(cx) {
-            Poll::Ready(Ok(())) => self.cors.poll_ready(cx),
-            other => other,
-        }
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         if req.headers().contains_key(http::header::ORIGIN) {
-            Either::Right(self.cors.call(req))
+            // The service polled ready goes into `Cors`; a clone stays.
+            let clone = self.inner.clone();
+            let ready = std::mem::replace(&mut self.inner, clone);
+            Either::Right(self.cors.layer(ready).call(req))
         } else {
-            Either::Left(self.plain.call(req))
+            Either::Left(self.inner.call(req))
         }
     }
 }
