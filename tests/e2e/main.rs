@@ -4,6 +4,7 @@
 mod auth;
 mod auth_account;
 mod auth_api_keys;
+mod auth_keys;
 mod auth_mail;
 mod auth_totp;
 mod chat;

@@ -36,6 +36,11 @@ pub async fn prepare(config: &mut Config) -> anyhow::Result<DevServers> {
         pg.ensure_database("trellis").await?;
         config.database.url = Some(pg.url("trellis"));
         servers.postgres = Some(pg);
+        // The private database's signing keys are sealed with a secret kept
+        // beside it (a database of your own needs a secret of your own).
+        if config.secrets.signing_key_secret.is_none() {
+            config.secrets.signing_key_secret = Some(dev_secret(&data.join("signing-key-secret"))?);
+        }
     }
     if config.redis.url.is_none() {
         tracing::info!(
@@ -52,6 +57,29 @@ pub async fn prepare(config: &mut Config) -> anyhow::Result<DevServers> {
         tracing::info!(?applied, "migrations applied");
     }
     Ok(servers)
+}
+
+/// The secret in `file`, created (random, 0600) on the first start.
+fn dev_secret(file: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(s) = std::fs::read_to_string(file)
+        && s.trim().len() >= 32
+    {
+        return Ok(s.trim().to_string());
+    }
+    let secret = trellis_auth::tokens::secret("sks_")?;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)?;
+    writeln!(f, "{secret}")?;
+    Ok(secret)
 }
 
 /// Creates the first administrator if there is none, and says how to log

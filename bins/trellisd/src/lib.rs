@@ -25,6 +25,8 @@ pub struct Deps {
     pub revocations: Arc<Revocations>,
     /// Seals page tokens for every list RPC.
     pub pages: PageTokens,
+    /// Seals the signing keys at rest (`secrets.signing_key_secret`).
+    pub seal: Option<Arc<trellis_auth::keys::KeySeal>>,
 }
 
 /// Builds and starts a server for `config` on `listener`: the enabled
@@ -45,7 +47,16 @@ pub async fn start(
         clients.clone(),
         revocations.clone(),
     ));
+    let seal = config
+        .secrets
+        .signing_key_secret
+        .as_deref()
+        .map(|s| Arc::new(trellis_auth::keys::KeySeal::from_secret(s)));
+    if enabled.contains(&ServiceName::Auth) && store.has_pg() {
+        prepare_signing_keys(&store, seal.as_deref()).await?;
+    }
     let deps = Deps {
+        seal,
         config: config.clone(),
         store: store.clone(),
         clients,
@@ -79,6 +90,39 @@ pub async fn start(
         mesh = mesh.finishing(t);
     }
     Ok(mesh)
+}
+
+/// Seals signing keys stored unencrypted (with a secret) and refuses to
+/// start when a stored key does not open. A database that is down only
+/// defers this: keys are opened when first used, and sealed at a later start.
+async fn prepare_signing_keys(
+    store: &Store,
+    seal: Option<&trellis_auth::keys::KeySeal>,
+) -> anyhow::Result<()> {
+    use trellis_auth::keys::{PrepareError, prepare};
+    if seal.is_none() {
+        tracing::warn!(
+            "secrets.signing_key_secret is not set: the auth service's private signing keys \
+             are stored unencrypted in PostgreSQL"
+        );
+    }
+    match prepare(store, seal).await {
+        Ok(p) => {
+            if p.sealed_now > 0 {
+                tracing::info!(
+                    sealed = p.sealed_now,
+                    keys = p.keys,
+                    "signing keys stored unencrypted were sealed"
+                );
+            }
+            Ok(())
+        }
+        Err(PrepareError::Seal(e)) => Err(anyhow::anyhow!(e)),
+        Err(PrepareError::Store(e)) => {
+            tracing::warn!(error = %e, "signing keys not checked at startup");
+            Ok(())
+        }
+    }
 }
 
 /// Tasks the services started: stopped with the server (`background`) or
@@ -132,6 +176,7 @@ fn mount(
                         deps.verifier.clone(),
                         deps.revocations.clone(),
                         deps.pages.clone(),
+                        deps.seal.clone(),
                     )?,
                     Needs::STORE,
                 )

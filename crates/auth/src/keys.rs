@@ -3,6 +3,13 @@
 //! until every token they signed has expired. A key is generated on first
 //! use. Replicas re-read the current key every few seconds, so a rotation
 //! made on one is picked up by all.
+//!
+//! With `secrets.signing_key_secret` set, private keys are sealed at rest
+//! ([`KeySeal`]: ChaCha20-Poly1305 under a key derived from the secret with
+//! HKDF-SHA256, the kid as associated data, so a sealed key cannot be moved
+//! to another row). [`prepare`] runs at startup: it seals keys stored before
+//! the secret was set and refuses to start when a sealed key cannot be
+//! opened (no secret, or another one), rather than failing logins later.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +22,8 @@ use diesel_async::RunQueryDsl;
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use jsonwebtoken::EncodingKey;
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::hkdf;
 use sha2::{Digest, Sha256};
 use tokio::sync::RwLock;
 use trellis_store::Store;
@@ -32,9 +41,165 @@ pub struct CurrentKey {
     pub encoding: Arc<EncodingKey>,
 }
 
+/// Marks a sealed private key (a PKCS#8 DER key starts with 0x30).
+const SEALED: &[u8] = b"trellis-sealed-v1:";
+
+/// Seals and opens private keys with the key derived from
+/// `secrets.signing_key_secret`.
+pub struct KeySeal {
+    key: LessSafeKey,
+}
+
+impl std::fmt::Debug for KeySeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeySeal(***)")
+    }
+}
+
+/// Why a stored private key could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error(
+        "signing key {0} is sealed but secrets.signing_key_secret is not set \
+         (TRELLIS_SECRETS__SIGNING_KEY_SECRET)"
+    )]
+    NoSecret(String),
+    #[error(
+        "signing key {0} does not open with secrets.signing_key_secret: \
+         it was sealed with another secret, or the stored bytes were changed"
+    )]
+    WrongSecret(String),
+}
+
+impl From<SealError> for AuthError {
+    fn from(e: SealError) -> Self {
+        AuthError::Internal(e.to_string())
+    }
+}
+
+impl KeySeal {
+    pub fn from_secret(secret: &str) -> KeySeal {
+        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"trellis signing keys");
+        let prk = salt.extract(secret.as_bytes());
+        let okm = prk.expand(&[b"chacha20-poly1305 v1"], &CHACHA20_POLY1305);
+        let key = match okm {
+            Ok(okm) => UnboundKey::from(okm),
+            Err(_) => unreachable!("32 bytes are within HKDF-SHA256's output limit"),
+        };
+        KeySeal {
+            key: LessSafeKey::new(key),
+        }
+    }
+
+    /// `SEALED`, a random nonce, then the key encrypted and tagged.
+    fn seal(&self, kid: &str, der: &[u8]) -> Result<Vec<u8>, AuthError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| AuthError::Internal(format!("randomness: {e}")))?;
+        let mut sealed = der.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(kid.as_bytes()),
+                &mut sealed,
+            )
+            .map_err(|_| AuthError::Internal("sealing a signing key failed".into()))?;
+        let mut out = Vec::with_capacity(SEALED.len() + NONCE_LEN + sealed.len());
+        out.extend_from_slice(SEALED);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    fn open(&self, kid: &str, body: &[u8]) -> Result<Vec<u8>, SealError> {
+        let wrong = || SealError::WrongSecret(kid.to_string());
+        if body.len() < NONCE_LEN {
+            return Err(wrong());
+        }
+        let (nonce, sealed) = body.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| wrong())?;
+        let mut buf = sealed.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(kid.as_bytes()), &mut buf)
+            .map_err(|_| wrong())?;
+        Ok(plain.to_vec())
+    }
+}
+
+/// The bytes to store for a private key: sealed when there is a seal.
+fn stored(seal: Option<&KeySeal>, kid: &str, der: &[u8]) -> Result<Vec<u8>, AuthError> {
+    match seal {
+        Some(s) => s.seal(kid, der),
+        None => Ok(der.to_vec()),
+    }
+}
+
+/// The private key (PKCS#8 DER) from its stored bytes.
+fn unstored(seal: Option<&KeySeal>, kid: &str, bytes: &[u8]) -> Result<Vec<u8>, SealError> {
+    match (bytes.strip_prefix(SEALED), seal) {
+        (None, _) => Ok(bytes.to_vec()),
+        (Some(body), Some(s)) => s.open(kid, body),
+        (Some(_), None) => Err(SealError::NoSecret(kid.to_string())),
+    }
+}
+
+/// What [`prepare`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Prepared {
+    /// Keys in the table.
+    pub keys: usize,
+    /// Keys stored unsealed that were sealed now.
+    pub sealed_now: usize,
+}
+
+/// Why [`prepare`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// A stored key does not open: a configuration error, fatal at startup.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// The database could not be read or written (it may be down).
+    #[error("reading the signing keys: {0}")]
+    Store(#[from] AuthError),
+}
+
+/// At startup: every stored key must open with this seal (or be stored
+/// plainly); with a seal, keys stored plainly are sealed in place.
+pub async fn prepare(store: &Store, seal: Option<&KeySeal>) -> Result<Prepared, PrepareError> {
+    let mut conn = store.pg().await.map_err(AuthError::from)?;
+    let rows: Vec<(String, Vec<u8>)> = signing_keys::table
+        .select((signing_keys::kid, signing_keys::private_key))
+        .load(&mut conn)
+        .await
+        .map_err(AuthError::from)?;
+    let mut done = Prepared {
+        keys: rows.len(),
+        sealed_now: 0,
+    };
+    for (kid, bytes) in rows {
+        let der = unstored(seal, &kid, &bytes)?;
+        if let Some(seal) = seal
+            && !bytes.starts_with(SEALED)
+        {
+            // Only if nobody changed it meanwhile (another replica sealing).
+            done.sealed_now += diesel::update(
+                signing_keys::table
+                    .filter(signing_keys::kid.eq(&kid))
+                    .filter(signing_keys::private_key.eq(&bytes)),
+            )
+            .set(signing_keys::private_key.eq(seal.seal(&kid, &der)?))
+            .execute(&mut conn)
+            .await
+            .map_err(AuthError::from)?;
+        }
+    }
+    Ok(done)
+}
+
 #[derive(Clone)]
 pub struct KeyRing {
     store: Store,
+    seal: Option<Arc<KeySeal>>,
     /// Retired keys stay published this long (the access-token lifetime).
     verify_window: Duration,
     current: Arc<RwLock<Option<(CurrentKey, Instant)>>>,
@@ -70,9 +235,10 @@ fn generate() -> Result<NewKey, AuthError> {
 }
 
 impl KeyRing {
-    pub fn new(store: Store, verify_window: Duration) -> KeyRing {
+    pub fn new(store: Store, verify_window: Duration, seal: Option<Arc<KeySeal>>) -> KeyRing {
         KeyRing {
             store,
+            seal,
             verify_window,
             current: Arc::new(RwLock::new(None)),
         }
@@ -93,14 +259,18 @@ impl KeyRing {
             .first(&mut conn)
             .await
             .optional()?;
+        let seal = self.seal.as_deref();
         let (kid, der) = match row {
-            Some(r) => r,
+            Some((kid, bytes)) => {
+                let der = unstored(seal, &kid, &bytes)?;
+                (kid, der)
+            }
             None => {
                 let k = generate()?;
                 diesel::insert_into(signing_keys::table)
                     .values((
                         signing_keys::kid.eq(&k.kid),
-                        signing_keys::private_key.eq(&k.private_der),
+                        signing_keys::private_key.eq(stored(seal, &k.kid, &k.private_der)?),
                         signing_keys::public_key.eq(k.public.as_slice()),
                     ))
                     .execute(&mut conn)
@@ -127,7 +297,7 @@ impl KeyRing {
         diesel::insert_into(signing_keys::table)
             .values((
                 signing_keys::kid.eq(&k.kid),
-                signing_keys::private_key.eq(&k.private_der),
+                signing_keys::private_key.eq(stored(self.seal.as_deref(), &k.kid, &k.private_der)?),
                 signing_keys::public_key.eq(k.public.as_slice()),
             ))
             .execute(&mut conn)
@@ -155,5 +325,60 @@ impl KeyRing {
             .select((signing_keys::kid, signing_keys::public_key))
             .load(&mut conn)
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_keys_open_only_with_their_secret_and_kid() {
+        let k = generate().expect("key");
+        let seal = KeySeal::from_secret("correct horse battery staple, thirty-two+");
+        let bytes = stored(Some(&seal), &k.kid, &k.private_der).expect("sealed");
+        assert!(bytes.starts_with(SEALED));
+        // The key's bytes are not in the clear (the DER ends with the seed).
+        let seed = &k.private_der[k.private_der.len() - 32..];
+        assert!(!bytes.windows(32).any(|w| w == seed));
+        assert_eq!(
+            unstored(Some(&seal), &k.kid, &bytes).as_deref(),
+            Ok(&k.private_der[..])
+        );
+        // Sealing twice gives different bytes (fresh nonce), both open.
+        let again = stored(Some(&seal), &k.kid, &k.private_der).expect("sealed");
+        assert_ne!(again, bytes);
+        assert!(unstored(Some(&seal), &k.kid, &again).is_ok());
+
+        let other = KeySeal::from_secret("another secret, also thirty-two characters");
+        assert_eq!(
+            unstored(Some(&other), &k.kid, &bytes),
+            Err(SealError::WrongSecret(k.kid.clone()))
+        );
+        assert_eq!(
+            unstored(None, &k.kid, &bytes),
+            Err(SealError::NoSecret(k.kid.clone()))
+        );
+        // Bound to its row: under another kid it does not open.
+        assert!(unstored(Some(&seal), "another-kid", &bytes).is_err());
+        // Any changed byte is caught.
+        for i in [SEALED.len(), SEALED.len() + NONCE_LEN, bytes.len() - 1] {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            assert!(unstored(Some(&seal), &k.kid, &bad).is_err(), "byte {i}");
+        }
+        assert!(unstored(Some(&seal), &k.kid, SEALED).is_err());
+        // Keys stored before a secret was set still read.
+        assert_eq!(
+            unstored(Some(&seal), &k.kid, &k.private_der).as_deref(),
+            Ok(&k.private_der[..])
+        );
+        assert_eq!(
+            stored(None, &k.kid, &k.private_der).expect("plain"),
+            k.private_der
+        );
+        // What opens is a usable signing key.
+        let der = unstored(Some(&seal), &k.kid, &bytes).expect("opens");
+        let _ = EncodingKey::from_ed_der(&der);
     }
 }

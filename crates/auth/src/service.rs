@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::audit::{Origin, record};
 use crate::error::AuthError;
-use crate::keys::KeyRing;
+use crate::keys::{KeyRing, KeySeal};
 use crate::password::PasswordHasher;
 use crate::revocation::{Revocation, Revocations};
 use crate::sessions;
@@ -61,6 +61,8 @@ impl std::fmt::Debug for AuthSvc {
 }
 
 /// The generated server around an [`AuthSvc`], with message limits applied.
+/// `seal`: seals the signing keys at rest (`secrets.signing_key_secret`).
+#[allow(clippy::too_many_arguments)]
 pub fn service(
     cfg: &AuthConfig,
     max_message_bytes: usize,
@@ -69,8 +71,9 @@ pub fn service(
     verifier: Arc<TokenVerifier>,
     revocations: Arc<Revocations>,
     pages: PageTokens,
+    seal: Option<Arc<KeySeal>>,
 ) -> Result<AuthServiceServer<AuthSvc>, AuthError> {
-    let svc = AuthSvc::new(cfg, store, hasher, verifier, revocations, pages);
+    let svc = AuthSvc::new(cfg, store, hasher, verifier, revocations, pages, seal);
     Ok(AuthServiceServer::new(svc)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
@@ -117,11 +120,12 @@ impl AuthSvc {
         verifier: Arc<TokenVerifier>,
         revocations: Arc<Revocations>,
         pages: PageTokens,
+        seal: Option<Arc<KeySeal>>,
     ) -> AuthSvc {
         AuthSvc {
             pages,
             hasher,
-            keys: KeyRing::new(store.clone(), cfg.access_token_ttl),
+            keys: KeyRing::new(store.clone(), cfg.access_token_ttl, seal),
             cfg: Arc::new(cfg.clone()),
             store,
             verifier,

@@ -480,6 +480,11 @@ pub struct SecretsConfig {
     /// Seals page tokens. Replicas serving the same lists must share it;
     /// unset, each process makes its own (fine for one process).
     pub page_token_key: Option<String>,
+    /// Seals the auth service's private signing keys in PostgreSQL
+    /// (ChaCha20-Poly1305 under a key derived from it; at least 32
+    /// characters). Unset, they are stored unencrypted; set later, the keys
+    /// stored until then are sealed at startup. Every replica needs the same.
+    pub signing_key_secret: Option<String>,
 }
 
 impl fmt::Debug for SecretsConfig {
@@ -488,6 +493,10 @@ impl fmt::Debug for SecretsConfig {
             .field(
                 "page_token_key",
                 &self.page_token_key.as_ref().map(|_| "***"),
+            )
+            .field(
+                "signing_key_secret",
+                &self.signing_key_secret.as_ref().map(|_| "***"),
             )
             .finish()
     }
@@ -1081,6 +1090,17 @@ impl Config {
                 "must be at least 16 characters",
             ));
         }
+        if self
+            .secrets
+            .signing_key_secret
+            .as_ref()
+            .is_some_and(|k| k.chars().count() < 32)
+        {
+            return Err(invalid(
+                "secrets.signing_key_secret",
+                "must be at least 32 characters (e.g. openssl rand -base64 32)",
+            ));
+        }
         if let Some(url) = &self.mail.smtp_url
             && !(url.starts_with("smtp://") || url.starts_with("smtps://"))
         {
@@ -1367,6 +1387,21 @@ mod tests {
                 !format!("{c:?}").contains("hunter2"),
                 "secrets never reach Debug output"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn signing_key_secret_from_env_is_checked_and_never_shown() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TRELLIS_SECRETS__SIGNING_KEY_SECRET", "too-short");
+            let e = Config::load(Sources::default()).expect_err("short secret");
+            assert!(e.to_string().contains("secrets.signing_key_secret"), "{e}");
+            let secret = "Zm9vYmFyYmF6cXV4cXV1eGNvcmdlZ3JhdWx0Z2FycGx5";
+            jail.set_env("TRELLIS_SECRETS__SIGNING_KEY_SECRET", secret);
+            let c = Config::load(Sources::default()).expect("load");
+            assert_eq!(c.secrets.signing_key_secret.as_deref(), Some(secret));
+            assert!(!format!("{c:?}").contains(secret));
             Ok(())
         });
     }
