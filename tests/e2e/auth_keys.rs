@@ -18,6 +18,7 @@ use trellis_tests::{TestMesh, TestOptions};
 use crate::auth::{PASSWORD, access, admin_account, auth, bearer, login, register, who};
 
 const SECRET: &str = "a-secret-of-at-least-thirty-two-characters";
+const OTHER: &str = "another-secret-also-thirty-two-characters";
 const MARKER: &[u8] = b"trellis-sealed-v1:";
 
 async fn stored_keys(mesh: &TestMesh) -> Vec<(String, Vec<u8>, Vec<u8>)> {
@@ -39,15 +40,20 @@ fn kid_of(token: &str) -> String {
     header.kid.expect("a kid")
 }
 
-/// Starts a server on `mesh`'s database with `secret`: `Err` with the
-/// reason when it refuses.
-async fn start_with_secret(mesh: &TestMesh, secret: Option<&str>) -> anyhow::Result<()> {
+/// Starts a server on `mesh`'s database with `secret` (and `previous`
+/// secrets), then stops it: `Err` with the reason when it refuses.
+async fn start_with_secret(
+    mesh: &TestMesh,
+    secret: Option<&str>,
+    previous: &[&str],
+) -> anyhow::Result<()> {
     let mut config: Config = test_config(
         mesh.config.database.url.clone().expect("db"),
         mesh.config.redis.url.clone().expect("redis"),
         mesh.config.redis.key_prefix.clone(),
     );
     config.secrets.signing_key_secret = secret.map(str::to_string);
+    config.secrets.previous_signing_key_secrets = previous.iter().map(|p| p.to_string()).collect();
     let config = std::sync::Arc::new(config);
     let store = Store::from_config(&config)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -129,7 +135,7 @@ async fn signing_keys_are_sealed_at_rest_and_a_wrong_secret_refuses_to_start() {
     who(&mut a, &next).await.expect("token of the rotated key");
 
     // Without the secret, or with another, the server does not start.
-    let none = start_with_secret(&sealed, None)
+    let none = start_with_secret(&sealed, None, &[])
         .await
         .expect_err("no secret");
     assert!(
@@ -137,14 +143,52 @@ async fn signing_keys_are_sealed_at_rest_and_a_wrong_secret_refuses_to_start() {
             .contains("secrets.signing_key_secret is not set"),
         "{none:#}"
     );
-    let other = start_with_secret(&sealed, Some("another-secret-also-thirty-two-characters"))
+    let other = start_with_secret(&sealed, Some(OTHER), &[])
         .await
         .expect_err("another secret");
     assert!(other.to_string().contains("does not open"), "{other:#}");
     // The right one does.
-    start_with_secret(&sealed, Some(SECRET))
+    start_with_secret(&sealed, Some(SECRET), &[])
         .await
         .expect("the right secret");
     // And nothing was rewritten by the refused starts.
     assert_eq!(stored_keys(&sealed).await, keys);
+
+    // Rotating the secret: with the old one as previous, every key is
+    // sealed again under the new one (same kids, new bytes) ...
+    start_with_secret(&sealed, Some(OTHER), &[SECRET])
+        .await
+        .expect("the new secret with the old as previous");
+    let rekeyed = stored_keys(&sealed).await;
+    assert_eq!(rekeyed.len(), keys.len());
+    for ((kid, old, public), (kid2, new, public2)) in keys.iter().zip(&rekeyed) {
+        assert_eq!((kid, public), (kid2, public2));
+        assert!(new.starts_with(MARKER) && new != old, "{kid} sealed again");
+    }
+    // ... after which the new secret alone opens them and the old one not.
+    let old = start_with_secret(&sealed, Some(SECRET), &[])
+        .await
+        .expect_err("the old secret");
+    assert!(old.to_string().contains("does not open"), "{old:#}");
+    drop(a);
+    sealed.shutdown().await;
+    let rotated_secret = TestMesh::start_with(
+        TestOptions {
+            database_url: db,
+            key_prefix: Some(prefix),
+            ..Default::default()
+        },
+        |c| c.secrets.signing_key_secret = Some(OTHER.into()),
+    )
+    .await;
+    let mut a = auth(&rotated_secret).await;
+    who(&mut a, &next)
+        .await
+        .expect("a token signed before the rotation");
+    let last = login(&mut a, "early", PASSWORD)
+        .await
+        .expect("login")
+        .access_token;
+    assert_eq!(kid_of(&last), rotated);
+    who(&mut a, &last).await.expect("a token signed after it");
 }

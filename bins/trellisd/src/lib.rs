@@ -47,11 +47,12 @@ pub async fn start(
         clients.clone(),
         revocations.clone(),
     ));
-    let seal = config
-        .secrets
-        .signing_key_secret
-        .as_deref()
-        .map(|s| Arc::new(trellis_auth::keys::KeySeal::from_secret(s)));
+    let seal = config.secrets.signing_key_secret.as_deref().map(|s| {
+        Arc::new(trellis_auth::keys::KeySeal::new(
+            s,
+            &config.secrets.previous_signing_key_secrets,
+        ))
+    });
     if enabled.contains(&ServiceName::Auth) && store.has_pg() {
         prepare_signing_keys(&store, seal.as_deref()).await?;
     }
@@ -112,7 +113,7 @@ async fn prepare_signing_keys(
                 tracing::info!(
                     sealed = p.sealed_now,
                     keys = p.keys,
-                    "signing keys stored unencrypted were sealed"
+                    "signing keys stored unencrypted or under a previous secret were sealed"
                 );
             }
             Ok(())

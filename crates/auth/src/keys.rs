@@ -8,8 +8,10 @@
 //! ([`KeySeal`]: ChaCha20-Poly1305 under a key derived from the secret with
 //! HKDF-SHA256, the kid as associated data, so a sealed key cannot be moved
 //! to another row). [`prepare`] runs at startup: it seals keys stored before
-//! the secret was set and refuses to start when a sealed key cannot be
-//! opened (no secret, or another one), rather than failing logins later.
+//! the secret was set, re-seals keys sealed with one of
+//! `secrets.previous_signing_key_secrets` (rotating the secret), and refuses
+//! to start when a sealed key cannot be opened (no secret, or another one),
+//! rather than failing logins later.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,10 +46,20 @@ pub struct CurrentKey {
 /// Marks a sealed private key (a PKCS#8 DER key starts with 0x30).
 const SEALED: &[u8] = b"trellis-sealed-v1:";
 
-/// Seals and opens private keys with the key derived from
-/// `secrets.signing_key_secret`.
+/// Seals private keys with the key derived from
+/// `secrets.signing_key_secret`, and opens them with it or with one of the
+/// previous secrets'.
 pub struct KeySeal {
     key: LessSafeKey,
+    previous: Vec<LessSafeKey>,
+}
+
+/// A private key read back, and whether it was sealed under the current
+/// secret (false: stored plainly, or under a previous secret).
+#[derive(Debug, PartialEq, Eq)]
+struct Opened {
+    der: Vec<u8>,
+    current: bool,
 }
 
 impl std::fmt::Debug for KeySeal {
@@ -77,17 +89,26 @@ impl From<SealError> for AuthError {
     }
 }
 
+fn derive(secret: &str) -> LessSafeKey {
+    let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"trellis signing keys");
+    let prk = salt.extract(secret.as_bytes());
+    let okm = prk.expand(&[b"chacha20-poly1305 v1"], &CHACHA20_POLY1305);
+    match okm {
+        Ok(okm) => LessSafeKey::new(UnboundKey::from(okm)),
+        Err(_) => unreachable!("32 bytes are within HKDF-SHA256's output limit"),
+    }
+}
+
 impl KeySeal {
     pub fn from_secret(secret: &str) -> KeySeal {
-        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"trellis signing keys");
-        let prk = salt.extract(secret.as_bytes());
-        let okm = prk.expand(&[b"chacha20-poly1305 v1"], &CHACHA20_POLY1305);
-        let key = match okm {
-            Ok(okm) => UnboundKey::from(okm),
-            Err(_) => unreachable!("32 bytes are within HKDF-SHA256's output limit"),
-        };
+        KeySeal::new(secret, &[])
+    }
+
+    /// Seals with `secret`; opens with it or any of `previous`.
+    pub fn new(secret: &str, previous: &[String]) -> KeySeal {
         KeySeal {
-            key: LessSafeKey::new(key),
+            key: derive(secret),
+            previous: previous.iter().map(|p| derive(p)).collect(),
         }
     }
 
@@ -110,19 +131,23 @@ impl KeySeal {
         Ok(out)
     }
 
-    fn open(&self, kid: &str, body: &[u8]) -> Result<Vec<u8>, SealError> {
+    fn open(&self, kid: &str, body: &[u8]) -> Result<Opened, SealError> {
         let wrong = || SealError::WrongSecret(kid.to_string());
         if body.len() < NONCE_LEN {
             return Err(wrong());
         }
         let (nonce, sealed) = body.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| wrong())?;
-        let mut buf = sealed.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(kid.as_bytes()), &mut buf)
-            .map_err(|_| wrong())?;
-        Ok(plain.to_vec())
+        for (i, key) in std::iter::once(&self.key).chain(&self.previous).enumerate() {
+            let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| wrong())?;
+            let mut buf = sealed.to_vec();
+            if let Ok(plain) = key.open_in_place(nonce, Aad::from(kid.as_bytes()), &mut buf) {
+                return Ok(Opened {
+                    der: plain.to_vec(),
+                    current: i == 0,
+                });
+            }
+        }
+        Err(wrong())
     }
 }
 
@@ -135,9 +160,12 @@ fn stored(seal: Option<&KeySeal>, kid: &str, der: &[u8]) -> Result<Vec<u8>, Auth
 }
 
 /// The private key (PKCS#8 DER) from its stored bytes.
-fn unstored(seal: Option<&KeySeal>, kid: &str, bytes: &[u8]) -> Result<Vec<u8>, SealError> {
+fn unstored(seal: Option<&KeySeal>, kid: &str, bytes: &[u8]) -> Result<Opened, SealError> {
     match (bytes.strip_prefix(SEALED), seal) {
-        (None, _) => Ok(bytes.to_vec()),
+        (None, _) => Ok(Opened {
+            der: bytes.to_vec(),
+            current: seal.is_none(),
+        }),
         (Some(body), Some(s)) => s.open(kid, body),
         (Some(_), None) => Err(SealError::NoSecret(kid.to_string())),
     }
@@ -148,7 +176,8 @@ fn unstored(seal: Option<&KeySeal>, kid: &str, bytes: &[u8]) -> Result<Vec<u8>, 
 pub struct Prepared {
     /// Keys in the table.
     pub keys: usize,
-    /// Keys stored unsealed that were sealed now.
+    /// Keys stored plainly, or sealed under a previous secret, that were
+    /// sealed under the current secret now.
     pub sealed_now: usize,
 }
 
@@ -164,7 +193,8 @@ pub enum PrepareError {
 }
 
 /// At startup: every stored key must open with this seal (or be stored
-/// plainly); with a seal, keys stored plainly are sealed in place.
+/// plainly); with a seal, keys stored plainly or under a previous secret
+/// are sealed in place under the current one.
 pub async fn prepare(store: &Store, seal: Option<&KeySeal>) -> Result<Prepared, PrepareError> {
     let mut conn = store.pg().await.map_err(AuthError::from)?;
     let rows: Vec<(String, Vec<u8>)> = signing_keys::table
@@ -177,9 +207,9 @@ pub async fn prepare(store: &Store, seal: Option<&KeySeal>) -> Result<Prepared, 
         sealed_now: 0,
     };
     for (kid, bytes) in rows {
-        let der = unstored(seal, &kid, &bytes)?;
+        let opened = unstored(seal, &kid, &bytes)?;
         if let Some(seal) = seal
-            && !bytes.starts_with(SEALED)
+            && !opened.current
         {
             // Only if nobody changed it meanwhile (another replica sealing).
             done.sealed_now += diesel::update(
@@ -187,7 +217,7 @@ pub async fn prepare(store: &Store, seal: Option<&KeySeal>) -> Result<Prepared, 
                     .filter(signing_keys::kid.eq(&kid))
                     .filter(signing_keys::private_key.eq(&bytes)),
             )
-            .set(signing_keys::private_key.eq(seal.seal(&kid, &der)?))
+            .set(signing_keys::private_key.eq(seal.seal(&kid, &opened.der)?))
             .execute(&mut conn)
             .await
             .map_err(AuthError::from)?;
@@ -262,7 +292,7 @@ impl KeyRing {
         let seal = self.seal.as_deref();
         let (kid, der) = match row {
             Some((kid, bytes)) => {
-                let der = unstored(seal, &kid, &bytes)?;
+                let der = unstored(seal, &kid, &bytes)?.der;
                 (kid, der)
             }
             None => {
@@ -332,6 +362,10 @@ impl KeyRing {
 mod tests {
     use super::*;
 
+    fn der_of(seal: Option<&KeySeal>, kid: &str, b: &[u8]) -> Result<Vec<u8>, SealError> {
+        unstored(seal, kid, b).map(|o| o.der)
+    }
+
     #[test]
     fn sealed_keys_open_only_with_their_secret_and_kid() {
         let k = generate().expect("key");
@@ -342,8 +376,11 @@ mod tests {
         let seed = &k.private_der[k.private_der.len() - 32..];
         assert!(!bytes.windows(32).any(|w| w == seed));
         assert_eq!(
-            unstored(Some(&seal), &k.kid, &bytes).as_deref(),
-            Ok(&k.private_der[..])
+            unstored(Some(&seal), &k.kid, &bytes),
+            Ok(Opened {
+                der: k.private_der.clone(),
+                current: true
+            })
         );
         // Sealing twice gives different bytes (fresh nonce), both open.
         let again = stored(Some(&seal), &k.kid, &k.private_der).expect("sealed");
@@ -352,11 +389,11 @@ mod tests {
 
         let other = KeySeal::from_secret("another secret, also thirty-two characters");
         assert_eq!(
-            unstored(Some(&other), &k.kid, &bytes),
+            der_of(Some(&other), &k.kid, &bytes),
             Err(SealError::WrongSecret(k.kid.clone()))
         );
         assert_eq!(
-            unstored(None, &k.kid, &bytes),
+            der_of(None, &k.kid, &bytes),
             Err(SealError::NoSecret(k.kid.clone()))
         );
         // Bound to its row: under another kid it does not open.
@@ -368,17 +405,48 @@ mod tests {
             assert!(unstored(Some(&seal), &k.kid, &bad).is_err(), "byte {i}");
         }
         assert!(unstored(Some(&seal), &k.kid, SEALED).is_err());
-        // Keys stored before a secret was set still read.
+        // Keys stored before a secret was set still read, and need sealing.
         assert_eq!(
-            unstored(Some(&seal), &k.kid, &k.private_der).as_deref(),
-            Ok(&k.private_der[..])
+            unstored(Some(&seal), &k.kid, &k.private_der),
+            Ok(Opened {
+                der: k.private_der.clone(),
+                current: false
+            })
         );
         assert_eq!(
             stored(None, &k.kid, &k.private_der).expect("plain"),
             k.private_der
         );
         // What opens is a usable signing key.
-        let der = unstored(Some(&seal), &k.kid, &bytes).expect("opens");
+        let der = der_of(Some(&seal), &k.kid, &bytes).expect("opens");
         let _ = EncodingKey::from_ed_der(&der);
+    }
+
+    #[test]
+    fn a_previous_secret_opens_for_resealing_under_the_current_one() {
+        let k = generate().expect("key");
+        let old = "the old secret, at least thirty-two characters".to_string();
+        let new = "the new secret, at least thirty-two characters";
+        let bytes = KeySeal::from_secret(&old)
+            .seal(&k.kid, &k.private_der)
+            .expect("sealed");
+        let rotating = KeySeal::new(new, std::slice::from_ref(&old));
+        let o = unstored(Some(&rotating), &k.kid, &bytes).expect("opens with the previous");
+        assert_eq!((o.der.as_slice(), o.current), (&k.private_der[..], false));
+        let resealed = rotating.seal(&k.kid, &o.der).expect("resealed");
+        assert!(
+            unstored(Some(&rotating), &k.kid, &resealed)
+                .expect("opens")
+                .current
+        );
+        // After the rotation the old secret is no longer needed, nor enough.
+        let after = KeySeal::from_secret(new);
+        assert!(
+            unstored(Some(&after), &k.kid, &resealed)
+                .expect("opens")
+                .current
+        );
+        assert!(unstored(Some(&after), &k.kid, &bytes).is_err());
+        assert!(unstored(Some(&KeySeal::from_secret(&old)), &k.kid, &resealed).is_err());
     }
 }

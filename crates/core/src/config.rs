@@ -485,6 +485,10 @@ pub struct SecretsConfig {
     /// characters). Unset, they are stored unencrypted; set later, the keys
     /// stored until then are sealed at startup. Every replica needs the same.
     pub signing_key_secret: Option<String>,
+    /// Secrets keys may still be sealed with (rotating the secret): they
+    /// open with these, and are sealed again under `signing_key_secret` at
+    /// startup.
+    pub previous_signing_key_secrets: Vec<String>,
 }
 
 impl fmt::Debug for SecretsConfig {
@@ -497,6 +501,10 @@ impl fmt::Debug for SecretsConfig {
             .field(
                 "signing_key_secret",
                 &self.signing_key_secret.as_ref().map(|_| "***"),
+            )
+            .field(
+                "previous_signing_key_secrets",
+                &format!("{} ***", self.previous_signing_key_secrets.len()),
             )
             .finish()
     }
@@ -1101,6 +1109,25 @@ impl Config {
                 "must be at least 32 characters (e.g. openssl rand -base64 32)",
             ));
         }
+        if !self.secrets.previous_signing_key_secrets.is_empty() {
+            if self.secrets.signing_key_secret.is_none() {
+                return Err(invalid(
+                    "secrets.previous_signing_key_secrets",
+                    "needs secrets.signing_key_secret (the secret the keys are sealed with again)",
+                ));
+            }
+            if self
+                .secrets
+                .previous_signing_key_secrets
+                .iter()
+                .any(|k| k.chars().count() < 32)
+            {
+                return Err(invalid(
+                    "secrets.previous_signing_key_secrets",
+                    "each must be at least 32 characters",
+                ));
+            }
+        }
         if let Some(url) = &self.mail.smtp_url
             && !(url.starts_with("smtp://") || url.starts_with("smtps://"))
         {
@@ -1402,6 +1429,22 @@ mod tests {
             let c = Config::load(Sources::default()).expect("load");
             assert_eq!(c.secrets.signing_key_secret.as_deref(), Some(secret));
             assert!(!format!("{c:?}").contains(secret));
+            let old = "dGhlIG9sZCBzZWNyZXQsIHRoaXJ0eS10d28gY2hhcnM";
+            let list = format!("[\"{old}\"]");
+            jail.set_env("TRELLIS_SECRETS__PREVIOUS_SIGNING_KEY_SECRETS", &list);
+            let c = Config::load(Sources::default()).expect("load");
+            assert_eq!(
+                c.secrets.previous_signing_key_secrets,
+                vec![old.to_string()]
+            );
+            assert!(!format!("{c:?}").contains(old));
+            jail.clear_env();
+            jail.set_env("TRELLIS_SECRETS__PREVIOUS_SIGNING_KEY_SECRETS", &list);
+            let e = Config::load(Sources::default()).expect_err("previous without current");
+            assert!(
+                e.to_string().contains("previous_signing_key_secrets"),
+                "{e}"
+            );
             Ok(())
         });
     }
