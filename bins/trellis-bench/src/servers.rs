@@ -178,7 +178,14 @@ pub fn minor_faults(stat: &str) -> Option<u64> {
 pub fn sched_stat(pid: &str) -> Option<SchedStat> {
     let mut total = SchedStat::default();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        // A thread that ended since the directory was listed (a blocking
+        // pool thread, a test's thread) is skipped, not the whole reading.
+        let Some(stat) = task
+            .ok()
+            .and_then(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        else {
+            continue;
+        };
         let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
         total.on_cpu += Duration::from_nanos(fields.next()??);
         total.waiting += Duration::from_nanos(fields.next()??);
