@@ -61,25 +61,31 @@ pub async fn prepare(config: &mut Config) -> anyhow::Result<DevServers> {
 
 /// The secret in `file`, created (random, 0600) on the first start.
 fn dev_secret(file: &std::path::Path) -> anyhow::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Ok(s) = std::fs::read_to_string(file)
         && s.trim().len() >= 32
     {
         return Ok(s.trim().to_string());
     }
     let secret = trellis_auth::tokens::secret("sks_")?;
+    write_private(file, &format!("{secret}\n"))?;
+    Ok(secret)
+}
+
+/// Writes `text` to `file` (and its directory), readable by the owner only.
+fn write_private(file: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .mode(0o600)
-        .open(file)?;
-    writeln!(f, "{secret}")?;
-    Ok(secret)
+        .open(file)?
+        .write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// Creates the first administrator if there is none, and says how to log
@@ -88,16 +94,7 @@ async fn seed(config: &Config, store: &Store) -> anyhow::Result<String> {
     let file = config.dev.data_dir.join("admin.txt");
     match trellis_auth::seed::ensure_admin(&config.auth, store).await? {
         Some((user, password)) => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::create_dir_all(&config.dev.data_dir)?;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&file)?;
-            writeln!(f, "username: {user}\npassword: {password}")?;
+            write_private(&file, &format!("username: {user}\npassword: {password}\n"))?;
             Ok(format!(
                 "Admin:      {user} / {password} (created now; also in {})",
                 file.display()

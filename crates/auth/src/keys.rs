@@ -54,12 +54,13 @@ pub struct KeySeal {
     previous: Vec<LessSafeKey>,
 }
 
-/// A private key read back, and whether it was sealed under the current
-/// secret (false: stored plainly, or under a previous secret).
+/// A private key read back, and whether it should be sealed (again) under
+/// the current secret: there is one, and the key was stored plainly or
+/// under a previous secret.
 #[derive(Debug, PartialEq, Eq)]
 struct Opened {
     der: Vec<u8>,
-    current: bool,
+    needs_sealing: bool,
 }
 
 impl std::fmt::Debug for KeySeal {
@@ -143,7 +144,7 @@ impl KeySeal {
             if let Ok(plain) = key.open_in_place(nonce, Aad::from(kid.as_bytes()), &mut buf) {
                 return Ok(Opened {
                     der: plain.to_vec(),
-                    current: i == 0,
+                    needs_sealing: i > 0,
                 });
             }
         }
@@ -164,7 +165,7 @@ fn unstored(seal: Option<&KeySeal>, kid: &str, bytes: &[u8]) -> Result<Opened, S
     match (bytes.strip_prefix(SEALED), seal) {
         (None, _) => Ok(Opened {
             der: bytes.to_vec(),
-            current: seal.is_none(),
+            needs_sealing: seal.is_some(),
         }),
         (Some(body), Some(s)) => s.open(kid, body),
         (Some(_), None) => Err(SealError::NoSecret(kid.to_string())),
@@ -209,7 +210,7 @@ pub async fn prepare(store: &Store, seal: Option<&KeySeal>) -> Result<Prepared, 
     for (kid, bytes) in rows {
         let opened = unstored(seal, &kid, &bytes)?;
         if let Some(seal) = seal
-            && !opened.current
+            && opened.needs_sealing
         {
             // Only if nobody changed it meanwhile (another replica sealing).
             done.sealed_now += diesel::update(
@@ -297,14 +298,7 @@ impl KeyRing {
             }
             None => {
                 let k = generate()?;
-                diesel::insert_into(signing_keys::table)
-                    .values((
-                        signing_keys::kid.eq(&k.kid),
-                        signing_keys::private_key.eq(stored(seal, &k.kid, &k.private_der)?),
-                        signing_keys::public_key.eq(k.public.as_slice()),
-                    ))
-                    .execute(&mut conn)
-                    .await?;
+                self.insert(&mut conn, &k).await?;
                 (k.kid, k.private_der)
             }
         };
@@ -316,6 +310,24 @@ impl KeyRing {
         Ok(key)
     }
 
+    /// Stores a new key, its private half sealed when there is a seal.
+    async fn insert(
+        &self,
+        conn: &mut diesel_async::AsyncPgConnection,
+        k: &NewKey,
+    ) -> Result<(), AuthError> {
+        let private = stored(self.seal.as_deref(), &k.kid, &k.private_der)?;
+        diesel::insert_into(signing_keys::table)
+            .values((
+                signing_keys::kid.eq(&k.kid),
+                signing_keys::private_key.eq(private),
+                signing_keys::public_key.eq(k.public.as_slice()),
+            ))
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
     /// Makes a new key current and retires the others; returns its kid.
     pub async fn rotate(&self) -> Result<String, AuthError> {
         let k = generate()?;
@@ -324,14 +336,7 @@ impl KeyRing {
             .set(signing_keys::retired_at.eq(Utc::now()))
             .execute(&mut conn)
             .await?;
-        diesel::insert_into(signing_keys::table)
-            .values((
-                signing_keys::kid.eq(&k.kid),
-                signing_keys::private_key.eq(stored(self.seal.as_deref(), &k.kid, &k.private_der)?),
-                signing_keys::public_key.eq(k.public.as_slice()),
-            ))
-            .execute(&mut conn)
-            .await?;
+        self.insert(&mut conn, &k).await?;
         *self.current.write().await = None;
         Ok(k.kid)
     }
@@ -379,7 +384,7 @@ mod tests {
             unstored(Some(&seal), &k.kid, &bytes),
             Ok(Opened {
                 der: k.private_der.clone(),
-                current: true
+                needs_sealing: false
             })
         );
         // Sealing twice gives different bytes (fresh nonce), both open.
@@ -410,7 +415,7 @@ mod tests {
             unstored(Some(&seal), &k.kid, &k.private_der),
             Ok(Opened {
                 der: k.private_der.clone(),
-                current: false
+                needs_sealing: true
             })
         );
         assert_eq!(
@@ -432,19 +437,22 @@ mod tests {
             .expect("sealed");
         let rotating = KeySeal::new(new, std::slice::from_ref(&old));
         let o = unstored(Some(&rotating), &k.kid, &bytes).expect("opens with the previous");
-        assert_eq!((o.der.as_slice(), o.current), (&k.private_der[..], false));
+        assert_eq!(
+            (o.der.as_slice(), o.needs_sealing),
+            (&k.private_der[..], true)
+        );
         let resealed = rotating.seal(&k.kid, &o.der).expect("resealed");
         assert!(
-            unstored(Some(&rotating), &k.kid, &resealed)
+            !unstored(Some(&rotating), &k.kid, &resealed)
                 .expect("opens")
-                .current
+                .needs_sealing
         );
         // After the rotation the old secret is no longer needed, nor enough.
         let after = KeySeal::from_secret(new);
         assert!(
-            unstored(Some(&after), &k.kid, &resealed)
+            !unstored(Some(&after), &k.kid, &resealed)
                 .expect("opens")
-                .current
+                .needs_sealing
         );
         assert!(unstored(Some(&after), &k.kid, &bytes).is_err());
         assert!(unstored(Some(&KeySeal::from_secret(&old)), &k.kid, &resealed).is_err());
