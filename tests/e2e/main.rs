@@ -8,6 +8,7 @@ mod auth_keys;
 mod auth_mail;
 mod auth_totp;
 mod chat;
+mod cli;
 mod foundation;
 mod llm;
 mod search;

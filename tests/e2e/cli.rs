@@ -1,0 +1,561 @@
+//! The `trellis` command-line client against the in-process mesh (the LLM
+//! upstream is the fake one): accounts and the stored login, chat with
+//! streaming replies and Ctrl-C, history, sessions, search, models, usage —
+//! each command run through `trellis_cli::run` with its arguments, standard
+//! input and interrupts, its output read back.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::sync::mpsc;
+use trellis_cli::{Cli, CliError, Io};
+use trellis_proto::auth::v1 as apb;
+use trellis_proto::chat::v1 as pb;
+use trellis_proto::search::v1 as spb;
+use trellis_tests::Script;
+
+use crate::auth::{PASSWORD, auth, bearer};
+use crate::chat::chat;
+use crate::llm::rig;
+use crate::util::eventually;
+
+/// Output a test can read while the command still runs.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().expect("lock").clone()).expect("utf-8")
+    }
+}
+
+struct Ran {
+    result: Result<(), CliError>,
+    out: String,
+    err: String,
+}
+
+/// A command still running: its output so far and its Ctrl-C.
+struct Running {
+    out: Shared,
+    err: Shared,
+    interrupt: mpsc::UnboundedSender<()>,
+    task: tokio::task::JoinHandle<Result<(), CliError>>,
+}
+
+impl Running {
+    async fn done(self) -> Ran {
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the command ended")
+            .expect("join");
+        Ran {
+            result,
+            out: self.out.text(),
+            err: self.err.text(),
+        }
+    }
+}
+
+/// One person at a terminal: a server and a configuration directory.
+struct Terminal {
+    server: String,
+    dir: tempfile::TempDir,
+}
+
+impl Terminal {
+    fn new(server: String) -> Self {
+        Self {
+            server,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn start(&self, args: &[&str], stdin: &str) -> Running {
+        let mut argv = vec![
+            "trellis".to_string(),
+            "--server".into(),
+            self.server.clone(),
+            "--config-dir".into(),
+            self.dir.path().display().to_string(),
+        ];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let cli = Cli::try_parse_from(argv).expect("arguments");
+        let (interrupt, mut interrupts) = mpsc::unbounded_channel();
+        let (out, err) = (Shared::default(), Shared::default());
+        let (mut o, mut e) = (out.clone(), err.clone());
+        let stdin = stdin.to_string();
+        let task = tokio::spawn(async move {
+            let mut input = std::io::Cursor::new(stdin.into_bytes());
+            let mut io = Io {
+                stdin: &mut input,
+                out: &mut o,
+                err: &mut e,
+                interrupts: &mut interrupts,
+                terminal: false,
+                color: false,
+            };
+            trellis_cli::run(cli, &mut io).await
+        });
+        Running {
+            out,
+            err,
+            interrupt,
+            task,
+        }
+    }
+
+    async fn run(&self, args: &[&str], stdin: &str) -> Ran {
+        self.start(args, stdin).done().await
+    }
+
+    /// A command that must succeed; its standard output.
+    async fn ok(&self, args: &[&str], stdin: &str) -> String {
+        let r = self.run(args, stdin).await;
+        if let Err(e) = &r.result {
+            panic!(
+                "trellis {args:?} failed: {e}\nstdout: {}\nstderr: {}",
+                r.out, r.err
+            );
+        }
+        r.out
+    }
+
+    /// A command that must fail; its error as printed.
+    async fn fails(&self, args: &[&str], stdin: &str) -> CliError {
+        match self.run(args, stdin).await.result {
+            Ok(()) => panic!("trellis {args:?} succeeded"),
+            Err(e) => e,
+        }
+    }
+
+    fn stored(&self) -> serde_json::Value {
+        let path = self.dir.path().join("credentials.json");
+        serde_json::from_slice(&std::fs::read(path).expect("credentials file")).expect("json")
+    }
+
+    fn edit_stored(&self, f: impl FnOnce(&mut serde_json::Value)) {
+        let mut v = self.stored();
+        f(&mut v["servers"][&self.server]);
+        std::fs::write(
+            self.dir.path().join("credentials.json"),
+            serde_json::to_vec(&v).expect("json"),
+        )
+        .expect("write");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_keeps_a_login_refreshes_it_and_explains_refusals() {
+    let rig = rig(|_| {}).await;
+    let t = Terminal::new(rig.mesh.url());
+
+    // Bad input is explained field by field; nothing is stored.
+    let e = t
+        .fails(
+            &["register", "--email", "nope", "--username", "ada"],
+            "Str0ng!pass\n",
+        )
+        .await;
+    let text = e.to_string();
+    assert!(text.starts_with("INVALID_ARGUMENT: "), "{text}");
+    assert!(text.contains("\n  email: "), "{text}");
+    assert_eq!(e.exit_code(), 1);
+    assert!(!t.dir.path().join("credentials.json").exists());
+
+    let out = t
+        .ok(
+            &[
+                "register",
+                "--email",
+                "ada@example.com",
+                "--username",
+                "ada",
+                "--display-name",
+                "Ada L",
+            ],
+            "Str0ng!pass\n",
+        )
+        .await;
+    assert!(out.starts_with("registered ada ("), "{out}");
+    let who = t.ok(&["whoami"], "").await;
+    assert!(who.starts_with("ada (Ada L) <ada@example.com>\n"), "{who}");
+    assert!(who.contains("roles:       member\n"), "{who}");
+    assert!(who.contains("credential:  access_token\n"), "{who}");
+
+    // The file holds tokens for this server only, never the password, and
+    // only its owner may read it.
+    let raw = std::fs::read_to_string(t.dir.path().join("credentials.json")).expect("file");
+    assert!(!raw.contains("Str0ng"), "the password is not kept");
+    let stored = t.stored();
+    assert_eq!(stored["servers"][&t.server]["username"], "ada");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(t.dir.path().join("credentials.json"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // An access token about to expire is refreshed first; the refresh
+    // token rotates and the new pair is kept.
+    let before = t.stored()["servers"][&t.server].clone();
+    t.edit_stored(|e| e["access_expires"] = 0.into());
+    assert!(t.ok(&["whoami"], "").await.starts_with("ada "));
+    let after = t.stored()["servers"][&t.server].clone();
+    assert_ne!(after["refresh_token"], before["refresh_token"]);
+    assert_ne!(after["access_token"], before["access_token"]);
+    assert!(after["access_expires"].as_i64().expect("secs") > 0);
+
+    // A refresh token the server no longer honours ends the login.
+    t.edit_stored(|e| {
+        e["access_expires"] = 0.into();
+        e["refresh_token"] = "bogus".into();
+    });
+    let e = t.fails(&["whoami"], "").await;
+    assert!(matches!(e, CliError::NotLoggedIn(_)), "{e}");
+    assert!(t.stored()["servers"].get(&t.server).is_none());
+
+    // Wrong password; then the right one (by e-mail) from standard input.
+    let e = t
+        .fails(&["login", "ada", "--password-stdin"], "wrong-pass\n")
+        .await;
+    assert!(e.to_string().starts_with("UNAUTHENTICATED: "), "{e}");
+    let out = t
+        .ok(
+            &["login", "ada@example.com", "--password-stdin"],
+            "Str0ng!pass\n",
+        )
+        .await;
+    assert_eq!(out, format!("logged in to {} as ada\n", t.server));
+
+    // An API key instead of the stored login.
+    let token = t.stored()["servers"][&t.server]["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let key = auth(&rig.mesh)
+        .await
+        .create_api_key(bearer(
+            apb::CreateApiKeyRequest {
+                name: "cli".into(),
+                scopes: vec!["auth:self:*".into()],
+                ttl: None,
+            },
+            &token,
+        ))
+        .await
+        .expect("api key")
+        .into_inner()
+        .secret;
+    let elsewhere = Terminal::new(rig.mesh.url());
+    let who = elsewhere.ok(&["--token", &key, "whoami"], "").await;
+    assert!(who.contains("credential:  api_key\n"), "{who}");
+    assert!(matches!(
+        elsewhere.fails(&["whoami"], "").await,
+        CliError::NotLoggedIn(_)
+    ));
+
+    // Logout ends the session on the server too: its refresh is refused.
+    let refresh = t.stored()["servers"][&t.server]["refresh_token"]
+        .as_str()
+        .expect("refresh")
+        .to_string();
+    assert_eq!(
+        t.ok(&["logout"], "").await,
+        format!("logged out of {}\n", t.server)
+    );
+    let refused = auth(&rig.mesh)
+        .await
+        .refresh(apb::RefreshRequest {
+            refresh_token: refresh,
+        })
+        .await
+        .expect_err("revoked");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        t.ok(&["logout"], "").await,
+        format!("not logged in to {}\n", t.server)
+    );
+
+    // No server there.
+    let nowhere = Terminal::new("127.0.0.1:1".into());
+    let e = nowhere.fails(&["whoami"], "").await;
+    assert!(matches!(e, CliError::Unreachable(_)), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_chats_streams_cancels_and_reads_history() {
+    let rig = rig(|_| {}).await;
+    let t = Terminal::new(rig.mesh.url());
+    t.ok(&["login", "llmuser"], &format!("{PASSWORD}\n")).await;
+
+    // One turn in a new session: the reply as the model said it.
+    let r = t.run(&["chat", "-m", "fast", "hello", "there"], "").await;
+    assert!(r.result.is_ok(), "{:?} {}", r.result, r.err);
+    assert_eq!(r.out, "Hello world\n");
+    let session = r
+        .err
+        .lines()
+        .find_map(|l| l.strip_prefix("session "))
+        .expect("the new session's id")
+        .to_string();
+    uuid::Uuid::parse_str(&session).expect("a session id");
+
+    // A conversation from standard input, one turn a line, in order, in
+    // the same session; --stats reports each reply.
+    rig.primary.set_fallback(Script::echo());
+    let r = t
+        .run(
+            &["chat", "--session", &session, "--stats"],
+            "first\n\nsecond\n",
+        )
+        .await;
+    assert!(r.result.is_ok(), "{:?} {}", r.result, r.err);
+    assert_eq!(r.out, "echo: tsrif\necho: dnoces\n");
+    assert_eq!(
+        r.err.matches(" completion tokens, $").count(),
+        2,
+        "{}",
+        r.err
+    );
+
+    let history = t.ok(&["history", &session], "").await;
+    let said: Vec<&str> = history
+        .lines()
+        .map(|l| l.split_once("] ").expect("a timestamp").1)
+        .collect();
+    assert_eq!(
+        said,
+        [
+            "you: hello there",
+            "assistant: Hello world",
+            "you: first",
+            "assistant: echo: tsrif",
+            "you: second",
+            "assistant: echo: dnoces",
+        ]
+    );
+    let last_two = t.ok(&["history", &session, "--limit", "2"], "").await;
+    assert_eq!(last_two.lines().count(), 2);
+    assert!(last_two.contains("you: second"), "{last_two}");
+
+    let sessions = t.ok(&["sessions"], "").await;
+    let row = sessions
+        .lines()
+        .find(|l| l.starts_with(&session))
+        .unwrap_or_else(|| panic!("the session is listed:\n{sessions}"));
+    assert!(row.contains(" active "), "{row}");
+    assert!(row.contains(" 6 "), "six messages: {row}");
+    assert!(
+        row.ends_with("hello there"),
+        "titled by its first message: {row}"
+    );
+
+    // Ctrl-C while the reply streams cancels it: the server stops the
+    // upstream and keeps what was said, CANCELLED.
+    rig.primary
+        .push([Script::slow(40, Duration::from_millis(100))]);
+    let running = t.start(&["chat", "--session", &session, "long one"], "");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            running.out.text().contains("t1 ")
+        })
+        .await,
+        "the reply streams"
+    );
+    running.interrupt.send(()).expect("interrupt");
+    let r = running.done().await;
+    assert!(r.result.is_ok(), "{:?} {}", r.result, r.err);
+    assert!(r.err.contains("[cancelled]"), "{}", r.err);
+    let printed = r.out.trim_end().to_string();
+    assert!(
+        printed.starts_with("t0 t1") && !printed.contains("t39"),
+        "{printed}"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            rig.primary.abandoned() == 1
+        })
+        .await,
+        "the upstream saw the disconnect"
+    );
+    let stored = chat(&rig.mesh)
+        .await
+        .list_messages(bearer(
+            pb::ListMessagesRequest {
+                session_id: session.clone(),
+                page_size: 1,
+                newest_first: true,
+                ..Default::default()
+            },
+            &rig.token,
+        ))
+        .await
+        .expect("messages")
+        .into_inner()
+        .messages;
+    assert_eq!(stored[0].status, pb::MessageStatus::Cancelled as i32);
+    assert_eq!(stored[0].content.trim_end(), printed);
+    let history = t.ok(&["history", &session, "--limit", "1"], "").await;
+    assert!(
+        history.contains("assistant (cancelled): t0 t1 "),
+        "{history}"
+    );
+
+    // A reply that fails is reported with its code; a conversation goes on
+    // past it.
+    rig.primary.push([Script::status(500)]);
+    rig.backup.push([Script::status(500)]);
+    let e = t.fails(&["chat", "--session", &session, "boom"], "").await;
+    assert!(e.to_string().starts_with("UNAVAILABLE: "), "{e}");
+    rig.primary.push([Script::status(500)]);
+    rig.backup.push([Script::status(500)]);
+    let r = t
+        .run(&["chat", "--session", &session], "boom\nagain\n")
+        .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    assert!(r.err.contains("error: UNAVAILABLE: "), "{}", r.err);
+    assert_eq!(r.out, "echo: niaga\n");
+
+    // Bad input, before anything is sent.
+    let e = t.fails(&["chat", "-m", "fast", " "], "").await;
+    assert_eq!(e.exit_code(), 2, "{e}");
+    let e = t.fails(&["chat", "-m", "no-such-model", "hi"], "").await;
+    assert!(e.to_string().starts_with("INVALID_ARGUMENT: "), "{e}");
+    assert!(e.to_string().contains("\n  model: "), "{e}");
+
+    // Another user's session does not exist for them.
+    let other = Terminal::new(rig.mesh.url());
+    other
+        .ok(
+            &[
+                "register",
+                "--email",
+                "eve@example.com",
+                "--username",
+                "eve",
+            ],
+            "Str0ng!pass\n",
+        )
+        .await;
+    for args in [
+        vec!["chat", "--session", session.as_str(), "mine now"],
+        vec!["history", session.as_str()],
+    ] {
+        let e = other.fails(&args, "").await;
+        assert!(e.to_string().starts_with("NOT_FOUND: "), "{args:?}: {e}");
+    }
+    assert!(!other.ok(&["sessions"], "").await.contains(&session));
+
+    // The gateway's models and this user's usage.
+    let models = t.ok(&["models"], "").await;
+    assert!(models.starts_with("MODEL "), "{models}");
+    assert!(
+        models
+            .lines()
+            .any(|l| l.starts_with("fast ") && l.ends_with("primary, backup")),
+        "{models}"
+    );
+    let usage = t.ok(&["usage"], "").await;
+    let total = usage
+        .lines()
+        .find(|l| l.starts_with("total"))
+        .expect("a total");
+    let requests: i64 = total
+        .split_whitespace()
+        .nth(1)
+        .expect("requests")
+        .parse()
+        .expect("a number");
+    assert!(requests >= 4, "{usage}");
+    let eve_usage = other.ok(&["usage"], "").await;
+    let eve_total = eve_usage
+        .lines()
+        .find(|l| l.starts_with("total"))
+        .expect("total");
+    assert_eq!(
+        eve_total.split_whitespace().nth(1),
+        Some("0"),
+        "{eve_usage}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_searches_what_the_user_can_see() {
+    let rig = rig(|_| {}).await;
+    let t = Terminal::new(rig.mesh.url());
+    t.ok(&["login", "llmuser"], &format!("{PASSWORD}\n")).await;
+    let mut search = trellis_proto::search::v1::search_service_client::SearchServiceClient::new(
+        rig.mesh.channel().await,
+    );
+    search
+        .index_documents(bearer(
+            spb::IndexDocumentsRequest {
+                documents: vec![spb::DocumentInput {
+                    external_id: "n1".into(),
+                    collection: "notes".into(),
+                    title: "Gardening note".into(),
+                    body: "Tomatoes need sun and trellises.".into(),
+                    ..Default::default()
+                }],
+            },
+            &rig.token,
+        ))
+        .await
+        .expect("index");
+    let r = t
+        .run(&["search", "trellises", "--collection", "notes"], "")
+        .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let mut lines = r.out.lines();
+    let first = lines.next().expect("a hit");
+    assert!(first.starts_with("1. Gardening note [notes] "), "{}", r.out);
+    assert!(
+        lines
+            .next()
+            .expect("a snippet")
+            .contains("<mark>trellises</mark>"),
+        "{}",
+        r.out
+    );
+    assert!(r.err.starts_with("1 of about 1 results"), "{}", r.err);
+
+    let r = t
+        .run(&["search", "trellises", "--collection", "other"], "")
+        .await;
+    assert_eq!(r.out, "");
+    assert!(r.err.starts_with("0 of about 0 results"), "{}", r.err);
+
+    // Someone else does not see the note.
+    let other = Terminal::new(rig.mesh.url());
+    other
+        .ok(
+            &[
+                "register",
+                "--email",
+                "mal@example.com",
+                "--username",
+                "mal",
+            ],
+            "Str0ng!pass\n",
+        )
+        .await;
+    assert_eq!(other.ok(&["search", "trellises"], "").await, "");
+
+    let e = t.fails(&["search", "x", "--limit=-1"], "").await;
+    assert!(e.to_string().starts_with("INVALID_ARGUMENT: "), "{e}");
+}
