@@ -228,6 +228,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
          TOKEN=$(grpcurl -plaintext -d '{{\"login\":\"ada\",\"password\":\"Str0ng!pass\"}}' {addr} trellis.auth.v1.AuthService/Login | jq -r .tokens.accessToken)\n  \
          grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" {addr} trellis.auth.v1.AuthService/WhoAmI\n  \
          grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"query\":\"senior rust engineer\"}}' {addr} trellis.search.v1.SearchService/Search\n\n\
+         Or the CLI: cargo run -p trellis -- --server http://{addr} register --email ada@example.com --username ada\n\n\
          Stop with Ctrl-C.\n",
         trellis_core::config::redact_url(config.database.url.as_deref().unwrap_or_default()),
         trellis_core::config::redact_url(config.redis.url.as_deref().unwrap_or_default()),
