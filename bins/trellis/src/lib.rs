@@ -118,6 +118,31 @@ pub enum Command {
         session: String,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Show each message's id (for watch, cancel and regenerate).
+        #[arg(long)]
+        ids: bool,
+    },
+    /// Follow a reply: what it has said so far, then live to its end — after
+    /// a disconnect, or from another terminal. Ctrl-C stops watching (the
+    /// reply goes on).
+    Watch {
+        /// The assistant message (`trellis history --ids`).
+        message: String,
+        #[arg(long)]
+        stats: bool,
+    },
+    /// Cancel a reply being generated, on whichever server generates it.
+    Cancel {
+        /// The assistant message.
+        message: String,
+    },
+    /// A new reply to the turn an assistant message answered (that one is
+    /// kept). Ctrl-C cancels it.
+    Regenerate {
+        /// The assistant message.
+        message: String,
+        #[arg(long)]
+        stats: bool,
     },
     /// Full-text search over the documents you can see.
     Search(SearchArgs),
@@ -244,7 +269,11 @@ pub fn describe(s: &Status) -> String {
     let details = s.get_error_details();
     if let Some(bad) = details.bad_request() {
         for v in &bad.field_violations {
-            text.push_str(&format!("\n  {}: {}", v.field, v.description));
+            let line = format!("{}: {}", v.field, v.description);
+            // Said once: servers often put the first violation in the message.
+            if !s.message().contains(&line) {
+                text.push_str(&format!("\n  {line}"));
+            }
         }
     }
     if let Some(q) = details.quota_failure() {
@@ -279,9 +308,13 @@ pub async fn run(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
         token: cli.token.clone().filter(|t| !t.trim().is_empty()),
         server,
     };
-    if let Command::Chat(a) = cli.command {
-        // Chat reads the interrupts itself: Ctrl-C cancels a reply.
-        return client.chat(io, a).await;
+    // These read the interrupts themselves: Ctrl-C cancels a reply.
+    match cli.command {
+        Command::Chat(a) => return client.chat(io, a).await,
+        Command::Regenerate { message, stats } => {
+            return client.regenerate(io, message, stats).await.map(|_| ());
+        }
+        _ => {}
     }
     let mut interrupts = std::mem::replace(io.interrupts, mpsc::unbounded_channel().1);
     let outcome = tokio::select! {
@@ -686,10 +719,52 @@ impl Client {
                 )?;
             }
             Command::Sessions { status, limit } => self.sessions(io, status, limit).await?,
-            Command::History { session, limit } => self.history(io, session, limit).await?,
+            Command::History {
+                session,
+                limit,
+                ids,
+            } => self.history(io, session, limit, ids).await?,
+            Command::Watch { message, stats } => {
+                let bearer = self.bearer().await?;
+                let mut events = ChatServiceClient::new(self.channel.clone())
+                    .watch_message(self.streaming(
+                        chat::WatchMessageRequest {
+                            message_id: message.clone(),
+                            offset: 0,
+                        },
+                        Some(&bearer),
+                    )?)
+                    .await?
+                    .into_inner();
+                self.follow(io, stats, &mut events, CancelBy::Nothing, Some(message))
+                    .await?;
+            }
+            Command::Cancel { message } => {
+                let bearer = self.bearer().await?;
+                let r = ChatServiceClient::new(self.channel.clone())
+                    .cancel_generation(self.unary(
+                        chat::CancelGenerationRequest {
+                            message_id: message,
+                        },
+                        Some(&bearer),
+                    )?)
+                    .await?
+                    .into_inner();
+                writeln!(
+                    io.out,
+                    "{}",
+                    if r.cancelled {
+                        "cancelled"
+                    } else {
+                        "already finished"
+                    }
+                )?;
+            }
             Command::Search(a) => self.search(io, a).await?,
             Command::Usage { days } => self.usage(io, days).await?,
-            Command::Chat(_) => unreachable!("chat is run apart"),
+            Command::Chat(_) | Command::Regenerate { .. } => {
+                unreachable!("run by `run` itself")
+            }
         }
         Ok(())
     }
@@ -753,6 +828,7 @@ impl Client {
         io: &mut Io<'_>,
         session: String,
         limit: usize,
+        ids: bool,
     ) -> Result<(), CliError> {
         let bearer = self.bearer().await?;
         let mut client = ChatServiceClient::new(self.channel.clone());
@@ -790,9 +866,14 @@ impl Client {
                 chat::MessageStatus::Completed | chat::MessageStatus::Unspecified => String::new(),
                 s => format!(" ({})", status_word(s.as_str_name(), "MESSAGE_STATUS_")),
             };
+            let id = if ids {
+                format!(" {}", m.id)
+            } else {
+                String::new()
+            };
             writeln!(
                 io.out,
-                "[{}] {who}{note}: {}",
+                "[{}]{id} {who}{note}: {}",
                 timestamp(m.create_time.as_ref()),
                 m.content
             )?;
@@ -968,9 +1049,7 @@ impl Client {
         Ok(())
     }
 
-    /// Sends one turn and prints its reply as it streams; the first Ctrl-C
-    /// cancels the reply (the server ends it CANCELLED), a second one
-    /// leaves.
+    /// Sends one turn and prints its reply as it streams.
     async fn turn(
         &self,
         io: &mut Io<'_>,
@@ -980,9 +1059,7 @@ impl Client {
         session: &str,
         content: String,
     ) -> Result<Turn, CliError> {
-        use chat::chat_event::Event;
         use chat::converse_request::Action;
-        let gone = || CliError::Server("the conversation stream closed".into());
         tx.send(chat::ConverseRequest {
             action: Some(Action::Send(chat::Send {
                 session_id: session.to_string(),
@@ -994,8 +1071,43 @@ impl Client {
             })),
         })
         .await
-        .map_err(|_| gone())?;
-        let mut reply: Option<String> = None;
+        .map_err(|_| closed())?;
+        self.follow(io, a.stats, events, CancelBy::Converse(tx), None)
+            .await
+    }
+
+    async fn regenerate(
+        &self,
+        io: &mut Io<'_>,
+        message: String,
+        stats: bool,
+    ) -> Result<Turn, CliError> {
+        let bearer = self.bearer().await?;
+        let mut events = ChatServiceClient::new(self.channel.clone())
+            .regenerate_message(self.streaming(
+                chat::RegenerateMessageRequest {
+                    message_id: message,
+                },
+                Some(&bearer),
+            )?)
+            .await?
+            .into_inner();
+        self.follow(io, stats, &mut events, CancelBy::Unary(&bearer), None)
+            .await
+    }
+
+    /// Prints a reply's events as they arrive, until it ends. The first
+    /// Ctrl-C cancels the reply (the server ends it CANCELLED, keeping what
+    /// was said) when `cancel` says how; a second one leaves.
+    async fn follow<T: CarriesEvent>(
+        &self,
+        io: &mut Io<'_>,
+        stats: bool,
+        events: &mut tonic::Streaming<T>,
+        cancel: CancelBy<'_>,
+        mut reply: Option<String>,
+    ) -> Result<Turn, CliError> {
+        use chat::chat_event::Event;
         let mut cancelling = false;
         let mut open_line = false;
         let mut citations = Vec::new();
@@ -1004,24 +1116,36 @@ impl Client {
                 biased;
                 m = events.message() => m?,
                 Some(()) = io.interrupts.recv() => {
-                    match (&reply, cancelling) {
-                        (Some(id), false) => {
-                            cancelling = true;
-                            tx.send(chat::ConverseRequest {
-                                action: Some(Action::Cancel(chat::Cancel { message_id: id.clone() })),
+                    let Some(id) = reply.clone().filter(|_| !cancelling) else {
+                        return Err(CliError::Interrupted);
+                    };
+                    match &cancel {
+                        CancelBy::Converse(tx) => tx
+                            .send(chat::ConverseRequest {
+                                action: Some(chat::converse_request::Action::Cancel(
+                                    chat::Cancel { message_id: id },
+                                )),
                             })
                             .await
-                            .map_err(|_| gone())?;
-                            continue;
+                            .map_err(|_| closed())?,
+                        CancelBy::Unary(bearer) => {
+                            ChatServiceClient::new(self.channel.clone())
+                                .cancel_generation(self.unary(
+                                    chat::CancelGenerationRequest { message_id: id },
+                                    Some(bearer),
+                                )?)
+                                .await?;
                         }
-                        _ => return Err(CliError::Interrupted),
+                        CancelBy::Nothing => return Err(CliError::Interrupted),
                     }
+                    cancelling = true;
+                    continue;
                 }
             };
             let Some(message) = message else {
-                return Err(gone());
+                return Err(closed());
             };
-            match message.event.and_then(|e| e.event) {
+            match message.into_event().and_then(|e| e.event) {
                 Some(Event::Accepted(acc)) => reply = Some(acc.assistant_message_id),
                 Some(Event::Delta(d)) => {
                     io.out.write_all(d.text.as_bytes())?;
@@ -1040,7 +1164,7 @@ impl Client {
                     if cancelled {
                         writeln!(io.err, "[cancelled]")?;
                     }
-                    if a.stats {
+                    if stats {
                         let u = c.usage.unwrap_or_default();
                         writeln!(
                             io.err,
@@ -1073,6 +1197,41 @@ impl Client {
         }
     }
 }
+
+fn closed() -> CliError {
+    CliError::Server("the server closed the stream".into())
+}
+
+/// How Ctrl-C reaches a reply being printed.
+enum CancelBy<'a> {
+    /// A Cancel on the conversation's own stream.
+    Converse(&'a mpsc::Sender<chat::ConverseRequest>),
+    /// CancelGeneration, with this bearer token.
+    Unary(&'a str),
+    /// It does not: Ctrl-C stops watching.
+    Nothing,
+}
+
+/// A server-stream message wrapping one chat event.
+trait CarriesEvent {
+    fn into_event(self) -> Option<chat::ChatEvent>;
+}
+
+macro_rules! carries_event {
+    ($($t:ty),*) => {$(
+        impl CarriesEvent for $t {
+            fn into_event(self) -> Option<chat::ChatEvent> {
+                self.event
+            }
+        }
+    )*};
+}
+
+carries_event!(
+    chat::ConverseResponse,
+    chat::WatchMessageResponse,
+    chat::RegenerateMessageResponse
+);
 
 /// `SESSION_STATUS_ACTIVE` → `active`.
 fn status_word(name: &str, prefix: &str) -> String {
@@ -1110,6 +1269,15 @@ mod tests {
         assert_eq!(
             describe(&Status::not_found("no such session")),
             "NOT_FOUND: no such session"
+        );
+        // A violation the message already states is not repeated.
+        let mut d = ErrorDetails::new();
+        d.add_bad_request_violation("email", "is required");
+        d.add_bad_request_violation("username", "is required");
+        let s = Status::with_error_details(Code::InvalidArgument, "email: is required", d);
+        assert_eq!(
+            describe(&s),
+            "INVALID_ARGUMENT: email: is required\n  username: is required"
         );
     }
 
