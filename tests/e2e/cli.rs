@@ -245,25 +245,40 @@ async fn the_cli_keeps_a_login_refreshes_it_and_explains_refusals() {
         .await;
     assert_eq!(out, format!("logged in to {} as ada\n", t.server));
 
-    // An API key instead of the stored login.
-    let token = t.stored()["servers"][&t.server]["access_token"]
-        .as_str()
-        .expect("token")
+    // API keys: created (the secret alone on stdout), used instead of the
+    // stored login, listed, revoked.
+    let e = t
+        .fails(&["keys", "create", "greedy", "--scope", "user:users:*"], "")
+        .await;
+    assert!(
+        e.to_string().starts_with(
+            "PERMISSION_DENIED: a key cannot grant permissions you do not hold: user:users:*"
+        ),
+        "{e}"
+    );
+    let r = t
+        .run(
+            &[
+                "keys",
+                "create",
+                "ci",
+                "--scope",
+                "auth:self:*",
+                "--ttl-days",
+                "7",
+            ],
+            "",
+        )
+        .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let key = r.out.trim_end().to_string();
+    assert!(key.starts_with("trk_") && !key.contains('\n'), "{}", r.out);
+    let key_id = r
+        .err
+        .split_whitespace()
+        .nth(2)
+        .expect("the key's id")
         .to_string();
-    let key = auth(&rig.mesh)
-        .await
-        .create_api_key(bearer(
-            apb::CreateApiKeyRequest {
-                name: "cli".into(),
-                scopes: vec!["auth:self:*".into()],
-                ttl: None,
-            },
-            &token,
-        ))
-        .await
-        .expect("api key")
-        .into_inner()
-        .secret;
     let elsewhere = Terminal::new(rig.mesh.url());
     let who = elsewhere.ok(&["--token", &key, "whoami"], "").await;
     assert!(who.contains("credential:  api_key\n"), "{who}");
@@ -271,6 +286,81 @@ async fn the_cli_keeps_a_login_refreshes_it_and_explains_refusals() {
         elsewhere.fails(&["whoami"], "").await,
         CliError::NotLoggedIn(_)
     ));
+    let keys = t.ok(&["keys", "list"], "").await;
+    let row = keys
+        .lines()
+        .find(|l| l.starts_with(&key_id))
+        .unwrap_or_else(|| panic!("the key is listed:\n{keys}"));
+    assert!(
+        row.contains(" ci ") && row.contains(" active ") && row.ends_with("auth:self:*"),
+        "{row}"
+    );
+    assert!(!keys.contains(&key), "the secret is never listed");
+    let stranger = Terminal::new(rig.mesh.url());
+    stranger
+        .ok(
+            &[
+                "register",
+                "--email",
+                "sam@example.com",
+                "--username",
+                "sam",
+            ],
+            "Str0ng!pass\n",
+        )
+        .await;
+    let e = stranger.fails(&["keys", "revoke", &key_id], "").await;
+    assert!(e.to_string().starts_with("NOT_FOUND: "), "{e}");
+    assert!(!stranger.ok(&["keys", "list"], "").await.contains(&key_id));
+    assert_eq!(
+        t.ok(&["keys", "revoke", &key_id], "").await,
+        format!("revoked {key_id}\n")
+    );
+    assert!(t.ok(&["keys", "list"], "").await.contains(" revoked "));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            elsewhere
+                .run(&["--token", &key, "whoami"], "")
+                .await
+                .result
+                .is_err_and(|e| e.to_string().starts_with("UNAUTHENTICATED: "))
+        })
+        .await,
+        "a revoked key is refused"
+    );
+
+    // A new password: the other sessions end, the old password is refused.
+    let second = Terminal::new(rig.mesh.url());
+    second
+        .ok(&["login", "ada", "--password-stdin"], "Str0ng!pass\n")
+        .await;
+    let e = t.fails(&["passwd"], "wrong-pass\nN3w!passw0rd\n").await;
+    assert!(
+        e.to_string().contains("current_password: is incorrect"),
+        "{e}"
+    );
+    assert_eq!(
+        t.ok(&["passwd"], "Str0ng!pass\nN3w!passw0rd\n").await,
+        "password changed; your other sessions have ended\n"
+    );
+    assert!(
+        t.ok(&["whoami"], "").await.starts_with("ada "),
+        "this session goes on"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            second.run(&["whoami"], "").await.result.is_err()
+        })
+        .await,
+        "the other session ended"
+    );
+    let e = second
+        .fails(&["login", "ada", "--password-stdin"], "Str0ng!pass\n")
+        .await;
+    assert!(e.to_string().starts_with("UNAUTHENTICATED: "), "{e}");
+    second
+        .ok(&["login", "ada", "--password-stdin"], "N3w!passw0rd\n")
+        .await;
 
     // Logout ends the session on the server too: its refresh is refused.
     let refresh = t.stored()["servers"][&t.server]["refresh_token"]

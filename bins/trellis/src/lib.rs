@@ -101,6 +101,18 @@ pub enum Command {
     },
     /// Who the server takes you for.
     Whoami,
+    /// Change your password (your other sessions end).
+    Passwd {
+        /// Read the current and the new password from the first two lines
+        /// of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// API keys: credentials for scripts and services (`--token`).
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
     /// The models the gateway offers.
     Models,
     /// Chat: one turn with MESSAGE ("-": standard input), or a conversation
@@ -152,6 +164,25 @@ pub enum Command {
         #[arg(long, default_value_t = 30)]
         days: u32,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Create a key; its secret is printed once, alone on standard output.
+    Create {
+        name: String,
+        /// A permission the key carries, wildcards allowed (repeatable; at
+        /// most your own).
+        #[arg(long = "scope", value_name = "PERMISSION", required = true)]
+        scopes: Vec<String>,
+        /// Expire after this many days (default: never).
+        #[arg(long, value_name = "DAYS")]
+        ttl_days: Option<u32>,
+    },
+    /// Your keys, newest first.
+    List,
+    /// Revoke a key at once.
+    Revoke { id: String },
 }
 
 #[derive(Args, Debug)]
@@ -693,6 +724,45 @@ impl Client {
                 writeln!(io.out, "permissions: {}", p.permissions.join(", "))?;
                 writeln!(io.out, "credential:  {}", p.credential_type)?;
             }
+            Command::Passwd { password_stdin } => {
+                let bearer = self.bearer().await?;
+                let (current_password, new_password) = if password_stdin || !io.terminal {
+                    let mut line = async || {
+                        read_line(io.stdin)
+                            .await?
+                            .filter(|p| !p.is_empty())
+                            .ok_or_else(|| {
+                                CliError::Usage(
+                                    "passwd reads the current and the new password, a line each"
+                                        .into(),
+                                )
+                            })
+                    };
+                    (line().await?, line().await?)
+                } else {
+                    tokio::task::spawn_blocking(|| {
+                        let current = rpassword::prompt_password("current password: ")?;
+                        let new = rpassword::prompt_password("new password: ")?;
+                        if rpassword::prompt_password("again: ")? != new {
+                            return Err(std::io::Error::other("the two passwords differ"));
+                        }
+                        Ok((current, new))
+                    })
+                    .await
+                    .map_err(std::io::Error::other)??
+                };
+                self.auth()
+                    .change_password(self.unary(
+                        auth::ChangePasswordRequest {
+                            current_password,
+                            new_password,
+                        },
+                        Some(&bearer),
+                    )?)
+                    .await?;
+                writeln!(io.out, "password changed; your other sessions have ended")?;
+            }
+            Command::Keys { action } => self.keys(io, action).await?,
             Command::Models => {
                 let bearer = self.bearer().await?;
                 let r = LlmServiceClient::new(self.channel.clone())
@@ -764,6 +834,103 @@ impl Client {
             Command::Usage { days } => self.usage(io, days).await?,
             Command::Chat(_) | Command::Regenerate { .. } => {
                 unreachable!("run by `run` itself")
+            }
+        }
+        Ok(())
+    }
+
+    async fn keys(&self, io: &mut Io<'_>, action: KeysCommand) -> Result<(), CliError> {
+        let bearer = self.bearer().await?;
+        let mut client = self.auth();
+        match action {
+            KeysCommand::Create {
+                name,
+                scopes,
+                ttl_days,
+            } => {
+                let r = client
+                    .create_api_key(self.unary(
+                        auth::CreateApiKeyRequest {
+                            name,
+                            scopes,
+                            ttl: ttl_days.map(|d| prost_types::Duration {
+                                seconds: i64::from(d) * 86_400,
+                                nanos: 0,
+                            }),
+                        },
+                        Some(&bearer),
+                    )?)
+                    .await?
+                    .into_inner();
+                let key = r.api_key.unwrap_or_default();
+                writeln!(
+                    io.err,
+                    "created key {} ({}): keep the secret below, it is not shown again",
+                    key.id, key.name
+                )?;
+                writeln!(io.out, "{}", r.secret)?;
+            }
+            KeysCommand::List => {
+                let mut rows = Vec::new();
+                let mut page_token = String::new();
+                loop {
+                    let r = client
+                        .list_api_keys(self.unary(
+                            auth::ListApiKeysRequest {
+                                page_size: 100,
+                                page_token,
+                            },
+                            Some(&bearer),
+                        )?)
+                        .await?
+                        .into_inner();
+                    let now = now_unix();
+                    for k in r.api_keys {
+                        let state = if k.revoke_time.is_some() {
+                            "revoked"
+                        } else if k.expire_time.as_ref().is_some_and(|t| t.seconds <= now) {
+                            "expired"
+                        } else {
+                            "active"
+                        };
+                        rows.push(vec![
+                            k.id,
+                            k.name,
+                            format!("{}…", k.prefix),
+                            state.to_string(),
+                            timestamp(k.create_time.as_ref()),
+                            timestamp(k.expire_time.as_ref()),
+                            timestamp(k.last_use_time.as_ref()),
+                            k.scopes.join(","),
+                        ]);
+                    }
+                    if r.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = r.next_page_token;
+                }
+                table(
+                    io.out,
+                    &[
+                        "ID",
+                        "NAME",
+                        "PREFIX",
+                        "STATE",
+                        "CREATED",
+                        "EXPIRES",
+                        "LAST USED",
+                        "SCOPES",
+                    ],
+                    &rows,
+                )?;
+            }
+            KeysCommand::Revoke { id } => {
+                client
+                    .revoke_api_key(
+                        self.unary(auth::RevokeApiKeyRequest { id: id.clone() }, Some(&bearer))?,
+                    )
+                    .await?;
+                writeln!(io.out, "revoked {id}")?;
             }
         }
         Ok(())
