@@ -343,7 +343,7 @@ pub async fn run(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
     match cli.command {
         Command::Chat(a) => return client.chat(io, a).await,
         Command::Regenerate { message, stats } => {
-            return client.regenerate(io, message, stats).await.map(|_| ());
+            return client.regenerate(io, message, stats).await;
         }
         _ => {}
     }
@@ -480,12 +480,6 @@ struct Client {
     token: Option<String>,
 }
 
-/// How one chat turn ended.
-enum Turn {
-    Done,
-    Cancelled,
-}
-
 impl Client {
     fn creds(&self) -> Result<&Credentials, CliError> {
         self.creds.as_ref().ok_or_else(|| {
@@ -563,9 +557,13 @@ impl Client {
         }
     }
 
+    /// A password: the next line of standard input when asked to or when
+    /// it is not a terminal, else typed at `prompt` without echo (twice when
+    /// `confirm`).
     async fn password(
         &self,
         io: &mut Io<'_>,
+        prompt: &'static str,
         from_stdin: bool,
         confirm: bool,
     ) -> Result<String, CliError> {
@@ -573,10 +571,15 @@ impl Client {
             return read_line(io.stdin)
                 .await?
                 .filter(|p| !p.is_empty())
-                .ok_or_else(|| CliError::Usage("no password on standard input".into()));
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "no {} on standard input",
+                        prompt.trim_end_matches([':', ' '])
+                    ))
+                });
         }
-        let first = tokio::task::spawn_blocking(move || {
-            let p = rpassword::prompt_password("password: ")?;
+        let typed = tokio::task::spawn_blocking(move || {
+            let p = rpassword::prompt_password(prompt)?;
             if confirm && rpassword::prompt_password("again: ")? != p {
                 return Err(std::io::Error::other("the two passwords differ"));
             }
@@ -584,7 +587,7 @@ impl Client {
         })
         .await
         .map_err(std::io::Error::other)??;
-        Ok(first)
+        Ok(typed)
     }
 
     fn save(&self, username: &str, tokens: Option<auth::TokenPair>) -> Result<(), CliError> {
@@ -602,7 +605,9 @@ impl Client {
                 display_name,
                 password_stdin,
             } => {
-                let password = self.password(io, password_stdin, true).await?;
+                let password = self
+                    .password(io, "password: ", password_stdin, true)
+                    .await?;
                 let r = self
                     .auth()
                     .register(self.unary(
@@ -630,7 +635,9 @@ impl Client {
                 recovery_code,
                 password_stdin,
             } => {
-                let password = self.password(io, password_stdin, false).await?;
+                let password = self
+                    .password(io, "password: ", password_stdin, false)
+                    .await?;
                 let mut req = auth::LoginRequest {
                     login,
                     password,
@@ -726,31 +733,12 @@ impl Client {
             }
             Command::Passwd { password_stdin } => {
                 let bearer = self.bearer().await?;
-                let (current_password, new_password) = if password_stdin || !io.terminal {
-                    let mut line = async || {
-                        read_line(io.stdin)
-                            .await?
-                            .filter(|p| !p.is_empty())
-                            .ok_or_else(|| {
-                                CliError::Usage(
-                                    "passwd reads the current and the new password, a line each"
-                                        .into(),
-                                )
-                            })
-                    };
-                    (line().await?, line().await?)
-                } else {
-                    tokio::task::spawn_blocking(|| {
-                        let current = rpassword::prompt_password("current password: ")?;
-                        let new = rpassword::prompt_password("new password: ")?;
-                        if rpassword::prompt_password("again: ")? != new {
-                            return Err(std::io::Error::other("the two passwords differ"));
-                        }
-                        Ok((current, new))
-                    })
-                    .await
-                    .map_err(std::io::Error::other)??
-                };
+                let current_password = self
+                    .password(io, "current password: ", password_stdin, false)
+                    .await?;
+                let new_password = self
+                    .password(io, "new password: ", password_stdin, true)
+                    .await?;
                 self.auth()
                     .change_password(self.unary(
                         auth::ChangePasswordRequest {
@@ -1189,10 +1177,7 @@ impl Client {
             .await?
             .into_inner();
         if let Some(text) = one_turn {
-            return self
-                .turn(io, &a, &tx, &mut events, &session, text)
-                .await
-                .map(|_| ());
+            return self.turn(io, &a, &tx, &mut events, &session, text).await;
         }
         loop {
             if io.terminal {
@@ -1225,7 +1210,7 @@ impl Client {
         events: &mut tonic::Streaming<chat::ConverseResponse>,
         session: &str,
         content: String,
-    ) -> Result<Turn, CliError> {
+    ) -> Result<(), CliError> {
         use chat::converse_request::Action;
         tx.send(chat::ConverseRequest {
             action: Some(Action::Send(chat::Send {
@@ -1248,7 +1233,7 @@ impl Client {
         io: &mut Io<'_>,
         message: String,
         stats: bool,
-    ) -> Result<Turn, CliError> {
+    ) -> Result<(), CliError> {
         let bearer = self.bearer().await?;
         let mut events = ChatServiceClient::new(self.channel.clone())
             .regenerate_message(self.streaming(
@@ -1273,7 +1258,7 @@ impl Client {
         events: &mut tonic::Streaming<T>,
         cancel: CancelBy<'_>,
         mut reply: Option<String>,
-    ) -> Result<Turn, CliError> {
+    ) -> Result<(), CliError> {
         use chat::chat_event::Event;
         let mut cancelling = false;
         let mut open_line = false;
@@ -1343,11 +1328,7 @@ impl Client {
                             millis(c.duration.as_ref())
                         )?;
                     }
-                    return Ok(if cancelled {
-                        Turn::Cancelled
-                    } else {
-                        Turn::Done
-                    });
+                    return Ok(());
                 }
                 Some(Event::Failed(f)) => {
                     if open_line {
