@@ -121,6 +121,16 @@ impl Terminal {
         self.start(args, stdin).done().await
     }
 
+    /// Registers (and so logs in) a new account with a good password; the
+    /// command's standard output.
+    async fn register(&self, email: &str, username: &str) -> String {
+        self.ok(
+            &["register", "--email", email, "--username", username],
+            "Str0ng!pass\n",
+        )
+        .await
+    }
+
     /// A command that must succeed; its standard output.
     async fn ok(&self, args: &[&str], stdin: &str) -> String {
         let r = self.run(args, stdin).await;
@@ -297,18 +307,7 @@ async fn the_cli_keeps_a_login_refreshes_it_and_explains_refusals() {
     );
     assert!(!keys.contains(&key), "the secret is never listed");
     let stranger = Terminal::new(rig.mesh.url());
-    stranger
-        .ok(
-            &[
-                "register",
-                "--email",
-                "sam@example.com",
-                "--username",
-                "sam",
-            ],
-            "Str0ng!pass\n",
-        )
-        .await;
+    stranger.register("sam@example.com", "sam").await;
     let e = stranger.fails(&["keys", "revoke", &key_id], "").await;
     assert!(e.to_string().starts_with("NOT_FOUND: "), "{e}");
     assert!(!stranger.ok(&["keys", "list"], "").await.contains(&key_id));
@@ -533,18 +532,7 @@ async fn the_cli_chats_streams_cancels_and_reads_history() {
 
     // Another user's session does not exist for them.
     let other = Terminal::new(rig.mesh.url());
-    other
-        .ok(
-            &[
-                "register",
-                "--email",
-                "eve@example.com",
-                "--username",
-                "eve",
-            ],
-            "Str0ng!pass\n",
-        )
-        .await;
+    other.register("eve@example.com", "eve").await;
     for args in [
         vec!["chat", "--session", session.as_str(), "mine now"],
         vec!["history", session.as_str()],
@@ -635,18 +623,7 @@ async fn the_cli_searches_what_the_user_can_see() {
 
     // Someone else does not see the note.
     let other = Terminal::new(rig.mesh.url());
-    other
-        .ok(
-            &[
-                "register",
-                "--email",
-                "mal@example.com",
-                "--username",
-                "mal",
-            ],
-            "Str0ng!pass\n",
-        )
-        .await;
+    other.register("mal@example.com", "mal").await;
     assert_eq!(other.ok(&["search", "trellises"], "").await, "");
 
     let e = t.fails(&["search", "x", "--limit=-1"], "").await;
@@ -728,18 +705,7 @@ async fn the_cli_follows_a_reply_after_a_disconnect_regenerates_and_cancels() {
     // Another user's reply cannot be watched, cancelled or regenerated;
     // a malformed id is bad input.
     let other = Terminal::new(rig.mesh.url());
-    other
-        .ok(
-            &[
-                "register",
-                "--email",
-                "oz@example.com",
-                "--username",
-                "ozzy",
-            ],
-            "Str0ng!pass\n",
-        )
-        .await;
+    other.register("oz@example.com", "ozzy").await;
     for verb in ["watch", "cancel", "regenerate"] {
         let e = other.fails(&[verb, &id], "").await;
         assert!(e.to_string().starts_with("NOT_FOUND: "), "{verb}: {e}");
@@ -749,4 +715,417 @@ async fn the_cli_follows_a_reply_after_a_disconnect_regenerates_and_cancels() {
             "{verb}: {e}"
         );
     }
+}
+
+/// The text of the row of `table` whose first column is `id`.
+fn row_of<'a>(table: &'a str, id: &str) -> Option<&'a str> {
+    table.lines().find(|l| l.starts_with(id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_indexes_files_shows_and_deletes_documents() {
+    let rig = rig(|_| {}).await;
+    let t = Terminal::new(rig.mesh.url());
+    t.ok(&["login", "llmuser"], &format!("{PASSWORD}\n")).await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let guide = files.path().join("guide.md");
+    std::fs::write(
+        &guide,
+        "# Trellis guide\n\nGrow runner beans up a trellis.\n",
+    )
+    .expect("write");
+    let compost = files.path().join("compost.txt");
+    std::fs::write(&compost, "Compost wants greens and browns.\n").expect("write");
+    let (guide_s, compost_s) = (guide.display().to_string(), compost.display().to_string());
+
+    // Two files, one request: each id, new, and the totals.
+    let r = t
+        .run(
+            &[
+                "docs",
+                "index",
+                &guide_s,
+                &compost_s,
+                "-c",
+                "garden",
+                "--tag",
+                "howto",
+                "--attr",
+                "season=spring",
+            ],
+            "",
+        )
+        .await;
+    assert!(r.result.is_ok(), "{:?} {}", r.result, r.err);
+    let lines: Vec<&str> = r.out.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", r.out);
+    assert!(
+        lines[0].ends_with(&format!("new       {guide_s}")),
+        "{}",
+        r.out
+    );
+    assert!(
+        lines[1].ends_with(&format!("new       {compost_s}")),
+        "{}",
+        r.out
+    );
+    let guide_id = lines[0].split_whitespace().next().expect("id").to_string();
+    uuid::Uuid::parse_str(&guide_id).expect("a document id");
+    assert_eq!(r.err, "indexed 2 into garden: 2 new, 0 replaced\n");
+
+    // The same file again replaces its document (same id), as the same
+    // file under another spelling of its path does.
+    let again = files.path().join(".").join("guide.md");
+    let out = t
+        .ok(
+            &[
+                "docs",
+                "index",
+                &again.display().to_string(),
+                "-c",
+                "garden",
+                "--tag",
+                "howto",
+            ],
+            "",
+        )
+        .await;
+    assert!(out.starts_with(&format!("{guide_id}  replaced")), "{out}");
+
+    // Found by search with its id; titled by its heading, or by its name.
+    let hits = t.ok(&["search", "beans", "--ids"], "").await;
+    let first = hits.lines().next().expect("a hit");
+    assert!(first.starts_with("1. Trellis guide [garden] "), "{hits}");
+    assert!(first.ends_with(&guide_id), "{hits}");
+    let hits = t
+        .ok(&["search", "compost", "--collection", "garden"], "")
+        .await;
+    assert!(hits.starts_with("1. compost.txt [garden] "), "{hits}");
+
+    let shown = t.ok(&["docs", "show", &guide_id], "").await;
+    let mut l = shown.lines();
+    assert_eq!(l.next(), Some("Trellis guide"));
+    assert!(
+        l.next()
+            .expect("meta")
+            .starts_with(&format!("id {guide_id} · garden · private · updated ")),
+        "{shown}"
+    );
+    assert!(shown.contains("\ntags: howto\n"), "{shown}");
+    assert!(
+        shown.ends_with("Grow runner beans up a trellis.\n\n"),
+        "{shown}"
+    );
+    // The replacing index carried no --attr: the attribute is gone.
+    assert!(!shown.contains("season"), "{shown}");
+    let collections = t.ok(&["docs", "collections"], "").await;
+    assert!(
+        collections
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["garden", "2"]),
+        "{collections}"
+    );
+
+    // Standard input, with an id of the caller's own; refused without one.
+    let out = t
+        .ok(
+            &[
+                "docs",
+                "index",
+                "-",
+                "--id",
+                "note-1",
+                "--title",
+                "Piped note",
+                "--shared",
+            ],
+            "Mulch keeps the soil moist.\n",
+        )
+        .await;
+    assert!(out.contains("  new       standard input"), "{out}");
+    let piped = out.split_whitespace().next().expect("id").to_string();
+    let e = t.fails(&["docs", "index", "-"], "text").await;
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+    assert!(e.to_string().contains("--id"), "{e}");
+    let e = t
+        .fails(&["docs", "index", &guide_s, &compost_s, "--title", "x"], "")
+        .await;
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+
+    // A file that is not text, or missing, stops the command before
+    // anything is sent.
+    let binary = files.path().join("blob.bin");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).expect("write");
+    let e = t
+        .fails(
+            &["docs", "index", &compost_s, &binary.display().to_string()],
+            "",
+        )
+        .await;
+    assert!(e.to_string().ends_with("blob.bin: not UTF-8 text"), "{e}");
+    let e = t
+        .fails(&["docs", "index", "/nonexistent/file.md"], "")
+        .await;
+    assert!(e.to_string().starts_with("/nonexistent/file.md: "), "{e}");
+
+    // The server's refusal names the file behind the document.
+    let e = t
+        .fails(&["docs", "index", &compost_s, "-c", "Bad Name"], "")
+        .await;
+    let text = e.to_string();
+    assert!(text.starts_with("INVALID_ARGUMENT: "), "{text}");
+    assert!(text.contains("documents[0].collection"), "{text}");
+    assert!(
+        text.contains(&format!("documents[0] is {compost_s}")),
+        "{text}"
+    );
+
+    // Another user: the private documents do not exist for them, the
+    // shared one does; their delete deletes nothing.
+    let other = Terminal::new(rig.mesh.url());
+    other.register("dot@example.com", "dotty").await;
+    let e = other.fails(&["docs", "show", &guide_id], "").await;
+    assert!(e.to_string().starts_with("NOT_FOUND: "), "{e}");
+    assert_eq!(other.ok(&["search", "beans"], "").await, "");
+    assert!(
+        other
+            .ok(&["search", "mulch"], "")
+            .await
+            .starts_with("1. Piped note ")
+    );
+    assert_eq!(
+        other.ok(&["docs", "rm", &guide_id], "").await,
+        "deleted 0 of 1\n"
+    );
+    assert!(
+        t.ok(&["docs", "show", &guide_id], "")
+            .await
+            .starts_with("Trellis guide\n")
+    );
+
+    // The owner deletes; search no longer finds it.
+    assert_eq!(
+        t.ok(&["docs", "rm", &guide_id, &piped], "").await,
+        "deleted 2 of 2\n"
+    );
+    assert_eq!(t.ok(&["search", "beans"], "").await, "");
+    let e = t.fails(&["docs", "show", &guide_id], "").await;
+    assert!(e.to_string().starts_with("NOT_FOUND: "), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_administers_accounts_roles_and_reads_the_audit_trail() {
+    let rig = rig(|_| {}).await;
+    let (boss_id, _) = crate::auth::admin_account(&rig.mesh, "bossy").await;
+    let admin = Terminal::new(rig.mesh.url());
+    admin
+        .ok(&["login", "bossy"], &format!("{PASSWORD}\n"))
+        .await;
+    let member = Terminal::new(rig.mesh.url());
+    let reg = member.register("kim@example.com", "kimmy").await;
+    let kim = reg
+        .split(['(', ')'])
+        .nth(1)
+        .expect("the new account's id")
+        .to_string();
+    uuid::Uuid::parse_str(&kim).expect("an id");
+
+    // List and search: the table and the count.
+    let r = admin.run(&["users", "list", "--query", "KIMMY"], "").await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let row = row_of(&r.out, &kim).unwrap_or_else(|| panic!("kimmy listed:\n{}", r.out));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells[1..6],
+        ["kimmy", "kim@example.com", "kimmy", "active", "member"],
+        "{row}"
+    );
+    assert_eq!(r.err, "1 of 1 accounts\n");
+    // Pages: one account a page, then the rest from the printed token.
+    let r = admin
+        .run(
+            &[
+                "users",
+                "list",
+                "--limit",
+                "1",
+                "--order-by",
+                "username",
+                "--asc",
+            ],
+            "",
+        )
+        .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let token = r
+        .err
+        .lines()
+        .find_map(|l| l.strip_prefix("more: --page-token "))
+        .unwrap_or_else(|| panic!("a next page: {}", r.err))
+        .to_string();
+    let first_page = r.out.lines().nth(1).expect("one row").to_string();
+    let next = admin
+        .ok(
+            &[
+                "users",
+                "list",
+                "--limit",
+                "1",
+                "--order-by",
+                "username",
+                "--asc",
+                "--page-token",
+                &token,
+            ],
+            "",
+        )
+        .await;
+    assert_ne!(next.lines().nth(1), Some(first_page.as_str()), "{next}");
+    let all = admin
+        .ok(&["users", "list", "--all", "--limit", "1"], "")
+        .await;
+    assert!(
+        row_of(&all, &kim).is_some() && row_of(&all, &boss_id).is_some(),
+        "{all}"
+    );
+    // The same token under another order is refused.
+    let e = admin
+        .fails(
+            &["users", "list", "--limit", "1", "--page-token", &token],
+            "",
+        )
+        .await;
+    assert!(e.to_string().starts_with("INVALID_ARGUMENT: "), "{e}");
+
+    // Show by username, by e-mail and by id.
+    for who in ["kimmy", "kim@example.com", kim.as_str()] {
+        let shown = admin.ok(&["users", "show", who], "").await;
+        assert!(
+            shown.starts_with(&format!("id            {kim}\nusername      kimmy\n")),
+            "{shown}"
+        );
+        assert!(shown.contains("\nstatus        active\n"), "{shown}");
+    }
+    let e = admin.fails(&["users", "show", "nobody"], "").await;
+    assert_eq!(e.to_string(), "NOT_FOUND: no account is named nobody");
+
+    // Suspension ends the member's session at once; reactivation lets
+    // them log in again.
+    member.ok(&["whoami"], "").await;
+    let out = admin
+        .ok(&["users", "suspend", "kimmy", "--reason", "spam"], "")
+        .await;
+    assert_eq!(out, format!("suspended kimmy ({kim}): suspended\n"));
+    assert!(
+        member.run(&["whoami"], "").await.result.is_err(),
+        "the session ended"
+    );
+    let e = member.fails(&["login", "kimmy"], "Str0ng!pass\n").await;
+    assert!(
+        e.to_string().starts_with("PERMISSION_DENIED: ")
+            || e.to_string().starts_with("UNAUTHENTICATED: "),
+        "{e}"
+    );
+    let suspended = admin
+        .ok(&["users", "list", "--status", "suspended"], "")
+        .await;
+    assert!(row_of(&suspended, &kim).is_some(), "{suspended}");
+    assert!(row_of(&suspended, &boss_id).is_none(), "{suspended}");
+    let out = admin.ok(&["users", "reactivate", &kim], "").await;
+    assert_eq!(out, format!("reactivated kimmy ({kim}): active\n"));
+    member.ok(&["login", "kimmy"], "Str0ng!pass\n").await;
+
+    // Roles: listed, assigned and revoked; `can` answers with wildcards.
+    let roles = admin.ok(&["roles", "list"], "").await;
+    assert!(
+        roles
+            .lines()
+            .any(|l| l.starts_with("admin ") && l.contains("built-in")),
+        "{roles}"
+    );
+    assert!(roles.lines().any(|l| l.starts_with("member ")), "{roles}");
+    assert_eq!(
+        member.ok(&["can", "user:users:read"], "").await,
+        "no: user:users:read\n"
+    );
+    let out = admin.ok(&["roles", "assign", "kimmy", "admin"], "").await;
+    assert_eq!(out, format!("{kim}: admin, member\n"));
+    let yes = admin
+        .ok(&["can", "user:users:read", "--user", "kimmy"], "")
+        .await;
+    assert!(
+        yes.starts_with("yes: user:users:read (granted by admin"),
+        "{yes}"
+    );
+    let out = admin.ok(&["roles", "revoke", "kimmy", "admin"], "").await;
+    assert_eq!(out, format!("{kim}: member\n"));
+    assert_eq!(
+        admin
+            .ok(&["can", "user:users:read", "--user", "kimmy"], "")
+            .await,
+        "no: user:users:read\n"
+    );
+
+    // Soft delete hides the account unless --deleted; restore brings it back.
+    admin.ok(&["users", "delete", "kimmy"], "").await;
+    let live = admin.ok(&["users", "list", "--query", "kimmy"], "").await;
+    assert!(row_of(&live, &kim).is_none(), "{live}");
+    let with_deleted = admin
+        .ok(&["users", "list", "--query", "kimmy", "--deleted"], "")
+        .await;
+    let row = row_of(&with_deleted, &kim).unwrap_or_else(|| panic!("{with_deleted}"));
+    assert!(row.contains("active (deleted)"), "{row}");
+    let e = member.fails(&["whoami"], "").await;
+    assert!(
+        e.to_string().starts_with("UNAUTHENTICATED: "),
+        "deletion ends sessions: {e}"
+    );
+    let out = admin.ok(&["users", "restore", "kimmy"], "").await;
+    assert_eq!(out, format!("restored kimmy ({kim}): active\n"));
+    member.ok(&["login", "kimmy"], "Str0ng!pass\n").await;
+
+    // The trail of it all, newest first, filtered by target and action.
+    let trail = admin.ok(&["audit", "--target", "kimmy"], "").await;
+    let actions: Vec<&str> = trail
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    let pos = |a: &str| {
+        actions
+            .iter()
+            .position(|x| *x == a)
+            .unwrap_or_else(|| panic!("{a} in\n{trail}"))
+    };
+    assert!(pos("user.restored") < pos("user.deleted"), "{trail}");
+    assert!(pos("user.reactivated") < pos("user.suspended"), "{trail}");
+    assert!(
+        trail
+            .lines()
+            .filter(|l| l.contains("user.suspended"))
+            .all(|l| l.contains(&boss_id)),
+        "{trail}"
+    );
+    let only = admin
+        .ok(&["audit", "--action", "user.suspended", "--days", "1"], "")
+        .await;
+    assert_eq!(only.lines().count(), 2, "{only}");
+
+    // A member can do none of it.
+    for args in [
+        vec!["users", "list"],
+        vec!["users", "show", &boss_id],
+        vec!["users", "suspend", &boss_id, "--reason", "x"],
+        vec!["roles", "assign", &boss_id, "member"],
+        vec!["audit"],
+    ] {
+        let e = member.fails(&args, "").await;
+        let text = e.to_string();
+        assert!(
+            text.starts_with("PERMISSION_DENIED: ") || text.starts_with("NOT_FOUND: "),
+            "{args:?}: {text}"
+        );
+    }
+    let shown = admin.ok(&["users", "show", &boss_id], "").await;
+    assert!(shown.contains("\nstatus        active\n"), "{shown}");
 }

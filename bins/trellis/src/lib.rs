@@ -9,7 +9,9 @@
 //! [`run`] takes its input, output and interrupts as arguments ([`Io`]), so
 //! the end-to-end suite drives it against a real mesh without a terminal.
 
+pub mod admin;
 pub mod credentials;
+pub mod docs;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -42,7 +44,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 #[command(
     name = "trellis",
     version,
-    about = "Command-line client of a Trellis mesh: accounts, chat with streaming replies, search, LLM usage"
+    about = "Command-line client of a Trellis mesh: accounts, chat with streaming replies, search and documents, LLM usage, administration"
 )]
 pub struct Cli {
     /// The server's address.
@@ -158,11 +160,51 @@ pub enum Command {
     },
     /// Full-text search over the documents you can see.
     Search(SearchArgs),
+    /// The documents search finds: index files, show, delete, collections.
+    Docs {
+        #[command(subcommand)]
+        action: docs::DocsCommand,
+    },
     /// Your LLM usage by day and model.
     Usage {
         /// The last this many days.
         #[arg(long, default_value_t = 30)]
         days: u32,
+    },
+    /// Accounts (administrators): list and search, show, suspend,
+    /// deactivate, reactivate, delete, restore. USER is an id, a username or
+    /// an e-mail address.
+    Users {
+        #[command(subcommand)]
+        action: admin::UsersCommand,
+    },
+    /// Roles (administrators): list, assign, revoke.
+    Roles {
+        #[command(subcommand)]
+        action: admin::RolesCommand,
+    },
+    /// The audit trail (administrators), newest first.
+    Audit {
+        /// Only acts by this account.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only acts on this target (an account, or any id).
+        #[arg(long)]
+        target: Option<String>,
+        /// Only this action, e.g. user.suspended or auth.login.failed.
+        #[arg(long)]
+        action: Option<String>,
+        /// Only the last this many days.
+        #[arg(long)]
+        days: Option<u32>,
+        #[arg(long, default_value_t = 50)]
+        limit: i32,
+    },
+    /// Whether you (or --user) hold a permission, wildcards honoured.
+    Can {
+        permission: String,
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -232,6 +274,9 @@ pub struct SearchArgs {
     /// Merge in web results (when the server has a web search provider).
     #[arg(long)]
     pub web: bool,
+    /// Show each hit's document id (for `docs show` and `docs rm`).
+    #[arg(long)]
+    pub ids: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -819,6 +864,17 @@ impl Client {
                 )?;
             }
             Command::Search(a) => self.search(io, a).await?,
+            Command::Docs { action } => self.docs(io, action).await?,
+            Command::Users { action } => self.users(io, action).await?,
+            Command::Roles { action } => self.roles(io, action).await?,
+            Command::Audit {
+                actor,
+                target,
+                action,
+                days,
+                limit,
+            } => self.audit(io, actor, target, action, days, limit).await?,
+            Command::Can { permission, user } => self.can(io, permission, user).await?,
             Command::Usage { days } => self.usage(io, days).await?,
             Command::Chat(_) | Command::Regenerate { .. } => {
                 unreachable!("run by `run` itself")
@@ -1063,7 +1119,18 @@ impl Client {
             } else {
                 h.collection.clone()
             };
-            writeln!(io.out, "{}. {} [{place}] {:.3}", i + 1, h.title, h.score)?;
+            if a.ids && !h.document_id.is_empty() {
+                writeln!(
+                    io.out,
+                    "{}. {} [{place}] {:.3}  {}",
+                    i + 1,
+                    h.title,
+                    h.score,
+                    h.document_id
+                )?;
+            } else {
+                writeln!(io.out, "{}. {} [{place}] {:.3}", i + 1, h.title, h.score)?;
+            }
             if !h.snippet.is_empty() {
                 writeln!(io.out, "   {}", highlight(&h.snippet, io.color))?;
             }
