@@ -17,6 +17,7 @@ use trellis_proto::search::v1 as spb;
 use trellis_tests::Script;
 
 use crate::auth::{PASSWORD, auth, bearer};
+use crate::auth_totp::{code_at, fresh_step};
 use crate::chat::chat;
 use crate::llm::rig;
 use crate::util::eventually;
@@ -204,7 +205,11 @@ async fn the_cli_keeps_a_login_refreshes_it_and_explains_refusals() {
         .await;
     assert!(out.starts_with("registered ada ("), "{out}");
     let who = t.ok(&["whoami"], "").await;
-    assert!(who.starts_with("ada (Ada L) <ada@example.com>\n"), "{who}");
+    assert!(
+        who.starts_with("ada (Ada L) <ada@example.com> (not verified)\n"),
+        "{who}"
+    );
+    assert!(who.ends_with("two-factor:  off\n"), "{who}");
     assert!(who.contains("roles:       member\n"), "{who}");
     assert!(who.contains("credential:  access_token\n"), "{who}");
 
@@ -1128,4 +1133,196 @@ async fn the_cli_administers_accounts_roles_and_reads_the_audit_trail() {
     }
     let shown = admin.ok(&["users", "show", &boss_id], "").await;
     assert!(shown.contains("\nstatus        active\n"), "{shown}");
+}
+
+/// `args` run on a fresh terminal with tess's password; its error.
+async fn other_login(rig: &crate::llm::Rig, args: &[&str]) -> CliError {
+    Terminal::new(rig.mesh.url())
+        .fails(args, "Str0ng!pass\n")
+        .await
+}
+
+/// The newest mailed token of `purpose` sent to `to` (from the outbox).
+async fn mailed(mesh: &trellis_tests::TestMesh, to: &str, purpose: &str) -> String {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use trellis_store::schema::mail_outbox;
+    let mut conn = mesh.store.pg().await.expect("pg");
+    let body: String = mail_outbox::table
+        .filter(mail_outbox::to_address.eq(to))
+        .filter(mail_outbox::purpose.eq(purpose))
+        .order(mail_outbox::created_at.desc())
+        .select(mail_outbox::body)
+        .first(&mut conn)
+        .await
+        .expect("a mail");
+    body.split_whitespace()
+        .find(|w| w.starts_with("prt_") || w.starts_with("evt_"))
+        .expect("a token in the mail")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_turns_two_factor_on_and_off_and_applies_mailed_tokens() {
+    let rig = rig(|_| {}).await;
+    let t = Terminal::new(rig.mesh.url());
+    t.register("tess@example.com", "tess").await;
+
+    // Enrolment: the QR code, the secret and the URI; a wrong code does
+    // not turn it on.
+    let out = t.ok(&["totp", "enroll", "--qr"], "").await;
+    assert!(out.contains('█') && out.contains('▀'), "a QR code:\n{out}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .expect("the secret")
+        .to_string();
+    let uri = out
+        .lines()
+        .find_map(|l| l.strip_prefix("uri:    "))
+        .expect("the uri");
+    assert!(
+        uri.starts_with("otpauth://totp/Trellis:tess%40example.com?"),
+        "{uri}"
+    );
+    assert!(uri.contains(&format!("secret={secret}")), "{uri}");
+    let plain = t.ok(&["totp", "enroll"], "").await;
+    assert!(!plain.contains('█'), "no QR code off a terminal: {plain}");
+    let secret = plain
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .expect("the secret")
+        .to_string();
+    assert!(
+        t.run(&["totp", "confirm", "000000"], "")
+            .await
+            .result
+            .is_err()
+    );
+    let step = fresh_step().await;
+    let r = t
+        .run(&["totp", "confirm", &code_at(&secret, step - 30)], "")
+        .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let recovery: Vec<&str> = r.out.lines().collect();
+    assert!(recovery.len() >= 8, "{}", r.out);
+    assert!(
+        r.err.contains("two-factor authentication is on"),
+        "{}",
+        r.err
+    );
+    assert!(t.ok(&["whoami"], "").await.ends_with("two-factor:  on\n"));
+
+    // Logging in now takes a code: refused without one off a terminal,
+    // taken with one, or with a recovery code (once).
+    t.ok(&["logout"], "").await;
+    let e = t.fails(&["login", "tess"], "Str0ng!pass\n").await;
+    assert!(
+        matches!(e, CliError::Usage(_)) && e.to_string().contains("--totp"),
+        "{e}"
+    );
+    t.ok(
+        &["login", "tess", "--recovery-code", recovery[0]],
+        "Str0ng!pass\n",
+    )
+    .await;
+    let e = other_login(&rig, &["login", "tess", "--recovery-code", recovery[0]]).await;
+    assert!(
+        e.to_string().starts_with("UNAUTHENTICATED: "),
+        "a spent recovery code: {e}"
+    );
+
+    // Disabling takes the password and a current code.
+    let e = t.fails(&["totp", "disable"], "Str0ng!pass\n").await;
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+    let e = t
+        .fails(
+            &["totp", "disable", "--code", &code_at(&secret, step)],
+            "wrong-password\n",
+        )
+        .await;
+    assert!(
+        e.to_string().starts_with("UNAUTHENTICATED: ")
+            || e.to_string().starts_with("INVALID_ARGUMENT: current"),
+        "{e}"
+    );
+    assert!(t.ok(&["whoami"], "").await.ends_with("two-factor:  on\n"));
+    assert_eq!(
+        t.ok(
+            &["totp", "disable", "--code", &code_at(&secret, step + 30)],
+            "Str0ng!pass\n"
+        )
+        .await,
+        "two-factor authentication is off\n"
+    );
+    t.ok(&["logout"], "").await;
+    t.ok(&["login", "tess"], "Str0ng!pass\n").await;
+
+    // E-mail verification with the mailed token.
+    assert!(
+        t.ok(&["whoami"], "")
+            .await
+            .contains("<tess@example.com> (not verified)\n")
+    );
+    let out = t.ok(&["verify-email"], "").await;
+    assert!(
+        out.starts_with("a verification token is on its way"),
+        "{out}"
+    );
+    let token = mailed(&rig.mesh, "tess@example.com", "email_verification").await;
+    let e = t.fails(&["verify-email", "evt_bogus"], "").await;
+    assert!(
+        e.to_string().starts_with("INVALID_ARGUMENT: ") || e.to_string().starts_with("NOT_FOUND: "),
+        "{e}"
+    );
+    assert_eq!(
+        t.ok(&["verify-email", &token], "").await,
+        "e-mail address verified\n"
+    );
+    let who = t.ok(&["whoami"], "").await;
+    assert!(who.starts_with("tess <tess@example.com>\n"), "{who}");
+
+    // A forgotten password: the same answer for an unknown address; the
+    // mailed token sets a new one, ends every session (this terminal's
+    // login is forgotten) and works once.
+    let unknown = t
+        .ok(&["reset-password", "request", "nobody@example.com"], "")
+        .await;
+    let known = t
+        .ok(&["reset-password", "request", "tess@example.com"], "")
+        .await;
+    assert_eq!(
+        unknown.replace("nobody@example.com", "X"),
+        known.replace("tess@example.com", "X")
+    );
+    let token = mailed(&rig.mesh, "tess@example.com", "password_reset").await;
+    let other = Terminal::new(rig.mesh.url());
+    other.ok(&["login", "tess"], "Str0ng!pass\n").await;
+    let e = t
+        .fails(&["reset-password", "apply", &token], "short\n")
+        .await;
+    assert!(e.to_string().starts_with("INVALID_ARGUMENT: "), "{e}");
+    assert_eq!(
+        t.ok(&["reset-password", "apply", &token], "N3w!passphrase\n")
+            .await,
+        "password changed; every session ended: trellis login\n"
+    );
+    assert!(matches!(
+        t.fails(&["whoami"], "").await,
+        CliError::NotLoggedIn(_)
+    ));
+    assert!(
+        other.run(&["whoami"], "").await.result.is_err(),
+        "the other session ended"
+    );
+    let e = t
+        .fails(&["reset-password", "apply", &token], "An0ther!passphrase\n")
+        .await;
+    assert!(
+        !matches!(e, CliError::Usage(_)),
+        "a used token is refused: {e}"
+    );
+    let e = t.fails(&["login", "tess"], "Str0ng!pass\n").await;
+    assert!(e.to_string().starts_with("UNAUTHENTICATED: "), "{e}");
+    t.ok(&["login", "tess"], "N3w!passphrase\n").await;
 }

@@ -9,6 +9,7 @@
 //! [`run`] takes its input, output and interrupts as arguments ([`Io`]), so
 //! the end-to-end suite drives it against a real mesh without a terminal.
 
+pub mod account;
 pub mod admin;
 pub mod credentials;
 pub mod docs;
@@ -115,6 +116,19 @@ pub enum Command {
         #[command(subcommand)]
         action: KeysCommand,
     },
+    /// Two-factor authentication: enroll, confirm, disable.
+    Totp {
+        #[command(subcommand)]
+        action: account::TotpCommand,
+    },
+    /// A forgotten password: request a mailed token, then apply it.
+    ResetPassword {
+        #[command(subcommand)]
+        action: account::ResetCommand,
+    },
+    /// Verify your e-mail address with the mailed TOKEN; without one, mail
+    /// a new token.
+    VerifyEmail { token: Option<String> },
     /// The models the gateway offers.
     Models,
     /// Chat: one turn with MESSAGE ("-": standard input), or a conversation
@@ -765,16 +779,30 @@ impl Client {
                     .into_inner();
                 let p = r.principal.unwrap_or_default();
                 let a = r.account.unwrap_or_default();
-                let name = if a.display_name.is_empty() {
+                let name = if a.display_name.is_empty() || a.display_name == a.username {
                     a.username.clone()
                 } else {
                     format!("{} ({})", a.username, a.display_name)
                 };
-                writeln!(io.out, "{name} <{}>", a.email)?;
+                writeln!(
+                    io.out,
+                    "{name} <{}>{}",
+                    a.email,
+                    if a.email_verified {
+                        ""
+                    } else {
+                        " (not verified)"
+                    }
+                )?;
                 writeln!(io.out, "id:          {}", p.user_id)?;
                 writeln!(io.out, "roles:       {}", p.roles.join(", "))?;
                 writeln!(io.out, "permissions: {}", p.permissions.join(", "))?;
                 writeln!(io.out, "credential:  {}", p.credential_type)?;
+                writeln!(
+                    io.out,
+                    "two-factor:  {}",
+                    if a.totp_enabled { "on" } else { "off" }
+                )?;
             }
             Command::Passwd { password_stdin } => {
                 let bearer = self.bearer().await?;
@@ -863,6 +891,9 @@ impl Client {
                     }
                 )?;
             }
+            Command::Totp { action } => self.totp(io, action).await?,
+            Command::ResetPassword { action } => self.reset_password(io, action).await?,
+            Command::VerifyEmail { token } => self.verify_email(io, token).await?,
             Command::Search(a) => self.search(io, a).await?,
             Command::Docs { action } => self.docs(io, action).await?,
             Command::Users { action } => self.users(io, action).await?,
