@@ -32,10 +32,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("trellis_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // `prost::Name` on every message: its fully qualified name, for tools
+    // that look messages up in the descriptor set (the CLI's --json).
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
     tonic_prost_build::configure()
         .codec_path("crate::codec::Lean")
         .build_client(true)
         .build_server(true)
-        .compile_fds(fds)?;
+        .compile_fds_with_config(fds, config)?;
     Ok(())
 }

@@ -1326,3 +1326,120 @@ async fn the_cli_turns_two_factor_on_and_off_and_applies_mailed_tokens() {
     assert!(e.to_string().starts_with("UNAUTHENTICATED: "), "{e}");
     t.ok(&["login", "tess"], "N3w!passphrase\n").await;
 }
+
+/// Each line of `out` as JSON.
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_prints_json_a_line_an_item_or_event() {
+    let rig = rig(|_| {}).await;
+    let t = Terminal::new(rig.mesh.url());
+    t.ok(&["login", "llmuser"], &format!("{PASSWORD}\n")).await;
+
+    let who = json_lines(&t.ok(&["--json", "whoami"], "").await);
+    assert_eq!(who.len(), 1);
+    assert_eq!(who[0]["account"]["username"], "llmuser");
+    let me = who[0]["principal"]["userId"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+
+    // A reply: accepted, its deltas, completed — one event a line.
+    let r = t
+        .run(&["--json", "chat", "-m", "fast", "hi there"], "")
+        .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let events = json_lines(&r.out);
+    assert!(
+        events[0]["accepted"]["assistantMessageId"].is_string(),
+        "{}",
+        r.out
+    );
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(text, "Hello world");
+    let last = events.last().expect("an end");
+    assert_eq!(
+        last["completed"]["status"], "MESSAGE_STATUS_COMPLETED",
+        "{last}"
+    );
+    assert!(
+        last["completed"]["usage"]["completionTokens"].as_i64() > Some(0),
+        "{last}"
+    );
+    let session = events[0]["accepted"]["sessionId"]
+        .as_str()
+        .expect("session")
+        .to_string();
+
+    // A failed reply prints its event, then fails the command.
+    rig.primary.push([Script::status(500)]);
+    rig.backup.push([Script::status(500)]);
+    let r = t
+        .run(
+            &["--json", "chat", "-m", "fast", "-s", &session, "again"],
+            "",
+        )
+        .await;
+    assert!(
+        matches!(r.result, Err(CliError::Reply(_))),
+        "{:?}",
+        r.result
+    );
+    let events = json_lines(&r.out);
+    assert_eq!(
+        events.last().expect("an end")["failed"]["code"],
+        tonic::Code::Unavailable as i32,
+        "{}",
+        r.out
+    );
+
+    // Lists: an object per item.
+    let sessions = json_lines(&t.ok(&["--json", "sessions"], "").await);
+    assert!(
+        sessions.iter().any(|s| s["id"] == session.as_str()),
+        "{sessions:?}"
+    );
+    let history = json_lines(&t.ok(&["--json", "history", &session], "").await);
+    let roles: Vec<&str> = history.iter().filter_map(|m| m["role"].as_str()).collect();
+    assert_eq!(roles[..2], ["ROLE_USER", "ROLE_ASSISTANT"], "{history:?}");
+    assert_eq!(history[0]["content"], "hi there");
+    assert_eq!(history[1]["content"], "Hello world");
+    let models = json_lines(&t.ok(&["--json", "models"], "").await);
+    assert!(models.iter().any(|m| m["alias"] == "fast"), "{models:?}");
+
+    let indexed = json_lines(
+        &t.ok(
+            &[
+                "--json", "docs", "index", "-", "--id", "j1", "--title", "Jay",
+            ],
+            "Jellyfish drift.\n",
+        )
+        .await,
+    );
+    assert_eq!(indexed[0]["created"], true);
+    assert_eq!(indexed[0]["externalId"], "j1");
+    let doc = indexed[0]["id"].as_str().expect("an id");
+    let hits = json_lines(&t.ok(&["--json", "search", "jellyfish"], "").await);
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0]["documentId"], doc);
+    let shown = json_lines(&t.ok(&["--json", "docs", "show", doc], "").await);
+    assert_eq!(shown[0]["ownerId"], me.as_str());
+    assert_eq!(shown[0]["visibility"], "VISIBILITY_PRIVATE");
+
+    // Usage: one object, 64-bit integers as strings.
+    let usage = json_lines(&t.ok(&["--json", "usage"], "").await);
+    assert_eq!(usage.len(), 1);
+    let requests: i64 = usage[0]["total"]["requests"]
+        .as_str()
+        .expect("a string")
+        .parse()
+        .expect("a number");
+    assert!(requests >= 2, "{usage:?}");
+}

@@ -6,7 +6,7 @@ use qrcode::QrCode;
 use qrcode::render::unicode::Dense1x2;
 use trellis_proto::auth::v1 as auth;
 
-use crate::{CliError, Client, Io, read_line};
+use crate::{CliError, Client, Io, json, read_line};
 
 #[derive(Subcommand, Debug)]
 pub enum TotpCommand {
@@ -68,6 +68,9 @@ impl Client {
                     .enroll_totp(self.unary(auth::EnrollTotpRequest {}, Some(&bearer))?)
                     .await?
                     .into_inner();
+                if self.json {
+                    return json::print(io.out, &r);
+                }
                 if (force || io.color)
                     && let Some(code) = qr(&r.otpauth_uri)
                 {
@@ -94,6 +97,9 @@ impl Client {
                     io.err,
                     "two-factor authentication is on; keep these recovery codes somewhere safe, each works once in place of a code:"
                 )?;
+                if self.json {
+                    return json::print(io.out, &r);
+                }
                 for c in r.recovery_codes {
                     writeln!(io.out, "{c}")?;
                 }

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use user::user_service_client::UserServiceClient;
 
-use crate::{CliError, Client, Io, table, timestamp};
+use crate::{CliError, Client, Io, json, table, timestamp};
 
 #[derive(Subcommand, Debug)]
 pub enum UsersCommand {
@@ -203,13 +203,20 @@ impl Client {
                         .list_users(self.unary(req.clone(), Some(&bearer))?)
                         .await?
                         .into_inner();
+                    if self.json {
+                        for u in &r.users {
+                            json::print(io.out, u)?;
+                        }
+                    }
                     rows.extend(r.users.iter().map(row));
                     if !all || r.next_page_token.is_empty() {
                         break (r.total_size, r.next_page_token);
                     }
                     req.page_token = r.next_page_token;
                 };
-                table(io.out, &HEAD, &rows)?;
+                if !self.json {
+                    table(io.out, &HEAD, &rows)?;
+                }
                 writeln!(io.err, "{} of {total} accounts", rows.len())?;
                 if !next.is_empty() {
                     writeln!(io.err, "more: --page-token {next}")?;
@@ -224,6 +231,9 @@ impl Client {
                     .into_inner()
                     .user
                     .unwrap_or_default();
+                if self.json {
+                    return json::print(io.out, &u);
+                }
                 let name = [u.first_name.as_str(), u.last_name.as_str()]
                     .iter()
                     .filter(|s| !s.is_empty())
@@ -291,6 +301,9 @@ impl Client {
         };
         let (what, u) = changed;
         let u = u.unwrap_or_default();
+        if self.json {
+            return json::print(io.out, &u);
+        }
         writeln!(
             io.out,
             "{what} {} ({}): {}",
@@ -324,6 +337,10 @@ impl Client {
                         .await?
                         .into_inner();
                     for role in r.roles {
+                        if self.json {
+                            json::print(io.out, &role)?;
+                            continue;
+                        }
                         rows.push(vec![
                             role.name,
                             role.user_count.to_string(),
@@ -336,7 +353,9 @@ impl Client {
                     }
                     page_token = r.next_page_token;
                 }
-                table(io.out, &["ROLE", "ACCOUNTS", "", "PERMISSIONS"], &rows)?;
+                if !self.json {
+                    table(io.out, &["ROLE", "ACCOUNTS", "", "PERMISSIONS"], &rows)?;
+                }
             }
             RolesCommand::Assign { user: who, role } => {
                 let user_id = self.resolve(&bearer, &who).await?;
@@ -344,8 +363,14 @@ impl Client {
                     user_id: user_id.clone(),
                     role,
                 };
-                let r = client.assign_role(self.unary(req, Some(&bearer))?).await?;
-                writeln!(io.out, "{user_id}: {}", r.into_inner().roles.join(", "))?;
+                let r = client
+                    .assign_role(self.unary(req, Some(&bearer))?)
+                    .await?
+                    .into_inner();
+                if self.json {
+                    return json::print(io.out, &r);
+                }
+                writeln!(io.out, "{user_id}: {}", r.roles.join(", "))?;
             }
             RolesCommand::Revoke { user: who, role } => {
                 let user_id = self.resolve(&bearer, &who).await?;
@@ -353,8 +378,14 @@ impl Client {
                     user_id: user_id.clone(),
                     role,
                 };
-                let r = client.revoke_role(self.unary(req, Some(&bearer))?).await?;
-                writeln!(io.out, "{user_id}: {}", r.into_inner().roles.join(", "))?;
+                let r = client
+                    .revoke_role(self.unary(req, Some(&bearer))?)
+                    .await?
+                    .into_inner();
+                if self.json {
+                    return json::print(io.out, &r);
+                }
+                writeln!(io.out, "{user_id}: {}", r.roles.join(", "))?;
             }
         }
         Ok(())
@@ -383,6 +414,9 @@ impl Client {
             )?)
             .await?
             .into_inner();
+        if self.json {
+            return json::print(io.out, &r);
+        }
         if r.allowed {
             writeln!(
                 io.out,
@@ -434,6 +468,11 @@ impl Client {
             )?)
             .await?
             .into_inner();
+        if self.json {
+            for e in &r.events {
+                json::print(io.out, e)?;
+            }
+        }
         let rows: Vec<Vec<String>> = r
             .events
             .iter()
@@ -458,11 +497,13 @@ impl Client {
                 ]
             })
             .collect();
-        table(
-            io.out,
-            &["TIME", "ACTION", "ACTOR", "TARGET", "CHANGED"],
-            &rows,
-        )?;
+        if !self.json {
+            table(
+                io.out,
+                &["TIME", "ACTION", "ACTOR", "TARGET", "CHANGED"],
+                &rows,
+            )?;
+        }
         if !r.next_page_token.is_empty() {
             writeln!(io.err, "more events: raise --limit or narrow the filters")?;
         }

@@ -11,7 +11,7 @@ use trellis_proto::search::v1 as search;
 
 use search::search_service_client::SearchServiceClient;
 
-use crate::{CliError, Client, Io, describe, table, timestamp};
+use crate::{CliError, Client, Io, describe, json, table, timestamp};
 
 /// Documents one IndexDocuments call takes at most.
 const BATCH: usize = 500;
@@ -134,6 +134,9 @@ impl Client {
                     .into_inner()
                     .document
                     .unwrap_or_default();
+                if self.json {
+                    return json::print(io.out, &d);
+                }
                 let visibility = match search::Visibility::try_from(d.visibility) {
                     Ok(search::Visibility::Shared) => "shared",
                     _ => "private",
@@ -175,6 +178,14 @@ impl Client {
                         .into_inner()
                         .deleted_count;
                 }
+                if self.json {
+                    return json::print(
+                        io.out,
+                        &search::DeleteDocumentsResponse {
+                            deleted_count: deleted,
+                        },
+                    );
+                }
                 writeln!(io.out, "deleted {deleted} of {}", ids.len())?;
                 Ok(())
             }
@@ -185,6 +196,12 @@ impl Client {
                     .list_collections(self.unary(search::ListCollectionsRequest {}, Some(&bearer))?)
                     .await?
                     .into_inner();
+                if self.json {
+                    for c in &r.collections {
+                        json::print(io.out, c)?;
+                    }
+                    return Ok(());
+                }
                 let rows: Vec<Vec<String>> = r
                     .collections
                     .into_iter()
@@ -278,7 +295,11 @@ impl Client {
                 } else {
                     replaced += 1;
                 }
-                writeln!(io.out, "{}  {what:<8}  {name}", res.id)?;
+                if self.json {
+                    json::print(io.out, res)?;
+                } else {
+                    writeln!(io.out, "{}  {what:<8}  {name}", res.id)?;
+                }
             }
         }
         writeln!(

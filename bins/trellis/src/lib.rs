@@ -13,6 +13,7 @@ pub mod account;
 pub mod admin;
 pub mod credentials;
 pub mod docs;
+pub mod json;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -64,6 +65,11 @@ pub struct Cli {
     /// (trk_…) or an access token.
     #[arg(long, global = true, env = "TRELLIS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Print data as JSON, one object per line (per item of a list, per
+    /// event of a reply), in protobuf's canonical JSON mapping; summaries
+    /// stay on standard error.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -397,6 +403,7 @@ pub async fn run(cli: Cli, io: &mut Io<'_>) -> Result<(), CliError> {
         creds: dir.as_deref().map(Credentials::new),
         token: cli.token.clone().filter(|t| !t.trim().is_empty()),
         server,
+        json: cli.json,
     };
     // These read the interrupts themselves: Ctrl-C cancels a reply.
     match cli.command {
@@ -537,6 +544,8 @@ struct Client {
     channel: Channel,
     creds: Option<Credentials>,
     token: Option<String>,
+    /// `--json`.
+    json: bool,
 }
 
 impl Client {
@@ -777,6 +786,9 @@ impl Client {
                     .who_am_i(self.unary(auth::WhoAmIRequest {}, Some(&bearer))?)
                     .await?
                     .into_inner();
+                if self.json {
+                    return json::print(io.out, &r);
+                }
                 let p = r.principal.unwrap_or_default();
                 let a = r.account.unwrap_or_default();
                 let name = if a.display_name.is_empty() || a.display_name == a.username {
@@ -830,6 +842,12 @@ impl Client {
                     .list_models(self.unary(llm::ListModelsRequest {}, Some(&bearer))?)
                     .await?
                     .into_inner();
+                if self.json {
+                    for m in &r.models {
+                        json::print(io.out, m)?;
+                    }
+                    return Ok(());
+                }
                 let rows: Vec<Vec<String>> = r
                     .models
                     .iter()
@@ -881,6 +899,9 @@ impl Client {
                     )?)
                     .await?
                     .into_inner();
+                if self.json {
+                    return json::print(io.out, &r);
+                }
                 writeln!(
                     io.out,
                     "{}",
@@ -937,12 +958,15 @@ impl Client {
                     )?)
                     .await?
                     .into_inner();
-                let key = r.api_key.unwrap_or_default();
+                let key = r.api_key.clone().unwrap_or_default();
                 writeln!(
                     io.err,
                     "created key {} ({}): keep the secret below, it is not shown again",
                     key.id, key.name
                 )?;
+                if self.json {
+                    return json::print(io.out, &r);
+                }
                 writeln!(io.out, "{}", r.secret)?;
             }
             KeysCommand::List => {
@@ -961,6 +985,10 @@ impl Client {
                         .into_inner();
                     let now = now_unix();
                     for k in r.api_keys {
+                        if self.json {
+                            json::print(io.out, &k)?;
+                            continue;
+                        }
                         let state = if k.revoke_time.is_some() {
                             "revoked"
                         } else if k.expire_time.as_ref().is_some_and(|t| t.seconds <= now) {
@@ -983,6 +1011,9 @@ impl Client {
                         break;
                     }
                     page_token = r.next_page_token;
+                }
+                if self.json {
+                    return Ok(());
                 }
                 table(
                     io.out,
@@ -1040,6 +1071,13 @@ impl Client {
                 .await?
                 .into_inner();
             for s in r.sessions {
+                if self.json {
+                    if rows.len() < limit {
+                        json::print(io.out, &s)?;
+                    }
+                    rows.push(Vec::new());
+                    continue;
+                }
                 let st = chat::SessionStatus::try_from(s.status)
                     .unwrap_or(chat::SessionStatus::Unspecified);
                 rows.push(vec![
@@ -1055,6 +1093,9 @@ impl Client {
                 break;
             }
             page_token = r.next_page_token;
+        }
+        if self.json {
+            return Ok(());
         }
         rows.truncate(limit);
         table(
@@ -1097,6 +1138,10 @@ impl Client {
         }
         messages.truncate(limit);
         for m in messages.iter().rev() {
+            if self.json {
+                json::print(io.out, m)?;
+                continue;
+            }
             let who = match chat::Role::try_from(m.role) {
                 Ok(chat::Role::User) => "you",
                 Ok(chat::Role::Assistant) => "assistant",
@@ -1145,6 +1190,10 @@ impl Client {
             .await?
             .into_inner();
         for (i, h) in r.hits.iter().enumerate() {
+            if self.json {
+                json::print(io.out, h)?;
+                continue;
+            }
             let place = if h.collection.is_empty() {
                 "web".to_string()
             } else {
@@ -1206,6 +1255,9 @@ impl Client {
             )?)
             .await?
             .into_inner();
+        if self.json {
+            return json::print(io.out, &r);
+        }
         let row = |b: &llm::UsageBucket, day: &str, model: &str| {
             vec![
                 day.to_string(),
@@ -1395,8 +1447,27 @@ impl Client {
             let Some(message) = message else {
                 return Err(closed());
             };
-            match message.into_event().and_then(|e| e.event) {
+            let Some(event) = message.into_event() else {
+                continue;
+            };
+            if self.json && event.event.is_some() {
+                json::print(io.out, &event)?;
+                io.out.flush()?;
+            }
+            let printing = !self.json;
+            match event.event {
                 Some(Event::Accepted(acc)) => reply = Some(acc.assistant_message_id),
+                _ if !printing => match event.event {
+                    Some(Event::Completed(_)) => return Ok(()),
+                    Some(Event::Failed(f)) => {
+                        return Err(CliError::Reply(format!(
+                            "{}: {}",
+                            code_name(Code::from(f.code)),
+                            f.message
+                        )));
+                    }
+                    _ => {}
+                },
                 Some(Event::Delta(d)) => {
                     io.out.write_all(d.text.as_bytes())?;
                     io.out.flush()?;
