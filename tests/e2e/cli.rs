@@ -1443,3 +1443,117 @@ async fn the_cli_prints_json_a_line_an_item_or_event() {
         .expect("a number");
     assert!(requests >= 2, "{usage:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_edits_the_profile_and_preferences_and_deletes_the_account() {
+    let rig = rig(|_| {}).await;
+    let t = Terminal::new(rig.mesh.url());
+    t.register("pat@example.com", "patty").await;
+    let me = t.ok(&["profile"], "").await;
+    assert!(me.contains("\nusername      patty\n"), "{me}");
+    assert!(!me.contains("bio"), "{me}");
+
+    // Only the fields given change; "" clears one.
+    let out = t
+        .ok(
+            &[
+                "profile",
+                "set",
+                "--bio",
+                "Grows beans",
+                "--time-zone",
+                "Europe/Berlin",
+                "--phone",
+                "+14155550123",
+            ],
+            "",
+        )
+        .await;
+    assert!(out.contains("\nbio           Grows beans\n"), "{out}");
+    assert!(out.contains("\ntime zone     Europe/Berlin\n"), "{out}");
+    assert!(out.contains("\nphone         +14155550123\n"), "{out}");
+    let out = t.ok(&["profile", "set", "--phone", ""], "").await;
+    assert!(!out.contains("phone"), "{out}");
+    assert!(out.contains("\nbio           Grows beans\n"), "{out}");
+    let e = t.fails(&["profile", "set"], "").await;
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+    let e = t
+        .fails(
+            &[
+                "profile",
+                "set",
+                "--phone",
+                "12345",
+                "--date-of-birth",
+                "2999-01-01",
+            ],
+            "",
+        )
+        .await;
+    let text = e.to_string();
+    assert!(text.starts_with("INVALID_ARGUMENT: "), "{text}");
+    assert!(
+        text.contains("phone: ") && text.contains("date_of_birth: "),
+        "{text}"
+    );
+    assert!(
+        t.ok(&["profile"], "")
+            .await
+            .contains("\nbio           Grows beans\n")
+    );
+
+    // Preferences, then a chat that carries them to the model.
+    assert!(t.ok(&["prefs"], "").await.starts_with("style         -\n"));
+    let out = t
+        .ok(
+            &[
+                "prefs",
+                "set",
+                "--style",
+                "casual",
+                "--industry",
+                "fintech",
+                "--industry",
+                "retail",
+            ],
+            "",
+        )
+        .await;
+    assert!(
+        out.starts_with("style         casual\nindustries    fintech, retail\n"),
+        "{out}"
+    );
+    let out = t.ok(&["prefs", "set", "--no-industries"], "").await;
+    assert!(
+        out.starts_with("style         casual\nindustries    \n"),
+        "{out}"
+    );
+    let before = rig.primary.seen().len();
+    t.ok(&["chat", "-m", "fast", "hello"], "").await;
+    let seen = rig.primary.seen();
+    let body = &seen.get(before).expect("the chat's upstream call").body;
+    assert!(
+        body.to_string()
+            .contains("Use a casual communication style."),
+        "{body}"
+    );
+
+    // Deleting the account: the password is checked, then every session
+    // ends and the login is forgotten; logging in is refused.
+    let other = Terminal::new(rig.mesh.url());
+    other.ok(&["login", "patty"], "Str0ng!pass\n").await;
+    let e = t.fails(&["delete-account"], "wrong\n").await;
+    assert!(!matches!(e, CliError::Usage(_)), "{e}");
+    assert!(t.ok(&["whoami"], "").await.starts_with("patty "));
+    assert_eq!(
+        t.ok(&["delete-account"], "Str0ng!pass\n").await,
+        "account deleted; every session ended\n"
+    );
+    assert!(matches!(
+        t.fails(&["whoami"], "").await,
+        CliError::NotLoggedIn(_)
+    ));
+    assert!(other.run(&["whoami"], "").await.result.is_err());
+    let e = t.fails(&["login", "patty"], "Str0ng!pass\n").await;
+    assert!(e.to_string().starts_with("UNAUTHENTICATED: "), "{e}");
+}

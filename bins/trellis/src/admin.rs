@@ -124,6 +124,51 @@ const HEAD: [&str; 7] = [
     "ID", "USERNAME", "EMAIL", "NAME", "STATUS", "ROLES", "CREATED",
 ];
 
+/// An account as `key value` lines, empty fields left out.
+pub(crate) fn print_user(io: &mut Io<'_>, u: &user::User) -> std::io::Result<()> {
+    let name = [u.first_name.as_str(), u.last_name.as_str()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let lines = [
+        ("id", u.id.clone()),
+        ("username", u.username.clone()),
+        (
+            "email",
+            format!(
+                "{}{}",
+                u.email,
+                if u.email_verified { " (verified)" } else { "" }
+            ),
+        ),
+        ("display name", u.display_name.clone()),
+        ("name", name),
+        ("status", status_name(u.status).to_string()),
+        ("roles", u.roles.join(", ")),
+        ("phone", u.phone.clone()),
+        ("date of birth", u.date_of_birth.clone()),
+        ("bio", u.bio.clone()),
+        ("avatar", u.avatar_url.clone()),
+        ("locale", u.locale.clone()),
+        ("time zone", u.time_zone.clone()),
+        ("created", timestamp(u.create_time.as_ref())),
+        ("updated", timestamp(u.update_time.as_ref())),
+        (
+            "deleted",
+            u.delete_time
+                .as_ref()
+                .map(|t| timestamp(Some(t)))
+                .unwrap_or_default(),
+        ),
+    ];
+    for (k, v) in lines.iter().filter(|(_, v)| !v.is_empty()) {
+        writeln!(io.out, "{k:<13} {v}")?;
+    }
+    Ok(())
+}
+
 impl Client {
     fn users_client(&self) -> UserServiceClient<tonic::transport::Channel> {
         UserServiceClient::new(self.channel.clone())
@@ -234,43 +279,7 @@ impl Client {
                 if self.json {
                     return json::print(io.out, &u);
                 }
-                let name = [u.first_name.as_str(), u.last_name.as_str()]
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                let lines = [
-                    ("id", u.id.clone()),
-                    ("username", u.username.clone()),
-                    (
-                        "email",
-                        format!(
-                            "{}{}",
-                            u.email,
-                            if u.email_verified { " (verified)" } else { "" }
-                        ),
-                    ),
-                    ("display name", u.display_name.clone()),
-                    ("name", name),
-                    ("status", status_name(u.status).to_string()),
-                    ("roles", u.roles.join(", ")),
-                    ("phone", u.phone.clone()),
-                    ("locale", u.locale.clone()),
-                    ("time zone", u.time_zone.clone()),
-                    ("created", timestamp(u.create_time.as_ref())),
-                    ("updated", timestamp(u.update_time.as_ref())),
-                    (
-                        "deleted",
-                        u.delete_time
-                            .as_ref()
-                            .map(|t| timestamp(Some(t)))
-                            .unwrap_or_default(),
-                    ),
-                ];
-                for (k, v) in lines.iter().filter(|(_, v)| !v.is_empty()) {
-                    writeln!(io.out, "{k:<13} {v}")?;
-                }
+                print_user(io, &u)?;
                 return Ok(());
             }
             UsersCommand::Suspend { user: who, reason } => {

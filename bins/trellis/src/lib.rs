@@ -14,6 +14,7 @@ pub mod admin;
 pub mod credentials;
 pub mod docs;
 pub mod json;
+pub mod profile;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -121,6 +122,24 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         action: KeysCommand,
+    },
+    /// Your profile; `profile set --bio …` changes it.
+    Profile {
+        #[command(subcommand)]
+        action: Option<profile::ProfileCommand>,
+    },
+    /// Your preferences (how the assistant addresses you …); `prefs set`
+    /// changes them.
+    Prefs {
+        #[command(subcommand)]
+        action: Option<profile::PrefsCommand>,
+    },
+    /// Delete your account (soft: an administrator can restore it); every
+    /// session ends.
+    DeleteAccount {
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
     },
     /// Two-factor authentication: enroll, confirm, disable.
     Totp {
@@ -913,6 +932,11 @@ impl Client {
                 )?;
             }
             Command::Totp { action } => self.totp(io, action).await?,
+            Command::Profile { action } => self.profile(io, action).await?,
+            Command::Prefs { action } => self.prefs(io, action).await?,
+            Command::DeleteAccount { password_stdin } => {
+                self.delete_account(io, password_stdin).await?
+            }
             Command::ResetPassword { action } => self.reset_password(io, action).await?,
             Command::VerifyEmail { token } => self.verify_email(io, token).await?,
             Command::Search(a) => self.search(io, a).await?,
