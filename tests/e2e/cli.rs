@@ -1557,3 +1557,101 @@ async fn the_cli_edits_the_profile_and_preferences_and_deletes_the_account() {
     let e = t.fails(&["login", "patty"], "Str0ng!pass\n").await;
     assert!(e.to_string().starts_with("UNAUTHENTICATED: "), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_sessions_and_searches_messages() {
+    let rig = rig(|_| {}).await;
+    let t = Terminal::new(rig.mesh.url());
+    t.ok(&["login", "llmuser"], &format!("{PASSWORD}\n")).await;
+    let r = t
+        .run(&["chat", "-m", "fast", "tell me about compost heaps"], "")
+        .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let session = r
+        .err
+        .lines()
+        .find_map(|l| l.strip_prefix("session "))
+        .expect("the session")
+        .to_string();
+
+    let shown = t.ok(&["sessions", "show", &session], "").await;
+    assert!(shown.starts_with(&format!("id           {session}\ntitle        tell me about compost heaps\nstatus       active\nmodel        fast\nretrieval    off\nmessages     2\n")), "{shown}");
+    let shown = t.ok(&["sessions", "rename", &session, "Compost"], "").await;
+    assert!(shown.contains("\ntitle        Compost\n"), "{shown}");
+
+    // New instructions reach the next turn's upstream request.
+    let shown = t
+        .ok(
+            &[
+                "sessions",
+                "set",
+                &session,
+                "--system",
+                "Answer in one line.",
+            ],
+            "",
+        )
+        .await;
+    assert!(
+        shown.ends_with("\nsystem       Answer in one line.\n"),
+        "{shown}"
+    );
+    let before = rig.primary.seen().len();
+    t.ok(&["chat", "-s", &session, "and worms?"], "").await;
+    let body = rig.primary.seen()[before].body.to_string();
+    assert!(body.contains("Answer in one line."), "{body}");
+    let e = t.fails(&["sessions", "set", &session], "").await;
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+    let e = t
+        .fails(
+            &["sessions", "set", &session, "--model", "no-such-model"],
+            "",
+        )
+        .await;
+    assert!(e.to_string().starts_with("INVALID_ARGUMENT: "), "{e}");
+
+    // Search over the messages, with the session and message ids.
+    let r = t.run(&["sessions", "search", "compost"], "").await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let hit = r
+        .out
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("a hit: {}", r.err));
+    assert!(hit.contains(&format!("] {session} ")), "{hit}");
+    assert!(
+        hit.ends_with("you: tell me about <mark>compost</mark> heaps"),
+        "{hit}"
+    );
+    assert_eq!(r.err, "1 messages\n");
+
+    // Someone else sees none of it.
+    let other = Terminal::new(rig.mesh.url());
+    other.register("vi@example.com", "violet").await;
+    for args in [
+        vec!["sessions", "show", &session],
+        vec!["sessions", "rename", &session, "Mine"],
+        vec!["sessions", "set", &session, "--system", "x"],
+        vec!["sessions", "rm", &session],
+    ] {
+        let e = other.fails(&args, "").await;
+        assert!(e.to_string().starts_with("NOT_FOUND: "), "{args:?}: {e}");
+    }
+    let r = other.run(&["sessions", "search", "compost"], "").await;
+    assert_eq!((r.out.as_str(), r.err.as_str()), ("", "0 messages\n"));
+    assert!(
+        t.ok(&["sessions", "show", &session], "")
+            .await
+            .contains("\ntitle        Compost\n")
+    );
+
+    // Deleted: gone from show, the list and the search.
+    assert_eq!(
+        t.ok(&["sessions", "rm", &session], "").await,
+        format!("deleted {session}\n")
+    );
+    let e = t.fails(&["sessions", "show", &session], "").await;
+    assert!(e.to_string().starts_with("NOT_FOUND: "), "{e}");
+    assert!(!t.ok(&["sessions"], "").await.contains(&session));
+    assert_eq!(t.ok(&["sessions", "search", "compost"], "").await, "");
+}

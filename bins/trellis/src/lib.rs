@@ -15,6 +15,7 @@ pub mod credentials;
 pub mod docs;
 pub mod json;
 pub mod profile;
+pub mod sessions;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -159,8 +160,13 @@ pub enum Command {
     /// Chat: one turn with MESSAGE ("-": standard input), or a conversation
     /// read line by line from standard input. Ctrl-C cancels a reply.
     Chat(ChatArgs),
-    /// Your chat sessions, most recently active first.
+    /// Your chat sessions, most recently active first; `sessions
+    /// show|rename|set|rm ID`, and `sessions search QUERY` over your
+    /// messages.
+    #[command(args_conflicts_with_subcommands = true)]
     Sessions {
+        #[command(subcommand)]
+        action: Option<sessions::SessionsCommand>,
         #[arg(long, value_enum)]
         status: Option<SessionStatusArg>,
         #[arg(long, default_value_t = 20)]
@@ -886,7 +892,15 @@ impl Client {
                     &rows,
                 )?;
             }
-            Command::Sessions { status, limit } => self.sessions(io, status, limit).await?,
+            Command::Sessions {
+                action: Some(action),
+                ..
+            } => self.session(io, action).await?,
+            Command::Sessions {
+                action: None,
+                status,
+                limit,
+            } => self.sessions(io, status, limit).await?,
             Command::History {
                 session,
                 limit,
