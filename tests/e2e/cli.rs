@@ -873,6 +873,48 @@ async fn the_cli_indexes_files_shows_and_deletes_documents() {
         .await;
     assert!(e.to_string().starts_with("/nonexistent/file.md: "), "{e}");
 
+    // A directory: every file below it, hidden ones left out, one that is
+    // not text skipped (named on standard error).
+    let tree = files.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
+    std::fs::create_dir_all(tree.join(".git")).expect("mkdir");
+    std::fs::write(tree.join("one.md"), "# One\nxylophone").expect("write");
+    std::fs::write(tree.join("sub").join("two.txt"), "quartz").expect("write");
+    std::fs::write(tree.join(".hidden.md"), "gamma").expect("write");
+    std::fs::write(tree.join(".git").join("config"), "delta").expect("write");
+    std::fs::write(tree.join("sub").join("blob.bin"), [0xffu8, 0x00]).expect("write");
+    let r = t
+        .run(
+            &["docs", "index", &tree.display().to_string(), "-c", "tree"],
+            "",
+        )
+        .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let indexed: Vec<&str> = r
+        .out
+        .lines()
+        .map(|l| l.rsplit('/').next().unwrap_or(""))
+        .collect();
+    assert_eq!(indexed, ["one.md", "two.txt"], "{}", r.out);
+    assert!(
+        r.err.contains("skipped ") && r.err.contains("blob.bin: not UTF-8 text"),
+        "{}",
+        r.err
+    );
+    assert!(
+        r.err
+            .ends_with("indexed 2 into tree: 2 new, 0 replaced, 1 skipped\n"),
+        "{}",
+        r.err
+    );
+    let e = t
+        .fails(
+            &["docs", "index", &tree.display().to_string(), "--id", "x"],
+            "",
+        )
+        .await;
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+
     // The server's refusal names the file behind the document.
     let e = t
         .fails(&["docs", "index", &compost_s, "-c", "Bad Name"], "")

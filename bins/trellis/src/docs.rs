@@ -17,6 +17,55 @@ use crate::{CliError, Client, Io, describe, json, table, timestamp};
 const BATCH: usize = 500;
 /// The longest external id the service takes.
 const MAX_EXTERNAL_ID: usize = 200;
+/// The longest body the service takes, in characters.
+const MAX_BODY: usize = 200_000;
+
+/// A file to index: given by name (its problems are errors) or found in a
+/// directory (its problems skip it).
+struct Source {
+    path: PathBuf,
+    found: bool,
+}
+
+/// The files of `args`, directories walked (sorted, hidden entries left
+/// out).
+fn sources(args: &[PathBuf]) -> Result<Vec<Source>, CliError> {
+    fn walk(dir: &Path, out: &mut Vec<Source>) -> Result<(), CliError> {
+        let shown = |e: std::io::Error| CliError::Usage(format!("{}: {e}", dir.display()));
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(shown)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(shown)?;
+        entries.sort();
+        for path in entries {
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
+                continue;
+            }
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else if path.is_file() {
+                out.push(Source { path, found: true });
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for path in args {
+        if path.as_os_str() != "-" && path.is_dir() {
+            walk(path, &mut out)?;
+        } else {
+            out.push(Source {
+                path: path.clone(),
+                found: false,
+            });
+        }
+    }
+    Ok(out)
+}
 
 #[derive(Subcommand, Debug)]
 pub enum DocsCommand {
@@ -36,8 +85,9 @@ pub enum DocsCommand {
 
 #[derive(Args, Debug)]
 pub struct IndexArgs {
-    /// Files to index; "-" reads one document from standard input (give it
-    /// --id).
+    /// Files to index, and directories (every file below them, hidden ones
+    /// and those that are not UTF-8 text skipped); "-" reads one document
+    /// from standard input (give it --id).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// The collection (1-64 of a-z, 0-9, _ and -).
@@ -214,16 +264,19 @@ impl Client {
     }
 
     async fn index(&self, io: &mut Io<'_>, a: IndexArgs) -> Result<(), CliError> {
-        if a.files.len() > 1 && (a.id.is_some() || a.title.is_some()) {
+        let sources = sources(&a.files)?;
+        if sources.len() != 1 && (a.id.is_some() || a.title.is_some()) {
             return Err(CliError::Usage(
                 "--id and --title name one document: give one file".into(),
             ));
         }
         // Every file is read before anything is sent: a bad one stops the
         // command with nothing indexed.
-        let mut docs = Vec::with_capacity(a.files.len());
-        let mut names = Vec::with_capacity(a.files.len());
-        for path in &a.files {
+        let mut docs = Vec::with_capacity(sources.len());
+        let mut names = Vec::with_capacity(sources.len());
+        let mut skipped = 0;
+        for Source { path, found } in &sources {
+            let path = path.as_path();
             let (body, external_id, name) = if path.as_os_str() == "-" {
                 let Some(id) = a.id.clone() else {
                     return Err(CliError::Usage(
@@ -239,6 +292,21 @@ impl Client {
                 let shown = path.display().to_string();
                 let bytes =
                     std::fs::read(path).map_err(|e| CliError::Usage(format!("{shown}: {e}")))?;
+                let problem = match std::str::from_utf8(&bytes) {
+                    Err(_) => Some("not UTF-8 text".to_string()),
+                    Ok(t) if t.chars().count() > MAX_BODY => {
+                        Some(format!("longer than {MAX_BODY} characters"))
+                    }
+                    Ok(_) => None,
+                };
+                if let Some(why) = problem {
+                    if *found {
+                        writeln!(io.err, "skipped {shown}: {why}")?;
+                        skipped += 1;
+                        continue;
+                    }
+                    return Err(CliError::Usage(format!("{shown}: {why}")));
+                }
                 let body = String::from_utf8(bytes)
                     .map_err(|_| CliError::Usage(format!("{shown}: not UTF-8 text")))?;
                 let id = match &a.id {
@@ -258,7 +326,14 @@ impl Client {
                 };
                 (body, id, shown)
             };
-            let title = a.title.clone().unwrap_or_else(|| title_for(path, &body));
+            // From standard input, the id stands in for a file name.
+            let title = a.title.clone().unwrap_or_else(|| {
+                if path.as_os_str() == "-" {
+                    title_for(Path::new(&external_id), &body)
+                } else {
+                    title_for(path, &body)
+                }
+            });
             docs.push(search::DocumentInput {
                 external_id,
                 collection: a.collection.clone(),
@@ -304,9 +379,14 @@ impl Client {
         }
         writeln!(
             io.err,
-            "indexed {} into {}: {created} new, {replaced} replaced",
+            "indexed {} into {}: {created} new, {replaced} replaced{}",
             created + replaced,
-            a.collection
+            a.collection,
+            if skipped > 0 {
+                format!(", {skipped} skipped")
+            } else {
+                String::new()
+            }
         )?;
         Ok(())
     }
