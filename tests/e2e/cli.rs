@@ -1158,12 +1158,96 @@ async fn the_cli_administers_accounts_roles_and_reads_the_audit_trail() {
         .await;
     assert_eq!(only.lines().count(), 2, "{only}");
 
+    // Create, update and purge.
+    let out = admin
+        .ok(
+            &[
+                "users",
+                "create",
+                "--email",
+                "nb@example.com",
+                "--username",
+                "newbie",
+                "--role",
+                "admin",
+                "--password-stdin",
+            ],
+            "Str0ng!pass\n",
+        )
+        .await;
+    assert!(
+        out.starts_with("created newbie (") && out.ends_with("): active\n"),
+        "{out}"
+    );
+    let newbie = out.split(['(', ')']).nth(1).expect("an id").to_string();
+    let e = admin
+        .fails(
+            &[
+                "users",
+                "create",
+                "--email",
+                "nb2@example.com",
+                "--username",
+                "newbie",
+            ],
+            "Str0ng!pass\n",
+        )
+        .await;
+    assert!(e.to_string().starts_with("ALREADY_EXISTS: "), "{e}");
+    let nb = Terminal::new(rig.mesh.url());
+    nb.ok(&["login", "newbie"], "Str0ng!pass\n").await;
+    assert!(
+        nb.ok(&["whoami"], "")
+            .await
+            .contains("\nroles:       admin\n")
+    );
+    let out = admin
+        .ok(
+            &[
+                "users",
+                "update",
+                "newbie",
+                "--email",
+                "newbie@example.com",
+                "--bio",
+                "Hi",
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(out, format!("updated newbie ({newbie}): active\n"));
+    let shown = admin.ok(&["users", "show", "newbie@example.com"], "").await;
+    assert!(shown.contains("\nbio           Hi\n"), "{shown}");
+    let e = admin
+        .fails(
+            &["users", "update", "newbie", "--email", "kim@example.com"],
+            "",
+        )
+        .await;
+    assert!(e.to_string().starts_with("ALREADY_EXISTS: "), "{e}");
+    let e = admin.fails(&["users", "update", "newbie"], "").await;
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+    let e = admin.fails(&["users", "purge", "newbie"], "").await;
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+    assert_eq!(
+        admin.ok(&["users", "purge", "newbie", "--yes"], "").await,
+        format!("purged {newbie}\n")
+    );
+    let e = admin.fails(&["users", "show", &newbie], "").await;
+    assert!(e.to_string().starts_with("NOT_FOUND: "), "{e}");
+    assert!(
+        nb.run(&["whoami"], "").await.result.is_err(),
+        "the purged account's session is gone"
+    );
+
     // A member can do none of it.
     for args in [
         vec!["users", "list"],
         vec!["users", "show", &boss_id],
         vec!["users", "suspend", &boss_id, "--reason", "x"],
         vec!["roles", "assign", &boss_id, "member"],
+        vec!["users", "update", &boss_id, "--bio", "x"],
+        vec!["users", "purge", &boss_id, "--yes"],
         vec!["audit"],
     ] {
         let e = member.fails(&args, "").await;

@@ -42,6 +42,45 @@ pub enum UsersCommand {
     },
     /// One account (by id, username or e-mail).
     Show { user: String },
+    /// Create an account (its password from the terminal or standard
+    /// input).
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        #[arg(long)]
+        first_name: Option<String>,
+        #[arg(long)]
+        last_name: Option<String>,
+        /// A role (repeatable; default: member).
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<String>,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change an account's e-mail, username or profile fields (only those
+    /// given; "" clears a profile field).
+    Update {
+        user: String,
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long)]
+        username: Option<String>,
+        #[command(flatten)]
+        fields: crate::profile::ProfileFields,
+    },
+    /// Erase an account and everything it owns, for good (sessions,
+    /// messages, documents, keys, usage).
+    Purge {
+        user: String,
+        /// Confirm: this cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Suspend an account: it cannot sign in and its sessions end at once.
     Suspend {
         user: String,
@@ -280,6 +319,81 @@ impl Client {
                     return json::print(io.out, &u);
                 }
                 print_user(io, &u)?;
+                return Ok(());
+            }
+            UsersCommand::Create {
+                email,
+                username,
+                display_name,
+                first_name,
+                last_name,
+                roles,
+                password_stdin,
+            } => {
+                let password = self
+                    .password(io, "their password: ", password_stdin, true)
+                    .await?;
+                let r = client
+                    .create_user(self.unary(
+                        user::CreateUserRequest {
+                            email,
+                            username,
+                            password,
+                            display_name: display_name.unwrap_or_default(),
+                            first_name: first_name.unwrap_or_default(),
+                            last_name: last_name.unwrap_or_default(),
+                            roles,
+                        },
+                        Some(&bearer),
+                    )?)
+                    .await?;
+                ("created", r.into_inner().user)
+            }
+            UsersCommand::Update {
+                user: who,
+                email,
+                username,
+                fields,
+            } => {
+                let (mut u, mut paths) = fields.into_update();
+                if let Some(e) = email {
+                    u.email = e;
+                    paths.push("email".into());
+                }
+                if let Some(n) = username {
+                    u.username = n;
+                    paths.push("username".into());
+                }
+                if paths.is_empty() {
+                    return Err(CliError::Usage(
+                        "nothing to change: name at least one field (see --help)".into(),
+                    ));
+                }
+                u.id = self.resolve(&bearer, &who).await?;
+                let r = client
+                    .update_user(self.unary(
+                        user::UpdateUserRequest {
+                            user: Some(u),
+                            update_mask: Some(prost_types::FieldMask { paths }),
+                        },
+                        Some(&bearer),
+                    )?)
+                    .await?;
+                ("updated", r.into_inner().user)
+            }
+            UsersCommand::Purge { user: who, yes } => {
+                if !yes {
+                    return Err(CliError::Usage(
+                        "purging erases the account and all it owns for good: add --yes".into(),
+                    ));
+                }
+                let id = self.resolve(&bearer, &who).await?;
+                client
+                    .purge_user(
+                        self.unary(user::PurgeUserRequest { id: id.clone() }, Some(&bearer))?,
+                    )
+                    .await?;
+                writeln!(io.out, "purged {id}")?;
                 return Ok(());
             }
             UsersCommand::Suspend { user: who, reason } => {
