@@ -1007,7 +1007,7 @@ async fn the_cli_administers_accounts_roles_and_reads_the_audit_trail() {
     let token = r
         .err
         .lines()
-        .find_map(|l| l.strip_prefix("more: --page-token "))
+        .find_map(|l| l.strip_prefix("more: --page-token="))
         .unwrap_or_else(|| panic!("a next page: {}", r.err))
         .to_string();
     let first_page = r.out.lines().nth(1).expect("one row").to_string();
@@ -1038,7 +1038,13 @@ async fn the_cli_administers_accounts_roles_and_reads_the_audit_trail() {
     // The same token under another order is refused.
     let e = admin
         .fails(
-            &["users", "list", "--limit", "1", "--page-token", &token],
+            &[
+                "users",
+                "list",
+                "--limit",
+                "1",
+                &format!("--page-token={token}"),
+            ],
             "",
         )
         .await;
@@ -1157,6 +1163,40 @@ async fn the_cli_administers_accounts_roles_and_reads_the_audit_trail() {
         .ok(&["audit", "--action", "user.suspended", "--days", "1"], "")
         .await;
     assert_eq!(only.lines().count(), 2, "{only}");
+
+    // A name that is also part of 150 newer accounts' names (sorting
+    // before it) is still resolved, past the query's first page.
+    let crowd = admin
+        .ok(
+            &[
+                "users",
+                "create",
+                "--email",
+                "crowd@example.com",
+                "--username",
+                "crowd",
+            ],
+            "Str0ng!pass\n",
+        )
+        .await;
+    let crowd = crowd.split(['(', ')']).nth(1).expect("an id").to_string();
+    {
+        use diesel_async::RunQueryDsl;
+        let mut conn = rig.mesh.store.pg().await.expect("pg");
+        diesel::sql_query(
+            "INSERT INTO users (id, email, username, password_hash, display_name) \
+             SELECT gen_random_uuid(), 'acrowd' || g || '@load.test', 'acrowd' || g, 'not-a-hash', 'Crowd ' || g \
+             FROM generate_series(1, 150) AS g",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("bulk insert");
+    }
+    let shown = admin.ok(&["users", "show", "crowd"], "").await;
+    assert!(
+        shown.starts_with(&format!("id            {crowd}\n")),
+        "{shown}"
+    );
 
     // Create, update and purge.
     let out = admin

@@ -33,8 +33,9 @@ pub enum UsersCommand {
         /// Accounts per page (at most 100).
         #[arg(long, default_value_t = 20)]
         limit: i32,
-        /// Continue where a previous page ended.
-        #[arg(long)]
+        /// Continue where a previous page ended (tokens may begin with
+        /// "-").
+        #[arg(long, allow_hyphen_values = true)]
         page_token: Option<String>,
         /// Every page, not just the first.
         #[arg(long)]
@@ -220,24 +221,36 @@ impl Client {
         if Uuid::parse_str(who).is_ok() {
             return Ok(who.to_string());
         }
-        let r = self
-            .users_client()
-            .list_users(self.unary(
-                user::ListUsersRequest {
-                    page_size: 100,
-                    query: who.to_string(),
-                    show_deleted: true,
-                    ..Default::default()
-                },
-                Some(bearer),
-            )?)
-            .await?
-            .into_inner();
-        r.users
-            .into_iter()
-            .find(|u| u.username.eq_ignore_ascii_case(who) || u.email.eq_ignore_ascii_case(who))
-            .map(|u| u.id)
-            .ok_or_else(|| CliError::Server(format!("NOT_FOUND: no account is named {who}")))
+        // The query matches parts of names too: walk its pages (by
+        // username, so an exact username comes early) until the account
+        // whose username or e-mail it is turns up.
+        let mut req = user::ListUsersRequest {
+            page_size: 100,
+            query: who.to_string(),
+            order_by: "username asc".into(),
+            show_deleted: true,
+            ..Default::default()
+        };
+        loop {
+            let r = self
+                .users_client()
+                .list_users(self.unary(req.clone(), Some(bearer))?)
+                .await?
+                .into_inner();
+            if let Some(u) = r
+                .users
+                .into_iter()
+                .find(|u| u.username.eq_ignore_ascii_case(who) || u.email.eq_ignore_ascii_case(who))
+            {
+                return Ok(u.id);
+            }
+            if r.next_page_token.is_empty() {
+                return Err(CliError::Server(format!(
+                    "NOT_FOUND: no account is named {who}"
+                )));
+            }
+            req.page_token = r.next_page_token;
+        }
     }
 
     pub(crate) async fn users(
@@ -303,7 +316,7 @@ impl Client {
                 }
                 writeln!(io.err, "{} of {total} accounts", rows.len())?;
                 if !next.is_empty() {
-                    writeln!(io.err, "more: --page-token {next}")?;
+                    writeln!(io.err, "more: --page-token={next}")?;
                 }
                 return Ok(());
             }
@@ -637,6 +650,19 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_token_may_begin_with_a_hyphen() {
+        use clap::Parser;
+        let cli = crate::Cli::try_parse_from(["trellis", "users", "list", "--page-token", "-Hx_9"])
+            .expect("parses");
+        match cli.command {
+            crate::Command::Users {
+                action: UsersCommand::List { page_token, .. },
+            } => assert_eq!(page_token.as_deref(), Some("-Hx_9")),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn orders_are_what_list_users_takes() {
