@@ -545,12 +545,13 @@ fn title_of(text: &str) -> String {
 /// `<mark>…</mark>` (search snippets) in bold on a terminal, as is
 /// otherwise.
 fn highlight(snippet: &str, color: bool) -> String {
+    // One line: a snippet may span the title and the body's lines.
+    let flat = snippet.split_whitespace().collect::<Vec<_>>().join(" ");
     if color {
-        snippet
-            .replace("<mark>", "\x1b[1m")
+        flat.replace("<mark>", "\x1b[1m")
             .replace("</mark>", "\x1b[0m")
     } else {
-        snippet.to_string()
+        flat
     }
 }
 
@@ -1596,6 +1597,19 @@ fn status_word(name: &str, prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snippets_print_on_one_line_marks_in_bold_on_a_terminal() {
+        let s = "Beans\nRunner  beans climb <mark>trellises</mark>";
+        assert_eq!(
+            highlight(s, false),
+            "Beans Runner beans climb <mark>trellises</mark>"
+        );
+        assert_eq!(
+            highlight(s, true),
+            "Beans Runner beans climb \x1b[1mtrellises\x1b[0m"
+        );
+    }
 
     #[test]
     fn servers_are_keyed_with_a_scheme_and_no_trailing_slash() {
