@@ -1119,6 +1119,91 @@ async fn the_cli_administers_accounts_roles_and_reads_the_audit_trail() {
         "no: user:users:read\n"
     );
 
+    // A role of one's own: created, assigned, updated; deleting it while
+    // assigned needs --force.
+    assert_eq!(
+        admin
+            .ok(
+                &[
+                    "roles",
+                    "create",
+                    "auditors",
+                    "--permission",
+                    "user:audit:read",
+                    "--description",
+                    "Read the trail"
+                ],
+                ""
+            )
+            .await,
+        "created role auditors: user:audit:read\n"
+    );
+    let e = admin
+        .fails(
+            &[
+                "roles",
+                "create",
+                "auditors",
+                "--permission",
+                "user:audit:read",
+            ],
+            "",
+        )
+        .await;
+    assert!(e.to_string().starts_with("ALREADY_EXISTS: "), "{e}");
+    let e = admin
+        .fails(
+            &["roles", "create", "oddballs", "--permission", "Chat:Read!"],
+            "",
+        )
+        .await;
+    assert!(e.to_string().starts_with("INVALID_ARGUMENT: "), "{e}");
+    admin
+        .ok(&["roles", "assign", "kimmy", "auditors"], "")
+        .await;
+    let yes = admin
+        .ok(&["can", "user:audit:read", "--user", "kimmy"], "")
+        .await;
+    assert_eq!(yes, "yes: user:audit:read (granted by auditors)\n");
+    let e = admin.fails(&["roles", "delete", "auditors"], "").await;
+    assert!(!matches!(e, CliError::Usage(_)), "{e}");
+    assert!(
+        admin
+            .ok(&["roles", "list"], "")
+            .await
+            .lines()
+            .any(|l| l.starts_with("auditors "))
+    );
+    assert_eq!(
+        admin
+            .ok(
+                &[
+                    "roles",
+                    "update",
+                    "auditors",
+                    "--permission",
+                    "user:audit:*"
+                ],
+                ""
+            )
+            .await,
+        "updated role auditors: user:audit:*\n"
+    );
+    let e = admin.fails(&["roles", "update", "auditors"], "").await;
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+    assert_eq!(
+        admin
+            .ok(&["roles", "delete", "auditors", "--force"], "")
+            .await,
+        "deleted role auditors\n"
+    );
+    assert_eq!(
+        admin
+            .ok(&["can", "user:audit:read", "--user", "kimmy"], "")
+            .await,
+        "no: user:audit:read\n"
+    );
+
     // Soft delete hides the account unless --deleted; restore brings it back.
     admin.ok(&["users", "delete", "kimmy"], "").await;
     let live = admin.ok(&["users", "list", "--query", "kimmy"], "").await;
@@ -1288,6 +1373,8 @@ async fn the_cli_administers_accounts_roles_and_reads_the_audit_trail() {
         vec!["roles", "assign", &boss_id, "member"],
         vec!["users", "update", &boss_id, "--bio", "x"],
         vec!["users", "purge", &boss_id, "--yes"],
+        vec!["roles", "create", "mine", "--permission", "chat:*"],
+        vec!["roles", "delete", "member", "--force"],
         vec!["audit"],
     ] {
         let e = member.fails(&args, "").await;

@@ -102,6 +102,32 @@ pub enum UsersCommand {
 pub enum RolesCommand {
     /// Roles, their permissions and how many accounts hold each.
     List,
+    /// Create a role.
+    Create {
+        name: String,
+        /// A permission it grants, service:resource:action with *
+        /// wildcards (repeatable).
+        #[arg(long = "permission", value_name = "PERMISSION", required = true)]
+        permissions: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Change a role's permissions (the list given replaces them) or
+    /// description; holders get them at their next token refresh.
+    Update {
+        name: String,
+        #[arg(long = "permission", value_name = "PERMISSION")]
+        permissions: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Delete a role (refused while assigned, unless --force).
+    Delete {
+        name: String,
+        /// Delete it while assigned: the assignments go too.
+        #[arg(long)]
+        force: bool,
+    },
     /// Give an account a role (it takes effect at the account's next token
     /// refresh).
     Assign { user: String, role: String },
@@ -493,6 +519,76 @@ impl Client {
                     table(io.out, &["ROLE", "ACCOUNTS", "", "PERMISSIONS"], &rows)?;
                 }
             }
+            RolesCommand::Create {
+                name,
+                permissions,
+                description,
+            } => {
+                let role = user::Role {
+                    name,
+                    description: description.unwrap_or_default(),
+                    permissions,
+                    ..Default::default()
+                };
+                let r = client
+                    .create_role(
+                        self.unary(user::CreateRoleRequest { role: Some(role) }, Some(&bearer))?,
+                    )
+                    .await?
+                    .into_inner()
+                    .role
+                    .unwrap_or_default();
+                self.print_role(io, "created", &r)?;
+            }
+            RolesCommand::Update {
+                name,
+                permissions,
+                description,
+            } => {
+                let mut paths = Vec::new();
+                if !permissions.is_empty() {
+                    paths.push("permissions".to_string());
+                }
+                if description.is_some() {
+                    paths.push("description".to_string());
+                }
+                if paths.is_empty() {
+                    return Err(CliError::Usage(
+                        "nothing to change: give --permission or --description".into(),
+                    ));
+                }
+                let role = user::Role {
+                    name,
+                    description: description.unwrap_or_default(),
+                    permissions,
+                    ..Default::default()
+                };
+                let r = client
+                    .update_role(self.unary(
+                        user::UpdateRoleRequest {
+                            role: Some(role),
+                            update_mask: Some(prost_types::FieldMask { paths }),
+                        },
+                        Some(&bearer),
+                    )?)
+                    .await?
+                    .into_inner()
+                    .role
+                    .unwrap_or_default();
+                self.print_role(io, "updated", &r)?;
+            }
+            RolesCommand::Delete { name, force } => {
+                client
+                    .delete_role(self.unary(
+                        user::DeleteRoleRequest {
+                            name: name.clone(),
+                            force,
+                        },
+                        Some(&bearer),
+                    )?)
+                    .await?;
+                writeln!(io.out, "deleted role {name}")?;
+            }
             RolesCommand::Assign { user: who, role } => {
                 let user_id = self.resolve(&bearer, &who).await?;
                 let req = user::AssignRoleRequest {
@@ -524,6 +620,19 @@ impl Client {
                 writeln!(io.out, "{user_id}: {}", r.roles.join(", "))?;
             }
         }
+        Ok(())
+    }
+
+    fn print_role(&self, io: &mut Io<'_>, what: &str, r: &user::Role) -> Result<(), CliError> {
+        if self.json {
+            return json::print(io.out, r);
+        }
+        writeln!(
+            io.out,
+            "{what} role {}: {}",
+            r.name,
+            r.permissions.join(", ")
+        )?;
         Ok(())
     }
 
