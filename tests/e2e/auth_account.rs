@@ -17,7 +17,7 @@ use trellis_tests::{TestMesh, TestOptions};
 use crate::auth::{PASSWORD, access, auth, bearer, login, register, violations as fields};
 
 /// The newest mailed token of `purpose` sent to `to`, read from the outbox.
-async fn mailed_token(mesh: &TestMesh, to: &str, purpose: &str) -> Option<String> {
+pub async fn mailed_token(mesh: &TestMesh, to: &str, purpose: &str) -> Option<String> {
     let mut conn = mesh.store.pg().await.expect("pg");
     let body: Option<String> = mail_outbox::table
         .filter(mail_outbox::to_address.eq(to))

@@ -1395,26 +1395,6 @@ async fn other_login(rig: &crate::llm::Rig, args: &[&str]) -> CliError {
         .await
 }
 
-/// The newest mailed token of `purpose` sent to `to` (from the outbox).
-async fn mailed(mesh: &trellis_tests::TestMesh, to: &str, purpose: &str) -> String {
-    use diesel::prelude::*;
-    use diesel_async::RunQueryDsl;
-    use trellis_store::schema::mail_outbox;
-    let mut conn = mesh.store.pg().await.expect("pg");
-    let body: String = mail_outbox::table
-        .filter(mail_outbox::to_address.eq(to))
-        .filter(mail_outbox::purpose.eq(purpose))
-        .order(mail_outbox::created_at.desc())
-        .select(mail_outbox::body)
-        .first(&mut conn)
-        .await
-        .expect("a mail");
-    body.split_whitespace()
-        .find(|w| w.starts_with("prt_") || w.starts_with("evt_"))
-        .expect("a token in the mail")
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_turns_two_factor_on_and_off_and_applies_mailed_tokens() {
     let rig = rig(|_| {}).await;
@@ -1522,7 +1502,10 @@ async fn the_cli_turns_two_factor_on_and_off_and_applies_mailed_tokens() {
         out.starts_with("a verification token is on its way"),
         "{out}"
     );
-    let token = mailed(&rig.mesh, "tess@example.com", "email_verification").await;
+    let token =
+        crate::auth_account::mailed_token(&rig.mesh, "tess@example.com", "email_verification")
+            .await
+            .expect("a mailed token");
     let e = t.fails(&["verify-email", "evt_bogus"], "").await;
     assert!(
         e.to_string().starts_with("INVALID_ARGUMENT: ") || e.to_string().starts_with("NOT_FOUND: "),
@@ -1548,7 +1531,9 @@ async fn the_cli_turns_two_factor_on_and_off_and_applies_mailed_tokens() {
         unknown.replace("nobody@example.com", "X"),
         known.replace("tess@example.com", "X")
     );
-    let token = mailed(&rig.mesh, "tess@example.com", "password_reset").await;
+    let token = crate::auth_account::mailed_token(&rig.mesh, "tess@example.com", "password_reset")
+        .await
+        .expect("a mailed token");
     let other = Terminal::new(rig.mesh.url());
     other.ok(&["login", "tess"], "Str0ng!pass\n").await;
     let e = t
