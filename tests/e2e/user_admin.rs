@@ -1550,3 +1550,65 @@ async fn deactivation_makes_an_account_inactive_until_reactivated() {
     assert!(actions.contains(&"user.reactivated"), "{actions:?}");
     mesh.shutdown().await;
 }
+
+/// GetMe and GetUser read on the store's multiplexed connections: when
+/// PostgreSQL ends them, the call that finds one dead drops it and reads
+/// again on a fresh one — the caller sees no error — and later calls dial
+/// afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_recover_when_their_shared_connections_are_cut() {
+    let mesh = TestMesh::start_with(Default::default(), |c| {
+        c.database.multiplexed_connections = 2;
+    })
+    .await;
+    let token = access(&register(&mut auth(&mesh).await, "multiplexed").await);
+    let mut c = users(&mesh).await;
+    let me = |mut c: UserServiceClient<Channel>| {
+        let t = token.clone();
+        async move { c.get_me(bearer(pb::GetMeRequest {}, &t)).await }
+    };
+    for _ in 0..4 {
+        let user = me(c.clone()).await.expect("me").into_inner().user;
+        assert_eq!(user.expect("user").username, "multiplexed");
+    }
+    assert_eq!(mesh.store.pg_shared_open(), 2, "both dialled, in turn");
+
+    let mut conn = mesh.store.pg().await.expect("pooled connection");
+    let cut: Vec<bool> = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+        "pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    ))
+    .load(&mut conn)
+    .await
+    .expect("terminate the other backends");
+    assert!(
+        cut.len() >= 2,
+        "the shared connections were among them: {cut:?}"
+    );
+    drop(conn);
+
+    for _ in 0..6 {
+        let user = me(c.clone())
+            .await
+            .expect("me after the cut")
+            .into_inner()
+            .user;
+        assert_eq!(user.expect("user").username, "multiplexed");
+    }
+    // Every later lookup succeeds, by id (GetUser) as well.
+    let id = me(c.clone())
+        .await
+        .expect("me")
+        .into_inner()
+        .user
+        .expect("user")
+        .id;
+    for _ in 0..4 {
+        let got = c
+            .get_user(bearer(pb::GetUserRequest { id: id.clone() }, &token))
+            .await
+            .expect("get user");
+        assert_eq!(got.into_inner().user.expect("user").id, id);
+    }
+    assert_eq!(mesh.store.pg_shared_open(), 2);
+}

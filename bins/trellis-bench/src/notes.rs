@@ -169,7 +169,7 @@ pub fn notes(
             busy.p50_us
         ));
     }
-    if let (Some(raw), Some(mesh)) = (get("user-get-raw"), get("user-get")) {
+    if let Some(mesh) = get("user-get") {
         // PostgreSQL's CPU per call, in µs.
         let db = |r: &ScenarioResult| {
             r.db_cpu_percent
@@ -182,23 +182,45 @@ pub fn notes(
             r.server_cpu_us_per_call
                 .map_or("?".to_string(), |v| format!("{v:.0} µs"))
         };
+        let vs = |r: Option<&ScenarioResult>, how: &str| {
+            r.map(|r| {
+                format!(
+                    "{how} {:.0} req/s, p50 {:.0} µs ({} req/s; per call server CPU {}, \
+                     PostgreSQL CPU {})",
+                    r.rps,
+                    r.p50_us,
+                    ratio(mesh.rps, r.rps),
+                    cpu(r),
+                    db(r)
+                )
+            })
+        };
+        let refs: Vec<String> = [
+            vs(
+                get("user-get-raw-mux"),
+                "the raw tokio-postgres handler sharing its connections as trellisd does (the target's reference)",
+            ),
+            vs(
+                get("user-get-raw"),
+                &format!("the raw handler on a pool of {USER_SERVER_CONNECTIONS}, a connection per call"),
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         notes.push(format!(
-            "GetUser: trellisd {:.0} req/s, p50 {:.0} µs vs the raw tokio-postgres handler {:.0} \
-             req/s, p50 {:.0} µs ({} req/s). Both run the same query (the profile row by id with \
-             its roles as an array) on the same PostgreSQL, each call on a connection of its own: trellisd \
-             through diesel-async and its bb8 pool (16), the raw handler through a pool of \
-             {USER_SERVER_CONNECTIONS} tokio-postgres connections, the statement prepared once. \
-             Per call: server CPU {} vs {}, PostgreSQL CPU {} vs {} (trellisd vs raw; the two \
-             share one CPU, so their sum sets the rate).",
+            "GetUser: trellisd {:.0} req/s, p50 {:.0} µs, per call server CPU {}, PostgreSQL CPU {}; \
+             {}. All run the same query (the profile row by id with its roles as an array, \
+             prepared once per connection) on the same PostgreSQL: trellisd through diesel-async \
+             on its multiplexed connections (`database.multiplexed_connections`, one per CPU it \
+             may run on: the queries of concurrent calls are pipelined, so one write and one read \
+             carry several), the raw handler with tokio-postgres directly. trellisd and its \
+             reference share one CPU with PostgreSQL, so the sum of their CPU per call sets the rate.",
             mesh.rps,
             mesh.p50_us,
-            raw.rps,
-            raw.p50_us,
-            ratio(mesh.rps, raw.rps),
             cpu(mesh),
-            cpu(raw),
             db(mesh),
-            db(raw)
+            if refs.is_empty() { "no reference in this run".to_string() } else { refs.join("; ") }
         ));
     }
     if let (Some(first), Some(deep), Some(f)) =

@@ -138,12 +138,16 @@ pub async fn run(
         }
         running.running.insert(ServerKind::Baseline, p);
     }
-    if uses(ServerKind::UserRaw) {
-        let stack = stack.context("the user server needs the data stack")?;
-        let mut p =
-            servers::start_user_server(server_cpu, &stack.database_url, USER_SERVER_CONNECTIONS)?;
-        p.wait_ready(READY_TIMEOUT).await?;
-        running.running.insert(ServerKind::UserRaw, p);
+    for (kind, connections) in [
+        (ServerKind::UserRaw, Some(USER_SERVER_CONNECTIONS)),
+        (ServerKind::UserRawMux, None),
+    ] {
+        if uses(kind) {
+            let stack = stack.context("the user server needs the data stack")?;
+            let mut p = servers::start_user_server(server_cpu, &stack.database_url, connections)?;
+            p.wait_ready(READY_TIMEOUT).await?;
+            running.running.insert(kind, p);
+        }
     }
     let payload = sizes
         .iter()

@@ -259,11 +259,20 @@ pub const SCENARIOS: &[Scenario] = &[
         alongside: None,
     },
     Scenario {
+        name: "user-get-raw-mux",
+        about: "the same bare handler sharing its connections as trellisd's GetUser does: one per \
+                CPU it may run on (at most 8), every call's query pipelined on them by tokio-postgres",
+        work: rpc(ServerKind::UserRawMux, Rpc::GetUser, Load::Run),
+        target: None,
+        also_vs: None,
+        alongside: None,
+    },
+    Scenario {
         name: "user-get",
         about: "trellisd UserService.GetUser of another account with an admin's access token",
         work: rpc(ServerKind::Trellisd, Rpc::GetUser, Load::Run),
-        target: Some(Target::rps("user-get-raw", 0.9)),
-        also_vs: None,
+        target: Some(Target::rps("user-get-raw-mux", 0.9)),
+        also_vs: Some("user-get-raw"),
         alongside: None,
     },
     Scenario {
@@ -477,7 +486,7 @@ impl Scenario {
             // The chat references post the body trellisd's chat sends,
             // captured from a turn; the SQL references need the database.
             Work::Rpc { server, rpc, .. } => {
-                server == ServerKind::UserRaw
+                matches!(server, ServerKind::UserRaw | ServerKind::UserRawMux)
                     || !matches!(rpc, Rpc::SystemGetInfo | Rpc::ChatCompletions)
             }
             Work::IdleStreams => true,

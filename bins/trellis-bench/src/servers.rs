@@ -30,8 +30,12 @@ pub enum ServerKind {
     Baseline,
     /// `trellisd serve`: the full mesh.
     Trellisd,
-    /// This binary's `user-server`: GetUser straight on tokio-postgres.
+    /// This binary's `user-server`: GetUser straight on tokio-postgres,
+    /// a connection per call from a pool.
     UserRaw,
+    /// The same with `--multiplexed`: a few shared connections, queries
+    /// pipelined (as trellisd's GetUser).
+    UserRawMux,
     /// This binary's `fake-llm`: an OpenAI-compatible chat-completions
     /// upstream answering SSE at once.
     FakeLlm,
@@ -46,6 +50,7 @@ impl ServerKind {
             ServerKind::Baseline => "baseline-server",
             ServerKind::Trellisd => "trellisd",
             ServerKind::UserRaw => "user-server",
+            ServerKind::UserRawMux => "user-server-mux",
             ServerKind::FakeLlm => "fake-llm",
             ServerKind::Postgres => "postgres",
         }
@@ -297,7 +302,7 @@ impl ServerProcess {
                 {
                     Ok(resp) => Ok(Some(resp.into_inner())),
                     Err(s)
-                        if kind == ServerKind::UserRaw
+                        if matches!(kind, ServerKind::UserRaw | ServerKind::UserRawMux)
                             && s.code() == tonic::Code::Unimplemented =>
                     {
                         Ok(None)
@@ -377,29 +382,36 @@ pub fn start_baseline(
     })
 }
 
-/// Starts the bare GetUser server on the database at `database_url`.
+/// Starts the bare GetUser server on the database at `database_url`:
+/// pooled (`connections`), or multiplexed when `connections` is None.
 pub fn start_user_server(
     cpu: Option<usize>,
     database_url: &str,
-    connections: usize,
+    connections: Option<usize>,
 ) -> anyhow::Result<ServerProcess> {
     let addr = free_addr()?;
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(&exe);
-    cmd.arg("user-server")
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--connections")
-        .arg(connections.to_string())
-        .env("TRELLIS_BENCH_DATABASE_URL", database_url)
+    cmd.arg("user-server").arg("--listen").arg(addr.to_string());
+    let (kind, how) = match connections {
+        Some(n) => {
+            cmd.arg("--connections").arg(n.to_string());
+            (ServerKind::UserRaw, format!("--connections {n}"))
+        }
+        None => {
+            cmd.arg("--multiplexed");
+            (ServerKind::UserRawMux, "--multiplexed".to_string())
+        }
+    };
+    cmd.env("TRELLIS_BENCH_DATABASE_URL", database_url)
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
     let mut child = spawn_on(&mut cmd, cpu).context("starting the user server")?;
     let stdin = child.stdin.take();
     Ok(ServerProcess {
-        kind: ServerKind::UserRaw,
+        kind,
         addr,
-        command: format!("{} user-server --listen {addr}", exe.display()),
+        command: format!("{} user-server --listen {addr} {how}", exe.display()),
         child,
         _stdin: stdin,
     })

@@ -3,18 +3,28 @@
 //! running the same query as trellisd's handler — the profile columns of
 //! the row by id with the account's roles as an array, in one SELECT — with
 //! tokio-postgres on a small pool of connections, the statement prepared
-//! once. Like trellisd's bb8
-//! pool, a call has its connection to itself (no pipelining of several
-//! calls' queries on one connection). No authentication, no layers; every
-//! other method of the service is UNIMPLEMENTED. So the difference between
-//! `user-get-raw` and `user-get` is what the mesh, the token check and
-//! diesel-async with bb8 add to one lookup.
+//! once. Two ways to use the connections, one reference each:
+//!
+//! - pooled (`user-get-raw`): a call has a connection to itself, as a
+//!   checkout from a pool gives (no pipelining of several calls' queries on
+//!   one connection);
+//! - `--multiplexed` (`user-get-raw-mux`): as trellisd's GetUser does, a
+//!   few connections — one per CPU this process may run on, at most 8,
+//!   trellisd's default for `database.multiplexed_connections` — shared by
+//!   every call in turn, tokio-postgres pipelining the queries of
+//!   concurrent calls on each.
+//!
+//! No authentication, no layers; every other method of the service is
+//! UNIMPLEMENTED. So the difference between `user-get-raw-mux` and
+//! `user-get` is what the mesh, the token check and diesel-async add to one
+//! lookup made the same way.
 //!
 //! It exits when its standard input closes, like the baseline server.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -45,6 +55,10 @@ pub struct UserServerArgs {
     /// Connections in the pool (trellisd's holds 16).
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
+    /// Share one connection per allowed CPU (at most 8) between all calls,
+    /// queries pipelined, instead of a pool; `--connections` is ignored.
+    #[arg(long)]
+    pub multiplexed: bool,
 }
 
 /// trellisd's GetUser query: the profile columns its `UserRow` selects, in
@@ -76,7 +90,12 @@ pub fn main(args: UserServerArgs) -> ExitCode {
 }
 
 async fn serve(args: UserServerArgs) -> anyhow::Result<()> {
-    let db = Db::connect(&args.database_url, args.connections.max(1)).await?;
+    let n = if args.multiplexed {
+        std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
+    } else {
+        args.connections.max(1)
+    };
+    let db = Db::connect(&args.database_url, n, args.multiplexed).await?;
     let listener = TcpListener::bind(args.listen).await?;
     let stdin_closed = async {
         let mut stdin = tokio::io::stdin();
@@ -109,6 +128,9 @@ struct Conn {
 struct Db {
     free: Mutex<Vec<Conn>>,
     permits: Semaphore,
+    /// `--multiplexed`: the connections every call shares, taken in turn.
+    shared: Vec<Conn>,
+    next: AtomicUsize,
 }
 
 /// A connection taken from the pool; returned on drop.
@@ -127,7 +149,7 @@ impl Drop for Lease<'_> {
 }
 
 impl Db {
-    async fn connect(url: &str, n: usize) -> anyhow::Result<Db> {
+    async fn connect(url: &str, n: usize, multiplexed: bool) -> anyhow::Result<Db> {
         let mut conns = Vec::with_capacity(n);
         for _ in 0..n {
             let (client, connection) = tokio_postgres::connect(url, NoTls)
@@ -139,9 +161,16 @@ impl Db {
             let user = client.prepare(USER).await?;
             conns.push(Conn { client, user });
         }
+        let (free, shared) = if multiplexed {
+            (Vec::new(), conns)
+        } else {
+            (conns, Vec::new())
+        };
         Ok(Db {
-            free: Mutex::new(conns),
-            permits: Semaphore::new(n),
+            permits: Semaphore::new(free.len()),
+            free: Mutex::new(free),
+            shared,
+            next: AtomicUsize::new(0),
         })
     }
 
@@ -165,12 +194,19 @@ impl Db {
     }
 
     async fn get_user(&self, id: Uuid) -> Result<Option<pb::User>, Status> {
+        let db_err = |e: tokio_postgres::Error| Status::internal(e.to_string());
+        if !self.shared.is_empty() {
+            let c = &self.shared[self.next.fetch_add(1, Ordering::Relaxed) % self.shared.len()];
+            let Some(row) = c.client.query_opt(&c.user, &[&id]).await.map_err(db_err)? else {
+                return Ok(None);
+            };
+            return user(&row).map(Some).map_err(db_err);
+        }
         let lease = self.lease().await?;
         let c = lease
             .conn
             .as_ref()
             .ok_or_else(|| Status::internal("no connection"))?;
-        let db_err = |e: tokio_postgres::Error| Status::internal(e.to_string());
         let Some(row) = c.client.query_opt(&c.user, &[&id]).await.map_err(db_err)? else {
             return Ok(None);
         };

@@ -145,6 +145,10 @@ pub struct DatabaseConfig {
     /// How long a call waits for a pooled connection before UNAVAILABLE.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// Long-lived connections, besides the pool, that hot point reads
+    /// (GetUser, GetMe) share with their queries pipelined; default one
+    /// per CPU, at most 8.
+    pub multiplexed_connections: u32,
 }
 
 impl Default for DatabaseConfig {
@@ -153,6 +157,8 @@ impl Default for DatabaseConfig {
             url: None,
             pool_size: 16,
             acquire_timeout: Duration::from_secs(2),
+            multiplexed_connections: std::thread::available_parallelism()
+                .map_or(2, |n| n.get().min(8) as u32),
         }
     }
 }
@@ -163,6 +169,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("url", &self.url.as_deref().map(redact_url))
             .field("pool_size", &self.pool_size)
             .field("acquire_timeout", &self.acquire_timeout)
+            .field("multiplexed_connections", &self.multiplexed_connections)
             .finish()
     }
 }
@@ -1065,6 +1072,12 @@ impl Config {
         }
         if !(1..=1000).contains(&self.database.pool_size) {
             return Err(invalid("database.pool_size", "must be between 1 and 1000"));
+        }
+        if !(1..=64).contains(&self.database.multiplexed_connections) {
+            return Err(invalid(
+                "database.multiplexed_connections",
+                "must be between 1 and 64",
+            ));
         }
         if let Some(url) = &self.redis.url
             && !(url.starts_with("redis://")

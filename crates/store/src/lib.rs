@@ -125,6 +125,8 @@ pub struct Store {
     pg_url: Option<Arc<str>>,
     /// One multiplexed connection for hot paths (see [`Store::redis_shared`]).
     shared: Arc<tokio::sync::Mutex<Option<::redis::aio::MultiplexedConnection>>>,
+    /// Pipelined connections for hot point reads (see [`Store::pg_shared`]).
+    pg_shared: Option<Arc<pg::Multiplexed>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -166,6 +168,13 @@ impl Store {
             redis_url: config.redis.url.as_deref().map(Into::into),
             pg_url: config.database.url.as_deref().map(Into::into),
             shared: Arc::new(tokio::sync::Mutex::new(None)),
+            pg_shared: config.database.url.as_deref().map(|url| {
+                Arc::new(pg::Multiplexed::new(
+                    url,
+                    config.database.multiplexed_connections as usize,
+                    config.database.acquire_timeout,
+                ))
+            }),
         })
     }
 
@@ -207,6 +216,52 @@ impl Store {
         pool.get()
             .await
             .map_err(|_| StoreError::Unavailable("database"))
+    }
+
+    /// One of the process's multiplexed PostgreSQL connections
+    /// (`database.multiplexed_connections`, taken in turn) for a hot read of
+    /// a single statement: no pool checkout, and concurrent calls' queries
+    /// share its writes and reads. Never for a transaction (the handle only
+    /// lends `&AsyncPgConnection`). After a failure for which
+    /// [`pg::connection_intact`] is false, call [`Store::pg_shared_failed`].
+    /// UNAVAILABLE at once while the last probe found the database down.
+    pub async fn pg_shared(&self) -> Result<pg::SharedPgConn, StoreError> {
+        let shared = self
+            .pg_shared
+            .as_ref()
+            .ok_or(StoreError::NotConfigured("database.url"))?;
+        if !self.pg_state.is_up() {
+            return Err(StoreError::Unavailable("database"));
+        }
+        shared.get().await
+    }
+
+    /// Reports a failed query on `conn`: unless the error leaves the
+    /// connection intact, it is dropped and the next call dials anew.
+    pub fn pg_shared_failed(&self, conn: &pg::SharedPgConn, err: &diesel::result::Error) {
+        if let Some(shared) = &self.pg_shared
+            && !pg::connection_intact(err)
+        {
+            shared.discard(conn);
+        }
+    }
+
+    /// After `failed` broke: drops it and dials its replacement, for a
+    /// read worth one more try (an idempotent statement).
+    pub async fn pg_shared_redial(
+        &self,
+        failed: &pg::SharedPgConn,
+    ) -> Result<pg::SharedPgConn, StoreError> {
+        let shared = self
+            .pg_shared
+            .as_ref()
+            .ok_or(StoreError::NotConfigured("database.url"))?;
+        shared.redial(failed).await
+    }
+
+    /// How many multiplexed PostgreSQL connections are open.
+    pub fn pg_shared_open(&self) -> usize {
+        self.pg_shared.as_ref().map_or(0, |s| s.open())
     }
 
     /// A pooled Redis connection, or UNAVAILABLE at once when the last probe

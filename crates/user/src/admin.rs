@@ -124,8 +124,7 @@ impl UserSvc {
         if id == p.user_id {
             p.require("user:self:read")?;
         }
-        let mut conn = self.store.pg().await.map_err(UserError::from)?;
-        let user = Self::user(&mut conn, id, admin).await?;
+        let user = self.look_up(id, admin).await?;
         Ok(Response::new(pb::GetUserResponse { user: Some(user) }))
     }
 

@@ -83,8 +83,7 @@ impl UserSvc {
     ) -> Result<Response<pb::GetMeResponse>, Status> {
         let p = authenticated(&req)?;
         p.require("user:self:read")?;
-        let mut conn = self.store.pg().await.map_err(UserError::from)?;
-        let user = Self::user(&mut conn, p.user_id, false).await?;
+        let user = self.look_up(p.user_id, false).await?;
         Ok(Response::new(pb::GetMeResponse { user: Some(user) }))
     }
 

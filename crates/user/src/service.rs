@@ -120,11 +120,14 @@ impl UserSvc {
     /// The wire form of user `id`, as the caller may see it: the profile
     /// row and its roles in one statement, prepared once per connection
     /// (see [`UserById`]). `deleted_too`: soft-deleted rows count.
-    pub(crate) async fn user(
-        conn: &mut AsyncPgConnection,
+    pub(crate) async fn user<C>(
+        conn: &mut C,
         id: Uuid,
         deleted_too: bool,
-    ) -> Result<pb::User, UserError> {
+    ) -> Result<pb::User, UserError>
+    where
+        C: diesel_async::AsyncConnectionCore<Backend = Pg> + Send,
+    {
         // By primary key: at most one row, so no LIMIT (and no bind for it).
         let found: Option<(UserRow, Vec<String>)> = if deleted_too {
             UserById::<true>(id).get_result(conn).await.optional()?
@@ -133,6 +136,30 @@ impl UserSvc {
         };
         let (row, roles) = found.ok_or(UserError::NotFound)?;
         Ok(crate::convert::user_pb(row, roles))
+    }
+
+    /// [`Self::user`] for the read-only answers (GetUser, GetMe), on one of
+    /// the store's multiplexed connections rather than a pooled one: under
+    /// load, concurrent lookups share its writes and reads. A connection
+    /// found broken (the server restarted, or ended it) is dropped and the
+    /// read — one idempotent statement — tried once more on a fresh one.
+    pub(crate) async fn look_up(&self, id: Uuid, deleted_too: bool) -> Result<pb::User, UserError> {
+        let mut conn = self.store.pg_shared().await?;
+        let mut retried = false;
+        loop {
+            match Self::user(&mut &*conn, id, deleted_too).await {
+                Err(UserError::Db(e)) if !trellis_store::pg::connection_intact(&e) => {
+                    tracing::warn!(error = %e, retried, "a multiplexed database connection failed");
+                    if retried {
+                        self.store.pg_shared_failed(&conn, &e);
+                        return Err(trellis_store::StoreError::Unavailable("database").into());
+                    }
+                    conn = self.store.pg_shared_redial(&conn).await?;
+                    retried = true;
+                }
+                found => return found,
+            }
+        }
     }
 }
 
