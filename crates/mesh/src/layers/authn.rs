@@ -38,17 +38,40 @@ pub enum Authn {
 
 /// The bearer credential of a request, if any.
 pub fn credential(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let v = v.trim();
-        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-            return Some(v[7..].trim().to_string());
-        }
-        return None;
+    match headers.get(http::header::AUTHORIZATION) {
+        Some(v) => bearer(v).map(str::to_string),
+        None => cookie(headers, ACCESS_COOKIE),
     }
-    cookie(headers, ACCESS_COOKIE)
+}
+
+/// The token of an `authorization: Bearer …` value.
+fn bearer(value: &http::HeaderValue) -> Option<&str> {
+    let v = value.to_str().ok()?.trim();
+    (v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ")).then(|| v[7..].trim())
+}
+
+/// A call's credential, held by the layer's future: the header value
+/// itself (a reference-counted clone, not a copy of the token) or the
+/// cookie's value.
+enum Presented {
+    Header(http::HeaderValue),
+    Cookie(String),
+}
+
+impl Presented {
+    fn of(headers: &HeaderMap) -> Option<Presented> {
+        match headers.get(http::header::AUTHORIZATION) {
+            Some(v) => bearer(v).is_some().then(|| Presented::Header(v.clone())),
+            None => cookie(headers, ACCESS_COOKIE).map(Presented::Cookie),
+        }
+    }
+
+    fn token(&self) -> &str {
+        match self {
+            Presented::Header(v) => bearer(v).unwrap_or_default(),
+            Presented::Cookie(c) => c,
+        }
+    }
 }
 
 /// The value of cookie `name`.
@@ -119,7 +142,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let Some(token) = credential(req.headers()) else {
+        let Some(presented) = Presented::of(req.headers()) else {
             return Box::pin(self.inner.call(req));
         };
         // The ready inner service is used for this call; a clone takes its
@@ -128,7 +151,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let authenticator = self.authenticator.clone();
         Box::pin(async move {
-            let outcome = match authenticator.authenticate(&token).await {
+            let outcome = match authenticator.authenticate(presented.token()).await {
                 Ok(p) => Authn::Verified(p),
                 Err(status) => Authn::Rejected(status),
             };

@@ -3,6 +3,7 @@
 //! never read the headers, and adding them to every response costs header
 //! encoding on the hot path.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::Either;
@@ -12,12 +13,14 @@ use tower_http::cors::{Cors, CorsLayer};
 
 #[derive(Clone, Debug)]
 pub struct BrowserCorsLayer {
-    cors: CorsLayer,
+    cors: Arc<CorsLayer>,
 }
 
 impl BrowserCorsLayer {
     pub fn new(cors: CorsLayer) -> Self {
-        Self { cors }
+        Self {
+            cors: Arc::new(cors),
+        }
     }
 }
 
@@ -33,10 +36,11 @@ impl<S> Layer<S> for BrowserCorsLayer {
 }
 
 /// Holds the inner stack once (the server clones the whole stack for every
-/// request); a browser request wraps it in tower-http's `Cors` for itself.
+/// request, so the CORS policy is shared, not copied); a browser request
+/// wraps it in tower-http's `Cors` for itself.
 #[derive(Clone, Debug)]
 pub struct BrowserCors<S> {
-    cors: CorsLayer,
+    cors: Arc<CorsLayer>,
     inner: S,
 }
 
