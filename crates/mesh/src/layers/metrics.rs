@@ -85,7 +85,7 @@ impl Metrics {
         let pools = IntGaugeVec::new(
             Opts::new(
                 "pool_connections",
-                "Pooled connections by pool (database, redis) and state (idle, in_use)",
+                "Connections by pool (database, redis: idle, in_use; database_multiplexed: open)",
             ),
             &["pool", "state"],
         )
@@ -125,6 +125,9 @@ impl Metrics {
             self.pools
                 .with_label_values(&["database", "in_use"])
                 .set((s.connections - s.idle_connections).into());
+            self.pools
+                .with_label_values(&["database_multiplexed", "open"])
+                .set(self.store.pg_shared_open() as i64);
         }
         if let Some(p) = self.store.redis_pool() {
             let s = p.state();
