@@ -1399,12 +1399,7 @@ async fn made_up_kids_neither_flood_auth_nor_delay_a_new_key() {
         .await
         .expect("the other server knows the key");
     let jwks_calls = || async {
-        let text = reqwest::get(format!("{}/metrics", home.url()))
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("text");
+        let text = home.metrics().await;
         text.lines()
             .filter(|l| l.starts_with("trellis_grpc_requests_total") && l.contains("GetJwks"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -2412,14 +2412,7 @@ async fn chat_metrics_count_streams_generations_ttft_and_throughput() {
     let r = rig(|_| {}).await;
     let mut c = chat(&r.mesh).await;
     let s = new_session(&mut c, &r.token, "fast").await;
-    let scrape = || async {
-        reqwest::get(format!("{}/metrics", r.mesh.url()))
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("text")
-    };
+    let scrape = || async { r.mesh.metrics().await };
     let before = scrape().await;
     assert_eq!(metric_value(&before, "trellis_chat_generating "), 0.0);
     assert_eq!(
@@ -2643,12 +2636,7 @@ async fn turn_overrides_session_updates_deletion_and_the_preferences_cache() {
     assert_eq!(messages(&mut c, &r.token, &s.id).await[3].model, "fast");
 
     // Preferences were fetched once for all those turns (cached).
-    let scrape = reqwest::get(format!("{}/metrics", r.mesh.url()))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let scrape = r.mesh.metrics().await;
     let fetched = metric_value(
         &scrape,
         r#"trellis_grpc_requests_total{code="OK",method="GetPreferences",service="trellis.user.v1.UserService"}"#,

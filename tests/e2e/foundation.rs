@@ -1091,12 +1091,7 @@ async fn undecodable_requests_are_invalid_argument_naming_the_field() {
     );
 
     // The metrics count what the client saw.
-    let text = reqwest::get(format!("{}/metrics", mesh.url()))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let text = mesh.metrics().await;
     assert!(
         text.contains(r#"trellis_grpc_requests_total{code="INVALID_ARGUMENT",method="Register""#),
         "{text}"

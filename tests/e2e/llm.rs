@@ -137,16 +137,6 @@ pub async fn stream(
     Ok(out)
 }
 
-/// The mesh's Prometheus text.
-async fn metrics_of(mesh: &TestMesh) -> String {
-    reqwest::get(format!("{}/metrics", mesh.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
 /// Asserts that Prometheus text has `sample` (name, labels and value).
 fn assert_sample(text: &str, sample: &str) {
     assert!(text.lines().any(|l| l == sample), "no {sample} in:\n{text}");
@@ -425,7 +415,7 @@ async fn a_stream_delivers_deltas_in_order_then_usage_and_is_accounted() {
     wait_rows(&r.mesh, 2).await;
 
     // Metrics know the provider.
-    let metrics = metrics_of(&r.mesh).await;
+    let metrics = r.mesh.metrics().await;
     assert_sample(
         &metrics,
         "trellis_llm_tokens_total{kind=\"completion\",provider=\"primary\"} 6",
@@ -470,7 +460,7 @@ async fn a_server_error_fails_over_to_the_next_provider() {
     assert_eq!(r.backup.hits(), 1);
     assert_eq!(r.backup.seen()[0].body["model"], "fake-b");
     assert_eq!(r.backup.seen()[0].authorization, None);
-    let metrics = metrics_of(&r.mesh).await;
+    let metrics = r.mesh.metrics().await;
     assert_sample(
         &metrics,
         "trellis_llm_failovers_total{provider=\"primary\",reason=\"server_error\"} 1",
@@ -552,7 +542,7 @@ async fn a_slow_first_token_fails_over() {
     let ttft = done.time_to_first_token.expect("ttft");
     let ttft = Duration::new(ttft.seconds as u64, ttft.nanos as u32);
     assert!(ttft >= Duration::from_millis(300), "{ttft:?}");
-    let m = metrics_of(&r.mesh).await;
+    let m = r.mesh.metrics().await;
     let backup_ttft = metric_value(
         &m,
         "trellis_llm_time_to_first_token_seconds_sum{provider=\"backup\"}",
@@ -679,7 +669,7 @@ async fn the_breaker_opens_after_failures_and_recovers_after_cooldown() {
         .expect("backup");
     assert_eq!(out.completed.expect("completed").provider, "backup");
     assert_eq!(r.primary.hits(), 2);
-    let metrics = metrics_of(&r.mesh).await;
+    let metrics = r.mesh.metrics().await;
     assert_sample(
         &metrics,
         "trellis_llm_breaker_state{provider=\"primary\"} 1",
@@ -689,13 +679,13 @@ async fn the_breaker_opens_after_failures_and_recovers_after_cooldown() {
     r.primary.set_fallback(Script::ok(&["back"], Some((1, 1))));
     tokio::time::sleep(Duration::from_millis(600)).await;
     // The gauge is read at scrape time: half-open before any call.
-    let m = metrics_of(&r.mesh).await;
+    let m = r.mesh.metrics().await;
     assert_sample(&m, "trellis_llm_breaker_state{provider=\"primary\"} 2");
     let out = stream(&mut c, &r.token, params("solo", "hi"))
         .await
         .expect("probe");
     assert_eq!(out.deltas.concat(), "back");
-    let m = metrics_of(&r.mesh).await;
+    let m = r.mesh.metrics().await;
     assert_sample(&m, "trellis_llm_breaker_state{provider=\"primary\"} 0");
     assert_sample(&m, "trellis_llm_breaker_state{provider=\"backup\"} 0");
     let out = stream(&mut c, &r.token, params("solo", "hi"))
@@ -1373,7 +1363,7 @@ async fn an_unreachable_provider_fails_over_and_counts_against_its_breaker() {
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         assert_eq!(r.backup.hits(), round);
     }
-    let m = metrics_of(&r.mesh).await;
+    let m = r.mesh.metrics().await;
     assert_sample(
         &m,
         "trellis_llm_failovers_total{provider=\"primary\",reason=\"connect_timeout\"} 2",
@@ -1405,7 +1395,7 @@ async fn a_refused_connection_is_retried_then_fails_over() {
         .await
         .expect("the backup answers");
     assert_eq!(out.completed.expect("completed").provider, "backup");
-    let m = metrics_of(&r.mesh).await;
+    let m = r.mesh.metrics().await;
     assert_sample(
         &m,
         "trellis_llm_upstream_duration_seconds_count{outcome=\"connect\",provider=\"primary\"} 2",
@@ -1558,7 +1548,7 @@ async fn server_errors_are_retried_on_the_same_provider_with_back_off() {
     assert_eq!(out.completed.expect("completed").provider, "primary");
     assert_eq!(out.deltas.concat(), "Hello world");
     assert_eq!((r.primary.hits(), r.backup.hits()), (2, 0));
-    let m = metrics_of(&r.mesh).await;
+    let m = r.mesh.metrics().await;
     assert_sample(
         &m,
         "trellis_llm_upstream_duration_seconds_count{outcome=\"server_error\",provider=\"primary\"} 1",

@@ -1572,12 +1572,7 @@ async fn lookups_recover_when_their_shared_connections_are_cut() {
         assert_eq!(user.expect("user").username, "multiplexed");
     }
     assert_eq!(mesh.store.pg_shared_open(), 2, "both dialled, in turn");
-    let metrics = reqwest::get(format!("{}/metrics", mesh.url()))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let metrics = mesh.metrics().await;
     assert!(
         metrics.contains(r#"trellis_pool_connections{pool="database_multiplexed",state="open"} 2"#),
         "{metrics}"

@@ -127,6 +127,16 @@ impl TestMesh {
         format!("http://{}", self.addr)
     }
 
+    /// The server's Prometheus text (`GET /metrics`).
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url()))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// A fresh (not shared) connection to this server.
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.url())
