@@ -210,12 +210,13 @@ fn llm_for(args: &RunArgs) -> anyhow::Result<run::LlmLoad> {
 
 /// The chat scenarios' loads: chat-relay's 100 streams (--quick: 20) of
 /// 200 tokens paced 5 ms apart (--quick: 50, 10 ms apart), and the pool of
-/// sessions every turn takes a fresh one from.
+/// sessions every turn takes a fresh one from, beside 100,000 messages
+/// (--quick: 5,000) of the member's earlier conversations.
 fn chat_for(args: &RunArgs) -> run::ChatLoad {
-    let (chunks, interval_ms, streams, sessions) = if args.quick {
-        (50, 10, 20, 3_000)
+    let (chunks, interval_ms, streams, sessions, history) = if args.quick {
+        (50, 10, 20, 3_000, 5_000)
     } else {
-        (200, 5, 100, 30_000)
+        (200, 5, 100, 30_000, 100_000)
     };
     run::ChatLoad {
         relay: fakellm::Script {
@@ -224,6 +225,7 @@ fn chat_for(args: &RunArgs) -> run::ChatLoad {
         },
         relay_streams: streams,
         sessions,
+        history,
     }
 }
 

@@ -431,6 +431,16 @@ fn chat_ttft(direct: &ScenarioResult, chat: &ScenarioResult, facts: Option<&Seed
                 d.as_secs_f64()
             )
         });
+    let history = facts
+        .and_then(|f| f.chat_history)
+        .map_or(String::new(), |(n, d)| {
+            format!(
+                " Beside them, {n} messages of the member's earlier conversations (50 to a \
+                 session of their own) were bulk-inserted ({:.1} s) and analysed with the rest, \
+                 so the turns query a table with statistics, as in a deployment.",
+                d.as_secs_f64()
+            )
+        });
     let m = |k: &str| chat.server_means_us.get(k).copied();
     let inside = match (m("chat_first_token"), m("upstream_first_token")) {
         (Some(c), u) => format!(
@@ -454,7 +464,7 @@ fn chat_ttft(direct: &ScenarioResult, chat: &ScenarioResult, facts: Option<&Seed
          session lookup, the turn's transaction, the user's preferences (UserService over the \
          mesh, cached), LlmService.GenerateStream over the mesh (the quota script in Redis) and \
          the fake upstream. Both read their answers to the end and check them. Per turn: \
-         trellisd CPU {}, PostgreSQL CPU {}, Redis CPU {}.{sessions}{inside}",
+         trellisd CPU {}, PostgreSQL CPU {}, Redis CPU {}.{sessions}{history}{inside}",
         us_or(Some(direct.p50_us)),
         us_or(Some(direct.p99_us)),
         us_or(Some(chat.p50_us)),

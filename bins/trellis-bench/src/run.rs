@@ -61,6 +61,9 @@ pub struct ChatLoad {
     pub relay_streams: usize,
     /// Sessions created for the chat scenarios' turns, one a turn.
     pub sessions: i32,
+    /// Messages of the chat member's earlier conversations, in sessions
+    /// the turns do not use: the table the turns query is not empty.
+    pub history: i32,
 }
 
 /// The LLM scenarios' loads.
@@ -1031,6 +1034,7 @@ mod tests {
             relay: fakellm::Script::SHORT,
             relay_streams: 100,
             sessions: 10,
+            history: 0,
         };
         assert_eq!(
             plan_of(

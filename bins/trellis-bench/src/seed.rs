@@ -101,6 +101,9 @@ pub struct SeedFacts {
     pub serial_logins: Vec<Duration>,
     /// Chat sessions bulk-inserted for the chat turns, and how long it took.
     pub chat_sessions: Option<(usize, Duration)>,
+    /// Messages of earlier conversations bulk-inserted beside them (in
+    /// sessions of their own), and how long it took.
+    pub chat_history: Option<(i32, Duration)>,
     /// Sizes of the request bodies captured from chat's upstream calls,
     /// by upstream model.
     pub captured_bytes: Vec<(&'static str, usize)>,
@@ -176,6 +179,7 @@ impl Fixture {
                 relay: Script::SHORT,
                 relay_streams: 1,
                 sessions: 1,
+                history: 0,
             },
             chat_user: None,
             chat_sessions: None,
@@ -360,9 +364,44 @@ impl Fixture {
             .await
             .context("bulk-inserting chat sessions")?;
         self.facts.chat_sessions = Some((ids.len(), t0.elapsed()));
+        self.chat_history(user).await?;
         let pool = Rotation::new(ids.iter().map(Uuid::to_string).collect());
         self.chat_sessions = Some(pool.clone());
         Ok(pool)
+    }
+
+    /// The member's earlier conversations: `chat.history` completed
+    /// messages, user and assistant in turn, 50 to a session of its own
+    /// (none of the pool's), bulk-inserted. A deployment's message table
+    /// is not empty; measured on an empty one, the turns' statements would
+    /// run on plans made for a table of a few rows (PostgreSQL keeps a
+    /// connection's generic plan until the table is analysed again, which
+    /// autovacuum does not do within a 10 s window) and scan it whole.
+    async fn chat_history(&mut self, user: Uuid) -> anyhow::Result<()> {
+        const PER_SESSION: i32 = 50;
+        let messages = self.chat.history.max(0);
+        if messages == 0 {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        self.db
+            .execute(
+                "WITH s AS (\
+                   INSERT INTO chat_sessions (id, user_id, model, title, last_activity_at) \
+                   SELECT gen_random_uuid(), $1, $2, 'bench history', now() - interval '1 day' \
+                   FROM generate_series(1, ($3::int + $4::int - 1) / $4::int) RETURNING id) \
+                 INSERT INTO chat_messages (id, session_id, user_id, role, content, status, model, created_at) \
+                 SELECT gen_random_uuid(), s.id, $1, \
+                   CASE WHEN k % 2 = 0 THEN 'user' ELSE 'assistant' END, \
+                   'message ' || k || ' of an earlier conversation about the quarterly plan', \
+                   'completed', $2, now() - interval '1 day' + k * interval '1 second' \
+                 FROM s, generate_series(0, $4::int - 1) AS k",
+                &[&user, &fakellm::ALIAS, &messages, &PER_SESSION],
+            )
+            .await
+            .context("bulk-inserting earlier chat messages")?;
+        self.facts.chat_history = Some((messages, t0.elapsed()));
+        Ok(())
     }
 
     /// The search corpus (once): an administrator to own it, `trellisd
