@@ -543,6 +543,9 @@ impl Gateway {
             }
             None => {}
         }
+        // The caller's next call is admitted only once this one's lease is
+        // given back, though the stream ends before Redis confirms it.
+        let settling = self.limiter.settling(job.user).await;
         drop(tx);
         self.metrics
             .tokens
@@ -568,6 +571,7 @@ impl Gateway {
             t0,
         )
         .await;
+        drop(settling);
     }
 
     /// Answers from the cache: one delta and a final event marked cached,

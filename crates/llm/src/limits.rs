@@ -9,6 +9,8 @@
 //! A stream lease is a sorted-set member that expires on its own, so a
 //! crashed replica cannot leak concurrency.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
@@ -160,11 +162,41 @@ pub struct Lease {
     reserved: Estimate,
 }
 
+type Gates = Arc<Mutex<HashMap<Uuid, Arc<tokio::sync::RwLock<()>>>>>;
+
 /// The quota checks of the gateway.
 #[derive(Debug, Clone)]
 pub struct Limiter {
     store: Store,
     script: redis::Script,
+    /// Per user with a settlement under way in this process: the gate its
+    /// settlements hold shared and its next admission waits on, so a
+    /// stream that has ended (the caller saw its end before Redis
+    /// confirmed the settlement) never holds the slot of the caller's
+    /// next call.
+    settling: Gates,
+}
+
+/// A settlement begun for a user (see [`Limiter::settling`]); admissions
+/// of that user in this process wait until it is dropped.
+#[derive(Debug)]
+pub struct Settling {
+    user: Uuid,
+    gates: Gates,
+    gate: Arc<tokio::sync::RwLock<()>>,
+    guard: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        // Nobody else holds this gate (the map's reference and ours): the
+        // user has nothing under way any more.
+        if Arc::strong_count(&self.gate) == 2 {
+            gates.remove(&self.user);
+        }
+    }
 }
 
 impl Limiter {
@@ -172,6 +204,39 @@ impl Limiter {
         Limiter {
             store,
             script: redis::Script::new(ACQUIRE),
+            settling: Arc::default(),
+        }
+    }
+
+    /// Marks a settlement of `user`'s as under way, until the returned
+    /// value drops: taken before the caller is told the call ended.
+    pub async fn settling(&self, user: Uuid) -> Settling {
+        let gate = self
+            .settling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(user)
+            .or_default()
+            .clone();
+        let guard = gate.clone().read_owned().await;
+        Settling {
+            user,
+            gates: self.settling.clone(),
+            gate,
+            guard: Some(guard),
+        }
+    }
+
+    /// Waits until the settlements of `user` begun so far are done.
+    async fn settled(&self, user: Uuid) {
+        let gate = self
+            .settling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&user)
+            .cloned();
+        if let Some(gate) = gate {
+            drop(gate.write().await);
         }
     }
 
@@ -195,6 +260,7 @@ impl Limiter {
         lease_for: Duration,
         estimate: Estimate,
     ) -> Result<Lease, LlmError> {
+        self.settled(user).await;
         let now = Utc::now();
         let w = Windows::at(&self.store, user, now);
         let tokens_expire_ms = (w.day_end + chrono::Duration::hours(1)).timestamp_millis();
