@@ -1098,3 +1098,65 @@ async fn undecodable_requests_are_invalid_argument_naming_the_field() {
     );
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_of_one_process_call_each_other_over_the_in_process_link_through_every_layer() {
+    use std::sync::Arc;
+    use trellis_mesh::{MeshBuilder, MeshClients, local};
+    let infra = infra().await;
+    let config = Arc::new(trellis_tests::mesh::test_config(
+        infra.fresh_database().await,
+        infra.redis_url.clone(),
+        infra.fresh_prefix(),
+    ));
+    let store = trellis_store::Store::from_config(&config).expect("store");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (link, incoming) = local::link();
+    let mesh = MeshBuilder::new(config.clone(), store, vec![ServiceName::System])
+        .in_process(incoming)
+        .start(listener, std::future::pending())
+        .await
+        .expect("starts");
+    // System is mounted here and has no address: its client takes the link.
+    let clients =
+        MeshClients::new(&config.services, link.clone(), &[ServiceName::System]).expect("clients");
+    let mut client = clients
+        .client(
+            ServiceName::System,
+            &CallContext::background(),
+            SystemServiceClient::new,
+        )
+        .expect("client");
+    for _ in 0..2 {
+        let info = client
+            .get_info(GetInfoRequest {})
+            .await
+            .expect("a call over the link")
+            .into_inner();
+        assert!(!info.version.is_empty(), "{info:?}");
+    }
+    // The server's own layers saw both calls, like any other.
+    let ok = r#"trellis_grpc_requests_total{code="OK",method="GetInfo",service="trellis.system.v1.SystemService"}"#;
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(metric_value(&text, ok), 2.0, "{text}");
+    mesh.shutdown().await.expect("stops");
+    // A stopped server takes no more calls over the link: UNAVAILABLE, as
+    // from a closed listener.
+    assert_eq!(
+        link.dial().err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::ConnectionRefused)
+    );
+    let err = client
+        .get_info(GetInfoRequest {})
+        .await
+        .expect_err("no server");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+}

@@ -38,7 +38,9 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<RunningMesh> {
     let enabled = config.services.resolve_enabled()?;
-    let clients = MeshClients::new(&config.services, listener.local_addr()?, &enabled)?;
+    // Services mounted here call each other over an in-process link.
+    let (link, in_process) = trellis_mesh::local::link();
+    let clients = MeshClients::new(&config.services, link, &enabled)?;
     let revocations = Revocations::new(store.clone(), config.auth.access_token_ttl);
     let listener_task = store.has_redis().then(|| revocations.spawn_listener());
     let verifier = Arc::new(TokenVerifier::new(
@@ -69,7 +71,9 @@ pub async fn start(
         },
     };
     let store_for_mail = store.clone();
-    let builder = MeshBuilder::new(config.clone(), store, enabled.clone()).authenticator(verifier);
+    let builder = MeshBuilder::new(config.clone(), store, enabled.clone())
+        .authenticator(verifier)
+        .in_process(in_process);
     let (builder, tasks) = mount(builder, &enabled, &deps)?;
     // Mail queued by AuthService is delivered from here.
     let outbox = if enabled.contains(&ServiceName::Auth) && store_for_mail.has_pg() {

@@ -1,7 +1,9 @@
 //! The channel factory: a typed client for any Trellis service, at the
 //! address configured for it (`[services.<name>] address`), or this very
-//! server when the service is mounted here. Every call made through it
-//! carries the caller's request id, remaining deadline and credentials.
+//! server when the service is mounted here — over the in-process link
+//! ([`crate::local`]) when the process has one, else its own listener.
+//! Every call made through it carries the caller's request id, remaining
+//! deadline and credentials.
 //!
 //! Channels are lazy (nothing connects until the first call) and shared:
 //! one HTTP/2 connection per target, multiplexing every call.
@@ -17,6 +19,28 @@ use trellis_core::ServiceName;
 use trellis_core::config::ServicesConfig;
 
 use crate::context::CallContext;
+use crate::local::LocalLink;
+
+/// How a process reaches the services it mounts itself.
+#[derive(Debug, Clone)]
+pub enum Local {
+    /// Its own listener, over loopback TCP.
+    Addr(SocketAddr),
+    /// Its in-process link.
+    Link(LocalLink),
+}
+
+impl From<SocketAddr> for Local {
+    fn from(a: SocketAddr) -> Local {
+        Local::Addr(a)
+    }
+}
+
+impl From<LocalLink> for Local {
+    fn from(l: LocalLink) -> Local {
+        Local::Link(l)
+    }
+}
 
 /// Interceptor forwarding a [`CallContext`] on every request.
 #[derive(Debug, Clone)]
@@ -42,21 +66,22 @@ pub struct MeshClients {
 
 impl MeshClients {
     /// Builds channels from configuration: an explicit address wins; a
-    /// service mounted locally is reached at `local`; others are absent.
+    /// service mounted locally is reached through `local`; others are absent.
     pub fn new(
         services: &ServicesConfig,
-        local: SocketAddr,
+        local: impl Into<Local>,
         mounted: &[ServiceName],
     ) -> Result<MeshClients, tonic::transport::Error> {
-        let local_url = format!("http://{}", connectable(local));
+        let local = local.into();
         let mut channels = HashMap::new();
         for name in ServiceName::ALL {
-            let address = match services.endpoint(name) {
-                Some(ep) => ep.address.clone(),
-                None if mounted.contains(&name) => local_url.clone(),
-                None => continue,
+            let channel = match (services.endpoint(name), &local) {
+                (Some(ep), _) => lazy_channel(&ep.address)?,
+                (None, _) if !mounted.contains(&name) => continue,
+                (None, Local::Addr(a)) => lazy_channel(&format!("http://{}", connectable(*a)))?,
+                (None, Local::Link(link)) => in_process_channel(link.clone()),
             };
-            channels.insert(name, lazy_channel(&address)?);
+            channels.insert(name, channel);
         }
         Ok(MeshClients { channels })
     }
@@ -103,4 +128,15 @@ fn lazy_channel(address: &str) -> Result<Channel, tonic::transport::Error> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .connect_lazy())
+}
+
+/// A channel that dials this process's server over `link`; like a socket
+/// channel, it connects on first use and again after the connection ends.
+fn in_process_channel(link: LocalLink) -> Channel {
+    Endpoint::from_static("http://in-process.trellis").connect_with_connector_lazy(
+        tower::service_fn(move |_: http::Uri| {
+            let dialled = link.dial();
+            async move { dialled }
+        }),
+    )
 }

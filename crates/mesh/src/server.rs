@@ -35,6 +35,7 @@ use crate::layers::metrics::{Metrics, MetricsLayer};
 use crate::layers::scrape::ScrapeLayer;
 use crate::layers::shed::ShedLayer;
 use crate::layers::{client_ip, request_id, trace};
+use crate::local::{Conn, LocalIncoming};
 use crate::system::System;
 
 /// What a service needs to serve; its health follows these dependencies.
@@ -65,6 +66,7 @@ pub struct MeshBuilder {
     authenticator: Option<Arc<dyn Authenticator>>,
     collectors: Vec<Box<dyn prometheus::core::Collector>>,
     drain_hooks: Vec<watch::Sender<bool>>,
+    in_process: Option<LocalIncoming>,
 }
 
 impl std::fmt::Debug for MeshBuilder {
@@ -88,7 +90,15 @@ impl MeshBuilder {
             authenticator: None,
             collectors: Vec::new(),
             drain_hooks: Vec::new(),
+            in_process: None,
         }
+    }
+
+    /// Also accepts connections from this process's mesh clients over an
+    /// in-process link ([`crate::local`]), beside the listener's.
+    pub fn in_process(mut self, incoming: LocalIncoming) -> MeshBuilder {
+        self.in_process = Some(incoming);
+        self
     }
 
     /// Verifies the credentials of every call (see `layers::authn`).
@@ -143,6 +153,7 @@ impl MeshBuilder {
             authenticator,
             collectors,
             drain_hooks,
+            in_process,
         } = self;
         let server_cfg = &config.server;
         let max = server_cfg.max_message_bytes;
@@ -259,10 +270,7 @@ impl MeshBuilder {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(layers)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                signal,
-            );
+            .serve_with_incoming_shutdown(incoming(listener, in_process), signal);
 
         let drain_timeout = server_cfg.drain_timeout;
         let task = tokio::spawn(async move {
@@ -296,6 +304,26 @@ impl MeshBuilder {
             drain_timeout: config.server.drain_timeout,
         })
     }
+}
+
+/// The listener's connections and, when there is a link, the in-process
+/// ones. Dropped when shutdown starts: the listener closes and dialling
+/// the link fails from then on.
+fn incoming(
+    listener: TcpListener,
+    in_process: Option<LocalIncoming>,
+) -> impl futures::Stream<Item = std::io::Result<Conn>> + Send {
+    use futures::StreamExt;
+    let tcp = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|c| c.map(Conn::Tcp));
+    let local = match in_process {
+        Some(l) => tokio_stream::wrappers::UnboundedReceiverStream::new(l.rx)
+            .map(|c| Ok(Conn::Local(c)))
+            .left_stream(),
+        None => futures::stream::empty().right_stream(),
+    };
+    futures::stream::select(tcp, local)
 }
 
 /// CORS rules. Listed origins may send credentials (the session cookie;
