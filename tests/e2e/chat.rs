@@ -498,6 +498,60 @@ async fn sessions_are_created_listed_updated_and_deleted_by_their_owner_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_larger_than_the_in_process_pipe_reaches_the_gateway_whole() {
+    // Chat sends every turn of the history to LlmService over the
+    // in-process link, whose pipe buffers 256 KiB: nine messages of 31,000
+    // characters make the last request larger than that. The model's
+    // window holds them all, so the upstream gets the whole of it too.
+    let r = rig(|c| {
+        if let Some(m) = c.llm.models.get_mut("fast") {
+            m.context_window = 200_000;
+        }
+    })
+    .await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    for i in 0..9 {
+        let content = format!("turn{i} {}", "word ".repeat(6_200));
+        let turn = send_message(&mut c, &r.token, send(&s.id, &content, &format!("big{i}")))
+            .await
+            .expect("turn");
+        assert_eq!(turn.text, "Hello world", "turn {i}: {:?}", turn.failed);
+        let seen = r.primary.seen();
+        let sent = seen.last().expect("an upstream call").body["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let text = |m: &serde_json::Value| m["content"].as_str().unwrap_or("").to_string();
+        // Every turn so far and its answers, in order, this one last.
+        let users: Vec<String> = sent
+            .iter()
+            .filter(|m| m["role"] == "user")
+            .map(text)
+            .collect();
+        assert_eq!(users.len(), i + 1, "turn {i}");
+        assert!(
+            users
+                .iter()
+                .enumerate()
+                .all(|(k, u)| u.starts_with(&format!("turn{k} ")))
+        );
+        assert_eq!(users.last(), Some(&content), "turn {i}");
+    }
+    let total: usize = r.primary.seen().last().expect("call").body["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|m| m["content"].as_str().map_or(0, str::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(total > 256 * 1024, "{total} bytes of conversation");
+    let all = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(all.len(), 18);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converse_carries_many_turns_in_order_with_history() {
     let r = rig(|_| {}).await;
     let mut c = chat(&r.mesh).await;
