@@ -732,6 +732,57 @@ async fn a_second_send_while_generating_is_refused_and_resends_are_idempotent() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_on_the_converse_stream_relaying_its_reply_does_not_repeat_the_reply() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let s = new_session(&mut c, &r.token, "fast").await;
+    r.primary.push([Script::slow(8, Duration::from_millis(60))]);
+    let mut conv = Conv::open(&mut c, &r.token).await;
+    conv.send(send(&s.id, "slow one", "k1")).await;
+    let mut turn = Turn::default();
+    while turn.text.is_empty() {
+        let e = conv.next().await;
+        assert!(!take(&mut turn, pb::ChatEvent { event: Some(e) }));
+    }
+    let first = turn.accepted.clone().expect("accepted");
+    assert!(!first.duplicate);
+    // The client resends the turn on the same stream while its reply is
+    // still coming: acknowledged as the original, and the reply's events
+    // go on arriving once each.
+    conv.send(send(&s.id, "slow one", "k1")).await;
+    let mut acks = Vec::new();
+    let completed = loop {
+        match conv.next().await {
+            Ev::Accepted(a) => acks.push(a),
+            Ev::Delta(d) => {
+                assert_eq!(d.offset as usize, turn.text.len(), "no delta twice");
+                turn.text.push_str(&d.text);
+            }
+            Ev::Completed(done) => break done,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(acks.len(), 1);
+    assert!(acks[0].duplicate);
+    assert_eq!(acks[0].assistant_message_id, first.assistant_message_id);
+    assert_eq!(completed.message_id, first.assistant_message_id);
+    assert_eq!(turn.text, "t0 t1 t2 t3 t4 t5 t6 t7 ");
+    let quiet = tokio::time::timeout(Duration::from_millis(300), conv.rx.message()).await;
+    assert!(quiet.is_err(), "nothing after the one completed: {quiet:?}");
+    // Once the reply is over, a resend replays it whole.
+    conv.send(send(&s.id, "slow one", "k1")).await;
+    let replay = conv.turn().await;
+    assert!(replay.accepted.expect("accepted").duplicate);
+    assert_eq!(replay.text, "t0 t1 t2 t3 t4 t5 t6 t7 ");
+    assert!(replay.offsets_ok);
+    assert_eq!(
+        replay.completed.expect("completed").status,
+        pb::MessageStatus::Completed as i32
+    );
+    assert_eq!(messages(&mut c, &r.token, &s.id).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_the_upstream_and_keeps_the_partial_reply() {
     let r = rig(|_| {}).await;
     let mut c = chat(&r.mesh).await;

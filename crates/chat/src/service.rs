@@ -348,6 +348,41 @@ const REAUTHENTICATE: &str = "send `authenticate` with a fresh access token on t
 /// for the event buffer is caught up from the content so far instead, so
 /// memory stays bounded and other streams never wait for it. Ends after the
 /// final event, or when the client is gone (the reply goes on).
+/// The replies a Converse stream is relaying, each by its own task.
+#[derive(Default)]
+struct Relays {
+    tasks: tokio::task::JoinSet<Uuid>,
+    ids: std::collections::HashSet<Uuid>,
+}
+
+impl Relays {
+    fn spawn(&mut self, id: Uuid, relay: impl Future<Output = ()> + Send + 'static) {
+        self.ids.insert(id);
+        self.tasks.spawn(async move {
+            relay.await;
+            id
+        });
+    }
+
+    fn contains(&self, id: &Uuid) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// Forgets the relays that have ended.
+    fn reap(&mut self) {
+        while let Some(done) = self.tasks.try_join_next() {
+            if let Ok(id) = done {
+                self.ids.remove(&id);
+            }
+        }
+    }
+
+    /// Waits for every relay to end.
+    async fn finish(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
 async fn forward<T>(
     mut rx: broadcast::Receiver<pb::ChatEvent>,
     live: Arc<Live>,
@@ -713,7 +748,7 @@ impl ChatSvc {
         action: Option<pb::converse_request::Action>,
         auth: &mut StreamAuth,
         tx: &Out<pb::ConverseResponse>,
-        relays: &mut tokio::task::JoinSet<()>,
+        relays: &mut Relays,
     ) {
         use pb::converse_request::Action;
         let say = |e: pb::ChatEvent| async move {
@@ -740,7 +775,7 @@ impl ChatSvc {
                             event: Some(Ev::Accepted(accepted)),
                         })
                         .await;
-                        relays.spawn(forward(events, live, id, tx.clone(), wrap_converse));
+                        relays.spawn(id, forward(events, live, id, tx.clone(), wrap_converse));
                     }
                     Ok(TurnStart::Duplicate { accepted }) => {
                         let id = Uuid::parse_str(&accepted.assistant_message_id).ok();
@@ -748,10 +783,12 @@ impl ChatSvc {
                             event: Some(Ev::Accepted(accepted)),
                         })
                         .await;
-                        if let Some(id) = id {
+                        // A resend of a turn this stream is relaying already:
+                        // its events keep coming once, not twice.
+                        if let Some(id) = id.filter(|id| !relays.contains(id)) {
                             let me = self.clone();
                             let tx = tx.clone();
-                            relays.spawn(async move {
+                            relays.spawn(id, async move {
                                 if let Err(e) =
                                     me.watch_into(id, 0, tx.clone(), wrap_converse).await
                                 {
@@ -1188,7 +1225,7 @@ impl ChatService for ChatSvc {
         tokio::spawn(async move {
             let _guard = guard;
             let mut auth = auth;
-            let mut relays = tokio::task::JoinSet::new();
+            let mut relays = Relays::default();
             let mut draining = me.engine.shutting_down.clone();
             loop {
                 let msg = tokio::select! {
@@ -1203,12 +1240,12 @@ impl ChatService for ChatSvc {
                     Ok(None) | Err(_) => break,
                 };
                 // Finished relays need not wait for the end of the stream.
-                while relays.try_join_next().is_some() {}
+                relays.reap();
                 // Boxed: its state (a whole turn's) is allocated while an
                 // action runs, not held by every idle stream's task.
                 Box::pin(me.converse_action(action, &mut auth, &tx, &mut relays)).await;
             }
-            while relays.join_next().await.is_some() {}
+            relays.finish().await;
         });
         Ok(Response::new(stream))
     }
