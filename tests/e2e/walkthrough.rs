@@ -86,6 +86,14 @@ async fn readme_walkthrough_works_with_grpcurl() {
     assert!(!success);
     assert!(out.contains("InvalidArgument"), "{out}");
     assert!(out.contains("email"), "field violations named: {out}");
+    // The details decoded through reflection, not left as raw bytes.
+    assert!(
+        out.contains(
+            r#""@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"#
+        ),
+        "BadRequest decoded: {out}"
+    );
+    assert!(!out.contains("is not recognized"), "{out}");
     let (success, out) = call(a, None, "trellis.auth.v1.AuthService/WhoAmI", "{}").await;
     assert!(!success);
     assert!(out.contains("Unauthenticated"), "{out}");

@@ -196,7 +196,11 @@ impl MeshBuilder {
         let reflection = || {
             let mut b = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // google.rpc.BadRequest, QuotaFailure, RetryInfo …: the
+                // error details our statuses carry, so grpcurl and other
+                // reflection clients print them decoded.
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
             for n in &listed {
                 b = b.with_service_name(n.clone());
             }
