@@ -168,6 +168,64 @@ impl Terminal {
     }
 }
 
+/// Standard output whose reader stops after the first write (`| head -1`).
+struct ClosedAfterFirstWrite {
+    written: bool,
+}
+
+impl Write for ClosedAfterFirstWrite {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if std::mem::replace(&mut self.written, true) {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_closed_by_its_reader_ends_the_command_quietly() {
+    let rig = rig(|_| {}).await;
+    let t = Terminal::new(rig.mesh.url());
+    t.register("piper@example.com", "piper").await;
+    let argv = [
+        "trellis",
+        "--server",
+        &t.server,
+        "--config-dir",
+        &t.dir.path().display().to_string(),
+        "--json",
+        "models",
+    ]
+    .map(String::from);
+    let cli = Cli::try_parse_from(argv).expect("arguments");
+    let (_interrupt, mut interrupts) = mpsc::unbounded_channel();
+    let mut out = ClosedAfterFirstWrite { written: false };
+    let mut err = Shared::default();
+    let mut input = std::io::Cursor::new(Vec::new());
+    let mut io = Io {
+        stdin: &mut input,
+        out: &mut out,
+        err: &mut err,
+        interrupts: &mut interrupts,
+        terminal: false,
+        color: false,
+    };
+    let e = trellis_cli::run(cli, &mut io)
+        .await
+        .expect_err("the second line could not be written");
+    assert!(e.reader_gone(), "{e:?}");
+    assert_eq!(e.exit_code(), 0, "a closed pipe is not a failure");
+    assert_eq!(err.text(), "", "nothing said about it");
+    // Any other error still fails the command.
+    assert_eq!(
+        CliError::Io(std::io::ErrorKind::PermissionDenied.into()).exit_code(),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_keeps_a_login_refreshes_it_and_explains_refusals() {
     let rig = rig(|_| {}).await;

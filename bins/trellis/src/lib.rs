@@ -368,10 +368,18 @@ impl CliError {
     /// The process's exit status for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
+            _ if self.reader_gone() => 0,
             CliError::Usage(_) => 2,
             CliError::Interrupted => 130,
             _ => 1,
         }
+    }
+
+    /// Standard output was closed by its reader (`trellis users list |
+    /// head`): it wanted no more, so the command ends quietly, not with an
+    /// error.
+    pub fn reader_gone(&self) -> bool {
+        matches!(self, CliError::Io(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
     }
 }
 

@@ -32,6 +32,7 @@ async fn main() {
     };
     let code = match trellis_cli::run(cli, &mut io).await {
         Ok(()) => 0,
+        Err(e) if e.reader_gone() => 0,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "error: {e}");
             i32::from(e.exit_code())
