@@ -1045,7 +1045,7 @@ async fn the_cli_administers_accounts_roles_and_reads_the_audit_trail() {
         ["kimmy", "kim@example.com", "kimmy", "active", "member"],
         "{row}"
     );
-    assert_eq!(r.err, "1 of 1 accounts\n");
+    assert_eq!(r.err, "1 of 1 account\n");
     // Pages: one account a page, then the rest from the printed token.
     let r = admin
         .run(
@@ -1919,7 +1919,7 @@ async fn the_cli_manages_sessions_and_searches_messages() {
         hit.ends_with("you: tell me about <mark>compost</mark> heaps"),
         "{hit}"
     );
-    assert_eq!(r.err, "1 messages\n");
+    assert_eq!(r.err, "1 message\n");
 
     // Someone else sees none of it.
     let other = Terminal::new(rig.mesh.url());

@@ -340,7 +340,12 @@ impl Client {
                 if !self.json {
                     table(io.out, &HEAD, &rows)?;
                 }
-                writeln!(io.err, "{} of {total} accounts", rows.len())?;
+                writeln!(
+                    io.err,
+                    "{} of {total} account{}",
+                    rows.len(),
+                    if total == 1 { "" } else { "s" }
+                )?;
                 if !next.is_empty() {
                     writeln!(io.err, "more: --page-token={next}")?;
                 }

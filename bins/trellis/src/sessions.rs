@@ -183,7 +183,8 @@ impl Client {
                         highlight(&h.snippet, io.color)
                     )?;
                 }
-                writeln!(io.err, "{} messages", r.hits.len())?;
+                let n = r.hits.len();
+                writeln!(io.err, "{n} message{}", if n == 1 { "" } else { "s" })?;
                 return Ok(());
             }
         }
