@@ -344,10 +344,6 @@ struct StreamAuth {
 
 const REAUTHENTICATE: &str = "send `authenticate` with a fresh access token on this stream";
 
-/// Relays a reply's local events to one client stream. A reader too slow
-/// for the event buffer is caught up from the content so far instead, so
-/// memory stays bounded and other streams never wait for it. Ends after the
-/// final event, or when the client is gone (the reply goes on).
 /// The replies a Converse stream is relaying, each by its own task.
 #[derive(Default)]
 struct Relays {
@@ -383,6 +379,10 @@ impl Relays {
     }
 }
 
+/// Relays a reply's local events to one client stream. A reader too slow
+/// for the event buffer is caught up from the content so far instead, so
+/// memory stays bounded and other streams never wait for it. Ends after the
+/// final event, or when the client is gone (the reply goes on).
 async fn forward<T>(
     mut rx: broadcast::Receiver<pb::ChatEvent>,
     live: Arc<Live>,
