@@ -124,13 +124,13 @@ async fn status_of(mesh: &TestMesh, service: &str) -> ServingStatus {
     ServingStatus::try_from(resp.status).expect("known status")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_follows_redis_down_and_back() {
+/// A mesh on a Redis of its own (which a test may stop or freeze), kept in
+/// the returned directory.
+async fn mesh_on_own_redis() -> (tempfile::TempDir, PrivateRedis, TestMesh) {
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = PrivateRedis::start(dir.path(), None)
         .await
         .expect("redis starts");
-    let port = redis.port;
     let mesh = TestMesh::start_with(
         TestOptions {
             redis_url: Some(redis.url()),
@@ -139,6 +139,57 @@ async fn health_follows_redis_down_and_back() {
         |_| {},
     )
     .await;
+    (dir, redis, mesh)
+}
+
+/// A Redis that hangs (frozen: its connections stay open, nothing is
+/// answered) before the health probe has noticed: calls that need it end
+/// in UNAVAILABLE naming Redis — worth retrying — not INTERNAL, and work
+/// again once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_redis_is_unavailable_not_internal() {
+    use trellis_proto::llm::v1 as llm;
+    use trellis_proto::llm::v1::llm_service_client::LlmServiceClient;
+    let (_dir, redis, mesh) = mesh_on_own_redis().await;
+    let mut auth = crate::auth::auth(&mesh).await;
+    let token = crate::auth::access(&crate::auth::register(&mut auth, "frozen").await);
+    let mut llm_client = LlmServiceClient::new(mesh.channel().await);
+
+    redis.freeze();
+    let login = crate::auth::login(&mut auth, "frozen", crate::auth::PASSWORD)
+        .await
+        .expect_err("login needs Redis");
+    assert_eq!(login.code(), tonic::Code::Unavailable, "{login:?}");
+    assert!(login.message().contains("redis"), "{login:?}");
+    let limits = llm_client
+        .get_limits(crate::auth::bearer(llm::GetLimitsRequest {}, &token))
+        .await
+        .expect_err("limits live in Redis");
+    assert_eq!(limits.code(), tonic::Code::Unavailable, "{limits:?}");
+    // Tokens are verified locally: who the caller is needs no Redis.
+    let me = crate::auth::who(&mut auth, &token).await;
+    assert!(
+        me.is_ok() || me.as_ref().err().map(|s| s.code()) == Some(tonic::Code::Unavailable),
+        "never INTERNAL: {me:?}"
+    );
+
+    redis.thaw();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            crate::auth::login(&mut auth.clone(), "frozen", crate::auth::PASSWORD)
+                .await
+                .is_ok()
+        })
+        .await,
+        "login works again once Redis answers"
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_redis_down_and_back() {
+    let (dir, redis, mesh) = mesh_on_own_redis().await;
+    let port = redis.port;
 
     assert!(
         eventually(Duration::from_secs(5), || async {

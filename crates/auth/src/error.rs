@@ -76,6 +76,8 @@ impl From<AuthError> for Status {
             ),
             AuthError::NotFound => Status::not_found("not found"),
             AuthError::Store(e) => e.into(),
+            AuthError::Db(e) => StoreError::Query(e).into(),
+            AuthError::Redis(e) => StoreError::Redis(e).into(),
             other => internal(&other),
         }
     }

@@ -1,7 +1,7 @@
 //! The chat service's errors and their gRPC status.
 
 use tonic::Status;
-use trellis_core::error::{FieldViolations, internal};
+use trellis_core::error::FieldViolations;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -46,10 +46,8 @@ impl From<ChatError> for Status {
             ChatError::Precondition(m) => Status::failed_precondition(m),
             ChatError::Upstream(s) => s,
             ChatError::Store(e) => e.into(),
-            ChatError::Redis(e) if e.is_io_error() || e.is_connection_dropped() => {
-                trellis_core::error::unavailable("redis")
-            }
-            other => internal(&other),
+            ChatError::Db(e) => trellis_store::StoreError::Query(e).into(),
+            ChatError::Redis(e) => trellis_store::StoreError::Redis(e).into(),
         }
     }
 }

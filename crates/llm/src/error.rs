@@ -96,9 +96,8 @@ impl From<LlmError> for Status {
             LlmError::Rejected(m) => Status::invalid_argument(m),
             LlmError::Upstream(s) => s,
             LlmError::Store(e) => e.into(),
-            LlmError::Redis(e) if e.is_io_error() || e.is_connection_dropped() => {
-                trellis_core::error::unavailable("redis")
-            }
+            LlmError::Db(e) => trellis_store::StoreError::Query(e).into(),
+            LlmError::Redis(e) => trellis_store::StoreError::Redis(e).into(),
             other => internal(&other),
         }
     }

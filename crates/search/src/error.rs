@@ -1,7 +1,7 @@
 //! The search service's errors and their gRPC status.
 
 use tonic::Status;
-use trellis_core::error::{FieldViolations, internal};
+use trellis_core::error::FieldViolations;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
@@ -36,7 +36,7 @@ impl From<SearchError> for Status {
             SearchError::Invalid(v) => v.into_status(),
             SearchError::NotFound => Status::not_found("not found"),
             SearchError::Store(e) => e.into(),
-            other => internal(&other),
+            SearchError::Db(e) => trellis_store::StoreError::Query(e).into(),
         }
     }
 }

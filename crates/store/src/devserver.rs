@@ -494,7 +494,28 @@ impl PrivateRedis {
         if let Ok(mut guard) = self.child.lock()
             && let Some(mut child) = guard.take()
         {
+            // A frozen server would take SIGTERM only once resumed.
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
             stop_child(&mut child, Signal::SIGTERM, Duration::from_secs(5));
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is
+    /// answered, as from a Redis that hangs; [`PrivateRedis::thaw`] resumes it.
+    pub fn freeze(&self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: Signal) {
+        if let Ok(guard) = self.child.lock()
+            && let Some(child) = guard.as_ref()
+        {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
         }
     }
 }

@@ -40,9 +40,52 @@ impl From<StoreError> for tonic::Status {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Unavailable(dep) => trellis_core::error::unavailable(dep),
+            StoreError::Redis(e) if redis_unreachable(&e) => {
+                tracing::warn!(error = %e, "redis is out of reach");
+                trellis_core::error::unavailable("redis")
+            }
+            StoreError::Query(e) if database_unreachable(&e) => {
+                tracing::warn!(error = %e, "the database is out of reach");
+                trellis_core::error::unavailable("database")
+            }
             other => trellis_core::error::internal(&other),
         }
     }
+}
+
+/// Whether a Redis error says Redis is out of reach — no connection, a
+/// connection lost, no answer in time, or a server that cannot serve yet
+/// (loading, no master) — rather than that the command was wrong: the
+/// caller gets UNAVAILABLE (worth retrying), not INTERNAL.
+pub fn redis_unreachable(e: &::redis::RedisError) -> bool {
+    use ::redis::{ErrorKind, ServerErrorKind};
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+            )
+        )
+}
+
+/// Whether a database error says PostgreSQL is out of reach (the
+/// connection closed or could not carry the statement) rather than that
+/// the statement failed: UNAVAILABLE, not INTERNAL.
+pub fn database_unreachable(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    matches!(
+        e,
+        Error::DatabaseError(
+            DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection,
+            _
+        ) | Error::BrokenTransactionManager
+    )
 }
 
 /// Last known reachability of each dependency, kept fresh by the mesh's
@@ -388,5 +431,44 @@ mod tests {
         assert!(!s.is_up());
         assert!(s.record(Probe::Up), "and up again at the first answer");
         assert!(!s.record(Probe::Down), "a refusal is down at once");
+    }
+
+    #[test]
+    fn an_unreachable_dependency_is_unavailable_and_a_bad_statement_internal() {
+        use std::io;
+        let code = |e: StoreError| tonic::Status::from(e).code();
+        for kind in [
+            io::ErrorKind::TimedOut,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::ConnectionRefused,
+        ] {
+            let e = ::redis::RedisError::from(io::Error::new(kind, "x"));
+            assert!(redis_unreachable(&e), "{kind:?}");
+            assert_eq!(code(StoreError::Redis(e)), tonic::Code::Unavailable);
+        }
+        let loading = ::redis::RedisError::from((
+            ::redis::ErrorKind::Server(::redis::ServerErrorKind::BusyLoading),
+            "loading",
+        ));
+        assert_eq!(code(StoreError::Redis(loading)), tonic::Code::Unavailable);
+        let wrong = ::redis::RedisError::from((::redis::ErrorKind::UnexpectedReturnType, "type"));
+        assert!(!redis_unreachable(&wrong));
+        assert_eq!(code(StoreError::Redis(wrong)), tonic::Code::Internal);
+
+        use diesel::result::{DatabaseErrorKind, Error};
+        let closed = Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection,
+            Box::new("server closed the connection".to_string()),
+        );
+        assert_eq!(code(StoreError::Query(closed)), tonic::Code::Unavailable);
+        let bad = Error::DatabaseError(
+            DatabaseErrorKind::CheckViolation,
+            Box::new("violates check".to_string()),
+        );
+        assert_eq!(code(StoreError::Query(bad)), tonic::Code::Internal);
+        assert_eq!(
+            code(StoreError::Query(Error::NotFound)),
+            tonic::Code::Internal
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The user service's errors and their gRPC status.
 
 use tonic::Status;
-use trellis_core::error::{FieldViolations, internal};
+use trellis_core::error::FieldViolations;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
@@ -50,8 +50,8 @@ impl From<UserError> for Status {
             UserError::Taken(m) => Status::already_exists(m),
             UserError::Precondition(m) => Status::failed_precondition(m),
             UserError::Store(e) => e.into(),
+            UserError::Db(e) => trellis_store::StoreError::Query(e).into(),
             UserError::Auth(e) => e.into(),
-            other => internal(&other),
         }
     }
 }
