@@ -1671,3 +1671,64 @@ async fn housekeeping_deletes_only_what_is_past_its_retention() {
     assert!(reuse.message().contains("reuse"), "{}", reuse.message());
     mesh.shutdown().await;
 }
+
+/// NUL and other control characters in what a caller signs in with, or in
+/// a token they present, are refused as bad input — never a database
+/// error surfacing as INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_logins_and_tokens_are_refused_as_bad_input() {
+    let mesh = TestMesh::start().await;
+    let mut a = auth(&mesh).await;
+    register(&mut a, "nulda").await;
+    for login in ["nul\0da", "nul\nda"] {
+        let e = super::auth::login(&mut a, login, PASSWORD)
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{login:?}: {e:?}");
+        assert_eq!(violations(&e), ["login"]);
+    }
+    let refresh = a
+        .refresh(pb::RefreshRequest {
+            refresh_token: "a\0b".into(),
+        })
+        .await
+        .expect_err("no such token");
+    assert!(
+        matches!(
+            refresh.code(),
+            Code::InvalidArgument | Code::Unauthenticated
+        ),
+        "{refresh:?}"
+    );
+    let verify = a
+        .verify_email(pb::VerifyEmailRequest {
+            token: "a\0b".into(),
+        })
+        .await
+        .expect_err("no such token");
+    assert!(
+        matches!(
+            verify.code(),
+            Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+        ),
+        "{verify:?}"
+    );
+    let reset = a
+        .reset_password(pb::ResetPasswordRequest {
+            token: "a\0b".into(),
+            new_password: "An0ther!pass".into(),
+        })
+        .await
+        .expect_err("no such token");
+    assert!(
+        matches!(
+            reset.code(),
+            Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+        ),
+        "{reset:?}"
+    );
+    // The account is untouched: the right login still works.
+    super::auth::login(&mut a, "nulda", PASSWORD)
+        .await
+        .expect("login");
+}

@@ -2890,3 +2890,101 @@ async fn retrieval_sessions_cite_the_callers_private_documents_only() {
     let cited: Vec<&str> = turn.citations.iter().map(|c| c.title.as_str()).collect();
     assert_eq!(cited, vec!["Competing rollout plan"]);
 }
+
+/// Text PostgreSQL cannot store (NUL) or that a one-line field never
+/// means is a field violation naming the field, before anything is
+/// stored — not a database error surfacing as INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_are_field_violations_not_internal_errors() {
+    let r = rig(|_| {}).await;
+    let mut c = chat(&r.mesh).await;
+    let fields = |e: &tonic::Status| {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        crate::auth::violations(e)
+    };
+    for (title, system_prompt, field) in [
+        ("nul\0", "", "title"),
+        ("two\nlines", "", "title"),
+        ("fine", "a prompt with \0 in it", "system_prompt"),
+    ] {
+        let e = c
+            .create_session(bearer(
+                pb::CreateSessionRequest {
+                    title: title.into(),
+                    system_prompt: system_prompt.into(),
+                    ..Default::default()
+                },
+                &r.token,
+            ))
+            .await
+            .expect_err("refused");
+        assert_eq!(fields(&e), [field]);
+    }
+    // Line breaks and tabs are what prompts and messages are made of.
+    let s = c
+        .create_session(bearer(
+            pb::CreateSessionRequest {
+                title: "Fine".into(),
+                system_prompt: "Rules:\n\t1. be brief\r\n".into(),
+                ..Default::default()
+            },
+            &r.token,
+        ))
+        .await
+        .expect("multi-line prompt")
+        .into_inner()
+        .session
+        .expect("session");
+
+    let e = c
+        .update_session(bearer(
+            pb::UpdateSessionRequest {
+                session: Some(pb::Session {
+                    id: s.id.clone(),
+                    title: "x\0".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["title".into()],
+                }),
+            },
+            &r.token,
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(fields(&e), ["session.title"]);
+
+    for (content, client_message_id, field) in [
+        ("hello \0 there", "", "content"),
+        ("hello", "id\0", "client_message_id"),
+    ] {
+        let e = send_message(
+            &mut c,
+            &r.token,
+            pb::Send {
+                session_id: s.id.clone(),
+                content: content.into(),
+                client_message_id: client_message_id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(fields(&e), [field]);
+    }
+    let turn = send_message(
+        &mut c,
+        &r.token,
+        pb::Send {
+            session_id: s.id.clone(),
+            content: "line one\nline two".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("a multi-line message is taken");
+    assert!(turn.accepted.is_some() && turn.completed.is_some());
+    // Nothing of the refused turns was stored.
+    let stored = messages(&mut c, &r.token, &s.id).await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+}

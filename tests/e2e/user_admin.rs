@@ -145,6 +145,32 @@ async fn profile_updates_follow_the_field_mask() {
             "user.time_zone"
         ]
     );
+    // A biography may run over lines; NUL (which PostgreSQL cannot store)
+    // or other control characters are a field violation, not INTERNAL.
+    let err = update(
+        pb::User {
+            bio: "line\0".into(),
+            ..Default::default()
+        },
+        mask(&["bio"]),
+    )
+    .await
+    .expect_err("NUL");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(fields(&err), ["user.bio"]);
+    let multi = update(
+        pb::User {
+            bio: "Analyst.\n\tLikes maps.".into(),
+            ..Default::default()
+        },
+        mask(&["bio"]),
+    )
+    .await
+    .expect("multi-line bio")
+    .into_inner()
+    .user
+    .expect("user");
+    assert_eq!(multi.bio, "Analyst.\n\tLikes maps.");
     let err = update(good, mask(&["email"])).await.expect_err("read-only");
     assert_eq!(fields(&err), vec!["update_mask".to_string()]);
     assert_eq!(

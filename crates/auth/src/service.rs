@@ -529,6 +529,8 @@ impl AuthService for AuthSvc {
             v.add("login", "is required");
         } else if login.len() > validate::MAX_EMAIL {
             v.add("login", "must be at most 255 characters");
+        } else if !trellis_core::text::is_single_line(login) {
+            v.add("login", "must not contain control characters");
         }
         if r.password.is_empty() {
             v.add("password", "is required");

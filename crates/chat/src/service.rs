@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use trellis_core::config::{ChatConfig, LlmConfig};
 use trellis_core::error::FieldViolations;
 use trellis_core::page::PageTokens;
+use trellis_core::text;
 use trellis_mesh::{Authenticator, CallContext, MeshClients, Principal, authenticated};
 use trellis_proto::chat::v1 as pb;
 use trellis_proto::chat::v1::chat_event::Event as Ev;
@@ -31,6 +32,10 @@ use crate::messages::{self, MessageRow};
 use crate::metrics::{ChatMetrics, StreamGuard};
 use crate::prefs::Prefs;
 use crate::sessions::{self, NewSession};
+
+/// The violations of [`text::is_single_line`] and [`text::is_clean_text`].
+const SINGLE_LINE: &str = "must not contain control characters";
+const CLEAN_TEXT: &str = "must not contain control characters other than tabs and line breaks";
 
 pub const SESSIONS: &str = "chat:sessions:write";
 pub const READ: &str = "chat:sessions:read";
@@ -465,9 +470,13 @@ impl ChatSvc {
                 "content",
                 format!("at most {} characters", self.cfg().max_message_chars),
             );
+        } else if !text::is_clean_text(&s.content) {
+            v.add("content", CLEAN_TEXT);
         }
         if s.client_message_id.len() > 128 {
             v.add("client_message_id", "at most 128 characters");
+        } else if !text::is_single_line(&s.client_message_id) {
+            v.add("client_message_id", SINGLE_LINE);
         }
         if let Some(m) = &s.model {
             self.check_model("model", m, &mut v);
@@ -909,12 +918,16 @@ impl ChatService for ChatSvc {
                 "title",
                 format!("at most {} characters", sessions::MAX_TITLE),
             );
+        } else if !text::is_single_line(&r.title) {
+            v.add("title", SINGLE_LINE);
         }
         if r.system_prompt.chars().count() > sessions::MAX_SYSTEM_PROMPT {
             v.add(
                 "system_prompt",
                 format!("at most {} characters", sessions::MAX_SYSTEM_PROMPT),
             );
+        } else if !text::is_clean_text(&r.system_prompt) {
+            v.add("system_prompt", CLEAN_TEXT);
         }
         let model = if r.model.trim().is_empty() {
             self.default_model.clone()
@@ -1025,6 +1038,9 @@ impl ChatService for ChatSvc {
                         format!("at most {} characters", sessions::MAX_TITLE),
                     );
                 }
+                "title" if !text::is_single_line(&update.title) => {
+                    v.add("session.title", SINGLE_LINE);
+                }
                 "system_prompt"
                     if update.system_prompt.chars().count() > sessions::MAX_SYSTEM_PROMPT =>
                 {
@@ -1032,6 +1048,9 @@ impl ChatService for ChatSvc {
                         "session.system_prompt",
                         format!("at most {} characters", sessions::MAX_SYSTEM_PROMPT),
                     );
+                }
+                "system_prompt" if !text::is_clean_text(&update.system_prompt) => {
+                    v.add("session.system_prompt", CLEAN_TEXT);
                 }
                 "model" => self.check_model("session.model", update.model.trim(), &mut v),
                 "title" | "system_prompt" | "retrieval" => {}
@@ -1159,7 +1178,7 @@ impl ChatService for ChatSvc {
         let query = r.query.trim();
         if query.is_empty() || query.chars().count() > 1000 {
             v.add("query", "1 to 1000 characters");
-        } else if query.chars().any(|c| c.is_control() && !c.is_whitespace()) {
+        } else if !trellis_core::text::is_clean_text(query) {
             v.add("query", "must not contain control characters");
         }
         let size = match r.page_size {

@@ -34,8 +34,7 @@ pub fn valid_collection(name: &str) -> bool {
 }
 
 fn has_control(s: &str) -> bool {
-    s.chars()
-        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    !trellis_core::text::is_clean_text(s)
 }
 
 /// Most tags per document, and per search filter.

@@ -107,10 +107,7 @@ impl SearchSvc {
                 "query",
                 format!("at most {} characters", self.config.max_query_chars),
             );
-        } else if text
-            .chars()
-            .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
-        {
+        } else if !trellis_core::text::is_clean_text(text) {
             v.add("query", "must not contain control characters");
         }
         if r.collections.len() > 32 {

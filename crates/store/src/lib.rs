@@ -44,6 +44,9 @@ impl From<StoreError> for tonic::Status {
                 tracing::warn!(error = %e, "redis is out of reach");
                 trellis_core::error::unavailable("redis")
             }
+            StoreError::Query(e) if text_not_storable(&e) => {
+                tonic::Status::invalid_argument("text must not contain NUL characters (U+0000)")
+            }
             StoreError::Query(e) if database_unreachable(&e) => {
                 tracing::warn!(error = %e, "the database is out of reach");
                 trellis_core::error::unavailable("database")
@@ -72,6 +75,15 @@ pub fn redis_unreachable(e: &::redis::RedisError) -> bool {
                     | ServerErrorKind::MasterDown
             )
         )
+}
+
+/// Whether PostgreSQL refused a statement because a text value in it holds
+/// NUL, which `text` cannot store: the caller's input, so INVALID_ARGUMENT.
+/// Services check their fields first ([`trellis_core::text`]) and name
+/// them; this is the net under a field that was missed.
+fn text_not_storable(e: &diesel::result::Error) -> bool {
+    matches!(e, diesel::result::Error::DatabaseError(_, info)
+        if info.message().starts_with("invalid byte sequence for encoding"))
 }
 
 /// Whether a database error says PostgreSQL is out of reach (the
@@ -470,5 +482,10 @@ mod tests {
             code(StoreError::Query(Error::NotFound)),
             tonic::Code::Internal
         );
+        let nul = Error::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("invalid byte sequence for encoding \"UTF8\": 0x00".to_string()),
+        );
+        assert_eq!(code(StoreError::Query(nul)), tonic::Code::InvalidArgument);
     }
 }

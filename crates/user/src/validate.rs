@@ -124,6 +124,11 @@ pub fn patch(
             "bio" => {
                 if user.bio.chars().count() > 500 {
                     v.add(&field, "must be at most 500 characters");
+                } else if !trellis_core::text::is_clean_text(&user.bio) {
+                    v.add(
+                        &field,
+                        "must not contain control characters other than tabs and line breaks",
+                    );
                 }
                 p.bio = Some(user.bio.clone());
             }
