@@ -1178,8 +1178,8 @@ impl ChatService for ChatSvc {
         let query = r.query.trim();
         if query.is_empty() || query.chars().count() > 1000 {
             v.add("query", "1 to 1000 characters");
-        } else if !trellis_core::text::is_clean_text(query) {
-            v.add("query", "must not contain control characters");
+        } else if !text::is_clean_text(query) {
+            v.add("query", CLEAN_TEXT);
         }
         let size = match r.page_size {
             n if n < 0 => {

@@ -10,6 +10,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, Bool, Jsonb, Text};
 use diesel_async::RunQueryDsl;
 use trellis_core::error::FieldViolations;
+use trellis_core::text::{is_clean_text, is_single_line};
 use trellis_proto::search::v1 as pb;
 use trellis_store::Store;
 use trellis_store::schema::search_documents as d;
@@ -33,10 +34,6 @@ pub fn valid_collection(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-fn has_control(s: &str) -> bool {
-    !trellis_core::text::is_clean_text(s)
-}
-
 /// Most tags per document, and per search filter.
 pub const MAX_TAGS: usize = 32;
 /// Most attributes per document, and per search filter.
@@ -50,7 +47,7 @@ pub const ATTRIBUTE_RULE: &str =
 /// Whether `tag` (already trimmed) is a tag: 1-64 characters, none a
 /// control character.
 pub fn valid_tag(tag: &str) -> bool {
-    !tag.is_empty() && tag.chars().count() <= MAX_TAG && !tag.chars().any(char::is_control)
+    !tag.is_empty() && tag.chars().count() <= MAX_TAG && is_single_line(tag)
 }
 
 /// Whether `key` = `value` is an attribute: keys 1-64 characters, values up
@@ -59,8 +56,8 @@ pub fn valid_attribute(key: &str, value: &str) -> bool {
     !key.is_empty()
         && key.chars().count() <= MAX_ATTR_KEY
         && value.chars().count() <= MAX_ATTR_VALUE
-        && !key.chars().any(char::is_control)
-        && !value.chars().any(char::is_control)
+        && is_single_line(key)
+        && is_single_line(value)
 }
 
 /// An attribute key as it may appear in a field path: control characters
@@ -105,7 +102,7 @@ pub fn validate(docs: Vec<pb::DocumentInput>) -> Result<Vec<NewDoc>, SearchError
         let external_id = doc.external_id.trim().to_string();
         if external_id.is_empty()
             || external_id.chars().count() > MAX_EXTERNAL_ID
-            || has_control(&external_id)
+            || !is_clean_text(&external_id)
         {
             v.add(
                 f("external_id"),
@@ -122,13 +119,13 @@ pub fn validate(docs: Vec<pb::DocumentInput>) -> Result<Vec<NewDoc>, SearchError
                 "appears twice in this batch for the same collection",
             );
         }
-        if doc.title.chars().count() > MAX_TITLE || has_control(&doc.title) {
+        if doc.title.chars().count() > MAX_TITLE || !is_clean_text(&doc.title) {
             v.add(
                 f("title"),
                 format!("at most {MAX_TITLE} characters, no control characters"),
             );
         }
-        if doc.body.chars().count() > MAX_BODY || has_control(&doc.body) {
+        if doc.body.chars().count() > MAX_BODY || !is_clean_text(&doc.body) {
             v.add(
                 f("body"),
                 format!("at most {MAX_BODY} characters, no control characters"),
